@@ -1,0 +1,311 @@
+//! Shared helpers for the integration tests.
+//!
+//! Every test file is its own process (its own test binary), so every file gets:
+//! - its own SoftHSM2 token directory (a `tempfile` directory, a private `SOFTHSM2_CONF`,
+//!   one token initialised with `softhsm2-util`),
+//! - its own cmkp11 config file (mode 600) pointing at SoftHSM2, named by `CMKP11_CONFIG`,
+//! - at most one `C_Initialize` of the module under test (`C_Initialize` is process-wide),
+//!   shared by all tests of the file through [`pkcs11`].
+//!
+//! The module under test is `libcmkp11.so` next to the test binary's profile directory
+//! (`target/<profile>/deps/<test>` -> `target/<profile>/libcmkp11.so`). Set
+//! `CMKP11_TEST_MODULE=/usr/lib/softhsm/libsofthsm2.so` to run the same tests against
+//! SoftHSM2 directly: the tests that then fail document where cmkp11 differs from the
+//! bare token (manufacturer, fork handling, parameter checks...).
+//!
+//! `CMKP11_TEST_KEEP=1` keeps the token directory after the run (its path is printed).
+#![allow(dead_code)]
+
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error, RvError};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+
+/// Label of the token every test file initialises.
+pub const TOKEN_LABEL: &str = "cmkp11-test";
+/// Test-only user PIN.
+pub const USER_PIN: &str = "1234";
+/// Test-only SO PIN.
+pub const SO_PIN: &str = "12345678";
+/// The backend module cmkp11 forwards to.
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// Env var overriding the module under test.
+pub const MODULE_OVERRIDE_ENV: &str = "CMKP11_TEST_MODULE";
+
+/// DER encoding of the P-256 curve OID (prime256v1), the `CKA_EC_PARAMS` of a P-256 key.
+pub const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// Path of the PKCS#11 module under test.
+pub fn module_path() -> PathBuf {
+    if let Some(p) = std::env::var_os(MODULE_OVERRIDE_ENV) {
+        if !p.is_empty() {
+            return PathBuf::from(p);
+        }
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test-binary>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary is not in target/<profile>/deps");
+    let path = profile_dir.join("libcmkp11.so");
+    assert!(
+        path.exists(),
+        "module under test not found at {} (run `cargo build` first)",
+        path.display()
+    );
+    path
+}
+
+/// True when the module under test is cmkp11 itself (not the SoftHSM2 override).
+pub fn testing_cmkp11() -> bool {
+    module_path()
+        .file_name()
+        .map(|n| n.to_string_lossy().contains("cmkp11"))
+        .unwrap_or(false)
+}
+
+/// The private token directory and config files of this test process.
+pub struct TestEnv {
+    /// Root of the temporary directory.
+    pub dir: PathBuf,
+    /// Private SoftHSM2 configuration file.
+    pub softhsm_conf: PathBuf,
+    /// cmkp11 configuration file (mode 600).
+    pub cmkp11_conf: PathBuf,
+}
+
+static ENV: OnceLock<TestEnv> = OnceLock::new();
+static CLEANUP_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+extern "C" fn remove_token_dir() {
+    if let Ok(mut guard) = CLEANUP_DIR.lock() {
+        if let Some(dir) = guard.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Creates (once per process) the private token directory, initialises the token and
+/// writes both config files, then exports `SOFTHSM2_CONF` and `CMKP11_CONFIG`.
+/// Must run before the module is initialised; [`pkcs11`] and [`raw`] call it.
+pub fn test_env() -> &'static TestEnv {
+    ENV.get_or_init(|| {
+        let tmp = tempfile::Builder::new()
+            .prefix("cmkp11-test-")
+            .tempdir()
+            .expect("tempdir");
+        // Statics are never dropped: remove the directory at exit instead.
+        let dir = tmp.keep();
+        let keep = std::env::var_os("CMKP11_TEST_KEEP").is_some_and(|v| !v.is_empty());
+        if keep {
+            eprintln!("cmkp11 tests: keeping token dir {}", dir.display());
+        } else {
+            *CLEANUP_DIR.lock().unwrap() = Some(dir.clone());
+            // SAFETY: registering a plain extern "C" fn without arguments.
+            unsafe {
+                libc::atexit(remove_token_dir);
+            }
+        }
+
+        let tokens = dir.join("tokens");
+        std::fs::create_dir(&tokens).expect("mkdir tokens");
+        let softhsm_conf = dir.join("softhsm2.conf");
+        std::fs::write(
+            &softhsm_conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                tokens.display()
+            ),
+        )
+        .expect("write softhsm2.conf");
+
+        let cmkp11_conf = dir.join("cmkp11.toml");
+        std::fs::write(
+            &cmkp11_conf,
+            format!("[backend]\nmodule = \"{SOFTHSM_MODULE}\"\n"),
+        )
+        .expect("write cmkp11.toml");
+        std::fs::set_permissions(&cmkp11_conf, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod 600 cmkp11.toml");
+
+        let out = Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", &softhsm_conf)
+            .args([
+                "--init-token",
+                "--free",
+                "--label",
+                TOKEN_LABEL,
+                "--so-pin",
+                SO_PIN,
+                "--pin",
+                USER_PIN,
+            ])
+            .output()
+            .expect("run softhsm2-util (is softhsm2 installed?)");
+        assert!(
+            out.status.success(),
+            "softhsm2-util --init-token failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        // Set before any C_Initialize: the module and SoftHSM2 read them there.
+        std::env::set_var("SOFTHSM2_CONF", &softhsm_conf);
+        std::env::set_var("CMKP11_CONFIG", &cmkp11_conf);
+
+        TestEnv {
+            dir,
+            softhsm_conf,
+            cmkp11_conf,
+        }
+    })
+}
+
+static CONTEXT: OnceLock<Pkcs11> = OnceLock::new();
+
+/// The process-wide, initialised `cryptoki` context for the module under test.
+pub fn pkcs11() -> &'static Pkcs11 {
+    CONTEXT.get_or_init(|| {
+        test_env();
+        let path = module_path();
+        let ctx = Pkcs11::new(&path)
+            .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
+        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+            .expect("C_Initialize");
+        ctx
+    })
+}
+
+/// The slot holding the test token (asserts there is exactly one).
+pub fn slot() -> Slot {
+    let ctx = pkcs11();
+    let mut found = Vec::new();
+    for slot in ctx.get_slots_with_token().expect("C_GetSlotList") {
+        let info = ctx.get_token_info(slot).expect("C_GetTokenInfo");
+        if info.label() == TOKEN_LABEL {
+            found.push(slot);
+        }
+    }
+    assert_eq!(found.len(), 1, "slots with token {TOKEN_LABEL}: {found:?}");
+    found[0]
+}
+
+/// The user PIN as a cryptoki secret.
+pub fn user_pin() -> AuthPin {
+    AuthPin::new(USER_PIN.into())
+}
+
+/// Logs the user in through `session`; already being logged in (login state is shared by
+/// all sessions of the application) is fine.
+pub fn ensure_login(session: &Session) {
+    match session.login(UserType::User, Some(&user_pin())) {
+        Ok(()) => {}
+        Err(Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => panic!("C_Login: {e}"),
+    }
+}
+
+/// A read-write session on the test token with the user logged in.
+pub fn user_session() -> Session {
+    let session = pkcs11().open_rw_session(slot()).expect("C_OpenSession");
+    ensure_login(&session);
+    session
+}
+
+/// The `CK_RV` of a cryptoki error, for exact assertions.
+pub fn rv_of(err: &Error) -> RvError {
+    match err {
+        Error::Pkcs11(rv, _) => *rv,
+        other => panic!("expected a PKCS#11 error code, got {other:?}"),
+    }
+}
+
+/// Unwraps the error of a result that must fail, and returns its `CK_RV`.
+pub fn expect_rv<T: std::fmt::Debug>(r: cryptoki::error::Result<T>) -> RvError {
+    match r {
+        Ok(v) => panic!("expected an error, got Ok({v:?})"),
+        Err(e) => rv_of(&e),
+    }
+}
+
+/// Raw access to the module's exported functions (same loaded library as [`pkcs11`]).
+pub struct RawModule {
+    /// The loaded library (kept alive for the function pointers).
+    pub lib: cryptoki_sys::Pkcs11,
+    /// The v2.40 function table from `C_GetFunctionList`.
+    pub f: &'static cryptoki_sys::CK_FUNCTION_LIST,
+}
+
+// SAFETY: the function table is immutable static data of the loaded module, and PKCS#11
+// functions may be called from any thread once the module is initialised with OS locking.
+unsafe impl Sync for RawModule {}
+unsafe impl Send for RawModule {}
+
+static RAW: OnceLock<RawModule> = OnceLock::new();
+
+/// Loads the module under test (once) for raw calls. Does not initialise it.
+pub fn raw() -> &'static RawModule {
+    RAW.get_or_init(|| {
+        test_env();
+        let path = module_path();
+        // SAFETY: loading a PKCS#11 module; its initialisers are trusted test code.
+        let lib = unsafe { cryptoki_sys::Pkcs11::new(OsString::from(path.as_os_str())) }
+            .unwrap_or_else(|e| panic!("dlopen {}: {e}", path.display()));
+        let mut list: *mut cryptoki_sys::CK_FUNCTION_LIST = std::ptr::null_mut();
+        // SAFETY: valid out-pointer.
+        let rv = unsafe { lib.C_GetFunctionList(&mut list) };
+        assert_eq!(rv, cryptoki_sys::CKR_OK, "C_GetFunctionList");
+        assert!(!list.is_null(), "C_GetFunctionList returned NULL table");
+        // SAFETY: the table lives as long as the library, which lives in this static.
+        let f = unsafe { &*list };
+        RawModule { lib, f }
+    })
+}
+
+/// Calls a function of a PKCS#11 function table: `ck!(table, C_GetInfo, &mut info)`.
+#[macro_export]
+macro_rules! ck {
+    ($table:expr, $func:ident $(, $arg:expr)* $(,)?) => {{
+        let f = ($table)
+            .$func
+            .expect(concat!(stringify!($func), " is NULL in the function table"));
+        #[allow(unused_unsafe)]
+        // SAFETY: test code passes valid (or deliberately NULL) pointers per PKCS#11.
+        unsafe {
+            f($($arg),*)
+        }
+    }};
+}
+
+/// Name of a `CK_RV` for failure messages.
+pub fn rv_name(rv: cryptoki_sys::CK_RV) -> String {
+    format!("{:?} (0x{rv:x})", cryptoki::error::Rv::from(rv))
+}
+
+/// Asserts an exact `CK_RV` with readable names: `assert_rv!(got, want)` or
+/// `assert_rv!(got, want, "context {}", x)`.
+#[macro_export]
+macro_rules! assert_rv {
+    ($got:expr, $want:expr) => {
+        $crate::assert_rv!($got, $want, "")
+    };
+    ($got:expr, $want:expr, $($msg:tt)+) => {{
+        let got: cryptoki_sys::CK_RV = $got;
+        let want: cryptoki_sys::CK_RV = $want;
+        assert!(
+            got == want,
+            "expected {}, got {} {}",
+            $crate::common::rv_name(want),
+            $crate::common::rv_name(got),
+            format!($($msg)+)
+        );
+    }};
+}
