@@ -1,0 +1,423 @@
+//! Parent process: runs the setup and the workers (A and B alternating), prints the report.
+
+use crate::cases::Case;
+use crate::cli::ParentOpts;
+use crate::timing::{median, RunSummary};
+use crate::BenchError;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Goal ratio A/B for a thread count (issue 2, "Done when").
+pub fn goal(threads: usize) -> f64 {
+    if threads <= 1 {
+        0.97
+    } else {
+        0.95
+    }
+}
+
+/// Which module a run used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    A,
+    B,
+}
+
+/// Output of one child process.
+struct ChildOutput {
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs this binary with `args`, with a time limit; error on failure or timeout.
+fn run_child(args: &[String], limit: Duration, what: &str) -> Result<ChildOutput, BenchError> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = t_err.join().unwrap_or_default();
+            return Err(BenchError::msg(format!(
+                "{what}: no result after {:.0} s, killed; stderr:\n{stderr}",
+                limit.as_secs_f64()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = t_out.join().unwrap_or_default();
+    let stderr = t_err.join().unwrap_or_default();
+    if !status.success() {
+        return Err(BenchError::msg(format!(
+            "{what}: worker failed ({status}); stderr:\n{}",
+            stderr.trim_end()
+        )));
+    }
+    Ok(ChildOutput { stdout, stderr })
+}
+
+/// Extracts a numeric field from the worker's one-line JSON.
+fn field(line: &str, key: &str) -> Option<f64> {
+    let pat = format!("\"{key}\":");
+    let start = line.find(&pat)? + pat.len();
+    let rest = &line[start..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().parse().ok()
+}
+
+/// Parses the worker's result line.
+fn parse_result(stdout: &str, case: Case, threads: usize) -> Option<RunSummary> {
+    let want = format!("{{\"case\":\"{}\",", case.name());
+    let line = stdout.lines().rev().find(|l| l.starts_with(&want))?;
+    if field(line, "threads")? as usize != threads {
+        return None;
+    }
+    Some(RunSummary {
+        ops: field(line, "ops")? as u64,
+        ops_per_s: field(line, "ops_per_s")?,
+        p50_ns: field(line, "p50_ns")? as u32,
+        p99_ns: field(line, "p99_ns")? as u32,
+    })
+}
+
+/// All runs of one case at one thread count.
+struct Cell {
+    case: Case,
+    threads: usize,
+    a: Vec<RunSummary>,
+    b: Vec<RunSummary>,
+}
+
+impl Cell {
+    fn med(runs: &[RunSummary], f: impl Fn(&RunSummary) -> f64) -> f64 {
+        median(&runs.iter().map(f).collect::<Vec<_>>())
+    }
+    fn ops(&self, side: Side) -> f64 {
+        Self::med(self.side(side), |r| r.ops_per_s)
+    }
+    fn p50_us(&self, side: Side) -> f64 {
+        Self::med(self.side(side), |r| r.p50_ns as f64 / 1000.0)
+    }
+    fn p99_us(&self, side: Side) -> f64 {
+        Self::med(self.side(side), |r| r.p99_ns as f64 / 1000.0)
+    }
+    fn side(&self, side: Side) -> &[RunSummary] {
+        match side {
+            Side::A => &self.a,
+            Side::B => &self.b,
+        }
+    }
+    /// Ratio of the medians (the figure the goals are about).
+    fn ratio(&self) -> f64 {
+        self.ops(Side::A) / self.ops(Side::B)
+    }
+    /// Range of the per-round ratios A_r / B_r.
+    fn round_ratio_range(&self) -> (f64, f64) {
+        let rs: Vec<f64> = self
+            .a
+            .iter()
+            .zip(&self.b)
+            .map(|(a, b)| a.ops_per_s / b.ops_per_s)
+            .collect();
+        let lo = rs.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = rs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (lo, hi)
+    }
+}
+
+fn fmt_ops(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+fn fmt_us(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+fn check_file(p: &Path, what: &str) -> Result<(), BenchError> {
+    if !p.is_file() {
+        return Err(BenchError::msg(format!(
+            "{what} {}: no such file",
+            p.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Entry point of the parent process.
+pub fn run_parent(o: &ParentOpts) -> Result<(), BenchError> {
+    check_file(&o.module_a, "--module-a")?;
+    check_file(&o.module_b, "--module-b")?;
+    if std::env::var_os("SOFTHSM2_CONF").is_none() {
+        return Err(BenchError::msg(
+            "SOFTHSM2_CONF is not set (it must name the SoftHSM2 config of the token; see --help)",
+        ));
+    }
+    if std::env::var_os("CMKP11_CONFIG").is_none() {
+        eprintln!(
+            "cmkp11-bench: warning: CMKP11_CONFIG is not set; cmkp11 (if A or B is cmkp11) will \
+             use its default config"
+        );
+    }
+    let common = |module: &Path| -> Vec<String> {
+        vec![
+            "--module".into(),
+            module.display().to_string(),
+            "--pin".into(),
+            o.pin.clone(),
+            "--token".into(),
+            o.token.clone(),
+        ]
+    };
+
+    // Setup through B (the backend directly): creates what is missing, by label.
+    let mut args = vec!["--setup".to_string()];
+    args.extend(common(&o.module_b));
+    let out = run_child(&args, Duration::from_secs(300), "setup")?;
+    eprint!("{}", out.stderr);
+
+    let mut cells: Vec<Cell> = Vec::new();
+    for &t in &o.threads {
+        for &c in &o.cases {
+            cells.push(Cell {
+                case: c,
+                threads: t,
+                a: Vec::new(),
+                b: Vec::new(),
+            });
+        }
+    }
+    let total = cells.len() * o.rounds * 2;
+    let limit = Duration::from_secs_f64(o.seconds + o.warmup + 120.0);
+    let started = Instant::now();
+    let mut done = 0usize;
+    let mut seen_stderr: Vec<String> = Vec::new();
+    for round in 0..o.rounds {
+        for cell in cells.iter_mut() {
+            // Counterbalanced order: A,B in even rounds, B,A in odd rounds.
+            let order = if round % 2 == 0 {
+                [Side::A, Side::B]
+            } else {
+                [Side::B, Side::A]
+            };
+            for side in order {
+                let (module, name) = match side {
+                    Side::A => (&o.module_a, &o.name_a),
+                    Side::B => (&o.module_b, &o.name_b),
+                };
+                let mut args = vec!["--worker".to_string()];
+                args.extend(common(module));
+                args.extend([
+                    "--case".into(),
+                    cell.case.name().into(),
+                    "--threads".into(),
+                    cell.threads.to_string(),
+                    "--seconds".into(),
+                    o.seconds.to_string(),
+                    "--warmup".into(),
+                    o.warmup.to_string(),
+                ]);
+                if !o.pin_threads {
+                    args.push("--no-pin".into());
+                }
+                let what = format!("{} {} threads={}", name, cell.case.name(), cell.threads);
+                let out = run_child(&args, limit, &what)?;
+                let r = parse_result(&out.stdout, cell.case, cell.threads).ok_or_else(|| {
+                    BenchError::msg(format!("{what}: no result line in:\n{}", out.stdout))
+                })?;
+                let err = out.stderr.trim();
+                if !err.is_empty() && !seen_stderr.iter().any(|s| s == err) {
+                    eprintln!("cmkp11-bench: [{what}] stderr (shown once):\n{err}");
+                    seen_stderr.push(err.to_string());
+                }
+                done += 1;
+                eprintln!(
+                    "[{done:>3}/{total}] round {}/{} {:<20} t={} {:<9} {:>10.0} ops/s  p50 {:>8.1} us  p99 {:>8.1} us  ({:.0} s)",
+                    round + 1,
+                    o.rounds,
+                    cell.case.name(),
+                    cell.threads,
+                    name,
+                    r.ops_per_s,
+                    r.p50_ns as f64 / 1e3,
+                    r.p99_ns as f64 / 1e3,
+                    started.elapsed().as_secs_f64()
+                );
+                match side {
+                    Side::A => cell.a.push(r),
+                    Side::B => cell.b.push(r),
+                }
+            }
+        }
+    }
+    print_report(o, &cells, started.elapsed());
+    Ok(())
+}
+
+fn print_report(o: &ParentOpts, cells: &[Cell], took: Duration) {
+    let (na, nb) = (&o.name_a, &o.name_b);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    println!();
+    println!("### cmkp11-bench: {na} (A) vs {nb} (B)");
+    println!();
+    println!(
+        "A = `{}`, B = `{}`, token `{}`. {} rounds x {} s per side and case (warm-up {} s), \
+         alternating A,B / B,A; each run in its own process; {} CPUs; total {:.0} s. \
+         ops/s and latencies are medians over rounds; ratio = median A ops/s / median B ops/s; \
+         \"round ratios\" = min..max of the per-round A/B ratios.",
+        o.module_a.display(),
+        o.module_b.display(),
+        o.token,
+        o.rounds,
+        o.seconds,
+        o.warmup,
+        cpus,
+        took.as_secs_f64()
+    );
+    println!();
+    println!(
+        "| case | threads | {na} ops/s | {nb} ops/s | ratio A/B | round ratios | {na} p50 µs | {nb} p50 µs | {na} p99 µs | {nb} p99 µs |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for c in cells {
+        let (lo, hi) = c.round_ratio_range();
+        println!(
+            "| {} | {} | {} | {} | **{:.3}** | {:.2}..{:.2} | {} | {} | {} | {} |",
+            c.case.name(),
+            c.threads,
+            fmt_ops(c.ops(Side::A)),
+            fmt_ops(c.ops(Side::B)),
+            c.ratio(),
+            lo,
+            hi,
+            fmt_us(c.p50_us(Side::A)),
+            fmt_us(c.p50_us(Side::B)),
+            fmt_us(c.p99_us(Side::A)),
+            fmt_us(c.p99_us(Side::B)),
+        );
+    }
+    println!();
+    let goals: Vec<String> = o
+        .threads
+        .iter()
+        .map(|&t| {
+            format!(
+                ">= {:.2} at {t} thread{}",
+                goal(t),
+                if t == 1 { "" } else { "s" }
+            )
+        })
+        .collect();
+    println!("Goals ({}):", goals.join(", "));
+    println!();
+    let mut all_ok = true;
+    for &case in &o.cases {
+        let mut parts = Vec::new();
+        let mut ok = true;
+        for c in cells.iter().filter(|c| c.case == case) {
+            let r = c.ratio();
+            let pass = r >= goal(c.threads);
+            ok &= pass;
+            parts.push(format!(
+                "{} thr {:.3} {}",
+                c.threads,
+                r,
+                if pass { "ok" } else { "BELOW" }
+            ));
+        }
+        all_ok &= ok;
+        println!(
+            "- {}: {} -> {}",
+            case.name(),
+            parts.join(", "),
+            if ok {
+                "meets the goals"
+            } else {
+                "DOES NOT meet the goals"
+            }
+        );
+    }
+    println!();
+    println!(
+        "Overall: {}",
+        if all_ok {
+            "every case meets the goals"
+        } else {
+            "at least one case is below its goal"
+        }
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_worker_line() {
+        let out = "noise\n{\"case\":\"aes-keygen\",\"threads\":2,\"ops\":10,\"ops_per_s\":123.500,\"p50_ns\":7,\"p99_ns\":9}\n";
+        let r = parse_result(out, Case::AesKeygen, 2).unwrap();
+        assert_eq!(r.ops, 10);
+        assert_eq!(r.ops_per_s, 123.5);
+        assert_eq!((r.p50_ns, r.p99_ns), (7, 9));
+        assert!(parse_result(out, Case::AesKeygen, 1).is_none());
+        assert!(parse_result(out, Case::FindByLabel, 2).is_none());
+    }
+
+    #[test]
+    fn goals_per_thread_count() {
+        assert_eq!(goal(1), 0.97);
+        assert_eq!(goal(2), 0.95);
+    }
+
+    #[test]
+    fn ratio_and_range() {
+        let r = |x: f64| RunSummary {
+            ops: 1,
+            ops_per_s: x,
+            p50_ns: 1,
+            p99_ns: 1,
+        };
+        let c = Cell {
+            case: Case::AesKeygen,
+            threads: 1,
+            a: vec![r(90.0), r(100.0), r(95.0)],
+            b: vec![r(100.0), r(100.0), r(100.0)],
+        };
+        assert!((c.ratio() - 0.95).abs() < 1e-12);
+        assert_eq!(c.round_ratio_range(), (0.9, 1.0));
+    }
+}

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Benchmark: libcmkp11.so (A) against SoftHSM2 used directly (B), over the same private token.
+#
+# Builds cmkp11 and cmkp11-bench (release), creates a throw-away SoftHSM2 token and a cmkp11
+# config in a temp dir, runs cmkp11-bench and prints its Markdown report on stdout (progress
+# goes to stderr). A full default run (9 cases x 1,2 threads x 5 rounds x 2 modules, 1 s each)
+# takes about 4-5 minutes on 2 cores.
+#
+# Usage: scripts/bench.sh [cmkp11-bench options]     e.g. --rounds 7 --seconds 2
+#                                                          --cases aes-keygen,rsa2048-sign
+# Environment:
+#   SOFTHSM2_MODULE  SoftHSM2 library (default /usr/lib/softhsm/libsofthsm2.so)
+#   BENCH_MODULE_A   module A (default <target>/release/libcmkp11.so); set it to the SoftHSM2
+#                    library to measure the noise of the method (A = B, ratio ~1.0)
+#   CARGO_TARGET_DIR honoured
+#   KEEP=1           keep the temp dir (token, configs) and print its path
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+target=${CARGO_TARGET_DIR:-$root/target}
+softhsm=${SOFTHSM2_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
+
+for tool in cargo softhsm2-util; do
+    command -v "$tool" >/dev/null || { echo "bench.sh: $tool not found (run scripts/setup.sh)" >&2; exit 1; }
+done
+[ -f "$softhsm" ] || { echo "bench.sh: SoftHSM2 module $softhsm not found" >&2; exit 1; }
+
+cargo build --release -p cmkp11 -p cmkp11-bench >&2
+
+module_a=${BENCH_MODULE_A:-$target/release/libcmkp11.so}
+[ -f "$module_a" ] || { echo "bench.sh: module A $module_a not found" >&2; exit 1; }
+if [ -z "${BENCH_MODULE_A:-}" ] && command -v nm >/dev/null \
+    && ! nm -D "$module_a" | grep -q ' T C_GetFunctionList$'; then
+    echo "bench.sh: $module_a does not export C_GetFunctionList" >&2
+    exit 1
+fi
+
+dir=$(mktemp -d "${TMPDIR:-/tmp}/cmkp11-bench.XXXXXX")
+if [ "${KEEP:-0}" = 1 ]; then
+    echo "bench.sh: keeping $dir" >&2
+else
+    trap 'rm -rf "$dir"' EXIT
+fi
+mkdir "$dir/tokens"
+printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n' \
+    "$dir" > "$dir/softhsm2.conf"
+export SOFTHSM2_CONF="$dir/softhsm2.conf"
+softhsm2-util --init-token --free --label cmkp11-bench --so-pin 12345678 --pin 1234 >/dev/null
+
+(umask 077; printf '[backend]\nmodule = "%s"\n' "$softhsm" > "$dir/cmkp11.toml")
+chmod 600 "$dir/cmkp11.toml"
+export CMKP11_CONFIG="$dir/cmkp11.toml"
+
+name_a=cmkp11
+[ -n "${BENCH_MODULE_A:-}" ] && name_a=A
+echo "bench.sh: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, load: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+"$target/release/cmkp11-bench" \
+    --module-a "$module_a" --module-b "$softhsm" --name-a "$name_a" --name-b softhsm2 \
+    --pin 1234 --token cmkp11-bench "$@"
