@@ -176,8 +176,7 @@ pub fn pkcs11() -> &'static Pkcs11 {
     CONTEXT.get_or_init(|| {
         test_env();
         let path = module_path();
-        let ctx = Pkcs11::new(&path)
-            .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
+        let ctx = Pkcs11::new(&path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
         ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
             .expect("C_Initialize");
         ctx
@@ -271,13 +270,16 @@ pub fn raw() -> &'static RawModule {
 }
 
 /// Calls a function of a PKCS#11 function table: `ck!(table, C_GetInfo, &mut info)`.
+///
+/// Deliberately unsafe inside: these tests exist to pass raw (and deliberately bad)
+/// pointers to the module, exactly as a C application would.
 #[macro_export]
 macro_rules! ck {
     ($table:expr, $func:ident $(, $arg:expr)* $(,)?) => {{
         let f = ($table)
             .$func
             .expect(concat!(stringify!($func), " is NULL in the function table"));
-        #[allow(unused_unsafe)]
+        #[allow(unused_unsafe, clippy::macro_metavars_in_unsafe)]
         // SAFETY: test code passes valid (or deliberately NULL) pointers per PKCS#11.
         unsafe {
             f($($arg),*)
