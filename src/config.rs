@@ -1,0 +1,369 @@
+//! Configuration: `CMKP11_CONFIG`, else `/etc/cmkp11/cmkp11.toml`, else built-in defaults.
+//!
+//! Unknown keys, bad values, a missing backend module or a file writable by group or
+//! others are errors that name the file, the key and the problem.
+
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Where the system-wide configuration lives when `CMKP11_CONFIG` is not set.
+pub const SYSTEM_CONFIG: &str = "/etc/cmkp11/cmkp11.toml";
+/// The backend module used when the configuration names none (Debian's SoftHSM2).
+pub const DEFAULT_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The token behind cmkp11.
+    #[serde(default)]
+    pub backend: Backend,
+    /// Where log lines go.
+    #[serde(default)]
+    pub log: Log,
+    /// Key lifecycle settings (used by the keystore).
+    #[serde(default)]
+    pub keys: Keys,
+    /// The audit log (used by the audit module).
+    #[serde(default)]
+    pub audit: Audit,
+    /// Policy switches.
+    #[serde(default)]
+    pub policy: Policy,
+    /// Access rules, in order.
+    #[serde(default)]
+    pub access: Vec<Access>,
+    /// The file this configuration was read from, or `None` for the defaults.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// `[backend]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    /// Path of the token's PKCS#11 module.
+    #[serde(default = "default_module")]
+    pub module: PathBuf,
+    /// If set, only tokens with these labels become slots.
+    #[serde(default)]
+    pub tokens: Option<Vec<String>>,
+}
+
+fn default_module() -> PathBuf {
+    PathBuf::from(DEFAULT_MODULE)
+}
+
+impl Default for Backend {
+    fn default() -> Self {
+        Backend {
+            module: default_module(),
+            tokens: None,
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    /// `error`, `warn` (default), `info`, `debug` or `trace`.
+    #[serde(default = "default_level")]
+    pub level: String,
+    /// Append log lines to this file instead of stderr.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+fn default_level() -> String {
+    "warn".into()
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: default_level(),
+            file: None,
+        }
+    }
+}
+
+/// `[keys]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Keys {
+    /// Days between `C_DestroyObject` on a CMK and its destruction (1..=365).
+    #[serde(default = "default_window")]
+    pub deletion_window_days: u32,
+    /// Role of a secret CMK whose template names no usage: `wrap`, `data` or `mac`.
+    #[serde(default = "default_role")]
+    pub default_role: String,
+    /// Rotation period used by `cmkp11 key rotate --due` (0: never).
+    #[serde(default)]
+    pub rotation_period_days: u32,
+}
+
+fn default_window() -> u32 {
+    30
+}
+fn default_role() -> String {
+    "wrap".into()
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Keys {
+            deletion_window_days: default_window(),
+            default_role: default_role(),
+            rotation_period_days: 0,
+        }
+    }
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    /// The audit log file.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Also send records to syslog.
+    #[serde(default)]
+    pub syslog: bool,
+    /// `deny` (default): a key use that cannot be recorded is refused; `allow`: logged.
+    #[serde(default = "default_on_failure")]
+    pub on_failure: String,
+}
+
+fn default_on_failure() -> String {
+    "deny".into()
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Audit {
+            file: None,
+            syslog: false,
+            on_failure: default_on_failure(),
+        }
+    }
+}
+
+/// `[policy]`
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Test-only: allow `C_CreateObject` of secret/private keys carrying key material.
+    #[serde(default)]
+    pub allow_plaintext_import: bool,
+    /// Allow RSA PKCS#1 v1.5 decryption (legacy TLS key exchange).
+    #[serde(default)]
+    pub allow_rsa_pkcs1_decrypt: bool,
+    /// Allow BYOK import of wrapped keys.
+    #[serde(default)]
+    pub allow_import: bool,
+}
+
+/// One `[[access]]` rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Access {
+    /// Key label glob (`payments-*`).
+    pub keys: String,
+    /// Allowed process uids (empty: any).
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    /// Allowed executables (empty: any).
+    #[serde(default)]
+    pub executables: Vec<PathBuf>,
+    /// Allowed operations (empty: any).
+    #[serde(default)]
+    pub operations: Vec<String>,
+    /// `HH:MM-HH:MM` in UTC.
+    #[serde(default)]
+    pub hours_utc: Option<String>,
+}
+
+impl Config {
+    /// Loads the configuration the way the module does: `CMKP11_CONFIG`, else the system
+    /// file if it exists, else the defaults.
+    pub fn load() -> Result<Config> {
+        match std::env::var_os("CMKP11_CONFIG") {
+            Some(p) if !p.is_empty() => Config::from_file(Path::new(&p)),
+            _ if Path::new(SYSTEM_CONFIG).exists() => Config::from_file(Path::new(SYSTEM_CONFIG)),
+            _ => {
+                let c = Config::default();
+                c.validate()?;
+                Ok(c)
+            }
+        }
+    }
+
+    /// Reads and validates one file.
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let file = path.display().to_string();
+        let bad = |key: &str, problem: String| Error::Config {
+            file: file.clone(),
+            key: key.into(),
+            problem,
+        };
+        let meta = std::fs::metadata(path).map_err(|e| bad("-", format!("cannot read: {e}")))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode();
+            if mode & 0o022 != 0 {
+                return Err(bad(
+                    "-",
+                    format!(
+                        "file mode {:o} is writable by group or others; chmod go-w it",
+                        mode & 0o777
+                    ),
+                ));
+            }
+        }
+        let text =
+            std::fs::read_to_string(path).map_err(|e| bad("-", format!("cannot read: {e}")))?;
+        let mut c = Config::parse(&text).map_err(|(key, problem)| bad(&key, problem))?;
+        c.source = Some(path.to_path_buf());
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Parses TOML text; on error returns (dotted key, problem).
+    pub fn parse(text: &str) -> std::result::Result<Config, (String, String)> {
+        toml::from_str::<Config>(text).map_err(|e| {
+            let msg = e.message().to_string();
+            // serde names an unknown field as "unknown field `x`": report that key.
+            let key = msg
+                .split('`')
+                .nth(1)
+                .filter(|_| msg.starts_with("unknown field") || msg.starts_with("missing field"))
+                .map(str::to_string)
+                .or_else(|| e.span().map(|s| key_at(text, s.start)))
+                .unwrap_or_else(|| "-".into());
+            (key, msg.lines().next().unwrap_or("invalid").to_string())
+        })
+    }
+
+    /// Checks values that the types alone do not constrain.
+    pub fn validate(&self) -> Result<()> {
+        let file = self
+            .source
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "defaults".into());
+        let bad = |key: &str, problem: String| {
+            Err(Error::Config {
+                file: file.clone(),
+                key: key.into(),
+                problem,
+            })
+        };
+        if !self.backend.module.is_file() {
+            return bad(
+                "backend.module",
+                format!(
+                    "{} does not exist or is not a file",
+                    self.backend.module.display()
+                ),
+            );
+        }
+        if !["error", "warn", "info", "debug", "trace", "off"].contains(&self.log.level.as_str()) {
+            return bad(
+                "log.level",
+                format!(
+                    "`{}` is not one of error, warn, info, debug, trace, off",
+                    self.log.level
+                ),
+            );
+        }
+        if !(1..=365).contains(&self.keys.deletion_window_days) {
+            return bad(
+                "keys.deletion_window_days",
+                format!("{} is outside 1..=365", self.keys.deletion_window_days),
+            );
+        }
+        if !["wrap", "data", "mac"].contains(&self.keys.default_role.as_str()) {
+            return bad(
+                "keys.default_role",
+                format!("`{}` is not one of wrap, data, mac", self.keys.default_role),
+            );
+        }
+        if !["deny", "allow"].contains(&self.audit.on_failure.as_str()) {
+            return bad(
+                "audit.on_failure",
+                format!("`{}` is not one of deny, allow", self.audit.on_failure),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The dotted key whose line contains byte offset `at` (best effort, for error messages).
+fn key_at(text: &str, at: usize) -> String {
+    let mut table = String::new();
+    let mut key = String::new();
+    let mut pos = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        if t.starts_with('[') {
+            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        } else if let Some((k, _)) = t.split_once('=') {
+            key = k.trim().to_string();
+        }
+        pos += line.len();
+        if pos > at {
+            break;
+        }
+    }
+    match (table.is_empty(), key.is_empty()) {
+        (true, _) => key,
+        (false, true) => table,
+        (false, false) => format!("{table}.{key}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_named() {
+        let (key, problem) = Config::parse("[backend]\nmodul = \"x\"\n").unwrap_err();
+        assert_eq!(key, "modul");
+        assert!(problem.contains("unknown field"), "{problem}");
+    }
+
+    #[test]
+    fn bad_type_names_the_key() {
+        let (key, _) = Config::parse("[keys]\ndeletion_window_days = \"x\"\n").unwrap_err();
+        assert_eq!(key, "keys.deletion_window_days");
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.backend.module, PathBuf::from(DEFAULT_MODULE));
+        assert_eq!(c.keys.deletion_window_days, 30);
+        assert_eq!(c.log.level, "warn");
+    }
+
+    #[test]
+    fn window_out_of_range_is_refused() {
+        let mut c = Config::parse("[keys]\ndeletion_window_days = 0\n").unwrap();
+        c.backend.module = PathBuf::from("/bin/sh");
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("keys.deletion_window_days"), "{e}");
+    }
+
+    #[test]
+    fn missing_module_is_refused() {
+        let c = Config::parse("[backend]\nmodule = \"/nonexistent.so\"\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("backend.module") && e.contains("/nonexistent.so"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,277 @@
+//! Raw arguments into safe values, with every NULL and length checked first.
+
+use crate::backend::mech::{param_kind, Mech, Param, ParamKind};
+use crate::error::{err, Result};
+use crate::runtime::session::Delivery;
+use cryptoki::object::{Attribute, AttributeType};
+use cryptoki_sys::*;
+use std::mem::size_of;
+
+/// A read-only byte buffer from the application (NULL allowed only with length 0).
+///
+/// # Safety
+/// If `p` is not NULL it must be valid for reads of `len` bytes for `'a`.
+pub unsafe fn bytes<'a>(p: *const u8, len: CK_ULONG) -> Result<&'a [u8]> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if p.is_null() {
+        return err(CKR_ARGUMENTS_BAD);
+    }
+    // SAFETY: non-null, and the caller guarantees `len` readable bytes.
+    Ok(unsafe { std::slice::from_raw_parts(p, len as usize) })
+}
+
+/// A writable byte buffer from the application.
+///
+/// # Safety
+/// If `p` is not NULL it must be valid for writes of `len` bytes for `'a`.
+pub unsafe fn bytes_mut<'a>(p: *mut u8, len: CK_ULONG) -> Result<&'a mut [u8]> {
+    if len == 0 {
+        return Ok(&mut []);
+    }
+    if p.is_null() {
+        return err(CKR_ARGUMENTS_BAD);
+    }
+    // SAFETY: non-null, and the caller guarantees `len` writable bytes.
+    Ok(unsafe { std::slice::from_raw_parts_mut(p, len as usize) })
+}
+
+/// A required output pointer.
+///
+/// # Safety
+/// If `p` is not NULL it must be valid for writes of a `T` for `'a`.
+pub unsafe fn out<'a, T>(p: *mut T) -> Result<&'a mut T> {
+    // SAFETY: the caller guarantees a valid `T` behind a non-null pointer.
+    unsafe { p.as_mut() }.ok_or(crate::error::Error::Rv(CKR_ARGUMENTS_BAD))
+}
+
+/// The two-call convention for a variable-length output: returns a sink for the result.
+/// NULL buffer: the length only. Too small: the length and `TooSmall`. Else: copied.
+///
+/// # Safety
+/// `len` must be valid for reads and writes; if `buf` is not NULL it must be valid for
+/// writes of `*len` bytes.
+pub unsafe fn sink(buf: *mut u8, len: *mut CK_ULONG) -> Result<impl FnOnce(&[u8]) -> Delivery> {
+    if len.is_null() {
+        return err(CKR_ARGUMENTS_BAD);
+    }
+    Ok(move |data: &[u8]| {
+        // SAFETY: `len` was checked non-null above and the caller guarantees it is valid.
+        let len = unsafe { &mut *len };
+        let have = *len as usize;
+        *len = data.len() as CK_ULONG;
+        if buf.is_null() {
+            Delivery::LengthOnly
+        } else if have < data.len() {
+            Delivery::TooSmall
+        } else {
+            // SAFETY: `buf` holds at least `have >= data.len()` writable bytes (caller), and
+            // cannot overlap `data`, which cmkp11 owns.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf, data.len()) };
+            Delivery::Delivered
+        }
+    })
+}
+
+/// Writes a list with the two-call convention (`C_GetSlotList`, `C_GetMechanismList`).
+///
+/// # Safety
+/// As for [`sink`], with `buf` holding `*count` elements.
+pub unsafe fn write_list<T: Copy>(items: &[T], buf: *mut T, count: *mut CK_ULONG) -> Result<()> {
+    // SAFETY: the caller guarantees `count` is valid when non-null.
+    let count = unsafe { out(count)? };
+    let have = *count as usize;
+    *count = items.len() as CK_ULONG;
+    if buf.is_null() {
+        return Ok(());
+    }
+    if have < items.len() {
+        return err(CKR_BUFFER_TOO_SMALL);
+    }
+    // SAFETY: `buf` holds `have >= items.len()` elements (caller).
+    unsafe { std::ptr::copy_nonoverlapping(items.as_ptr(), buf, items.len()) };
+    Ok(())
+}
+
+/// Reads a `T` parameter struct after checking its length exactly.
+///
+/// # Safety
+/// `m.pParameter`, if not NULL, must be valid for `m.ulParameterLen` bytes.
+unsafe fn param<T: Copy>(m: &CK_MECHANISM) -> Result<T> {
+    if m.pParameter.is_null() || m.ulParameterLen as usize != size_of::<T>() {
+        return err(CKR_MECHANISM_PARAM_INVALID);
+    }
+    // SAFETY: non-null with exactly size_of::<T>() bytes; read_unaligned tolerates any
+    // alignment the application used.
+    Ok(unsafe { std::ptr::read_unaligned(m.pParameter as *const T) })
+}
+
+/// Copies `len` bytes at `p` (a pointer inside a parameter struct).
+///
+/// # Safety
+/// As for [`bytes`].
+unsafe fn owned(p: *const u8, len: CK_ULONG) -> Result<Vec<u8>> {
+    // SAFETY: forwarded contract.
+    unsafe { bytes(p, len) }
+        .map(<[u8]>::to_vec)
+        .map_err(|_| crate::error::Error::Rv(CKR_MECHANISM_PARAM_INVALID))
+}
+
+/// The application's mechanism, parsed into owned data. Parameter lengths are checked
+/// before anything is read: Java's 40-byte v2.40 `CK_GCM_PARAMS` gets
+/// `CKR_MECHANISM_PARAM_INVALID`, and Java then retries with the 48-byte v3.0 layout.
+///
+/// # Safety
+/// `p`, if not NULL, must point to a valid `CK_MECHANISM` whose parameter pointers are
+/// valid for their lengths.
+pub unsafe fn mechanism(p: *const CK_MECHANISM) -> Result<Mech> {
+    // SAFETY: caller contract.
+    let m = unsafe { p.as_ref() }.ok_or(crate::error::Error::Rv(CKR_ARGUMENTS_BAD))?;
+    let kind = param_kind(m.mechanism).ok_or(crate::error::Error::Rv(CKR_MECHANISM_INVALID))?;
+    // SAFETY (all blocks below): `param` checks length and non-NULL; pointers inside
+    // parameter structs are the application's, valid for their lengths by contract.
+    let param = match kind {
+        ParamKind::None => {
+            if m.ulParameterLen != 0 {
+                return err(CKR_MECHANISM_PARAM_INVALID);
+            }
+            Param::None
+        }
+        ParamKind::Iv16 => Param::Iv16(unsafe { param::<[u8; 16]>(m)? }),
+        ParamKind::Iv8 => Param::Iv8(unsafe { param::<[u8; 8]>(m)? }),
+        ParamKind::Gcm => {
+            let g: CK_GCM_PARAMS = unsafe { param(m)? };
+            if g.ulIvLen == 0 || g.ulTagBits > 128 || g.ulTagBits % 8 != 0 {
+                return err(CKR_MECHANISM_PARAM_INVALID);
+            }
+            Param::Gcm {
+                iv: unsafe { owned(g.pIv, g.ulIvLen)? },
+                aad: unsafe { owned(g.pAAD, g.ulAADLen)? },
+                tag_bits: g.ulTagBits,
+            }
+        }
+        ParamKind::Pss => {
+            let p: CK_RSA_PKCS_PSS_PARAMS = unsafe { param(m)? };
+            Param::Pss {
+                hash: p.hashAlg,
+                mgf: p.mgf,
+                salt: p.sLen,
+            }
+        }
+        ParamKind::Oaep => {
+            let p: CK_RSA_PKCS_OAEP_PARAMS = unsafe { param(m)? };
+            let label = match p.source {
+                CKZ_DATA_SPECIFIED if p.ulSourceDataLen > 0 => {
+                    Some(unsafe { owned(p.pSourceData as *const u8, p.ulSourceDataLen)? })
+                }
+                0 | CKZ_DATA_SPECIFIED => None,
+                _ => return err(CKR_MECHANISM_PARAM_INVALID),
+            };
+            Param::Oaep {
+                hash: p.hashAlg,
+                mgf: p.mgf,
+                label,
+            }
+        }
+        ParamKind::Ecdh1 => {
+            let p: CK_ECDH1_DERIVE_PARAMS = unsafe { param(m)? };
+            Param::Ecdh1 {
+                kdf: p.kdf,
+                shared: unsafe { owned(p.pSharedData, p.ulSharedDataLen)? },
+                public: unsafe { owned(p.pPublicData, p.ulPublicDataLen)? },
+            }
+        }
+        ParamKind::Eddsa => {
+            if m.ulParameterLen == 0 {
+                Param::Eddsa {
+                    prehash: false,
+                    context: None,
+                }
+            } else {
+                let p: CK_EDDSA_PARAMS = unsafe { param(m)? };
+                Param::Eddsa {
+                    prehash: p.phFlag != 0,
+                    context: Some(unsafe { owned(p.pContextData, p.ulContextDataLen)? }),
+                }
+            }
+        }
+    };
+    Ok(Mech {
+        ty: m.mechanism,
+        param,
+    })
+}
+
+/// The raw attribute array of a template.
+///
+/// # Safety
+/// If `p` is not NULL it must be valid for `n` `CK_ATTRIBUTE`s.
+pub unsafe fn raw_template<'a>(
+    p: *mut CK_ATTRIBUTE,
+    n: CK_ULONG,
+) -> Result<&'a mut [CK_ATTRIBUTE]> {
+    if n == 0 {
+        return Ok(&mut []);
+    }
+    if p.is_null() {
+        return err(CKR_ARGUMENTS_BAD);
+    }
+    // SAFETY: non-null and valid for `n` elements (caller).
+    Ok(unsafe { std::slice::from_raw_parts_mut(p, n as usize) })
+}
+
+/// An input template as cryptoki attributes: unknown types give
+/// `CKR_ATTRIBUTE_TYPE_INVALID`, malformed values `CKR_ATTRIBUTE_VALUE_INVALID`.
+///
+/// # Safety
+/// As for [`raw_template`], and each `pValue` valid for its `ulValueLen` bytes.
+pub unsafe fn template(p: *mut CK_ATTRIBUTE, n: CK_ULONG) -> Result<Vec<Attribute>> {
+    // SAFETY: caller contract.
+    let raw = unsafe { raw_template(p, n)? };
+    raw.iter()
+        .map(|a| {
+            AttributeType::try_from(a.type_).or(err(CKR_ATTRIBUTE_TYPE_INVALID))?;
+            // cryptoki reads `ulValueLen` bytes at `pValue` (NULL only with length 0),
+            // which the caller guarantees are valid.
+            Attribute::try_from(*a).or(err(CKR_ATTRIBUTE_VALUE_INVALID))
+        })
+        .collect()
+}
+
+/// Whether a template asks for a token object (`CKA_TOKEN` = TRUE).
+pub fn is_token(template: &[Attribute]) -> bool {
+    template.iter().any(|a| matches!(a, Attribute::Token(true)))
+}
+
+/// Copies one attribute value into the application's `CK_ATTRIBUTE`, per the rules of
+/// `C_GetAttributeValue`: NULL `pValue` gets the length; too small gets
+/// `CK_UNAVAILABLE_INFORMATION` and returns false.
+///
+/// # Safety
+/// `dst.pValue`, if not NULL, must be valid for `dst.ulValueLen` bytes.
+pub unsafe fn put_attribute(dst: &mut CK_ATTRIBUTE, value: &Attribute) -> bool {
+    let src = CK_ATTRIBUTE::from(value);
+    let len = src.ulValueLen;
+    if dst.pValue.is_null() {
+        dst.ulValueLen = len;
+        return true;
+    }
+    if dst.ulValueLen < len {
+        dst.ulValueLen = CK_UNAVAILABLE_INFORMATION;
+        return false;
+    }
+    if len > 0 {
+        // SAFETY: `src.pValue` points into `value`, alive for this call, `len` bytes;
+        // `dst.pValue` holds at least `len` bytes (checked above, caller contract).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.pValue as *const u8,
+                dst.pValue as *mut u8,
+                len as usize,
+            )
+        };
+    }
+    dst.ulValueLen = len;
+    true
+}

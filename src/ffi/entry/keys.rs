@@ -1,0 +1,191 @@
+//! Key management and random numbers (PKCS#11 v3.0 §5.14-5.15).
+
+use super::with_session;
+use crate::ffi::{args, guard};
+use cryptoki_sys::*;
+
+/// `C_GenerateKey`.
+///
+/// # Safety
+/// `mech` a valid `CK_MECHANISM`; `template` valid for `count`; `key` valid for writes.
+pub unsafe extern "C" fn C_GenerateKey(
+    h: CK_SESSION_HANDLE,
+    mech: *mut CK_MECHANISM,
+    template: *mut CK_ATTRIBUTE,
+    count: CK_ULONG,
+    key: *mut CK_OBJECT_HANDLE,
+) -> CK_RV {
+    guard("C_GenerateKey", || {
+        with_session(h, |lib, s| {
+            // SAFETY: application arguments (contract); NULLs checked.
+            let (mut mech, attrs, key) = unsafe {
+                (
+                    args::mechanism(mech)?,
+                    args::template(template, count)?,
+                    args::out(key)?,
+                )
+            };
+            let k = s.backend().generate_key(&mech.to_cryptoki()?, &attrs)?;
+            *key = s.register(lib, k, !args::is_token(&attrs));
+            Ok(())
+        })
+    })
+}
+
+/// `C_GenerateKeyPair`.
+///
+/// # Safety
+/// As for [`C_GenerateKey`], for both templates and both outputs.
+pub unsafe extern "C" fn C_GenerateKeyPair(
+    h: CK_SESSION_HANDLE,
+    mech: *mut CK_MECHANISM,
+    pub_template: *mut CK_ATTRIBUTE,
+    pub_count: CK_ULONG,
+    priv_template: *mut CK_ATTRIBUTE,
+    priv_count: CK_ULONG,
+    pub_key: *mut CK_OBJECT_HANDLE,
+    priv_key: *mut CK_OBJECT_HANDLE,
+) -> CK_RV {
+    guard("C_GenerateKeyPair", || {
+        with_session(h, |lib, s| {
+            // SAFETY: application arguments (contract); NULLs checked.
+            let (mut mech, pub_attrs, priv_attrs, pub_key, priv_key) = unsafe {
+                (
+                    args::mechanism(mech)?,
+                    args::template(pub_template, pub_count)?,
+                    args::template(priv_template, priv_count)?,
+                    args::out(pub_key)?,
+                    args::out(priv_key)?,
+                )
+            };
+            let (p, q) =
+                s.backend()
+                    .generate_key_pair(&mech.to_cryptoki()?, &pub_attrs, &priv_attrs)?;
+            *pub_key = s.register(lib, p, !args::is_token(&pub_attrs));
+            *priv_key = s.register(lib, q, !args::is_token(&priv_attrs));
+            Ok(())
+        })
+    })
+}
+
+/// `C_WrapKey`, with the two-call convention (the blob of the length query is kept and
+/// handed out by the collecting call).
+///
+/// # Safety
+/// `mech` a valid `CK_MECHANISM`; `out_len` valid; `out` NULL or valid for `*out_len`.
+pub unsafe extern "C" fn C_WrapKey(
+    h: CK_SESSION_HANDLE,
+    mech: *mut CK_MECHANISM,
+    wrapping: CK_OBJECT_HANDLE,
+    key: CK_OBJECT_HANDLE,
+    out: *mut u8,
+    out_len: *mut CK_ULONG,
+) -> CK_RV {
+    guard("C_WrapKey", || {
+        with_session(h, |lib, s| {
+            // SAFETY: application arguments (contract); NULLs checked.
+            let (mech, sink) = unsafe { (args::mechanism(mech)?, args::sink(out, out_len)?) };
+            let w = s.object(lib, wrapping, CKR_WRAPPING_KEY_HANDLE_INVALID)?;
+            let k = s.object(lib, key, CKR_KEY_HANDLE_INVALID)?;
+            s.wrap(mech, (wrapping, w), (key, k), sink)
+        })
+    })
+}
+
+/// `C_UnwrapKey`.
+///
+/// # Safety
+/// `mech` a valid `CK_MECHANISM`; `wrapped` valid for `wrapped_len`; `template` valid for
+/// `count`; `key` valid for writes.
+pub unsafe extern "C" fn C_UnwrapKey(
+    h: CK_SESSION_HANDLE,
+    mech: *mut CK_MECHANISM,
+    unwrapping: CK_OBJECT_HANDLE,
+    wrapped: *mut u8,
+    wrapped_len: CK_ULONG,
+    template: *mut CK_ATTRIBUTE,
+    count: CK_ULONG,
+    key: *mut CK_OBJECT_HANDLE,
+) -> CK_RV {
+    guard("C_UnwrapKey", || {
+        with_session(h, |lib, s| {
+            // SAFETY: application arguments (contract); NULLs checked.
+            let (mut mech, wrapped, attrs, key) = unsafe {
+                (
+                    args::mechanism(mech)?,
+                    args::bytes(wrapped, wrapped_len)?,
+                    args::template(template, count)?,
+                    args::out(key)?,
+                )
+            };
+            let u = s.object(lib, unwrapping, CKR_UNWRAPPING_KEY_HANDLE_INVALID)?;
+            let k = s
+                .backend()
+                .unwrap_key(&mech.to_cryptoki()?, u, wrapped, &attrs)?;
+            *key = s.register(lib, k, !args::is_token(&attrs));
+            Ok(())
+        })
+    })
+}
+
+/// `C_DeriveKey`.
+///
+/// # Safety
+/// `mech` a valid `CK_MECHANISM`; `template` valid for `count`; `key` valid for writes.
+pub unsafe extern "C" fn C_DeriveKey(
+    h: CK_SESSION_HANDLE,
+    mech: *mut CK_MECHANISM,
+    base: CK_OBJECT_HANDLE,
+    template: *mut CK_ATTRIBUTE,
+    count: CK_ULONG,
+    key: *mut CK_OBJECT_HANDLE,
+) -> CK_RV {
+    guard("C_DeriveKey", || {
+        with_session(h, |lib, s| {
+            // SAFETY: application arguments (contract); NULLs checked.
+            let (mut mech, attrs, key) = unsafe {
+                (
+                    args::mechanism(mech)?,
+                    args::template(template, count)?,
+                    args::out(key)?,
+                )
+            };
+            let b = s.object(lib, base, CKR_KEY_HANDLE_INVALID)?;
+            let k = s.backend().derive_key(&mech.to_cryptoki()?, b, &attrs)?;
+            *key = s.register(lib, k, !args::is_token(&attrs));
+            Ok(())
+        })
+    })
+}
+
+/// `C_SeedRandom`.
+///
+/// # Safety
+/// `seed` valid for `len` bytes.
+pub unsafe extern "C" fn C_SeedRandom(h: CK_SESSION_HANDLE, seed: *mut u8, len: CK_ULONG) -> CK_RV {
+    guard("C_SeedRandom", || {
+        with_session(h, |_, s| {
+            // SAFETY: application buffer of the given length (contract).
+            let seed = unsafe { args::bytes(seed, len)? };
+            Ok(s.backend().seed_random(seed)?)
+        })
+    })
+}
+
+/// `C_GenerateRandom`: the backend writes straight into the application's buffer.
+///
+/// # Safety
+/// `out` valid for `len` bytes.
+pub unsafe extern "C" fn C_GenerateRandom(
+    h: CK_SESSION_HANDLE,
+    out: *mut u8,
+    len: CK_ULONG,
+) -> CK_RV {
+    guard("C_GenerateRandom", || {
+        with_session(h, |_, s| {
+            // SAFETY: application buffer of the given length (contract).
+            let out = unsafe { args::bytes_mut(out, len)? };
+            Ok(s.backend().generate_random_slice(out)?)
+        })
+    })
+}

@@ -1,0 +1,112 @@
+//! The three exported symbols: `C_GetFunctionList`, `C_GetInterfaceList`, `C_GetInterface`.
+//! Every other entry point is reached through the tables they return.
+
+use super::tables::{FUNCTION_LIST_2_40, FUNCTION_LIST_3_0};
+use super::{args, guard};
+use crate::error::err;
+use cryptoki_sys::*;
+use std::ffi::CStr;
+
+/// The standard interface name.
+const PKCS11: &CStr = c"PKCS 11";
+
+/// A `CK_INTERFACE` in static memory. Its pointers point to immutable statics.
+#[repr(transparent)]
+pub struct Interface(CK_INTERFACE);
+
+// SAFETY: the pointers inside point to immutable 'static data (a C string and a function
+// table) that nobody writes, so sharing them between threads is sound.
+unsafe impl Sync for Interface {}
+
+/// The interfaces cmkp11 offers, the default (v3.0) first.
+pub static INTERFACES: [Interface; 2] = [
+    Interface(CK_INTERFACE {
+        pInterfaceName: PKCS11.as_ptr() as *mut CK_UTF8CHAR,
+        pFunctionList: &FUNCTION_LIST_3_0 as *const CK_FUNCTION_LIST_3_0 as *mut _,
+        flags: 0,
+    }),
+    Interface(CK_INTERFACE {
+        pInterfaceName: PKCS11.as_ptr() as *mut CK_UTF8CHAR,
+        pFunctionList: &FUNCTION_LIST_2_40 as *const CK_FUNCTION_LIST as *mut _,
+        flags: 0,
+    }),
+];
+
+fn version_of(i: &Interface) -> CK_VERSION {
+    // Both tables start with a CK_VERSION: read it through the type each one really has.
+    if std::ptr::eq(
+        i.0.pFunctionList as *const CK_FUNCTION_LIST_3_0,
+        &FUNCTION_LIST_3_0,
+    ) {
+        FUNCTION_LIST_3_0.version
+    } else {
+        FUNCTION_LIST_2_40.version
+    }
+}
+
+/// `C_GetFunctionList`: the v2.40 table.
+///
+/// # Safety
+/// `list` NULL or valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn C_GetFunctionList(list: *mut *mut CK_FUNCTION_LIST) -> CK_RV {
+    guard("C_GetFunctionList", || {
+        // SAFETY: NULL-checked output (contract).
+        let list = unsafe { args::out(list)? };
+        *list = &FUNCTION_LIST_2_40 as *const CK_FUNCTION_LIST as *mut CK_FUNCTION_LIST;
+        Ok(())
+    })
+}
+
+/// `C_GetInterfaceList`, with the two-call convention.
+///
+/// # Safety
+/// `count` valid; `list` NULL or valid for `*count` interfaces.
+#[no_mangle]
+pub unsafe extern "C" fn C_GetInterfaceList(
+    list: *mut CK_INTERFACE,
+    count: *mut CK_ULONG,
+) -> CK_RV {
+    guard("C_GetInterfaceList", || {
+        let all: Vec<CK_INTERFACE> = INTERFACES.iter().map(|i| i.0).collect();
+        // SAFETY: two-call convention over application buffers (contract).
+        unsafe { args::write_list(&all, list, count) }
+    })
+}
+
+/// `C_GetInterface`: by name (NULL: the default, "PKCS 11" 3.0), optional version, and
+/// flags the interface must have.
+///
+/// # Safety
+/// `name` NULL or a NUL-terminated string; `version` NULL or valid; `out` valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn C_GetInterface(
+    name: *mut CK_UTF8CHAR,
+    version: *mut CK_VERSION,
+    out: *mut *mut CK_INTERFACE,
+    flags: CK_FLAGS,
+) -> CK_RV {
+    guard("C_GetInterface", || {
+        // SAFETY: NULL-checked output (contract).
+        let out = unsafe { args::out(out)? };
+        // SAFETY: NULL or a NUL-terminated string (contract).
+        let name = (!name.is_null()).then(|| unsafe { CStr::from_ptr(name as *const _) });
+        // SAFETY: NULL or a valid CK_VERSION (contract).
+        let version = unsafe { version.as_ref() };
+        let found = INTERFACES.iter().find(|i| {
+            // SAFETY: our own static NUL-terminated names.
+            let iname = unsafe { CStr::from_ptr(i.0.pInterfaceName as *const _) };
+            let v = version_of(i);
+            name.is_none_or(|n| n == iname)
+                && version.is_none_or(|w| w.major == v.major && w.minor == v.minor)
+                && i.0.flags & flags == flags
+        });
+        match found {
+            Some(i) => {
+                *out = &i.0 as *const CK_INTERFACE as *mut CK_INTERFACE;
+                Ok(())
+            }
+            None => err(CKR_ARGUMENTS_BAD),
+        }
+    })
+}

@@ -1,0 +1,64 @@
+//! The C boundary: the only module with `unsafe` code and raw pointers.
+//!
+//! Every exported entry point is a thin `extern "C"` function that converts its raw
+//! arguments into safe values ([`args`]) and runs the safe body inside [`guard`], which
+//! catches panics and maps `Result` to `CK_RV`. Each `unsafe` block states why it is sound.
+
+pub mod args;
+pub mod entry;
+pub mod exports;
+pub mod tables;
+
+use crate::backend::rv;
+use crate::error::Result;
+use cryptoki_sys::*;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Runs the body of an entry point: no panic crosses the C boundary (it becomes
+/// `CKR_GENERAL_ERROR`), errors become their `CK_RV`, and a debug line records the result.
+pub fn guard(name: &'static str, body: impl FnOnce() -> Result<()>) -> CK_RV {
+    let rv = match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => CKR_OK,
+        Ok(Err(e)) => {
+            if let crate::error::Error::Backend(_) = e {
+                log::debug!("{name}: {e}");
+            }
+            e.rv()
+        }
+        Err(_) => {
+            log::error!("{name}: internal error (panic caught at the C boundary)");
+            CKR_GENERAL_ERROR
+        }
+    };
+    log::trace!("{name} -> {}", rv::name(rv));
+    rv
+}
+
+/// Releases a write lock taken by `fork_prepare` (used only by the atfork handlers).
+pub(crate) fn force_unlock_write<T>(lock: &parking_lot::RwLock<T>) {
+    // SAFETY: called only from the atfork parent/child handlers, after the prepare handler
+    // (same thread, before fork) took this write lock and forgot its guard.
+    unsafe { lock.force_unlock_write() }
+}
+
+/// Installs the `pthread_atfork` handlers once per process.
+pub(crate) fn install_atfork() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    extern "C" fn prepare() {
+        crate::runtime::fork_prepare();
+    }
+    extern "C" fn parent() {
+        crate::runtime::fork_parent();
+    }
+    extern "C" fn child() {
+        crate::runtime::fork_child();
+    }
+    ONCE.call_once(|| {
+        // SAFETY: the handlers are plain functions that live as long as the process; they
+        // only touch a lock and an atomic flag.
+        let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+        if rc != 0 {
+            log::warn!("pthread_atfork failed ({rc}): fork detection is off");
+        }
+    });
+}

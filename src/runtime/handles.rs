@@ -1,0 +1,92 @@
+//! cmkp11's own object handles: non-zero, never reused in a process, and stable for the
+//! same backend object. Session objects are forgotten when their session closes.
+
+use crate::error::{Error, Result};
+use cryptoki::object::ObjectHandle;
+use cryptoki_sys::*;
+use parking_lot::RwLock;
+use std::collections::HashMap;
+
+#[derive(Clone, Copy)]
+struct Entry {
+    slot: CK_SLOT_ID,
+    obj: ObjectHandle,
+    owner: Option<CK_SESSION_HANDLE>,
+}
+
+#[derive(Default)]
+struct Tables {
+    next: CK_OBJECT_HANDLE,
+    ours: HashMap<CK_OBJECT_HANDLE, Entry>,
+    backend: HashMap<(CK_SLOT_ID, CK_OBJECT_HANDLE), CK_OBJECT_HANDLE>,
+    owned: HashMap<CK_SESSION_HANDLE, Vec<CK_OBJECT_HANDLE>>,
+}
+
+/// The map between cmkp11's object handles and the backend's.
+#[derive(Default)]
+pub struct HandleTable {
+    t: RwLock<Tables>,
+}
+
+impl HandleTable {
+    /// cmkp11's handle for a backend object, allocating one the first time it is seen.
+    /// `owner` is the session of a session object created through cmkp11.
+    pub fn ours(
+        &self,
+        slot: CK_SLOT_ID,
+        obj: ObjectHandle,
+        owner: Option<CK_SESSION_HANDLE>,
+    ) -> CK_OBJECT_HANDLE {
+        let key = (slot, obj.handle());
+        if let Some(h) = self.t.read().backend.get(&key) {
+            return *h;
+        }
+        let mut t = self.t.write();
+        if let Some(h) = t.backend.get(&key) {
+            return *h;
+        }
+        t.next += 1;
+        let h = t.next;
+        t.backend.insert(key, h);
+        t.ours.insert(h, Entry { slot, obj, owner });
+        if let Some(s) = owner {
+            t.owned.entry(s).or_default().push(h);
+        }
+        h
+    }
+
+    /// The backend object behind cmkp11's handle `h` in `slot`; `invalid` is the code to
+    /// return when there is none (`CKR_OBJECT_HANDLE_INVALID`, `CKR_KEY_HANDLE_INVALID`...).
+    pub fn backend(
+        &self,
+        slot: CK_SLOT_ID,
+        h: CK_OBJECT_HANDLE,
+        invalid: CK_RV,
+    ) -> Result<ObjectHandle> {
+        match self.t.read().ours.get(&h) {
+            Some(e) if e.slot == slot => Ok(e.obj),
+            _ => Err(Error::Rv(invalid)),
+        }
+    }
+
+    /// Forgets one handle (the object was destroyed).
+    pub fn forget(&self, h: CK_OBJECT_HANDLE) {
+        let mut t = self.t.write();
+        if let Some(e) = t.ours.remove(&h) {
+            t.backend.remove(&(e.slot, e.obj.handle()));
+            if let Some(list) = e.owner.and_then(|s| t.owned.get_mut(&s)) {
+                list.retain(|x| *x != h);
+            }
+        }
+    }
+
+    /// Forgets the session objects created in session `s` (it closed).
+    pub fn forget_owned_by(&self, s: CK_SESSION_HANDLE) {
+        let mut t = self.t.write();
+        for h in t.owned.remove(&s).unwrap_or_default() {
+            if let Some(e) = t.ours.remove(&h) {
+                t.backend.remove(&(e.slot, e.obj.handle()));
+            }
+        }
+    }
+}

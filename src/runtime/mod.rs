@@ -1,0 +1,199 @@
+//! Process state: `C_Initialize`/`C_Finalize`, slots, sessions and handle tables.
+//!
+//! # Locks and their order
+//! 1. [`STATE`] (global `RwLock<Option<Arc<Library>>>`): held only to clone the `Arc`, and
+//!    exclusively by `C_Initialize`, `C_Finalize` and across `fork()` (atfork handlers).
+//! 2. `Library::sessions` (`RwLock<HashMap>`): held only to clone a session's `Arc`, or
+//!    to insert/remove one.
+//! 3. A session's own `Mutex`: held for the whole call on that session, including the
+//!    backend call. Different sessions never wait for each other.
+//! 4. `HandleTable` (`RwLock`): held only for a lookup or insert, never across a call.
+//!
+//! A lock of a lower number is never taken while one of a higher number is held, no lock
+//! is held across a call into application callbacks (cmkp11 makes none), and no
+//! process-wide lock is held across a backend call.
+//!
+//! # fork()
+//! The `pthread_atfork` child handler (installed by the FFI layer) marks the inherited
+//! state as stale: every call in the child then returns `CKR_CRYPTOKI_NOT_INITIALIZED`
+//! until the child calls `C_Initialize`, which leaks (never drops) the parent's state so
+//! that the parent's backend sessions are not closed from the child.
+
+pub mod handles;
+pub mod session;
+
+use crate::backend::token::Backend;
+use crate::config::Config;
+use crate::error::{err, Result};
+use cryptoki_sys::*;
+use handles::HandleTable;
+use parking_lot::{Mutex, RwLock};
+use session::Session;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The initialized library: configuration, backend, sessions and object handles.
+pub struct Library {
+    /// The configuration in force.
+    pub cfg: Config,
+    /// The backend module and the slots cmkp11 exposes.
+    pub backend: Backend,
+    sessions: RwLock<HashMap<CK_SESSION_HANDLE, Arc<Mutex<Session>>>>,
+    next_session: AtomicU64,
+    /// cmkp11's object handles.
+    pub objects: HandleTable,
+}
+
+static STATE: RwLock<Option<Arc<Library>>> = RwLock::new(None);
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+/// The initialized library, or `CKR_CRYPTOKI_NOT_INITIALIZED` (also in a forked child
+/// that has not called `C_Initialize` yet).
+pub fn library() -> Result<Arc<Library>> {
+    if FORKED.load(Ordering::Acquire) {
+        return err(CKR_CRYPTOKI_NOT_INITIALIZED);
+    }
+    match &*STATE.read() {
+        Some(lib) => Ok(lib.clone()),
+        None => err(CKR_CRYPTOKI_NOT_INITIALIZED),
+    }
+}
+
+/// `C_Initialize` once the arguments are checked: reads the configuration, loads and
+/// initializes the backend.
+pub fn initialize() -> Result<()> {
+    let mut state = STATE.write();
+    if FORKED.swap(false, Ordering::AcqRel) {
+        // In a forked child: the parent's state must not be dropped (dropping would close
+        // the parent's backend sessions and finalize its module). Leak it.
+        if let Some(old) = state.take() {
+            std::mem::forget(old);
+        }
+    }
+    if state.is_some() {
+        return err(CKR_CRYPTOKI_ALREADY_INITIALIZED);
+    }
+    crate::logging::init_default();
+    let cfg = Config::load().inspect_err(|e| log::error!("{e}"))?;
+    crate::logging::init(&cfg.log);
+    let backend = Backend::open(&cfg).inspect_err(|e| log::error!("C_Initialize: {e}"))?;
+    log::info!(
+        "initialized over {} with {} slot(s)",
+        cfg.backend.module.display(),
+        backend.slots.len()
+    );
+    *state = Some(Arc::new(Library {
+        cfg,
+        backend,
+        sessions: RwLock::new(HashMap::new()),
+        next_session: AtomicU64::new(1),
+        objects: HandleTable::default(),
+    }));
+    Ok(())
+}
+
+/// `C_Finalize`: closes every session and finalizes the backend (once the last call in
+/// flight has released the library).
+pub fn finalize() -> Result<()> {
+    if FORKED.load(Ordering::Acquire) {
+        return err(CKR_CRYPTOKI_NOT_INITIALIZED);
+    }
+    let lib = STATE.write().take();
+    match lib {
+        None => err(CKR_CRYPTOKI_NOT_INITIALIZED),
+        Some(lib) => {
+            lib.sessions.write().clear();
+            Ok(())
+        }
+    }
+}
+
+/// atfork "prepare": take the state lock so that no thread holds it across `fork()`.
+pub fn fork_prepare() {
+    std::mem::forget(STATE.write());
+}
+
+/// atfork "parent": release what [`fork_prepare`] took.
+pub fn fork_parent() {
+    // SAFETY-free: parking_lot's force_unlock_write is unsafe only because the caller must
+    // own the lock, which fork_prepare took on this same thread.
+    unlock_state();
+}
+
+/// atfork "child": release the lock and mark the inherited state stale.
+pub fn fork_child() {
+    FORKED.store(true, Ordering::Release);
+    unlock_state();
+}
+
+fn unlock_state() {
+    crate::ffi::force_unlock_write(&STATE);
+}
+
+impl Library {
+    /// The backend slot behind cmkp11 slot `id`.
+    pub fn slot(&self, id: CK_SLOT_ID) -> Result<cryptoki::slot::Slot> {
+        usize::try_from(id)
+            .ok()
+            .and_then(|i| self.backend.slots.get(i).copied())
+            .ok_or(crate::error::Error::Rv(CKR_SLOT_ID_INVALID))
+    }
+
+    /// A session by handle.
+    pub fn session(&self, h: CK_SESSION_HANDLE) -> Result<Arc<Mutex<Session>>> {
+        match self.sessions.read().get(&h) {
+            Some(s) => Ok(s.clone()),
+            None => err(CKR_SESSION_HANDLE_INVALID),
+        }
+    }
+
+    /// `C_OpenSession`: opens a backend session and returns cmkp11's handle for it.
+    pub fn open_session(&self, slot_id: CK_SLOT_ID, rw: bool) -> Result<CK_SESSION_HANDLE> {
+        let slot = self.slot(slot_id)?;
+        let backend = if rw {
+            self.backend.ctx.open_rw_session(slot)?
+        } else {
+            self.backend.ctx.open_ro_session(slot)?
+        };
+        let h = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let s = Session::new(h, slot_id, backend);
+        self.sessions.write().insert(h, Arc::new(Mutex::new(s)));
+        Ok(h)
+    }
+
+    /// `C_CloseSession`.
+    pub fn close_session(&self, h: CK_SESSION_HANDLE) -> Result<()> {
+        let s = self
+            .sessions
+            .write()
+            .remove(&h)
+            .ok_or(crate::error::Error::Rv(CKR_SESSION_HANDLE_INVALID))?;
+        self.objects.forget_owned_by(h);
+        // The backend session closes when the last reference (a call in flight) is gone.
+        drop(s);
+        Ok(())
+    }
+
+    /// `C_CloseAllSessions` for one slot.
+    pub fn close_all_sessions(&self, slot_id: CK_SLOT_ID) -> Result<()> {
+        self.slot(slot_id)?;
+        let mut closed = Vec::new();
+        self.sessions.write().retain(|h, s| {
+            let keep = s.lock().slot_id != slot_id;
+            if !keep {
+                closed.push(*h);
+            }
+            keep
+        });
+        for h in closed {
+            self.objects.forget_owned_by(h);
+        }
+        Ok(())
+    }
+
+    /// Number of open sessions (for tests and diagnostics).
+    pub fn session_count(&self) -> usize {
+        self.sessions.read().len()
+    }
+}

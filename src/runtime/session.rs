@@ -1,0 +1,486 @@
+//! One application session: its backend session, the operations in progress, and the
+//! results the backend produced that the application has not collected yet.
+//!
+//! cryptoki finishes a backend operation in one call (it asks the backend for the length
+//! itself), so a result is computed on the application's first call and kept here until
+//! the application collects it with a large enough buffer: the two-call convention
+//! (NULL buffer -> length; too small -> `CKR_BUFFER_TOO_SMALL`, operation still active).
+//!
+//! The backend's `*Init` is deferred to the first data call: cryptoki has no single-part
+//! call that does not also initialize, so initializing eagerly would leave the backend
+//! with an operation that a single-part call could not continue. `*Init` still checks
+//! everything cmkp11 can check without the backend (handles, mechanism parameters,
+//! operation state).
+
+use super::Library;
+use crate::backend::mech::Mech;
+use crate::error::{err, Error, Result};
+use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectHandle};
+use cryptoki::session::Session as BackendSession;
+use cryptoki_sys::*;
+use zeroize::Zeroizing;
+
+/// What the application's output buffer did with a result (decided by the FFI layer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Copied into the application's buffer: the result is consumed.
+    Delivered,
+    /// The application passed NULL: only the length was returned.
+    LengthOnly,
+    /// The buffer is too small: the length was returned, `CKR_BUFFER_TOO_SMALL`.
+    TooSmall,
+}
+
+/// The kinds of cryptographic operation a session can have active at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `C_Encrypt*`
+    Encrypt,
+    /// `C_Decrypt*`
+    Decrypt,
+    /// `C_Digest*`
+    Digest,
+    /// `C_Sign*`
+    Sign,
+    /// `C_Verify*`
+    Verify,
+}
+
+enum Stage {
+    Idle,
+    /// `*Init` done; the backend has not been told yet.
+    Ready(Mech, Option<ObjectHandle>),
+    /// The backend has a multi-part operation in progress.
+    Streaming,
+    /// The final result, waiting for the application to collect it.
+    Done(Zeroizing<Vec<u8>>),
+}
+
+struct Op {
+    stage: Stage,
+    /// Output of an update call that the application has not collected yet.
+    pending: Option<Zeroizing<Vec<u8>>>,
+}
+
+impl Op {
+    const fn idle() -> Op {
+        Op {
+            stage: Stage::Idle,
+            pending: None,
+        }
+    }
+}
+
+struct Find {
+    found: Vec<CK_OBJECT_HANDLE>,
+    pos: usize,
+}
+
+/// The identity of a `C_WrapKey` call, so that its second (collecting) call is served
+/// from the first call's result.
+#[derive(PartialEq, Eq)]
+struct WrapCall {
+    mech: Mech,
+    wrapping: CK_OBJECT_HANDLE,
+    key: CK_OBJECT_HANDLE,
+}
+
+/// One of the outcomes of reading one attribute.
+pub enum AttrValue {
+    /// The value.
+    Value(Attribute),
+    /// The attribute is sensitive or unextractable.
+    Sensitive,
+    /// The object has no such attribute (or cmkp11 does not know the type).
+    Invalid,
+}
+
+/// An application session.
+pub struct Session {
+    /// cmkp11's handle of this session.
+    pub handle: CK_SESSION_HANDLE,
+    /// cmkp11's slot id.
+    pub slot_id: CK_SLOT_ID,
+    backend: BackendSession,
+    ops: [Op; 5],
+    find: Option<Find>,
+    wrap: Option<(WrapCall, Vec<u8>)>,
+}
+
+fn idx(k: Kind) -> usize {
+    k as usize
+}
+
+impl Session {
+    /// Wraps a freshly opened backend session.
+    pub fn new(handle: CK_SESSION_HANDLE, slot_id: CK_SLOT_ID, backend: BackendSession) -> Session {
+        Session {
+            handle,
+            slot_id,
+            backend,
+            ops: [Op::idle(), Op::idle(), Op::idle(), Op::idle(), Op::idle()],
+            find: None,
+            wrap: None,
+        }
+    }
+
+    /// The backend session (for calls that need no state of cmkp11's).
+    pub fn backend(&self) -> &BackendSession {
+        &self.backend
+    }
+
+    /// Resolves an object handle of this session's slot.
+    pub fn object(
+        &self,
+        lib: &Library,
+        h: CK_OBJECT_HANDLE,
+        invalid: CK_RV,
+    ) -> Result<ObjectHandle> {
+        lib.objects.backend(self.slot_id, h, invalid)
+    }
+
+    /// Registers a backend object and returns cmkp11's handle. `session_object` says
+    /// whether it lives only as long as this session.
+    pub fn register(
+        &self,
+        lib: &Library,
+        obj: ObjectHandle,
+        session_object: bool,
+    ) -> CK_OBJECT_HANDLE {
+        lib.objects
+            .ours(self.slot_id, obj, session_object.then_some(self.handle))
+    }
+
+    /// `C_*Init`: starts an operation of `kind`.
+    pub fn init(&mut self, kind: Kind, mech: Mech, key: Option<ObjectHandle>) -> Result<()> {
+        let op = &mut self.ops[idx(kind)];
+        if !matches!(op.stage, Stage::Idle) {
+            return err(CKR_OPERATION_ACTIVE);
+        }
+        op.stage = Stage::Ready(mech, key);
+        op.pending = None;
+        Ok(())
+    }
+
+    /// Ends an operation of `kind` whatever its stage (`C_SessionCancel`). A backend
+    /// multi-part operation is ended by finishing it and discarding the result.
+    pub fn cancel(&mut self, kind: Kind) {
+        let op = &mut self.ops[idx(kind)];
+        op.pending = None;
+        if let Stage::Streaming = std::mem::replace(&mut op.stage, Stage::Idle) {
+            let b = &self.backend;
+            let _ = match kind {
+                Kind::Encrypt => b.encrypt_final().map(drop),
+                Kind::Decrypt => b.decrypt_final().map(drop),
+                Kind::Digest => b.digest_final().map(drop),
+                Kind::Sign => b.sign_final().map(drop),
+                Kind::Verify => b.verify_final(&[]),
+            };
+        }
+    }
+
+    /// Whether an operation of `kind` is active.
+    pub fn active(&self, kind: Kind) -> bool {
+        !matches!(self.ops[idx(kind)].stage, Stage::Idle)
+    }
+
+    /// Single-part `C_Encrypt`, `C_Decrypt`, `C_Digest`, `C_Sign`.
+    pub fn single(
+        &mut self,
+        kind: Kind,
+        data: &[u8],
+        sink: impl FnOnce(&[u8]) -> Delivery,
+    ) -> Result<()> {
+        let out = match std::mem::replace(&mut self.ops[idx(kind)].stage, Stage::Idle) {
+            Stage::Idle => return err(CKR_OPERATION_NOT_INITIALIZED),
+            Stage::Streaming => {
+                self.ops[idx(kind)].stage = Stage::Streaming;
+                return err(CKR_OPERATION_ACTIVE);
+            }
+            Stage::Ready(mut mech, key) => {
+                Zeroizing::new(self.backend_single(kind, &mut mech, key, data)?)
+            }
+            Stage::Done(out) => out,
+        };
+        self.deliver_final(kind, out, sink)
+    }
+
+    fn backend_single(
+        &self,
+        kind: Kind,
+        mech: &mut Mech,
+        key: Option<ObjectHandle>,
+        data: &[u8],
+    ) -> Result<Vec<u8>> {
+        let b = &self.backend;
+        let m = mech.to_cryptoki()?;
+        let key = || key.ok_or(Error::Rv(CKR_GENERAL_ERROR));
+        Ok(match kind {
+            Kind::Encrypt => b.encrypt(&m, key()?, data)?,
+            Kind::Decrypt => b.decrypt(&m, key()?, data)?,
+            Kind::Digest => b.digest(&m, data)?,
+            Kind::Sign => b.sign(&m, key()?, data)?,
+            Kind::Verify => return err(CKR_GENERAL_ERROR),
+        })
+    }
+
+    fn deliver_final(
+        &mut self,
+        kind: Kind,
+        out: Zeroizing<Vec<u8>>,
+        sink: impl FnOnce(&[u8]) -> Delivery,
+    ) -> Result<()> {
+        match sink(&out) {
+            Delivery::Delivered => Ok(()),
+            Delivery::LengthOnly => {
+                self.ops[idx(kind)].stage = Stage::Done(out);
+                Ok(())
+            }
+            Delivery::TooSmall => {
+                self.ops[idx(kind)].stage = Stage::Done(out);
+                err(CKR_BUFFER_TOO_SMALL)
+            }
+        }
+    }
+
+    /// Tells the backend about a `Ready` operation (first multi-part call).
+    fn start_streaming(&mut self, kind: Kind) -> Result<()> {
+        let op = &mut self.ops[idx(kind)];
+        match std::mem::replace(&mut op.stage, Stage::Idle) {
+            Stage::Idle => err(CKR_OPERATION_NOT_INITIALIZED),
+            Stage::Done(out) => {
+                op.stage = Stage::Done(out);
+                err(CKR_OPERATION_ACTIVE)
+            }
+            Stage::Streaming => {
+                op.stage = Stage::Streaming;
+                Ok(())
+            }
+            Stage::Ready(mut mech, key) => {
+                let b = &self.backend;
+                let m = mech.to_cryptoki()?;
+                let key = || key.ok_or(Error::Rv(CKR_GENERAL_ERROR));
+                match kind {
+                    Kind::Encrypt => b.encrypt_init(&m, key()?)?,
+                    Kind::Decrypt => b.decrypt_init(&m, key()?)?,
+                    Kind::Digest => b.digest_init(&m)?,
+                    Kind::Sign => b.sign_init(&m, key()?)?,
+                    Kind::Verify => b.verify_init(&m, key()?)?,
+                }
+                self.ops[idx(kind)].stage = Stage::Streaming;
+                Ok(())
+            }
+        }
+    }
+
+    /// `C_EncryptUpdate` / `C_DecryptUpdate`: multi-part with output.
+    pub fn update_out(
+        &mut self,
+        kind: Kind,
+        data: &[u8],
+        sink: impl FnOnce(&[u8]) -> Delivery,
+    ) -> Result<()> {
+        let out = match self.ops[idx(kind)].pending.take() {
+            Some(p) => p,
+            None => {
+                self.start_streaming(kind)?;
+                let r = match kind {
+                    Kind::Encrypt => self.backend.encrypt_update(data),
+                    _ => self.backend.decrypt_update(data),
+                };
+                match r {
+                    Ok(v) => Zeroizing::new(v),
+                    Err(e) => {
+                        self.ops[idx(kind)].stage = Stage::Idle;
+                        return Err(e.into());
+                    }
+                }
+            }
+        };
+        match sink(&out) {
+            Delivery::Delivered => Ok(()),
+            d => {
+                self.ops[idx(kind)].pending = Some(out);
+                if d == Delivery::TooSmall {
+                    err(CKR_BUFFER_TOO_SMALL)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// `C_DigestUpdate`, `C_SignUpdate`, `C_VerifyUpdate`: multi-part without output.
+    pub fn update(&mut self, kind: Kind, data: &[u8]) -> Result<()> {
+        self.start_streaming(kind)?;
+        let r = match kind {
+            Kind::Digest => self.backend.digest_update(data),
+            Kind::Sign => self.backend.sign_update(data),
+            _ => self.backend.verify_update(data),
+        };
+        r.inspect_err(|_| self.ops[idx(kind)].stage = Stage::Idle)
+            .map_err(Into::into)
+    }
+
+    /// `C_DigestKey`.
+    pub fn digest_key(&mut self, key: ObjectHandle) -> Result<()> {
+        self.start_streaming(Kind::Digest)?;
+        self.backend
+            .digest_key(key)
+            .inspect_err(|_| self.ops[idx(Kind::Digest)].stage = Stage::Idle)
+            .map_err(Into::into)
+    }
+
+    /// `C_EncryptFinal`, `C_DecryptFinal`, `C_DigestFinal`, `C_SignFinal`.
+    pub fn finish(&mut self, kind: Kind, sink: impl FnOnce(&[u8]) -> Delivery) -> Result<()> {
+        let out = if let Stage::Done(_) = self.ops[idx(kind)].stage {
+            match std::mem::replace(&mut self.ops[idx(kind)].stage, Stage::Idle) {
+                Stage::Done(out) => out,
+                _ => unreachable!("checked above"),
+            }
+        } else {
+            self.start_streaming(kind)?;
+            self.ops[idx(kind)].stage = Stage::Idle;
+            self.ops[idx(kind)].pending = None;
+            Zeroizing::new(match kind {
+                Kind::Encrypt => self.backend.encrypt_final()?,
+                Kind::Decrypt => self.backend.decrypt_final()?,
+                Kind::Digest => self.backend.digest_final()?,
+                Kind::Sign => self.backend.sign_final()?,
+                Kind::Verify => return err(CKR_GENERAL_ERROR),
+            })
+        };
+        self.deliver_final(kind, out, sink)
+    }
+
+    /// Single-part `C_Verify`.
+    pub fn verify(&mut self, data: &[u8], signature: &[u8]) -> Result<()> {
+        let k = idx(Kind::Verify);
+        match std::mem::replace(&mut self.ops[k].stage, Stage::Idle) {
+            Stage::Ready(mut mech, Some(key)) => {
+                let m = mech.to_cryptoki()?;
+                Ok(self.backend.verify(&m, key, data, signature)?)
+            }
+            Stage::Idle => err(CKR_OPERATION_NOT_INITIALIZED),
+            other => {
+                self.ops[k].stage = other;
+                err(CKR_OPERATION_ACTIVE)
+            }
+        }
+    }
+
+    /// `C_VerifyFinal`.
+    pub fn verify_final(&mut self, signature: &[u8]) -> Result<()> {
+        self.start_streaming(Kind::Verify)?;
+        self.ops[idx(Kind::Verify)].stage = Stage::Idle;
+        Ok(self.backend.verify_final(signature)?)
+    }
+
+    /// `C_FindObjectsInit`: runs the whole search on the backend and keeps the handles.
+    pub fn find_init(&mut self, lib: &Library, template: &[Attribute]) -> Result<()> {
+        if self.find.is_some() {
+            return err(CKR_OPERATION_ACTIVE);
+        }
+        let found = self
+            .backend
+            .find_objects(template)?
+            .into_iter()
+            .map(|o| lib.objects.ours(self.slot_id, o, None))
+            .collect();
+        self.find = Some(Find { found, pos: 0 });
+        Ok(())
+    }
+
+    /// `C_FindObjects`: up to `max` more handles.
+    pub fn find_next(&mut self, max: usize) -> Result<&[CK_OBJECT_HANDLE]> {
+        let f = self
+            .find
+            .as_mut()
+            .ok_or(Error::Rv(CKR_OPERATION_NOT_INITIALIZED))?;
+        let start = f.pos;
+        f.pos = (start + max).min(f.found.len());
+        Ok(&f.found[start..f.pos])
+    }
+
+    /// `C_FindObjectsFinal`.
+    pub fn find_final(&mut self) -> Result<()> {
+        self.find
+            .take()
+            .map(|_| ())
+            .ok_or(Error::Rv(CKR_OPERATION_NOT_INITIALIZED))
+    }
+
+    /// `C_WrapKey`, with the two-call convention: the first call's blob is kept until it
+    /// is collected by a call with the same mechanism and keys.
+    pub fn wrap(
+        &mut self,
+        mut mech: Mech,
+        wrapping: (CK_OBJECT_HANDLE, ObjectHandle),
+        key: (CK_OBJECT_HANDLE, ObjectHandle),
+        sink: impl FnOnce(&[u8]) -> Delivery,
+    ) -> Result<()> {
+        let call = WrapCall {
+            mech: mech.clone(),
+            wrapping: wrapping.0,
+            key: key.0,
+        };
+        let blob = match self.wrap.take() {
+            Some((c, blob)) if c == call => blob,
+            _ => {
+                let m = mech.to_cryptoki()?;
+                self.backend.wrap_key(&m, wrapping.1, key.1)?
+            }
+        };
+        match sink(&blob) {
+            Delivery::Delivered => Ok(()),
+            d => {
+                self.wrap = Some((call, blob));
+                if d == Delivery::TooSmall {
+                    err(CKR_BUFFER_TOO_SMALL)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// `C_GetAttributeValue`: each requested type (`None`: unknown to cmkp11) with its
+    /// outcome, in order. Two backend calls in the common case; a third only for the
+    /// attributes the backend did not return, to learn why.
+    pub fn attributes(
+        &self,
+        obj: ObjectHandle,
+        types: &[Option<AttributeType>],
+    ) -> Result<Vec<AttrValue>> {
+        let known: Vec<AttributeType> = types.iter().flatten().copied().collect();
+        let mut values = self
+            .backend
+            .get_attributes(obj, &known)?
+            .into_iter()
+            .peekable();
+        let mut missing = Vec::new();
+        let mut out = Vec::with_capacity(types.len());
+        for t in types {
+            match t {
+                None => out.push(AttrValue::Invalid),
+                Some(t) => match values.next_if(|a| a.attribute_type() == *t) {
+                    Some(a) => out.push(AttrValue::Value(a)),
+                    None => {
+                        missing.push((out.len(), *t));
+                        out.push(AttrValue::Invalid);
+                    }
+                },
+            }
+        }
+        if !missing.is_empty() {
+            let kinds: Vec<AttributeType> = missing.iter().map(|(_, t)| *t).collect();
+            let infos = self.backend.get_attribute_info(obj, &kinds)?;
+            for ((i, _), info) in missing.iter().zip(infos) {
+                if matches!(info, AttributeInfo::Sensitive) {
+                    out[*i] = AttrValue::Sensitive;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
