@@ -18,6 +18,8 @@ pub struct Backend {
     pub ctx: Pkcs11,
     /// Backend slots with a token, in the order cmkp11 numbers them (slot id = index).
     pub slots: Vec<Slot>,
+    /// Whether cmkp11's `C_Initialize` initialized the module (and so must finalize it).
+    owns_init: bool,
 }
 
 impl Backend {
@@ -33,12 +35,13 @@ impl Backend {
             key: "backend.module".into(),
             problem: format!("cannot load {}: {e}", cfg.backend.module.display()),
         })?;
-        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-            Ok(()) => {}
+        let owns_init = match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        {
+            Ok(()) => true,
             // Another user of the same module in this process initialized it already.
-            Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => false,
             Err(e) => return Err(e.into()),
-        }
+        };
         let mut slots = Vec::new();
         for slot in ctx.get_slots_with_token()? {
             let info = ctx.get_token_info(slot)?;
@@ -52,7 +55,19 @@ impl Backend {
             }
             slots.push(slot);
         }
-        Ok(Backend { ctx, slots })
+        Ok(Backend {
+            ctx,
+            slots,
+            owns_init,
+        })
+    }
+
+    /// Finalizes the module if cmkp11 initialized it.
+    pub fn finalize(&self) -> Result<()> {
+        if self.owns_init {
+            self.ctx.clone().finalize()?;
+        }
+        Ok(())
     }
 
     /// `CK_SLOT_INFO` for one backend slot, with cmkp11 as manufacturer.

@@ -103,7 +103,11 @@ pub fn finalize() -> Result<()> {
     match lib {
         None => err(CKR_CRYPTOKI_NOT_INITIALIZED),
         Some(lib) => {
-            lib.sessions.write().clear();
+            let sessions = std::mem::take(&mut *lib.sessions.write());
+            drop(sessions);
+            if let Err(e) = lib.backend.finalize() {
+                log::warn!("C_Finalize: backend: {e}");
+            }
             Ok(())
         }
     }

@@ -105,10 +105,17 @@ pub unsafe extern "C" fn C_Login(
     })
 }
 
-/// `C_Logout`.
+/// `C_Logout`. `CKR_USER_NOT_LOGGED_IN` when nobody is logged in, as the specification
+/// says, even over a backend (SoftHSM2) that returns `CKR_OK` then.
 pub extern "C" fn C_Logout(h: CK_SESSION_HANDLE) -> CK_RV {
     guard("C_Logout", || {
-        with_session(h, |_, s| Ok(s.backend().logout()?))
+        with_session(h, |_, s| {
+            let state = s.backend().get_session_info()?.session_state();
+            if matches!(state, SessionState::RoPublic | SessionState::RwPublic) {
+                return err(CKR_USER_NOT_LOGGED_IN);
+            }
+            Ok(s.backend().logout()?)
+        })
     })
 }
 
