@@ -11,7 +11,11 @@ use std::ffi::{c_void, CStr};
 use std::mem::size_of;
 use std::ptr;
 
-use common::{raw, testing_cmkp11, TOKEN_LABEL, USER_PIN};
+use common::{
+    mech, mech_with, padded, raw, raw_aes_key as aes_key, raw_login as login,
+    raw_open_session as open_session, raw_token_slot as token_slot, testing_cmkp11, Template,
+    TOKEN_LABEL, USER_PIN,
+};
 use cryptoki_sys::*;
 use serial_test::serial;
 
@@ -63,122 +67,6 @@ impl Drop for Init {
     }
 }
 
-/// Attribute template whose values live as long as the template.
-#[derive(Default)]
-struct Template {
-    bufs: Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>,
-}
-
-impl Template {
-    fn boolean(mut self, t: CK_ATTRIBUTE_TYPE, v: bool) -> Self {
-        self.bufs
-            .push((t, vec![if v { CK_TRUE } else { CK_FALSE }]));
-        self
-    }
-    fn ulong(mut self, t: CK_ATTRIBUTE_TYPE, v: CK_ULONG) -> Self {
-        self.bufs.push((t, v.to_ne_bytes().to_vec()));
-        self
-    }
-    fn bytes(mut self, t: CK_ATTRIBUTE_TYPE, v: &[u8]) -> Self {
-        self.bufs.push((t, v.to_vec()));
-        self
-    }
-    /// The raw template; valid while `self` is alive and unchanged.
-    fn raw(&mut self) -> Vec<CK_ATTRIBUTE> {
-        self.bufs
-            .iter_mut()
-            .map(|(t, v)| CK_ATTRIBUTE {
-                type_: *t,
-                pValue: v.as_mut_ptr() as *mut c_void,
-                ulValueLen: v.len() as CK_ULONG,
-            })
-            .collect()
-    }
-}
-
-fn mech(m: CK_MECHANISM_TYPE) -> CK_MECHANISM {
-    CK_MECHANISM {
-        mechanism: m,
-        pParameter: ptr::null_mut(),
-        ulParameterLen: 0,
-    }
-}
-
-fn mech_with<T>(m: CK_MECHANISM_TYPE, p: &mut T, len: usize) -> CK_MECHANISM {
-    CK_MECHANISM {
-        mechanism: m,
-        pParameter: p as *mut T as *mut c_void,
-        ulParameterLen: len as CK_ULONG,
-    }
-}
-
-/// Trims a blank-padded PKCS#11 text field.
-fn padded(field: &[u8]) -> String {
-    String::from_utf8_lossy(field)
-        .trim_end_matches(' ')
-        .to_string()
-}
-
-/// The slot id of the test token.
-fn token_slot() -> CK_SLOT_ID {
-    let mut n: CK_ULONG = 0;
-    assert_rv!(
-        ck!(f(), C_GetSlotList, CK_TRUE, ptr::null_mut(), &mut n),
-        CKR_OK
-    );
-    let mut ids = vec![0 as CK_SLOT_ID; n as usize];
-    assert_rv!(
-        ck!(f(), C_GetSlotList, CK_TRUE, ids.as_mut_ptr(), &mut n),
-        CKR_OK
-    );
-    ids.truncate(n as usize);
-    let found: Vec<CK_SLOT_ID> = ids
-        .into_iter()
-        .filter(|&id| {
-            let mut info: CK_TOKEN_INFO = unsafe { std::mem::zeroed() };
-            assert_rv!(ck!(f(), C_GetTokenInfo, id, &mut info), CKR_OK);
-            padded(&info.label) == TOKEN_LABEL
-        })
-        .collect();
-    assert_eq!(found.len(), 1, "slots with token {TOKEN_LABEL}");
-    found[0]
-}
-
-fn open_session(slot: CK_SLOT_ID) -> CK_SESSION_HANDLE {
-    let mut h: CK_SESSION_HANDLE = 0;
-    assert_rv!(
-        ck!(
-            f(),
-            C_OpenSession,
-            slot,
-            CKF_SERIAL_SESSION | CKF_RW_SESSION,
-            ptr::null_mut(),
-            None,
-            &mut h
-        ),
-        CKR_OK,
-        "C_OpenSession"
-    );
-    assert_ne!(h, 0, "session handle 0");
-    h
-}
-
-fn login(s: CK_SESSION_HANDLE) {
-    let mut pin = USER_PIN.as_bytes().to_vec();
-    assert_rv!(
-        ck!(
-            f(),
-            C_Login,
-            s,
-            CKU_USER,
-            pin.as_mut_ptr(),
-            pin.len() as CK_ULONG
-        ),
-        CKR_OK,
-        "C_Login"
-    );
-}
-
 /// An initialized module, the token's slot and a logged-in RW session.
 fn setup() -> (Init, CK_SLOT_ID, CK_SESSION_HANDLE) {
     let init = Init::new();
@@ -186,38 +74,6 @@ fn setup() -> (Init, CK_SLOT_ID, CK_SESSION_HANDLE) {
     let s = open_session(slot);
     login(s);
     (init, slot, s)
-}
-
-/// A session AES-256 key with ENCRYPT/DECRYPT, sensitive and non-extractable.
-fn aes_key(s: CK_SESSION_HANDLE, label: &str) -> CK_OBJECT_HANDLE {
-    let mut t = Template::default()
-        .ulong(CKA_CLASS, CKO_SECRET_KEY)
-        .ulong(CKA_KEY_TYPE, CKK_AES)
-        .ulong(CKA_VALUE_LEN, 32)
-        .boolean(CKA_TOKEN, false)
-        .boolean(CKA_SENSITIVE, true)
-        .boolean(CKA_EXTRACTABLE, false)
-        .boolean(CKA_ENCRYPT, true)
-        .boolean(CKA_DECRYPT, true)
-        .bytes(CKA_LABEL, label.as_bytes());
-    let mut attrs = t.raw();
-    let mut m = mech(CKM_AES_KEY_GEN);
-    let mut h: CK_OBJECT_HANDLE = 0;
-    assert_rv!(
-        ck!(
-            f(),
-            C_GenerateKey,
-            s,
-            &mut m,
-            attrs.as_mut_ptr(),
-            attrs.len() as CK_ULONG,
-            &mut h
-        ),
-        CKR_OK,
-        "C_GenerateKey"
-    );
-    assert_ne!(h, 0, "object handle 0");
-    h
 }
 
 /// Checks that every function pointer of a table (after its version) is non-null.

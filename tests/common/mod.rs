@@ -27,6 +27,9 @@ use cryptoki::error::{Error, RvError};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
+use cryptoki_sys::*;
+use std::ffi::c_void;
+use std::ptr;
 
 /// Label of the token every test file initialises.
 pub const TOKEN_LABEL: &str = "cmkp11-test";
@@ -310,4 +313,159 @@ macro_rules! assert_rv {
             format!($($msg)+)
         );
     }};
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw-call helpers (on the table of [`raw`]); they assert success.
+// ---------------------------------------------------------------------------------------
+
+/// Attribute template whose values live as long as the template.
+#[derive(Default)]
+pub struct Template {
+    bufs: Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>,
+}
+
+impl Template {
+    /// Adds a CK_BBOOL attribute.
+    pub fn boolean(mut self, t: CK_ATTRIBUTE_TYPE, v: bool) -> Self {
+        self.bufs
+            .push((t, vec![if v { CK_TRUE } else { CK_FALSE }]));
+        self
+    }
+    /// Adds a CK_ULONG attribute.
+    pub fn ulong(mut self, t: CK_ATTRIBUTE_TYPE, v: CK_ULONG) -> Self {
+        self.bufs.push((t, v.to_ne_bytes().to_vec()));
+        self
+    }
+    /// Adds a byte-string attribute.
+    pub fn bytes(mut self, t: CK_ATTRIBUTE_TYPE, v: &[u8]) -> Self {
+        self.bufs.push((t, v.to_vec()));
+        self
+    }
+    /// The raw template; valid while `self` is alive and unchanged.
+    pub fn raw(&mut self) -> Vec<CK_ATTRIBUTE> {
+        self.bufs
+            .iter_mut()
+            .map(|(t, v)| CK_ATTRIBUTE {
+                type_: *t,
+                pValue: v.as_mut_ptr() as *mut c_void,
+                ulValueLen: v.len() as CK_ULONG,
+            })
+            .collect()
+    }
+}
+
+pub fn mech(m: CK_MECHANISM_TYPE) -> CK_MECHANISM {
+    CK_MECHANISM {
+        mechanism: m,
+        pParameter: ptr::null_mut(),
+        ulParameterLen: 0,
+    }
+}
+
+pub fn mech_with<T>(m: CK_MECHANISM_TYPE, p: &mut T, len: usize) -> CK_MECHANISM {
+    CK_MECHANISM {
+        mechanism: m,
+        pParameter: p as *mut T as *mut c_void,
+        ulParameterLen: len as CK_ULONG,
+    }
+}
+
+/// Trims a blank-padded PKCS#11 text field.
+pub fn padded(field: &[u8]) -> String {
+    String::from_utf8_lossy(field)
+        .trim_end_matches(' ')
+        .to_string()
+}
+
+/// The slot id of the test token.
+pub fn raw_token_slot() -> CK_SLOT_ID {
+    let mut n: CK_ULONG = 0;
+    assert_rv!(
+        ck!(raw().f, C_GetSlotList, CK_TRUE, ptr::null_mut(), &mut n),
+        CKR_OK
+    );
+    let mut ids = vec![0 as CK_SLOT_ID; n as usize];
+    assert_rv!(
+        ck!(raw().f, C_GetSlotList, CK_TRUE, ids.as_mut_ptr(), &mut n),
+        CKR_OK
+    );
+    ids.truncate(n as usize);
+    let found: Vec<CK_SLOT_ID> = ids
+        .into_iter()
+        .filter(|&id| {
+            let mut info: CK_TOKEN_INFO = unsafe { std::mem::zeroed() };
+            assert_rv!(ck!(raw().f, C_GetTokenInfo, id, &mut info), CKR_OK);
+            padded(&info.label) == TOKEN_LABEL
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "slots with token {TOKEN_LABEL}");
+    found[0]
+}
+
+pub fn raw_open_session(slot: CK_SLOT_ID) -> CK_SESSION_HANDLE {
+    let mut h: CK_SESSION_HANDLE = 0;
+    assert_rv!(
+        ck!(
+            raw().f,
+            C_OpenSession,
+            slot,
+            CKF_SERIAL_SESSION | CKF_RW_SESSION,
+            ptr::null_mut(),
+            None,
+            &mut h
+        ),
+        CKR_OK,
+        "C_OpenSession"
+    );
+    assert_ne!(h, 0, "session handle 0");
+    h
+}
+
+pub fn raw_login(s: CK_SESSION_HANDLE) {
+    let mut pin = USER_PIN.as_bytes().to_vec();
+    assert_rv!(
+        ck!(
+            raw().f,
+            C_Login,
+            s,
+            CKU_USER,
+            pin.as_mut_ptr(),
+            pin.len() as CK_ULONG
+        ),
+        CKR_OK,
+        "C_Login"
+    );
+}
+
+/// A session AES-256 key with ENCRYPT/DECRYPT, sensitive and non-extractable.
+pub fn raw_aes_key(s: CK_SESSION_HANDLE, label: &str) -> CK_OBJECT_HANDLE {
+    let mut t = Template::default()
+        .ulong(CKA_CLASS, CKO_SECRET_KEY)
+        .ulong(CKA_KEY_TYPE, CKK_AES)
+        .ulong(CKA_VALUE_LEN, 32)
+        .boolean(CKA_TOKEN, false)
+        .boolean(CKA_SENSITIVE, true)
+        .boolean(CKA_EXTRACTABLE, false)
+        .boolean(CKA_ENCRYPT, true)
+        .boolean(CKA_DECRYPT, true)
+        .bytes(CKA_LABEL, label.as_bytes());
+    let mut attrs = t.raw();
+    let mut m = mech(CKM_AES_KEY_GEN);
+    let mut h: CK_OBJECT_HANDLE = 0;
+    assert_rv!(
+        ck!(
+            raw().f,
+            C_GenerateKey,
+            s,
+            &mut m,
+            attrs.as_mut_ptr(),
+            attrs.len() as CK_ULONG,
+            &mut h
+        ),
+        CKR_OK,
+        "C_GenerateKey"
+    );
+    assert_ne!(h, 0, "object handle 0");
+    h
 }
