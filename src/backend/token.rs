@@ -25,7 +25,14 @@ pub struct Backend {
 impl Backend {
     /// Loads the configured module, initializes it (OS locking) and lists its tokens,
     /// keeping only those named in `backend.tokens` if that is set.
-    pub fn open(cfg: &Config) -> Result<Backend> {
+    ///
+    /// `after_fork`: this is a forked child re-initializing. A module that is not
+    /// fork-aware (SoftHSM2) still believes itself initialized with the parent's sessions
+    /// and login state copied into this process; it is finalized and initialized again
+    /// so the child starts clean. Only the child's copy is affected: the parent's
+    /// sessions live in the parent's memory. A fork-aware module (as network HSM clients
+    /// are) accepts the child's `C_Initialize` directly and is never finalized here.
+    pub fn open(cfg: &Config, after_fork: bool) -> Result<Backend> {
         let ctx = Pkcs11::new(&cfg.backend.module).map_err(|e| crate::error::Error::Config {
             file: cfg
                 .source
@@ -35,9 +42,14 @@ impl Backend {
             key: "backend.module".into(),
             problem: format!("cannot load {}: {e}", cfg.backend.module.display()),
         })?;
-        let owns_init = match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        {
+        let args = || CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK);
+        let owns_init = match ctx.initialize(args()) {
             Ok(()) => true,
+            Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) if after_fork => {
+                ctx.clone().finalize()?;
+                ctx.initialize(args())?;
+                true
+            }
             // Another user of the same module in this process initialized it already.
             Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => false,
             Err(e) => return Err(e.into()),

@@ -64,7 +64,8 @@ pub fn library() -> Result<Arc<Library>> {
 /// initializes the backend.
 pub fn initialize() -> Result<()> {
     let mut state = STATE.write();
-    if FORKED.swap(false, Ordering::AcqRel) {
+    let after_fork = FORKED.swap(false, Ordering::AcqRel);
+    if after_fork {
         // In a forked child: the parent's state must not be dropped (dropping would close
         // the parent's backend sessions and finalize its module). Leak it.
         if let Some(old) = state.take() {
@@ -77,7 +78,8 @@ pub fn initialize() -> Result<()> {
     crate::logging::init_default();
     let cfg = Config::load().inspect_err(|e| log::error!("{e}"))?;
     crate::logging::init(&cfg.log);
-    let backend = Backend::open(&cfg).inspect_err(|e| log::error!("C_Initialize: {e}"))?;
+    let backend =
+        Backend::open(&cfg, after_fork).inspect_err(|e| log::error!("C_Initialize: {e}"))?;
     log::info!(
         "initialized over {} with {} slot(s)",
         cfg.backend.module.display(),
