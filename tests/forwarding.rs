@@ -71,6 +71,26 @@ fn session_data_key(s: &Session, name: &str, extractable: bool) -> ObjectHandle 
     .expect("C_GenerateKey (session AES key)")
 }
 
+/// A token AES-256 wrap key (wrap/unwrap only), sensitive and non-extractable.
+fn token_wrap_key(s: &Session, name: &str) -> ObjectHandle {
+    s.generate_key(
+        &Mechanism::AesKeyGen,
+        &[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Wrap(true),
+            Attribute::Unwrap(true),
+            label(name),
+        ],
+    )
+    .expect("generate wrap key")
+}
+
 fn gcm_encrypt(s: &Session, key: ObjectHandle, iv: &[u8; 12], aad: &[u8], pt: &[u8]) -> Vec<u8> {
     let mut iv = *iv;
     let params = GcmParams::new(&mut iv, aad, 128.into()).expect("GcmParams");
@@ -245,6 +265,17 @@ fn aes_gcm_round_trip_4k() {
     assert_eq!(ct.len(), 4096 + 16);
     assert_ne!(&ct[..4096], &pt[..]);
     assert_eq!(gcm_decrypt(&s, key, &iv, aad, &ct).expect("decrypt"), pt);
+}
+
+#[test]
+#[parallel]
+fn aes_gcm_tampered_input_rejected() {
+    let s = user_session();
+    let key = token_data_key(&s, "fwd-gcm-tamper");
+    let pt = data(4096);
+    let iv = [8u8; 12];
+    let aad = b"header";
+    let ct = gcm_encrypt(&s, key, &iv, aad, &pt);
     // Tampered tag, tampered data and wrong AAD are all rejected with
     // CKR_ENCRYPTED_DATA_INVALID (SoftHSM2 2.6.1 returns CKR_GENERAL_ERROR).
     let mut bad = ct.clone();
@@ -323,23 +354,7 @@ fn multi_part_encrypt_decrypt() {
 #[parallel]
 fn aes_kwp_wrap_unwrap() {
     let s = user_session();
-    let kek = s
-        .generate_key(
-            &Mechanism::AesKeyGen,
-            &[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::AES),
-                Attribute::ValueLen(32.into()),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(false),
-                Attribute::Wrap(true),
-                Attribute::Unwrap(true),
-                label("fwd-kwp-kek"),
-            ],
-        )
-        .expect("generate wrap key");
+    let kek = token_wrap_key(&s, "fwd-kwp-kek");
     let dek = session_data_key(&s, "fwd-kwp-dek", true);
     let blob = s
         .wrap_key(&Mechanism::AesKeyWrapPad, kek, dek)
@@ -374,7 +389,24 @@ fn aes_kwp_wrap_unwrap() {
     assert_eq!(a, b);
     assert_eq!(gcm_decrypt(&s, unwrapped, &iv, b"", &a).unwrap(), pt);
 
-    // A corrupted blob does not unwrap.
+    // CKA_VALUE_LEN of the unwrapped key comes from the blob (SoftHSM2 2.6.1 leaves 0).
+    let len = s
+        .get_attributes(unwrapped, &[AttributeType::ValueLen])
+        .unwrap();
+    assert_eq!(len, vec![Attribute::ValueLen(32.into())]);
+}
+
+#[test]
+#[parallel]
+fn aes_kwp_unwrap_corrupted_blob_rejected() {
+    let s = user_session();
+    let kek = token_wrap_key(&s, "fwd-kwp-corrupt-kek");
+    let dek = session_data_key(&s, "fwd-kwp-corrupt-dek", true);
+    let blob = s
+        .wrap_key(&Mechanism::AesKeyWrapPad, kek, dek)
+        .expect("C_WrapKey AES-KWP");
+    // A corrupted blob does not unwrap: CKR_WRAPPED_KEY_INVALID (SoftHSM2 2.6.1 returns
+    // CKR_GENERAL_ERROR).
     let mut bad = blob.clone();
     bad[10] ^= 0x80;
     let r = s.unwrap_key(
@@ -389,12 +421,6 @@ fn aes_kwp_wrap_unwrap() {
         ],
     );
     assert_eq!(expect_rv(r), RvError::WrappedKeyInvalid);
-
-    // CKA_VALUE_LEN of the unwrapped key comes from the blob (SoftHSM2 2.6.1 leaves 0).
-    let len = s
-        .get_attributes(unwrapped, &[AttributeType::ValueLen])
-        .unwrap();
-    assert_eq!(len, vec![Attribute::ValueLen(32.into())]);
 }
 
 #[test]
