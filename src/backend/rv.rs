@@ -193,6 +193,63 @@ pub fn from_cryptoki(e: &CkError) -> CK_RV {
     }
 }
 
+/// Codes about the call itself (arguments, handles, state, templates, permissions): they
+/// reveal nothing about the content of ciphertext or a wrapped key, so they pass
+/// through unchanged where content failures are made uniform.
+fn is_call_error(rv: CK_RV) -> bool {
+    matches!(
+        rv,
+        CKR_ARGUMENTS_BAD
+            | CKR_HOST_MEMORY
+            | CKR_DEVICE_MEMORY
+            | CKR_DEVICE_REMOVED
+            | CKR_CRYPTOKI_NOT_INITIALIZED
+            | CKR_SESSION_HANDLE_INVALID
+            | CKR_SESSION_CLOSED
+            | CKR_SESSION_READ_ONLY
+            | CKR_USER_NOT_LOGGED_IN
+            | CKR_OPERATION_ACTIVE
+            | CKR_OPERATION_NOT_INITIALIZED
+            | CKR_KEY_HANDLE_INVALID
+            | CKR_KEY_TYPE_INCONSISTENT
+            | CKR_KEY_FUNCTION_NOT_PERMITTED
+            | CKR_KEY_SIZE_RANGE
+            | CKR_MECHANISM_INVALID
+            | CKR_MECHANISM_PARAM_INVALID
+            | CKR_UNWRAPPING_KEY_HANDLE_INVALID
+            | CKR_UNWRAPPING_KEY_SIZE_RANGE
+            | CKR_UNWRAPPING_KEY_TYPE_INCONSISTENT
+            | CKR_ATTRIBUTE_READ_ONLY
+            | CKR_ATTRIBUTE_TYPE_INVALID
+            | CKR_ATTRIBUTE_VALUE_INVALID
+            | CKR_TEMPLATE_INCOMPLETE
+            | CKR_TEMPLATE_INCONSISTENT
+            | CKR_BUFFER_TOO_SMALL
+            | CKR_TOKEN_WRITE_PROTECTED
+    )
+}
+
+/// The code for a failed `C_UnwrapKey`: every failure that depends on the blob's content
+/// is `CKR_WRAPPED_KEY_INVALID`, so that the answer is no padding oracle (SoftHSM2
+/// answers `CKR_GENERAL_ERROR` for a bad AES key-wrap blob).
+pub fn unwrap_failure(rv: CK_RV) -> CK_RV {
+    if is_call_error(rv) {
+        rv
+    } else {
+        CKR_WRAPPED_KEY_INVALID
+    }
+}
+
+/// The code for a failed authenticated decryption (AES-GCM): a wrong tag, ciphertext or
+/// AAD is `CKR_ENCRYPTED_DATA_INVALID` (SoftHSM2 answers `CKR_GENERAL_ERROR`).
+pub fn aead_failure(rv: CK_RV) -> CK_RV {
+    if is_call_error(rv) || rv == CKR_ENCRYPTED_DATA_LEN_RANGE {
+        rv
+    } else {
+        CKR_ENCRYPTED_DATA_INVALID
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

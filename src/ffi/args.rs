@@ -129,70 +129,73 @@ pub unsafe fn mechanism(p: *const CK_MECHANISM) -> Result<Mech> {
     // SAFETY: caller contract.
     let m = unsafe { p.as_ref() }.ok_or(crate::error::Error::Rv(CKR_ARGUMENTS_BAD))?;
     let kind = param_kind(m.mechanism).ok_or(crate::error::Error::Rv(CKR_MECHANISM_INVALID))?;
-    // SAFETY (all blocks below): `param` checks length and non-NULL; pointers inside
-    // parameter structs are the application's, valid for their lengths by contract.
-    let param = match kind {
-        ParamKind::None => {
-            if m.ulParameterLen != 0 {
-                return err(CKR_MECHANISM_PARAM_INVALID);
-            }
-            Param::None
-        }
-        ParamKind::Iv16 => Param::Iv16(unsafe { param::<[u8; 16]>(m)? }),
-        ParamKind::Iv8 => Param::Iv8(unsafe { param::<[u8; 8]>(m)? }),
-        ParamKind::Gcm => {
-            let g: CK_GCM_PARAMS = unsafe { param(m)? };
-            if g.ulIvLen == 0 || g.ulTagBits > 128 || g.ulTagBits % 8 != 0 {
-                return err(CKR_MECHANISM_PARAM_INVALID);
-            }
-            Param::Gcm {
-                iv: unsafe { owned(g.pIv, g.ulIvLen)? },
-                aad: unsafe { owned(g.pAAD, g.ulAADLen)? },
-                tag_bits: g.ulTagBits,
-            }
-        }
-        ParamKind::Pss => {
-            let p: CK_RSA_PKCS_PSS_PARAMS = unsafe { param(m)? };
-            Param::Pss {
-                hash: p.hashAlg,
-                mgf: p.mgf,
-                salt: p.sLen,
-            }
-        }
-        ParamKind::Oaep => {
-            let p: CK_RSA_PKCS_OAEP_PARAMS = unsafe { param(m)? };
-            let label = match p.source {
-                CKZ_DATA_SPECIFIED if p.ulSourceDataLen > 0 => {
-                    Some(unsafe { owned(p.pSourceData as *const u8, p.ulSourceDataLen)? })
+    // SAFETY: `param` checks the length and non-NULL before reading the struct; the
+    // pointers inside parameter structs are the application's, valid for their lengths by
+    // the PKCS#11 contract, and `owned` checks them for NULL.
+    let param = unsafe {
+        match kind {
+            ParamKind::None => {
+                if m.ulParameterLen != 0 {
+                    return err(CKR_MECHANISM_PARAM_INVALID);
                 }
-                0 | CKZ_DATA_SPECIFIED => None,
-                _ => return err(CKR_MECHANISM_PARAM_INVALID),
-            };
-            Param::Oaep {
-                hash: p.hashAlg,
-                mgf: p.mgf,
-                label,
+                Param::None
             }
-        }
-        ParamKind::Ecdh1 => {
-            let p: CK_ECDH1_DERIVE_PARAMS = unsafe { param(m)? };
-            Param::Ecdh1 {
-                kdf: p.kdf,
-                shared: unsafe { owned(p.pSharedData, p.ulSharedDataLen)? },
-                public: unsafe { owned(p.pPublicData, p.ulPublicDataLen)? },
-            }
-        }
-        ParamKind::Eddsa => {
-            if m.ulParameterLen == 0 {
-                Param::Eddsa {
-                    prehash: false,
-                    context: None,
+            ParamKind::Iv16 => Param::Iv16(param::<[u8; 16]>(m)?),
+            ParamKind::Iv8 => Param::Iv8(param::<[u8; 8]>(m)?),
+            ParamKind::Gcm => {
+                let g: CK_GCM_PARAMS = param(m)?;
+                if g.ulIvLen == 0 || g.ulTagBits > 128 || g.ulTagBits % 8 != 0 {
+                    return err(CKR_MECHANISM_PARAM_INVALID);
                 }
-            } else {
-                let p: CK_EDDSA_PARAMS = unsafe { param(m)? };
-                Param::Eddsa {
-                    prehash: p.phFlag != 0,
-                    context: Some(unsafe { owned(p.pContextData, p.ulContextDataLen)? }),
+                Param::Gcm {
+                    iv: owned(g.pIv, g.ulIvLen)?,
+                    aad: owned(g.pAAD, g.ulAADLen)?,
+                    tag_bits: g.ulTagBits,
+                }
+            }
+            ParamKind::Pss => {
+                let p: CK_RSA_PKCS_PSS_PARAMS = param(m)?;
+                Param::Pss {
+                    hash: p.hashAlg,
+                    mgf: p.mgf,
+                    salt: p.sLen,
+                }
+            }
+            ParamKind::Oaep => {
+                let p: CK_RSA_PKCS_OAEP_PARAMS = param(m)?;
+                let label = match p.source {
+                    CKZ_DATA_SPECIFIED if p.ulSourceDataLen > 0 => {
+                        Some(owned(p.pSourceData as *const u8, p.ulSourceDataLen)?)
+                    }
+                    0 | CKZ_DATA_SPECIFIED => None,
+                    _ => return err(CKR_MECHANISM_PARAM_INVALID),
+                };
+                Param::Oaep {
+                    hash: p.hashAlg,
+                    mgf: p.mgf,
+                    label,
+                }
+            }
+            ParamKind::Ecdh1 => {
+                let p: CK_ECDH1_DERIVE_PARAMS = param(m)?;
+                Param::Ecdh1 {
+                    kdf: p.kdf,
+                    shared: owned(p.pSharedData, p.ulSharedDataLen)?,
+                    public: owned(p.pPublicData, p.ulPublicDataLen)?,
+                }
+            }
+            ParamKind::Eddsa => {
+                if m.ulParameterLen == 0 {
+                    Param::Eddsa {
+                        prehash: false,
+                        context: None,
+                    }
+                } else {
+                    let p: CK_EDDSA_PARAMS = param(m)?;
+                    Param::Eddsa {
+                        prehash: p.phFlag != 0,
+                        context: Some(owned(p.pContextData, p.ulContextDataLen)?),
+                    }
                 }
             }
         }

@@ -12,6 +12,8 @@ struct Entry {
     slot: CK_SLOT_ID,
     obj: ObjectHandle,
     owner: Option<CK_SESSION_HANDLE>,
+    /// `CKA_VALUE_LEN` known to cmkp11 where the backend reports none (unwrapped keys).
+    value_len: Option<CK_ULONG>,
 }
 
 #[derive(Default)]
@@ -48,7 +50,15 @@ impl HandleTable {
         t.next += 1;
         let h = t.next;
         t.backend.insert(key, h);
-        t.ours.insert(h, Entry { slot, obj, owner });
+        t.ours.insert(
+            h,
+            Entry {
+                slot,
+                obj,
+                owner,
+                value_len: None,
+            },
+        );
         if let Some(s) = owner {
             t.owned.entry(s).or_default().push(h);
         }
@@ -67,6 +77,18 @@ impl HandleTable {
             Some(e) if e.slot == slot => Ok(e.obj),
             _ => Err(Error::Rv(invalid)),
         }
+    }
+
+    /// Records the `CKA_VALUE_LEN` of an object whose backend reports none.
+    pub fn set_value_len(&self, h: CK_OBJECT_HANDLE, len: CK_ULONG) {
+        if let Some(e) = self.t.write().ours.get_mut(&h) {
+            e.value_len = Some(len);
+        }
+    }
+
+    /// The `CKA_VALUE_LEN` recorded by [`set_value_len`](Self::set_value_len).
+    pub fn value_len(&self, h: CK_OBJECT_HANDLE) -> Option<CK_ULONG> {
+        self.t.read().ours.get(&h).and_then(|e| e.value_len)
     }
 
     /// Forgets one handle (the object was destroyed).

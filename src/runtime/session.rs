@@ -14,6 +14,7 @@
 
 use super::Library;
 use crate::backend::mech::Mech;
+use crate::backend::rv;
 use crate::error::{err, Error, Result};
 use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectHandle};
 use cryptoki::session::Session as BackendSession;
@@ -213,10 +214,14 @@ impl Session {
         data: &[u8],
     ) -> Result<Vec<u8>> {
         let b = &self.backend;
+        let ty = mech.ty;
         let m = mech.to_cryptoki()?;
         let key = || key.ok_or(Error::Rv(CKR_GENERAL_ERROR));
         Ok(match kind {
             Kind::Encrypt => b.encrypt(&m, key()?, data)?,
+            Kind::Decrypt if ty == CKM_AES_GCM => b
+                .decrypt(&m, key()?, data)
+                .map_err(|e| Error::Rv(rv::aead_failure(Error::from(e).rv())))?,
             Kind::Decrypt => b.decrypt(&m, key()?, data)?,
             Kind::Digest => b.digest(&m, data)?,
             Kind::Sign => b.sign(&m, key()?, data)?,

@@ -1,7 +1,10 @@
 //! Key management and random numbers (PKCS#11 v3.0 §5.14-5.15).
 
 use super::with_session;
+use crate::backend::rv;
+use crate::error::Error;
 use crate::ffi::{args, guard};
+use cryptoki::object::{Attribute, KeyType};
 use cryptoki_sys::*;
 
 /// `C_GenerateKey`.
@@ -121,11 +124,31 @@ pub unsafe extern "C" fn C_UnwrapKey(
             let u = s.object(lib, unwrapping, CKR_UNWRAPPING_KEY_HANDLE_INVALID)?;
             let k = s
                 .backend()
-                .unwrap_key(&mech.to_cryptoki()?, u, wrapped, &attrs)?;
+                .unwrap_key(&mech.to_cryptoki()?, u, wrapped, &attrs)
+                .map_err(|e| Error::Rv(rv::unwrap_failure(Error::from(e).rv())))?;
             *key = s.register(lib, k, !args::is_token(&attrs));
+            if let Some(len) = aes_value_len_from_blob(mech.ty, wrapped.len(), &attrs) {
+                lib.objects.set_value_len(*key, len);
+            }
             Ok(())
         })
     })
+}
+
+/// An AES key unwrapped with AES-KW (RFC 3394) or AES-KWP (RFC 5649) is as long as the
+/// blob minus its 8-byte integrity block (AES key lengths are multiples of 8, so KWP adds
+/// no padding). SoftHSM2 reports `CKA_VALUE_LEN` 0 for such a key and refuses the
+/// attribute in an unwrap template, so cmkp11 answers it from the blob.
+fn aes_value_len_from_blob(
+    mech: CK_MECHANISM_TYPE,
+    blob_len: usize,
+    attrs: &[Attribute],
+) -> Option<CK_ULONG> {
+    let aes = attrs
+        .iter()
+        .any(|a| matches!(a, Attribute::KeyType(t) if *t == KeyType::AES));
+    (matches!(mech, CKM_AES_KEY_WRAP | CKM_AES_KEY_WRAP_PAD) && aes && blob_len > 8)
+        .then(|| (blob_len - 8) as CK_ULONG)
 }
 
 /// `C_DeriveKey`.

@@ -117,7 +117,14 @@ pub unsafe extern "C" fn C_GetAttributeValue(
                 .iter()
                 .map(|a| AttributeType::try_from(a.type_).ok())
                 .collect();
-            let values = s.attributes(o, &types)?;
+            let mut values = s.attributes(o, &types)?;
+            if let Some(len) = lib.objects.value_len(object) {
+                for v in &mut values {
+                    if matches!(v, AttrValue::Value(Attribute::ValueLen(l)) if u64::from(*l) == 0) {
+                        *v = AttrValue::Value(Attribute::ValueLen(len.into()));
+                    }
+                }
+            }
             let (mut sensitive, mut invalid, mut small) = (false, false, false);
             for (dst, v) in raw.iter_mut().zip(values) {
                 match v {
