@@ -1584,3 +1584,749 @@ fn panic_never_crosses_the_c_boundary() {
     let mut sinfo: CK_SESSION_INFO = unsafe { std::mem::zeroed() };
     assert_rv!(ck!(f(), C_GetSessionInfo, s, &mut sinfo), CKR_OK);
 }
+
+// ---------------------------------------------------------------------------------------
+// The two-call convention for other outputs, and operation life cycles
+// ---------------------------------------------------------------------------------------
+
+/// A session EC P-256 key pair (sign / verify).
+fn ec_key_pair(s: CK_SESSION_HANDLE) -> (CK_OBJECT_HANDLE, CK_OBJECT_HANDLE) {
+    let mut pub_t = Template::default()
+        .boolean(CKA_TOKEN, false)
+        .bytes(CKA_EC_PARAMS, &common::P256_PARAMS)
+        .boolean(CKA_VERIFY, true);
+    let mut priv_t = Template::default()
+        .boolean(CKA_TOKEN, false)
+        .boolean(CKA_SENSITIVE, true)
+        .boolean(CKA_SIGN, true);
+    let mut pa = pub_t.raw();
+    let mut pr = priv_t.raw();
+    let mut m = mech(CKM_EC_KEY_PAIR_GEN);
+    let (mut public, mut private) = (0, 0);
+    assert_rv!(
+        ck!(
+            f(),
+            C_GenerateKeyPair,
+            s,
+            &mut m,
+            pa.as_mut_ptr(),
+            pa.len() as CK_ULONG,
+            pr.as_mut_ptr(),
+            pr.len() as CK_ULONG,
+            &mut public,
+            &mut private
+        ),
+        CKR_OK,
+        "C_GenerateKeyPair EC"
+    );
+    (public, private)
+}
+
+#[test]
+#[serial]
+fn sign_two_call_convention() {
+    let (_init, _slot, s) = setup();
+    let (public, private) = ec_key_pair(s);
+    let mut digest = [0x33u8; 32];
+    let mut m = mech(CKM_ECDSA);
+    assert_rv!(ck!(f(), C_SignInit, s, &mut m, private), CKR_OK);
+    let mut n: CK_ULONG = 0;
+    assert_rv!(
+        ck!(
+            f(),
+            C_Sign,
+            s,
+            digest.as_mut_ptr(),
+            32,
+            ptr::null_mut(),
+            &mut n
+        ),
+        CKR_OK,
+        "size query"
+    );
+    assert_eq!(n, 64);
+    let mut sig = [0xEEu8; 80];
+    let mut short: CK_ULONG = 10;
+    assert_rv!(
+        ck!(
+            f(),
+            C_Sign,
+            s,
+            digest.as_mut_ptr(),
+            32,
+            sig.as_mut_ptr(),
+            &mut short
+        ),
+        CKR_BUFFER_TOO_SMALL
+    );
+    assert_eq!(short, 64);
+    assert!(
+        sig[10..].iter().all(|&b| b == 0xEE),
+        "written past the buffer"
+    );
+    let mut big: CK_ULONG = 80;
+    assert_rv!(
+        ck!(
+            f(),
+            C_Sign,
+            s,
+            digest.as_mut_ptr(),
+            32,
+            sig.as_mut_ptr(),
+            &mut big
+        ),
+        CKR_OK
+    );
+    assert_eq!(big, 64);
+    // The signature is over the same digest: it verifies.
+    assert_rv!(ck!(f(), C_VerifyInit, s, &mut m, public), CKR_OK);
+    assert_rv!(
+        ck!(
+            f(),
+            C_Verify,
+            s,
+            digest.as_mut_ptr(),
+            32,
+            sig.as_mut_ptr(),
+            64
+        ),
+        CKR_OK,
+        "verify the signature collected after CKR_BUFFER_TOO_SMALL"
+    );
+    // The sign operation is over.
+    let mut n: CK_ULONG = 80;
+    assert_rv!(
+        ck!(
+            f(),
+            C_Sign,
+            s,
+            digest.as_mut_ptr(),
+            32,
+            sig.as_mut_ptr(),
+            &mut n
+        ),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
+
+    // Multi-part: C_SignFinal follows the same convention.
+    let (rsa_public, rsa_private) = rsa_key_pair(s);
+    let mut m = mech(CKM_SHA256_RSA_PKCS);
+    assert_rv!(ck!(f(), C_SignInit, s, &mut m, rsa_private), CKR_OK);
+    let mut part = *b"multi-part message";
+    assert_rv!(
+        ck!(
+            f(),
+            C_SignUpdate,
+            s,
+            part.as_mut_ptr(),
+            part.len() as CK_ULONG
+        ),
+        CKR_OK
+    );
+    let mut n: CK_ULONG = 0;
+    assert_rv!(ck!(f(), C_SignFinal, s, ptr::null_mut(), &mut n), CKR_OK);
+    assert_eq!(n, 256);
+    let mut rsa_sig = [0u8; 256];
+    let mut short: CK_ULONG = 255;
+    assert_rv!(
+        ck!(f(), C_SignFinal, s, rsa_sig.as_mut_ptr(), &mut short),
+        CKR_BUFFER_TOO_SMALL
+    );
+    assert_eq!(short, 256);
+    let mut n: CK_ULONG = 256;
+    assert_rv!(
+        ck!(f(), C_SignFinal, s, rsa_sig.as_mut_ptr(), &mut n),
+        CKR_OK
+    );
+    assert_eq!(n, 256);
+    assert_rv!(ck!(f(), C_VerifyInit, s, &mut m, rsa_public), CKR_OK);
+    assert_rv!(
+        ck!(
+            f(),
+            C_Verify,
+            s,
+            part.as_mut_ptr(),
+            part.len() as CK_ULONG,
+            rsa_sig.as_mut_ptr(),
+            256
+        ),
+        CKR_OK
+    );
+}
+
+#[test]
+#[serial]
+fn digest_and_random_two_call_and_arguments() {
+    let (_init, _slot, s) = setup();
+    let mut data = *b"abc";
+    let mut m = mech(CKM_SHA256);
+    assert_rv!(ck!(f(), C_DigestInit, s, &mut m), CKR_OK);
+    assert_rv!(ck!(f(), C_DigestInit, s, &mut m), CKR_OPERATION_ACTIVE);
+    let mut n: CK_ULONG = 0;
+    assert_rv!(
+        ck!(
+            f(),
+            C_Digest,
+            s,
+            data.as_mut_ptr(),
+            3,
+            ptr::null_mut(),
+            &mut n
+        ),
+        CKR_OK
+    );
+    assert_eq!(n, 32);
+    let mut out = [0u8; 32];
+    let mut short: CK_ULONG = 31;
+    assert_rv!(
+        ck!(
+            f(),
+            C_Digest,
+            s,
+            data.as_mut_ptr(),
+            3,
+            out.as_mut_ptr(),
+            &mut short
+        ),
+        CKR_BUFFER_TOO_SMALL
+    );
+    assert_eq!(short, 32);
+    let mut n: CK_ULONG = 32;
+    assert_rv!(
+        ck!(
+            f(),
+            C_Digest,
+            s,
+            data.as_mut_ptr(),
+            3,
+            out.as_mut_ptr(),
+            &mut n
+        ),
+        CKR_OK
+    );
+    assert_eq!(out[..4], [0xba, 0x78, 0x16, 0xbf]);
+    assert_eq!(out[28..], [0xf2, 0x00, 0x15, 0xad]);
+
+    assert_rv!(
+        ck!(f(), C_GenerateRandom, s, ptr::null_mut(), 16),
+        CKR_ARGUMENTS_BAD
+    );
+    let mut rnd = [0u8; 16];
+    assert_rv!(ck!(f(), C_GenerateRandom, s, rnd.as_mut_ptr(), 16), CKR_OK);
+    assert_ne!(rnd, [0u8; 16]);
+    assert_rv!(
+        ck!(f(), C_GenerateRandom, 0x0bad_5e55, rnd.as_mut_ptr(), 16),
+        CKR_SESSION_HANDLE_INVALID
+    );
+}
+
+#[test]
+#[serial]
+fn decrypt_two_call_convention() {
+    let (_init, _slot, s) = setup();
+    let key = aes_key(s, "abi-decrypt-two-call");
+    let pt: Vec<u8> = (0..37u8).collect();
+    let mut iv = [9u8; 16];
+    let mut m = mech_with(CKM_AES_CBC_PAD, &mut iv, 16);
+    assert_rv!(ck!(f(), C_EncryptInit, s, &mut m, key), CKR_OK);
+    let mut p = pt.clone();
+    let mut ct = [0u8; 48];
+    let mut n: CK_ULONG = 48;
+    assert_rv!(
+        ck!(
+            f(),
+            C_Encrypt,
+            s,
+            p.as_mut_ptr(),
+            37,
+            ct.as_mut_ptr(),
+            &mut n
+        ),
+        CKR_OK
+    );
+    assert_eq!(n, 48);
+
+    let mut m = mech_with(CKM_AES_CBC_PAD, &mut iv, 16);
+    assert_rv!(ck!(f(), C_DecryptInit, s, &mut m, key), CKR_OK);
+    let mut n: CK_ULONG = 0;
+    assert_rv!(
+        ck!(
+            f(),
+            C_Decrypt,
+            s,
+            ct.as_mut_ptr(),
+            48,
+            ptr::null_mut(),
+            &mut n
+        ),
+        CKR_OK,
+        "size query"
+    );
+    // With a NULL buffer the answer may be an upper bound (the padding is unknown yet).
+    assert!((37..=48).contains(&n), "decrypt size query gave {n}");
+    let mut out = [0xEEu8; 48];
+    let mut short: CK_ULONG = 36;
+    assert_rv!(
+        ck!(
+            f(),
+            C_Decrypt,
+            s,
+            ct.as_mut_ptr(),
+            48,
+            out.as_mut_ptr(),
+            &mut short
+        ),
+        CKR_BUFFER_TOO_SMALL
+    );
+    assert!((37..=48).contains(&short), "needed length {short}");
+    assert!(
+        out[36..].iter().all(|&b| b == 0xEE),
+        "written past the buffer"
+    );
+    let mut n: CK_ULONG = 48;
+    assert_rv!(
+        ck!(
+            f(),
+            C_Decrypt,
+            s,
+            ct.as_mut_ptr(),
+            48,
+            out.as_mut_ptr(),
+            &mut n
+        ),
+        CKR_OK
+    );
+    assert_eq!(n, 37);
+    assert_eq!(&out[..37], &pt[..]);
+}
+
+#[test]
+#[serial]
+fn encrypt_update_two_call_convention() {
+    let (_init, _slot, s) = setup();
+    let key = aes_key(s, "abi-update-two-call");
+    let pt: Vec<u8> = (0..40u8).collect();
+    let mut iv = [4u8; 16];
+    let mut m = mech_with(CKM_AES_CBC_PAD, &mut iv, 16);
+    assert_rv!(ck!(f(), C_EncryptInit, s, &mut m, key), CKR_OK);
+    let mut single = [0u8; 48];
+    let mut n: CK_ULONG = 48;
+    let mut p = pt.clone();
+    assert_rv!(
+        ck!(
+            f(),
+            C_Encrypt,
+            s,
+            p.as_mut_ptr(),
+            40,
+            single.as_mut_ptr(),
+            &mut n
+        ),
+        CKR_OK
+    );
+
+    let mut m = mech_with(CKM_AES_CBC_PAD, &mut iv, 16);
+    assert_rv!(ck!(f(), C_EncryptInit, s, &mut m, key), CKR_OK);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 64];
+    // 40 bytes in: 32 out now (16 held back for padding).
+    let mut n: CK_ULONG = 0;
+    assert_rv!(
+        ck!(
+            f(),
+            C_EncryptUpdate,
+            s,
+            p.as_mut_ptr(),
+            40,
+            ptr::null_mut(),
+            &mut n
+        ),
+        CKR_OK,
+        "update size query"
+    );
+    assert!(n >= 32, "update size query gave {n}");
+    let mut short: CK_ULONG = 16;
+    assert_rv!(
+        ck!(
+            f(),
+            C_EncryptUpdate,
+            s,
+            p.as_mut_ptr(),
+            40,
+            buf.as_mut_ptr(),
+            &mut short
+        ),
+        CKR_BUFFER_TOO_SMALL
+    );
+    assert!(short >= 32, "needed {short}");
+    // The same input again, now with room: it was not consumed by the refused call.
+    let mut n: CK_ULONG = 64;
+    assert_rv!(
+        ck!(
+            f(),
+            C_EncryptUpdate,
+            s,
+            p.as_mut_ptr(),
+            40,
+            buf.as_mut_ptr(),
+            &mut n
+        ),
+        CKR_OK
+    );
+    out.extend_from_slice(&buf[..n as usize]);
+    let mut n: CK_ULONG = 0;
+    assert_rv!(ck!(f(), C_EncryptFinal, s, ptr::null_mut(), &mut n), CKR_OK);
+    assert!(n >= 48 - out.len() as CK_ULONG, "final size query gave {n}");
+    let mut n: CK_ULONG = 64;
+    assert_rv!(
+        ck!(f(), C_EncryptFinal, s, buf.as_mut_ptr(), &mut n),
+        CKR_OK
+    );
+    out.extend_from_slice(&buf[..n as usize]);
+    assert_eq!(out, single, "multi-part with retries equals single-part");
+}
+
+#[test]
+#[serial]
+fn failed_operation_is_terminated() {
+    let (_init, _slot, s) = setup();
+    let key = aes_key(s, "abi-terminated");
+    // AES-CBC without padding refuses 15 bytes; the error ends the operation.
+    let mut iv = [1u8; 16];
+    let mut m = mech_with(CKM_AES_CBC, &mut iv, 16);
+    assert_rv!(ck!(f(), C_EncryptInit, s, &mut m, key), CKR_OK);
+    let mut d = [0u8; 15];
+    let mut out = [0u8; 32];
+    let mut n: CK_ULONG = 32;
+    assert_rv!(
+        ck!(
+            f(),
+            C_Encrypt,
+            s,
+            d.as_mut_ptr(),
+            15,
+            out.as_mut_ptr(),
+            &mut n
+        ),
+        CKR_DATA_LEN_RANGE
+    );
+    let mut d16 = [0u8; 16];
+    let mut n: CK_ULONG = 32;
+    assert_rv!(
+        ck!(
+            f(),
+            C_Encrypt,
+            s,
+            d16.as_mut_ptr(),
+            16,
+            out.as_mut_ptr(),
+            &mut n
+        ),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
+    // A new operation can start.
+    assert_rv!(ck!(f(), C_EncryptInit, s, &mut m, key), CKR_OK);
+    let mut n: CK_ULONG = 32;
+    assert_rv!(
+        ck!(
+            f(),
+            C_Encrypt,
+            s,
+            d16.as_mut_ptr(),
+            16,
+            out.as_mut_ptr(),
+            &mut n
+        ),
+        CKR_OK
+    );
+    assert_eq!(n, 16);
+}
+
+#[test]
+#[serial]
+fn init_checks_key_usage() {
+    let (_init, _slot, s) = setup();
+    // An AES key that may encrypt but not decrypt.
+    let mut t = Template::default()
+        .ulong(CKA_CLASS, CKO_SECRET_KEY)
+        .ulong(CKA_KEY_TYPE, CKK_AES)
+        .ulong(CKA_VALUE_LEN, 32)
+        .boolean(CKA_TOKEN, false)
+        .boolean(CKA_SENSITIVE, true)
+        .boolean(CKA_ENCRYPT, true)
+        .boolean(CKA_DECRYPT, false);
+    let mut a = t.raw();
+    let mut m = mech(CKM_AES_KEY_GEN);
+    let mut key: CK_OBJECT_HANDLE = 0;
+    assert_rv!(
+        ck!(
+            f(),
+            C_GenerateKey,
+            s,
+            &mut m,
+            a.as_mut_ptr(),
+            a.len() as CK_ULONG,
+            &mut key
+        ),
+        CKR_OK
+    );
+    let mut iv = [0u8; 16];
+    let mut m = mech_with(CKM_AES_CBC_PAD, &mut iv, 16);
+    // The refusal comes from C_DecryptInit itself, not later from C_Decrypt.
+    assert_rv!(
+        ck!(f(), C_DecryptInit, s, &mut m, key),
+        CKR_KEY_FUNCTION_NOT_PERMITTED,
+        "C_DecryptInit with CKA_DECRYPT=FALSE"
+    );
+    let mut ct = [0u8; 16];
+    let mut out = [0u8; 16];
+    let mut n: CK_ULONG = 16;
+    assert_rv!(
+        ck!(
+            f(),
+            C_Decrypt,
+            s,
+            ct.as_mut_ptr(),
+            16,
+            out.as_mut_ptr(),
+            &mut n
+        ),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
+    assert_rv!(ck!(f(), C_EncryptInit, s, &mut m, key), CKR_OK);
+    let mut pt = [0u8; 16];
+    let mut out = [0u8; 32];
+    let mut n: CK_ULONG = 32;
+    assert_rv!(
+        ck!(
+            f(),
+            C_Encrypt,
+            s,
+            pt.as_mut_ptr(),
+            16,
+            out.as_mut_ptr(),
+            &mut n
+        ),
+        CKR_OK
+    );
+    // An EC public key cannot sign.
+    let (public, _private) = ec_key_pair(s);
+    let mut m = mech(CKM_ECDSA);
+    let rv = ck!(f(), C_SignInit, s, &mut m, public);
+    assert!(
+        rv == CKR_KEY_TYPE_INCONSISTENT || rv == CKR_KEY_FUNCTION_NOT_PERMITTED,
+        "C_SignInit with a public key: {}",
+        common::rv_name(rv)
+    );
+}
+
+#[test]
+#[serial]
+fn find_objects_states_and_arguments() {
+    let (_init, _slot, s) = setup();
+    let key = aes_key(s, "abi-find");
+    let mut found = [0 as CK_OBJECT_HANDLE; 4];
+    let mut n: CK_ULONG = 0;
+    assert_rv!(
+        ck!(f(), C_FindObjects, s, found.as_mut_ptr(), 4, &mut n),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
+    assert_rv!(
+        ck!(f(), C_FindObjectsFinal, s),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
+    let mut t = Template::default().bytes(CKA_LABEL, b"abi-find");
+    let mut attrs = t.raw();
+    assert_rv!(
+        ck!(f(), C_FindObjectsInit, s, ptr::null_mut(), 1),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_rv!(
+        ck!(f(), C_FindObjectsInit, s, attrs.as_mut_ptr(), 1),
+        CKR_OK
+    );
+    assert_rv!(
+        ck!(f(), C_FindObjectsInit, s, attrs.as_mut_ptr(), 1),
+        CKR_OPERATION_ACTIVE
+    );
+    assert_rv!(
+        ck!(
+            f(),
+            C_FindObjects,
+            s,
+            found.as_mut_ptr(),
+            4,
+            ptr::null_mut()
+        ),
+        CKR_ARGUMENTS_BAD
+    );
+    // One at a time: the key, then nothing more.
+    assert_rv!(
+        ck!(f(), C_FindObjects, s, found.as_mut_ptr(), 1, &mut n),
+        CKR_OK
+    );
+    assert_eq!((n, found[0]), (1, key));
+    assert_rv!(
+        ck!(f(), C_FindObjects, s, found.as_mut_ptr(), 4, &mut n),
+        CKR_OK
+    );
+    assert_eq!(n, 0);
+    assert_rv!(ck!(f(), C_FindObjectsFinal, s), CKR_OK);
+    assert_rv!(
+        ck!(f(), C_FindObjectsFinal, s),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
+    // An empty template (count 0, NULL) finds every visible object, the key included.
+    assert_rv!(ck!(f(), C_FindObjectsInit, s, ptr::null_mut(), 0), CKR_OK);
+    let mut all = vec![0 as CK_OBJECT_HANDLE; 256];
+    assert_rv!(
+        ck!(f(), C_FindObjects, s, all.as_mut_ptr(), 256, &mut n),
+        CKR_OK
+    );
+    assert_rv!(ck!(f(), C_FindObjectsFinal, s), CKR_OK);
+    all.truncate(n as usize);
+    assert!(all.contains(&key));
+    assert!(!all.contains(&0));
+    // Object size of the key is answered or explicitly unavailable.
+    let mut size: CK_ULONG = 0;
+    let rv = ck!(f(), C_GetObjectSize, s, key, &mut size);
+    assert!(
+        rv == CKR_OK || rv == CKR_FUNCTION_NOT_SUPPORTED,
+        "C_GetObjectSize: {}",
+        common::rv_name(rv)
+    );
+    assert_rv!(
+        ck!(f(), C_GetObjectSize, s, key, ptr::null_mut()),
+        CKR_ARGUMENTS_BAD
+    );
+}
+
+#[test]
+#[serial]
+fn wrap_key_two_call_convention() {
+    let (_init, _slot, s) = setup();
+    let mut kek_t = Template::default()
+        .ulong(CKA_CLASS, CKO_SECRET_KEY)
+        .ulong(CKA_KEY_TYPE, CKK_AES)
+        .ulong(CKA_VALUE_LEN, 32)
+        .boolean(CKA_TOKEN, true)
+        .boolean(CKA_PRIVATE, true)
+        .boolean(CKA_SENSITIVE, true)
+        .boolean(CKA_EXTRACTABLE, false)
+        .boolean(CKA_WRAP, true)
+        .boolean(CKA_UNWRAP, true)
+        .bytes(CKA_LABEL, b"abi-kek");
+    let mut dek_t = Template::default()
+        .ulong(CKA_CLASS, CKO_SECRET_KEY)
+        .ulong(CKA_KEY_TYPE, CKK_AES)
+        .ulong(CKA_VALUE_LEN, 32)
+        .boolean(CKA_TOKEN, false)
+        .boolean(CKA_SENSITIVE, true)
+        .boolean(CKA_EXTRACTABLE, true)
+        .boolean(CKA_ENCRYPT, true)
+        .boolean(CKA_DECRYPT, true)
+        .bytes(CKA_LABEL, b"abi-dek");
+    let mut keys = [0 as CK_OBJECT_HANDLE; 2];
+    for (i, t) in [&mut kek_t, &mut dek_t].into_iter().enumerate() {
+        let mut a = t.raw();
+        let mut m = mech(CKM_AES_KEY_GEN);
+        assert_rv!(
+            ck!(
+                f(),
+                C_GenerateKey,
+                s,
+                &mut m,
+                a.as_mut_ptr(),
+                a.len() as CK_ULONG,
+                &mut keys[i]
+            ),
+            CKR_OK
+        );
+    }
+    let [kek, dek] = keys;
+    let mut m = mech(CKM_AES_KEY_WRAP_PAD);
+    let mut n: CK_ULONG = 0;
+    assert_rv!(
+        ck!(f(), C_WrapKey, s, &mut m, kek, dek, ptr::null_mut(), &mut n),
+        CKR_OK,
+        "size query"
+    );
+    assert_eq!(n, 40);
+    let mut blob = [0xEEu8; 64];
+    let mut short: CK_ULONG = 39;
+    assert_rv!(
+        ck!(
+            f(),
+            C_WrapKey,
+            s,
+            &mut m,
+            kek,
+            dek,
+            blob.as_mut_ptr(),
+            &mut short
+        ),
+        CKR_BUFFER_TOO_SMALL
+    );
+    assert_eq!(short, 40);
+    assert!(
+        blob[39..].iter().all(|&b| b == 0xEE),
+        "written past the buffer"
+    );
+    let mut n: CK_ULONG = 64;
+    assert_rv!(
+        ck!(
+            f(),
+            C_WrapKey,
+            s,
+            &mut m,
+            kek,
+            dek,
+            blob.as_mut_ptr(),
+            &mut n
+        ),
+        CKR_OK
+    );
+    assert_eq!(n, 40);
+    // The blob unwraps.
+    let mut ut = Template::default()
+        .ulong(CKA_CLASS, CKO_SECRET_KEY)
+        .ulong(CKA_KEY_TYPE, CKK_AES)
+        .boolean(CKA_TOKEN, false)
+        .boolean(CKA_ENCRYPT, true)
+        .boolean(CKA_DECRYPT, true);
+    let mut ua = ut.raw();
+    let mut unwrapped: CK_OBJECT_HANDLE = 0;
+    assert_rv!(
+        ck!(
+            f(),
+            C_UnwrapKey,
+            s,
+            &mut m,
+            kek,
+            blob.as_mut_ptr(),
+            40,
+            ua.as_mut_ptr(),
+            ua.len() as CK_ULONG,
+            &mut unwrapped
+        ),
+        CKR_OK
+    );
+    assert_ne!(unwrapped, 0);
+    assert_ne!(unwrapped, dek);
+    // NULL out-pointer for the new handle.
+    assert_rv!(
+        ck!(
+            f(),
+            C_UnwrapKey,
+            s,
+            &mut m,
+            kek,
+            blob.as_mut_ptr(),
+            40,
+            ua.as_mut_ptr(),
+            ua.len() as CK_ULONG,
+            ptr::null_mut()
+        ),
+        CKR_ARGUMENTS_BAD
+    );
+}
