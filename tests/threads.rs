@@ -1,10 +1,16 @@
 //! Many threads, each with its own session, running at the same time through one
 //! initialized module (`CKF_OS_LOCKING_OK`).
+//!
+//! The keys are made before the workers start, and the two tests do not overlap
+//! (`#[serial]`): SoftHSM2 2.6.1 returns `CKR_GENERAL_ERROR` when a token key pair is
+//! generated while another thread runs `C_FindObjects` (see `forwarding.rs`).
 
 mod common;
 
 use std::sync::{Arc, Barrier};
 use std::thread;
+
+use serial_test::serial;
 
 use common::{pkcs11, slot, user_session, P256_PARAMS};
 use cryptoki::mechanism::aead::GcmParams;
@@ -149,6 +155,7 @@ fn worker(id: usize, keys: &Keys, start: &Barrier) -> (u64, usize, usize) {
 }
 
 #[test]
+#[serial]
 fn eight_threads_own_sessions_in_parallel() {
     // Stays open (and logged in) for the whole test.
     let main_session = user_session();
@@ -195,4 +202,67 @@ fn eight_threads_own_sessions_in_parallel() {
     sessions.sort_unstable();
     sessions.dedup();
     assert_eq!(sessions.len(), THREADS + 1, "distinct session handles");
+}
+
+#[test]
+#[serial]
+fn sessions_open_and_close_concurrently_with_unique_handles() {
+    const WORKERS: usize = 4;
+    const CYCLES: usize = 100;
+    // Stays open (and logged in) for the whole test.
+    let main_session = user_session();
+    let key = main_session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(32.into()),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Label(b"threads-open-close".to_vec()),
+            ],
+        )
+        .expect("generate AES key");
+    let start = Arc::new(Barrier::new(WORKERS));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|id| {
+            let start = Arc::clone(&start);
+            thread::spawn(move || {
+                start.wait();
+                let mut handles = Vec::with_capacity(CYCLES);
+                for i in 0..CYCLES {
+                    let s = pkcs11().open_ro_session(slot()).expect("C_OpenSession");
+                    let found = s
+                        .find_objects(&[Attribute::Label(b"threads-open-close".to_vec())])
+                        .expect("C_FindObjects");
+                    assert_eq!(found, vec![key], "worker {id} cycle {i}: same handle");
+                    let mut iv = [id as u8; 12];
+                    let params = GcmParams::new(&mut iv, b"", 128.into()).unwrap();
+                    let ct = s
+                        .encrypt(&Mechanism::AesGcm(params), key, b"open-close")
+                        .expect("C_Encrypt");
+                    assert_eq!(ct.len(), 10 + 16);
+                    handles.push(s.handle());
+                    s.close().expect("C_CloseSession");
+                }
+                handles
+            })
+        })
+        .collect();
+    let mut all: Vec<u64> = Vec::new();
+    for w in workers {
+        all.extend(w.join().expect("worker panicked"));
+    }
+    assert_eq!(all.len(), WORKERS * CYCLES);
+    assert!(!all.contains(&0));
+    assert!(!all.contains(&main_session.handle()));
+    all.sort_unstable();
+    all.dedup();
+    // cmkp11 never reuses a session handle in a process (SoftHSM2 does).
+    assert_eq!(all.len(), WORKERS * CYCLES, "session handles reused");
 }
