@@ -11,7 +11,8 @@
 # Environment:
 #   SOFTHSM2_MODULE  SoftHSM2 library (default /usr/lib/softhsm/libsofthsm2.so)
 #   BENCH_MODULE_A   module A (default <target>/release/libcmkp11.so); set it to the SoftHSM2
-#                    library to measure the noise of the method (A = B, ratio ~1.0)
+#                    library to measure the noise of the method (A = B, ratio ~1.0);
+#                    then only cmkp11-bench is built
 #   CARGO_TARGET_DIR honoured
 #   KEEP=1           keep the temp dir (token, configs) and print its path
 set -euo pipefail
@@ -26,7 +27,11 @@ for tool in cargo softhsm2-util; do
 done
 [ -f "$softhsm" ] || { echo "bench.sh: SoftHSM2 module $softhsm not found" >&2; exit 1; }
 
-cargo build --release -p cmkp11 -p cmkp11-bench >&2
+if [ -n "${BENCH_MODULE_A:-}" ]; then
+    cargo build --release -p cmkp11-bench >&2
+else
+    cargo build --release -p cmkp11 -p cmkp11-bench >&2
+fi
 
 module_a=${BENCH_MODULE_A:-$target/release/libcmkp11.so}
 [ -f "$module_a" ] || { echo "bench.sh: module A $module_a not found" >&2; exit 1; }

@@ -41,10 +41,12 @@ METHOD:
   round, thread count and case, one child process (this binary with --worker) runs A and
   one runs B; the order is A,B in even rounds and B,A in odd rounds. Each worker loads one
   module, logs in once, gives every thread its own session (thread i pinned to allowed
-  CPU i mod n, so 2 threads always run in parallel on 2 CPUs), warms up, then times every
-  call with Instant into a preallocated buffer. ops/s = sum over threads of
-  (calls / time spent inside the timed calls); cleanup (destroying generated keys) is
-  not timed. The report gives the median over rounds of ops/s, p50 and p99, the ratio
+  CPU i mod n when there are 2+ threads, so they always run in parallel), warms up, then times every
+  call with Instant into a preallocated buffer. The measured window is cut into 10
+  slices; ops/s of a run = median over slices of (sum over threads of calls / time spent
+  inside the timed calls in that slice), so a burst of load from other processes spoils a
+  slice, not the run (the plain whole-window figure is reported too). Cleanup (destroying
+  generated keys, checking results) is not timed. The report gives the median over rounds of ops/s, p50 and p99, the ratio
   A/B of the medians, and the range of the per-round ratios (a view of the noise).
   Exit status is 0 whatever the ratios; non-zero only on errors.
 

@@ -88,19 +88,21 @@ fn field(line: &str, key: &str) -> Option<f64> {
     rest[..end].trim().parse().ok()
 }
 
-/// Parses the worker's result line.
-fn parse_result(stdout: &str, case: Case, threads: usize) -> Option<RunSummary> {
+/// Parses the worker's result line: the summary and the involuntary context switches.
+fn parse_result(stdout: &str, case: Case, threads: usize) -> Option<(RunSummary, i64)> {
     let want = format!("{{\"case\":\"{}\",", case.name());
     let line = stdout.lines().rev().find(|l| l.starts_with(&want))?;
     if field(line, "threads")? as usize != threads {
         return None;
     }
-    Some(RunSummary {
+    let s = RunSummary {
         ops: field(line, "ops")? as u64,
         ops_per_s: field(line, "ops_per_s")?,
+        mean_ops_per_s: field(line, "mean_ops_per_s")?,
         p50_ns: field(line, "p50_ns")? as u32,
         p99_ns: field(line, "p99_ns")? as u32,
-    })
+    };
+    Some((s, field(line, "nivcsw").unwrap_or(0.0) as i64))
 }
 
 /// All runs of one case at one thread count.
@@ -133,6 +135,10 @@ impl Cell {
     /// Ratio of the medians (the figure the goals are about).
     fn ratio(&self) -> f64 {
         self.ops(Side::A) / self.ops(Side::B)
+    }
+    /// Ratio of the medians of the plain (whole-window mean) throughput.
+    fn plain_ratio(&self) -> f64 {
+        Self::med(&self.a, |r| r.mean_ops_per_s) / Self::med(&self.b, |r| r.mean_ops_per_s)
     }
     /// Range of the per-round ratios A_r / B_r.
     fn round_ratio_range(&self) -> (f64, f64) {
@@ -254,9 +260,10 @@ pub fn run_parent(o: &ParentOpts) -> Result<(), BenchError> {
                 }
                 let what = format!("{} {} threads={}", name, cell.case.name(), cell.threads);
                 let out = run_child(&args, limit, &what)?;
-                let r = parse_result(&out.stdout, cell.case, cell.threads).ok_or_else(|| {
-                    BenchError::msg(format!("{what}: no result line in:\n{}", out.stdout))
-                })?;
+                let (r, nivcsw) =
+                    parse_result(&out.stdout, cell.case, cell.threads).ok_or_else(|| {
+                        BenchError::msg(format!("{what}: no result line in:\n{}", out.stdout))
+                    })?;
                 let err = out.stderr.trim();
                 if !err.is_empty() && !seen_stderr.iter().any(|s| s == err) {
                     eprintln!("cmkp11-bench: [{what}] stderr (shown once):\n{err}");
@@ -264,15 +271,17 @@ pub fn run_parent(o: &ParentOpts) -> Result<(), BenchError> {
                 }
                 done += 1;
                 eprintln!(
-                    "[{done:>3}/{total}] round {}/{} {:<20} t={} {:<9} {:>10.0} ops/s  p50 {:>8.1} us  p99 {:>8.1} us  ({:.0} s)",
+                    "[{done:>3}/{total}] round {}/{} {:<20} t={} {:<9} {:>10.0} ops/s (plain {:>10.0})  p50 {:>8.1} us  p99 {:>8.1} us  preempted {:>4}  ({:.0} s)",
                     round + 1,
                     o.rounds,
                     cell.case.name(),
                     cell.threads,
                     name,
                     r.ops_per_s,
+                    r.mean_ops_per_s,
                     r.p50_ns as f64 / 1e3,
                     r.p99_ns as f64 / 1e3,
+                    nivcsw,
                     started.elapsed().as_secs_f64()
                 );
                 match side {
@@ -297,8 +306,10 @@ fn print_report(o: &ParentOpts, cells: &[Cell], took: Duration) {
     println!(
         "A = `{}`, B = `{}`, token `{}`. {} rounds x {} s per side and case (warm-up {} s), \
          alternating A,B / B,A; each run in its own process; {} CPUs; total {:.0} s. \
-         ops/s and latencies are medians over rounds; ratio = median A ops/s / median B ops/s; \
-         \"round ratios\" = min..max of the per-round A/B ratios.",
+         ops/s of one run = median over {} time slices of the calls per busy second (summed \
+         over threads); the table gives medians over rounds; ratio = median A ops/s / median B \
+         ops/s; \"round ratios\" = min..max of the per-round A/B ratios; \"plain ratio\" uses \
+         calls / busy seconds over the whole window instead of the slice median.",
         o.module_a.display(),
         o.module_b.display(),
         o.token,
@@ -306,17 +317,18 @@ fn print_report(o: &ParentOpts, cells: &[Cell], took: Duration) {
         o.seconds,
         o.warmup,
         cpus,
-        took.as_secs_f64()
+        took.as_secs_f64(),
+        crate::timing::SLICES
     );
     println!();
     println!(
-        "| case | threads | {na} ops/s | {nb} ops/s | ratio A/B | round ratios | {na} p50 µs | {nb} p50 µs | {na} p99 µs | {nb} p99 µs |"
+        "| case | threads | {na} ops/s | {nb} ops/s | ratio A/B | round ratios | plain ratio | {na} p50 µs | {nb} p50 µs | {na} p99 µs | {nb} p99 µs |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for c in cells {
         let (lo, hi) = c.round_ratio_range();
         println!(
-            "| {} | {} | {} | {} | **{:.3}** | {:.2}..{:.2} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | **{:.3}** | {:.2}..{:.2} | {:.3} | {} | {} | {} | {} |",
             c.case.name(),
             c.threads,
             fmt_ops(c.ops(Side::A)),
@@ -324,6 +336,7 @@ fn print_report(o: &ParentOpts, cells: &[Cell], took: Duration) {
             c.ratio(),
             lo,
             hi,
+            c.plain_ratio(),
             fmt_us(c.p50_us(Side::A)),
             fmt_us(c.p50_us(Side::B)),
             fmt_us(c.p99_us(Side::A)),
@@ -388,10 +401,12 @@ mod tests {
 
     #[test]
     fn parses_worker_line() {
-        let out = "noise\n{\"case\":\"aes-keygen\",\"threads\":2,\"ops\":10,\"ops_per_s\":123.500,\"p50_ns\":7,\"p99_ns\":9}\n";
-        let r = parse_result(out, Case::AesKeygen, 2).unwrap();
+        let out = "noise\n{\"case\":\"aes-keygen\",\"threads\":2,\"ops\":10,\"ops_per_s\":123.500,\"mean_ops_per_s\":120.000,\"p50_ns\":7,\"p99_ns\":9,\"nivcsw\":3}\n";
+        let (r, nivcsw) = parse_result(out, Case::AesKeygen, 2).unwrap();
+        assert_eq!(nivcsw, 3);
         assert_eq!(r.ops, 10);
         assert_eq!(r.ops_per_s, 123.5);
+        assert_eq!(r.mean_ops_per_s, 120.0);
         assert_eq!((r.p50_ns, r.p99_ns), (7, 9));
         assert!(parse_result(out, Case::AesKeygen, 1).is_none());
         assert!(parse_result(out, Case::FindByLabel, 2).is_none());
@@ -408,6 +423,7 @@ mod tests {
         let r = |x: f64| RunSummary {
             ops: 1,
             ops_per_s: x,
+            mean_ops_per_s: x,
             p50_ns: 1,
             p99_ns: 1,
         };

@@ -35,6 +35,19 @@ pub fn login(ctx: &Pkcs11, slot: Slot, pin: &str) -> Result<Session, BenchError>
     Ok(s)
 }
 
+/// Involuntary context switches of this process so far (other processes took the CPU).
+fn involuntary_switches() -> i64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut ru) == 0 {
+            ru.ru_nivcsw
+        } else {
+            0
+        }
+    }
+}
+
 /// Entry point of `--worker`.
 pub fn run_worker(o: &WorkerOpts) -> Result<(), BenchError> {
     let (ctx, slot) = open_token(&o.module, &o.token)?;
@@ -44,11 +57,13 @@ pub fn run_worker(o: &WorkerOpts) -> Result<(), BenchError> {
         warmup: Duration::from_secs_f64(o.warmup),
         measure: Duration::from_secs_f64(o.seconds),
     };
-    let cpus = if o.pin_threads {
+    // One thread has nothing to contend with: leave it to the scheduler (it picks an idle CPU).
+    let cpus = if o.pin_threads && o.threads > 1 {
         allowed_cpus()
     } else {
         Vec::new()
     };
+    let nivcsw_before = involuntary_switches();
     let samples = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..o.threads)
             .map(|i| {
@@ -73,15 +88,18 @@ pub fn run_worker(o: &WorkerOpts) -> Result<(), BenchError> {
             .map(|h| h.join().expect("worker thread panicked"))
             .collect::<Vec<_>>()
     });
+    let nivcsw = involuntary_switches() - nivcsw_before;
     let s = summarize(samples);
     println!(
-        "{{\"case\":\"{}\",\"threads\":{},\"ops\":{},\"ops_per_s\":{:.3},\"p50_ns\":{},\"p99_ns\":{}}}",
+        "{{\"case\":\"{}\",\"threads\":{},\"ops\":{},\"ops_per_s\":{:.3},\"mean_ops_per_s\":{:.3},\"p50_ns\":{},\"p99_ns\":{},\"nivcsw\":{}}}",
         o.case.name(),
         o.threads,
         s.ops,
         s.ops_per_s,
+        s.mean_ops_per_s,
         s.p50_ns,
-        s.p99_ns
+        s.p99_ns,
+        nivcsw
     );
     login_session.logout()?;
     drop(login_session);
