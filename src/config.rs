@@ -290,6 +290,9 @@ impl Config {
                 format!("`{}` is not one of wrap, data, mac", self.keys.default_role),
             );
         }
+        if let Err((i, problem)) = crate::policy::access::validate(&self.access) {
+            return bad(&format!("access[{i}]"), problem);
+        }
         if !["deny", "allow"].contains(&self.audit.on_failure.as_str()) {
             return bad(
                 "audit.on_failure",

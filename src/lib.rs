@@ -7,6 +7,7 @@
 //! - [`ffi`]: the only `unsafe` code: exported getters, function tables, pointer and
 //!   length conversion, the two-call size convention, `catch_unwind`, fork detection.
 //! - [`runtime`]: `C_Initialize` state, slots, sessions, handle tables.
+//! - [`policy`]: pure decisions: key classes and roles, templates, mechanisms, access.
 //! - [`backend`]: the token through cryptoki, and its errors as `CK_RV`.
 //! - [`config`], [`error`], [`logging`]: configuration, the error type, log lines.
 #![deny(missing_docs)]
@@ -18,4 +19,5 @@ pub mod config;
 pub mod error;
 pub mod ffi;
 pub mod logging;
+pub mod policy;
 pub mod runtime;

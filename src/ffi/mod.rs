@@ -30,7 +30,7 @@ pub fn guard(name: &'static str, body: impl FnOnce() -> Result<()>) -> CK_RV {
             CKR_GENERAL_ERROR
         }
     };
-    log::trace!("{name} -> {}", rv::name(rv));
+    log::debug!("{name} -> {}", rv::name(rv));
     rv
 }
 
@@ -61,4 +61,10 @@ pub(crate) fn install_atfork() {
             log::warn!("pthread_atfork failed ({rc}): fork detection is off");
         }
     });
+}
+
+/// The real uid of this process.
+pub fn uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
 }

@@ -2,18 +2,26 @@
 //! same backend object. Session objects are forgotten when their session closes.
 
 use crate::error::{Error, Result};
+use crate::policy::{KeyInfo, Origin};
 use cryptoki::object::ObjectHandle;
 use cryptoki_sys::*;
 use parking_lot::RwLock;
 use std::collections::HashMap;
+use std::sync::Arc;
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Entry {
     slot: CK_SLOT_ID,
     obj: ObjectHandle,
     owner: Option<CK_SESSION_HANDLE>,
     /// `CKA_VALUE_LEN` known to cmkp11 where the backend reports none (unwrapped keys).
     value_len: Option<CK_ULONG>,
+    /// What the policy knows of the object, loaded on first use.
+    info: Option<Arc<KeyInfo>>,
+    /// For a DEK: the CMK that unwrapped it or first wrapped it.
+    origin: Origin,
+    /// Imported in plaintext (test switch).
+    imported: bool,
 }
 
 #[derive(Default)]
@@ -57,6 +65,9 @@ impl HandleTable {
                 obj,
                 owner,
                 value_len: None,
+                info: None,
+                origin: None,
+                imported: false,
             },
         );
         if let Some(s) = owner {
@@ -89,6 +100,43 @@ impl HandleTable {
     /// The `CKA_VALUE_LEN` recorded by [`set_value_len`](Self::set_value_len).
     pub fn value_len(&self, h: CK_OBJECT_HANDLE) -> Option<CK_ULONG> {
         self.t.read().ours.get(&h).and_then(|e| e.value_len)
+    }
+
+    /// The cached policy facts of an object, with the facts only cmkp11 knows applied.
+    pub fn info(&self, h: CK_OBJECT_HANDLE) -> Option<Arc<KeyInfo>> {
+        self.t.read().ours.get(&h).and_then(|e| e.info.clone())
+    }
+
+    /// Caches the policy facts of an object (`None` forgets them, e.g. after a change).
+    pub fn set_info(&self, h: CK_OBJECT_HANDLE, info: Option<Arc<KeyInfo>>) {
+        if let Some(e) = self.t.write().ours.get_mut(&h) {
+            e.info = info;
+        }
+    }
+
+    /// The facts cmkp11 alone knows: (value length override, origin, imported).
+    pub fn local_facts(&self, h: CK_OBJECT_HANDLE) -> (Option<CK_ULONG>, Origin, bool) {
+        self.t
+            .read()
+            .ours
+            .get(&h)
+            .map(|e| (e.value_len, e.origin, e.imported))
+            .unwrap_or_default()
+    }
+
+    /// Records where a DEK came from (only the first time).
+    pub fn set_origin(&self, h: CK_OBJECT_HANDLE, origin: CK_OBJECT_HANDLE) {
+        if let Some(e) = self.t.write().ours.get_mut(&h) {
+            e.origin.get_or_insert(origin);
+        }
+    }
+
+    /// Marks an object as imported in plaintext.
+    pub fn mark_imported(&self, h: CK_OBJECT_HANDLE) {
+        if let Some(e) = self.t.write().ours.get_mut(&h) {
+            e.imported = true;
+            e.info = None;
+        }
     }
 
     /// Forgets one handle (the object was destroyed).

@@ -43,6 +43,10 @@ pub struct Library {
     next_session: AtomicU64,
     /// cmkp11's object handles.
     pub objects: HandleTable,
+    /// Policy switches.
+    pub settings: crate::policy::Settings,
+    /// This process, for access rules.
+    pub caller: crate::policy::access::Caller,
 }
 
 static STATE: RwLock<Option<Arc<Library>>> = RwLock::new(None);
@@ -78,6 +82,7 @@ pub fn initialize() -> Result<()> {
     crate::logging::init_default();
     let cfg = Config::load().inspect_err(|e| log::error!("{e}"))?;
     crate::logging::init(&cfg.log);
+    let settings = crate::policy::Settings::from_config(&cfg);
     let backend =
         Backend::open(&cfg, after_fork).inspect_err(|e| log::error!("C_Initialize: {e}"))?;
     log::info!(
@@ -91,6 +96,11 @@ pub fn initialize() -> Result<()> {
         sessions: RwLock::new(HashMap::new()),
         next_session: AtomicU64::new(1),
         objects: HandleTable::default(),
+        settings,
+        caller: crate::policy::access::Caller {
+            uid: crate::ffi::uid(),
+            exe: std::fs::read_link("/proc/self/exe").unwrap_or_default(),
+        },
     }));
     Ok(())
 }
@@ -196,6 +206,23 @@ impl Library {
             self.objects.forget_owned_by(h);
         }
         Ok(())
+    }
+
+    /// Access rules: may this process use the CMK labelled `label` for `op` now?
+    pub fn check_access(&self, label: &str, op: crate::policy::Op) -> Result<()> {
+        if self.cfg.access.is_empty() {
+            return Ok(());
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| ((d.as_secs() % 86_400) / 60) as u32)
+            .unwrap_or(0);
+        crate::policy::access::check(&self.cfg.access, label, op.name(), &self.caller, now).map_err(
+            |reason| {
+                log::warn!("denied {} with key `{label}`: {reason}", op.name());
+                crate::error::Error::Rv(crate::policy::access::DENIED)
+            },
+        )
     }
 
     /// Number of open sessions (for tests and diagnostics).

@@ -16,9 +16,11 @@ use super::Library;
 use crate::backend::mech::Mech;
 use crate::backend::rv;
 use crate::error::{err, Error, Result};
+use crate::policy::{KeyInfo, Usage};
 use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectHandle};
 use cryptoki::session::Session as BackendSession;
 use cryptoki_sys::*;
+use std::sync::Arc;
 use zeroize::Zeroizing;
 
 /// What the application's output buffer did with a result (decided by the FFI layer).
@@ -138,6 +140,77 @@ impl Session {
         invalid: CK_RV,
     ) -> Result<ObjectHandle> {
         lib.objects.backend(self.slot_id, h, invalid)
+    }
+
+    /// The policy facts of an object (cached in the handle table after the first read).
+    pub fn key_info(
+        &self,
+        lib: &Library,
+        h: CK_OBJECT_HANDLE,
+        invalid: CK_RV,
+    ) -> Result<(ObjectHandle, Arc<KeyInfo>)> {
+        let obj = self.object(lib, h, invalid)?;
+        if let Some(info) = lib.objects.info(h) {
+            return Ok((obj, info));
+        }
+        use AttributeType as T;
+        let attrs = self.backend.get_attributes(
+            obj,
+            &[
+                T::Class,
+                T::KeyType,
+                T::Token,
+                T::Sensitive,
+                T::Extractable,
+                T::Local,
+                T::Encrypt,
+                T::Decrypt,
+                T::Sign,
+                T::Verify,
+                T::Wrap,
+                T::Unwrap,
+                T::Derive,
+                T::ValueLen,
+                T::Label,
+            ],
+        )?;
+        let (value_len, _, imported) = lib.objects.local_facts(h);
+        let mut info = KeyInfo {
+            key_type: CK_UNAVAILABLE_INFORMATION,
+            imported_plaintext: imported,
+            ..KeyInfo::default()
+        };
+        for a in attrs {
+            let mut usage = |u: Usage, on: bool| {
+                if on {
+                    info.usage = info.usage.with(u)
+                }
+            };
+            match a {
+                Attribute::Encrypt(b) => usage(Usage::ENCRYPT, b),
+                Attribute::Decrypt(b) => usage(Usage::DECRYPT, b),
+                Attribute::Sign(b) => usage(Usage::SIGN, b),
+                Attribute::Verify(b) => usage(Usage::VERIFY, b),
+                Attribute::Wrap(b) => usage(Usage::WRAP, b),
+                Attribute::Unwrap(b) => usage(Usage::UNWRAP, b),
+                Attribute::Derive(b) => usage(Usage::DERIVE, b),
+                Attribute::Class(c) => info.class = c.into(),
+                Attribute::KeyType(k) => info.key_type = k.into(),
+                Attribute::Token(b) => info.token = b,
+                Attribute::Sensitive(b) => info.sensitive = b,
+                Attribute::Extractable(b) => info.extractable = b,
+                Attribute::Local(b) => info.local = b,
+                Attribute::ValueLen(l) => info.value_len = l.into(),
+                Attribute::Label(l) => info.label = String::from_utf8_lossy(&l).into_owned(),
+                _ => {}
+            }
+        }
+        if info.value_len == 0 {
+            info.value_len = value_len.unwrap_or(0);
+        }
+        let info = Arc::new(info);
+        lib.objects.set_info(h, Some(info.clone()));
+        Ok((obj, info))
     }
 
     /// Registers a backend object and returns cmkp11's handle. `session_object` says

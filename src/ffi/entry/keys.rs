@@ -2,8 +2,9 @@
 
 use super::with_session;
 use crate::backend::rv;
-use crate::error::Error;
+use crate::error::{err, Error};
 use crate::ffi::{args, guard};
+use crate::policy::{self, templates, Class, Op};
 use cryptoki::object::{Attribute, KeyType};
 use cryptoki_sys::*;
 
@@ -28,6 +29,12 @@ pub unsafe extern "C" fn C_GenerateKey(
                     args::out(key)?,
                 )
             };
+            if !policy::mechanisms::is_generation(mech.ty)
+                || templates::pair_key_type(mech.ty).is_ok()
+            {
+                return err(CKR_MECHANISM_INVALID);
+            }
+            let attrs = templates::generate_key(attrs, &lib.settings).map_err(Error::Rv)?;
             let k = s.backend().generate_key(&mech.to_cryptoki()?, &attrs)?;
             *key = s.register(lib, k, !args::is_token(&attrs));
             Ok(())
@@ -61,6 +68,8 @@ pub unsafe extern "C" fn C_GenerateKeyPair(
                     args::out(priv_key)?,
                 )
             };
+            let key_type = templates::pair_key_type(mech.ty).map_err(Error::Rv)?;
+            let priv_attrs = templates::private_key(priv_attrs, key_type).map_err(Error::Rv)?;
             let (p, q) =
                 s.backend()
                     .generate_key_pair(&mech.to_cryptoki()?, &pub_attrs, &priv_attrs)?;
@@ -88,9 +97,16 @@ pub unsafe extern "C" fn C_WrapKey(
         with_session(h, |lib, s| {
             // SAFETY: application arguments (contract); NULLs checked.
             let (mech, sink) = unsafe { (args::mechanism(mech)?, args::sink(out, out_len)?) };
-            let w = s.object(lib, wrapping, CKR_WRAPPING_KEY_HANDLE_INVALID)?;
-            let k = s.object(lib, key, CKR_KEY_HANDLE_INVALID)?;
-            s.wrap(mech, (wrapping, w), (key, k), sink)
+            let (w, winfo) = s.key_info(lib, wrapping, CKR_WRAPPING_KEY_HANDLE_INVALID)?;
+            let (k, kinfo) = s.key_info(lib, key, CKR_KEY_HANDLE_INVALID)?;
+            let (_, origin, _) = lib.objects.local_facts(key);
+            policy::check_wrap(mech.ty, &winfo, wrapping, &kinfo, origin, &lib.settings)
+                .map_err(Error::Rv)?;
+            lib.check_access(&winfo.label, Op::Wrap)?;
+            s.wrap(mech, (wrapping, w), (key, k), sink)?;
+            // A DEK first wrapped by X can from now on be wrapped only by X.
+            lib.objects.set_origin(key, wrapping);
+            Ok(())
         })
     })
 }
@@ -121,7 +137,12 @@ pub unsafe extern "C" fn C_UnwrapKey(
                     args::out(key)?,
                 )
             };
-            let u = s.object(lib, unwrapping, CKR_UNWRAPPING_KEY_HANDLE_INVALID)?;
+            let (u, uinfo) = s.key_info(lib, unwrapping, CKR_UNWRAPPING_KEY_HANDLE_INVALID)?;
+            policy::check_use(Op::Unwrap, mech.ty, &uinfo, &lib.settings).map_err(Error::Rv)?;
+            if uinfo.class() == Class::Cmk {
+                lib.check_access(&uinfo.label, Op::Unwrap)?;
+            }
+            let attrs = templates::unwrapped(attrs, &lib.settings).map_err(Error::Rv)?;
             let k = s
                 .backend()
                 .unwrap_key(&mech.to_cryptoki()?, u, wrapped, &attrs)
@@ -130,6 +151,9 @@ pub unsafe extern "C" fn C_UnwrapKey(
             if let Some(len) = aes_value_len_from_blob(mech.ty, wrapped.len(), &attrs) {
                 lib.objects.set_value_len(*key, len);
             }
+            // A DEK unwrapped by X can be wrapped only by X (an RSA key never wraps, so a
+            // DEK conjured through RSA-OAEP can never leave the token).
+            lib.objects.set_origin(*key, unwrapping);
             Ok(())
         })
     })
@@ -173,7 +197,10 @@ pub unsafe extern "C" fn C_DeriveKey(
                     args::out(key)?,
                 )
             };
-            let b = s.object(lib, base, CKR_KEY_HANDLE_INVALID)?;
+            let (b, binfo) = s.key_info(lib, base, CKR_KEY_HANDLE_INVALID)?;
+            policy::check_use(Op::Derive, mech.ty, &binfo, &lib.settings).map_err(Error::Rv)?;
+            lib.check_access(&binfo.label, Op::Derive)?;
+            let attrs = templates::derived(attrs, &lib.settings).map_err(Error::Rv)?;
             let k = s.backend().derive_key(&mech.to_cryptoki()?, b, &attrs)?;
             *key = s.register(lib, k, !args::is_token(&attrs));
             Ok(())

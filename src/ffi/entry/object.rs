@@ -1,8 +1,9 @@
 //! Object management (PKCS#11 v3.0 §5.7).
 
 use super::with_session;
-use crate::error::err;
+use crate::error::{err, Error};
 use crate::ffi::{args, guard};
+use crate::policy::templates;
 use crate::runtime::session::AttrValue;
 use cryptoki::object::{Attribute, AttributeType};
 use cryptoki_sys::*;
@@ -21,8 +22,15 @@ pub unsafe extern "C" fn C_CreateObject(
         with_session(h, |lib, s| {
             // SAFETY: application template and output (contract); NULLs checked.
             let (attrs, object) = unsafe { (args::template(template, count)?, args::out(object)?) };
+            templates::create(&attrs, &lib.settings).map_err(Error::Rv)?;
             let o = s.backend().create_object(&attrs)?;
             *object = s.register(lib, o, !args::is_token(&attrs));
+            if matches!(
+                templates::class_of(&attrs),
+                Some(CKO_SECRET_KEY | CKO_PRIVATE_KEY)
+            ) {
+                lib.objects.mark_imported(*object);
+            }
             Ok(())
         })
     })
@@ -117,7 +125,16 @@ pub unsafe extern "C" fn C_GetAttributeValue(
                 .iter()
                 .map(|a| AttributeType::try_from(a.type_).ok())
                 .collect();
+            let (_, info) = s.key_info(lib, object, CKR_OBJECT_HANDLE_INVALID)?;
             let mut values = s.attributes(o, &types)?;
+            if info.is_protected() {
+                // Key material of a CMK or DEK is never returned, whatever the backend says.
+                for (v, t) in values.iter_mut().zip(&types) {
+                    if t.is_some_and(templates::is_secret_value) {
+                        *v = AttrValue::Sensitive;
+                    }
+                }
+            }
             if let Some(len) = lib.objects.value_len(object) {
                 for v in &mut values {
                     if matches!(v, AttrValue::Value(Attribute::ValueLen(l)) if u64::from(*l) == 0) {
@@ -164,10 +181,13 @@ pub unsafe extern "C" fn C_SetAttributeValue(
 ) -> CK_RV {
     guard("C_SetAttributeValue", || {
         with_session(h, |lib, s| {
-            let o = s.object(lib, object, CKR_OBJECT_HANDLE_INVALID)?;
+            let (o, info) = s.key_info(lib, object, CKR_OBJECT_HANDLE_INVALID)?;
             // SAFETY: application template (contract); NULL checked.
             let attrs = unsafe { args::template(template, count)? };
-            Ok(s.backend().update_attributes(o, &attrs)?)
+            templates::set(&info, &attrs).map_err(Error::Rv)?;
+            let r = s.backend().update_attributes(o, &attrs);
+            lib.objects.set_info(object, None);
+            Ok(r?)
         })
     })
 }

@@ -75,7 +75,8 @@ pub unsafe extern "C" fn C_GetMechanismList(
     guard("C_GetMechanismList", || {
         let lib = runtime::library()?;
         let s = lib.slot(slot)?;
-        let mechs = lib.backend.mechanisms(s)?;
+        let mut mechs = lib.backend.mechanisms(s)?;
+        mechs.retain(|m| crate::policy::mechanisms::offered(*m));
         // SAFETY: two-call convention over application buffers (contract).
         unsafe { args::write_list(&mechs, list, count) }
     })
@@ -95,7 +96,16 @@ pub unsafe extern "C" fn C_GetMechanismInfo(
         let s = lib.slot(slot)?;
         // SAFETY: NULL-checked output (contract).
         let info = unsafe { args::out(info)? };
-        *info = lib.backend.mechanism_info(s, ty)?;
+        if !crate::policy::mechanisms::offered(ty) {
+            return err(CKR_MECHANISM_INVALID);
+        }
+        let mut i = lib.backend.mechanism_info(s, ty)?;
+        i.flags = crate::policy::mechanisms::reported_flags(
+            ty,
+            i.flags,
+            lib.settings.allow_rsa_pkcs1_decrypt,
+        );
+        *info = i;
         Ok(())
     })
 }

@@ -1,0 +1,477 @@
+//! Creating templates: what the application asked, checked and completed so that no key
+//! is born weaker than its class allows, and no role comes from a backend default
+//! (SoftHSM2 turns on ENCRYPT, DECRYPT, WRAP, UNWRAP, VERIFY when a template is silent).
+
+use super::{Class, KeyInfo, SecretRole, Settings, Usage};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
+use cryptoki_sys::*;
+
+type R<T> = Result<T, CK_RV>;
+
+fn flag(t: &[Attribute], ty: AttributeType) -> Option<bool> {
+    t.iter().rev().find_map(|a| match (a, ty) {
+        (Attribute::Encrypt(b), AttributeType::Encrypt)
+        | (Attribute::Decrypt(b), AttributeType::Decrypt)
+        | (Attribute::Sign(b), AttributeType::Sign)
+        | (Attribute::Verify(b), AttributeType::Verify)
+        | (Attribute::Wrap(b), AttributeType::Wrap)
+        | (Attribute::Unwrap(b), AttributeType::Unwrap)
+        | (Attribute::Derive(b), AttributeType::Derive)
+        | (Attribute::SignRecover(b), AttributeType::SignRecover)
+        | (Attribute::VerifyRecover(b), AttributeType::VerifyRecover)
+        | (Attribute::Sensitive(b), AttributeType::Sensitive)
+        | (Attribute::Extractable(b), AttributeType::Extractable)
+        | (Attribute::Token(b), AttributeType::Token)
+        | (Attribute::WrapWithTrusted(b), AttributeType::WrapWithTrusted) => Some(*b),
+        _ => None,
+    })
+}
+
+/// `CKA_TOKEN` of a template (default FALSE).
+pub fn is_token(t: &[Attribute]) -> bool {
+    flag(t, AttributeType::Token).unwrap_or(false)
+}
+
+/// `CKA_CLASS` of a template, if given.
+pub fn class_of(t: &[Attribute]) -> Option<CK_OBJECT_CLASS> {
+    t.iter().rev().find_map(|a| match a {
+        Attribute::Class(c) => Some(CK_OBJECT_CLASS::from(*c)),
+        _ => None,
+    })
+}
+
+/// The usage flags a template turns on.
+fn requested(t: &[Attribute]) -> Usage {
+    [
+        (AttributeType::Encrypt, Usage::ENCRYPT),
+        (AttributeType::Decrypt, Usage::DECRYPT),
+        (AttributeType::Sign, Usage::SIGN),
+        (AttributeType::Verify, Usage::VERIFY),
+        (AttributeType::Wrap, Usage::WRAP),
+        (AttributeType::Unwrap, Usage::UNWRAP),
+        (AttributeType::Derive, Usage::DERIVE),
+    ]
+    .iter()
+    .filter(|(ty, _)| flag(t, *ty) == Some(true))
+    .fold(Usage::default(), |u, (_, f)| u.with(*f))
+}
+
+/// The usage flags a template turns off explicitly.
+fn refused(t: &[Attribute]) -> Usage {
+    [
+        (AttributeType::Encrypt, Usage::ENCRYPT),
+        (AttributeType::Decrypt, Usage::DECRYPT),
+        (AttributeType::Sign, Usage::SIGN),
+        (AttributeType::Verify, Usage::VERIFY),
+        (AttributeType::Wrap, Usage::WRAP),
+        (AttributeType::Unwrap, Usage::UNWRAP),
+    ]
+    .iter()
+    .filter(|(ty, _)| flag(t, *ty) == Some(false))
+    .fold(Usage::default(), |u, (_, f)| u.with(*f))
+}
+
+/// Attributes only the token sets: never accepted from an application.
+fn refuse_token_only(t: &[Attribute]) -> R<()> {
+    let token_only = t.iter().any(|a| {
+        matches!(
+            a.attribute_type(),
+            AttributeType::AlwaysSensitive
+                | AttributeType::NeverExtractable
+                | AttributeType::Local
+                | AttributeType::Trusted
+        )
+    });
+    if token_only {
+        Err(CKR_ATTRIBUTE_READ_ONLY)
+    } else {
+        Ok(())
+    }
+}
+
+fn is_usage(ty: AttributeType) -> bool {
+    matches!(
+        ty,
+        AttributeType::Encrypt
+            | AttributeType::Decrypt
+            | AttributeType::Sign
+            | AttributeType::Verify
+            | AttributeType::Wrap
+            | AttributeType::Unwrap
+            | AttributeType::Derive
+            | AttributeType::SignRecover
+            | AttributeType::VerifyRecover
+    )
+}
+
+/// Replaces every usage, SENSITIVE and EXTRACTABLE attribute of `t` by explicit values.
+fn finish(mut t: Vec<Attribute>, usage: Usage, extractable: bool, private: bool) -> Vec<Attribute> {
+    t.retain(|a| {
+        let ty = a.attribute_type();
+        !is_usage(ty) && ty != AttributeType::Sensitive && ty != AttributeType::Extractable
+    });
+    if private {
+        t.push(Attribute::Sign(usage.any(Usage::SIGN)));
+        t.push(Attribute::Decrypt(usage.any(Usage::DECRYPT)));
+        t.push(Attribute::Unwrap(usage.any(Usage::UNWRAP)));
+        t.push(Attribute::Derive(usage.any(Usage::DERIVE)));
+        t.push(Attribute::SignRecover(false));
+    } else {
+        t.push(Attribute::Encrypt(usage.any(Usage::ENCRYPT)));
+        t.push(Attribute::Decrypt(usage.any(Usage::DECRYPT)));
+        t.push(Attribute::Sign(usage.any(Usage::SIGN)));
+        t.push(Attribute::Verify(usage.any(Usage::VERIFY)));
+        t.push(Attribute::Wrap(usage.any(Usage::WRAP)));
+        t.push(Attribute::Unwrap(usage.any(Usage::UNWRAP)));
+        t.push(Attribute::Derive(false));
+    }
+    t.push(Attribute::Sensitive(true));
+    t.push(Attribute::Extractable(extractable));
+    t
+}
+
+/// A secret key's template (generated, unwrapped or derived). `cmk` says whether the
+/// result is a CMK (token) or a DEK (session); `extractable_default` applies to DEKs
+/// whose template is silent.
+pub fn secret(
+    t: Vec<Attribute>,
+    cmk: bool,
+    extractable_default: bool,
+    s: &Settings,
+) -> R<Vec<Attribute>> {
+    refuse_token_only(&t)?;
+    if flag(&t, AttributeType::Sensitive) == Some(false)
+        || flag(&t, AttributeType::WrapWithTrusted) == Some(false)
+        || flag(&t, AttributeType::SignRecover) == Some(true)
+        || flag(&t, AttributeType::VerifyRecover) == Some(true)
+        || (cmk && flag(&t, AttributeType::Extractable) == Some(true))
+    {
+        return Err(CKR_TEMPLATE_INCONSISTENT);
+    }
+    let asked = requested(&t);
+    let role = if asked == Usage::default() {
+        if cmk {
+            s.default_role
+        } else {
+            SecretRole::Data
+        }
+    } else {
+        SecretRole::of(asked).ok_or(CKR_TEMPLATE_INCONSISTENT)?
+    };
+    if !cmk && role == SecretRole::Wrap {
+        return Err(CKR_TEMPLATE_INCONSISTENT);
+    }
+    let extractable = !cmk && flag(&t, AttributeType::Extractable).unwrap_or(extractable_default);
+    // The role's flags, less those the template turns off explicitly (narrowing is safe).
+    let off = refused(&t);
+    Ok(finish(t, Usage(role.usage().0 & !off.0), extractable, false))
+}
+
+/// `C_GenerateKey`.
+pub fn generate_key(t: Vec<Attribute>, s: &Settings) -> R<Vec<Attribute>> {
+    let cmk = is_token(&t);
+    secret(t, cmk, true, s)
+}
+
+/// The key type a key-pair mechanism makes.
+pub fn pair_key_type(m: CK_MECHANISM_TYPE) -> R<CK_KEY_TYPE> {
+    match m {
+        CKM_RSA_PKCS_KEY_PAIR_GEN => Ok(CKK_RSA),
+        CKM_EC_KEY_PAIR_GEN => Ok(CKK_EC),
+        CKM_EC_EDWARDS_KEY_PAIR_GEN => Ok(CKK_EC_EDWARDS),
+        _ => Err(CKR_MECHANISM_INVALID),
+    }
+}
+
+/// `C_GenerateKeyPair`'s private template: always sensitive and non-extractable; roles
+/// sign (default), decrypt and unwrap (RSA), derive (EC), several when asked.
+pub fn private_key(t: Vec<Attribute>, key_type: CK_KEY_TYPE) -> R<Vec<Attribute>> {
+    refuse_token_only(&t)?;
+    if flag(&t, AttributeType::Sensitive) == Some(false)
+        || flag(&t, AttributeType::Extractable) == Some(true)
+        || flag(&t, AttributeType::SignRecover) == Some(true)
+        || flag(&t, AttributeType::WrapWithTrusted) == Some(false)
+    {
+        return Err(CKR_TEMPLATE_INCONSISTENT);
+    }
+    let asked = requested(&t);
+    let allowed = match key_type {
+        CKK_RSA => Usage::SIGN.with(Usage::DECRYPT).with(Usage::UNWRAP),
+        CKK_EC => Usage::SIGN.with(Usage::DERIVE),
+        _ => Usage::SIGN,
+    };
+    if asked.0 & !allowed.0 != 0 {
+        return Err(CKR_TEMPLATE_INCONSISTENT);
+    }
+    let usage = if asked == Usage::default() {
+        Usage::SIGN
+    } else {
+        asked
+    };
+    Ok(finish(t, usage, false, true))
+}
+
+/// `C_UnwrapKey`'s template: the result is always a DEK (a session secret key).
+pub fn unwrapped(t: Vec<Attribute>, s: &Settings) -> R<Vec<Attribute>> {
+    if class_of(&t).is_some_and(|c| c != CKO_SECRET_KEY) || is_token(&t) {
+        return Err(CKR_TEMPLATE_INCONSISTENT);
+    }
+    secret(t, false, true, s)
+}
+
+/// `C_DeriveKey`'s template (ECDH1): a sensitive, non-extractable session DEK.
+pub fn derived(t: Vec<Attribute>, s: &Settings) -> R<Vec<Attribute>> {
+    if class_of(&t).is_some_and(|c| c != CKO_SECRET_KEY)
+        || is_token(&t)
+        || flag(&t, AttributeType::Extractable) == Some(true)
+    {
+        return Err(CKR_TEMPLATE_INCONSISTENT);
+    }
+    secret(t, false, false, s)
+}
+
+/// `C_CreateObject`: secret and private keys carry key material (plaintext import), so
+/// they are refused unless the test switch allows it.
+pub fn create(t: &[Attribute], s: &Settings) -> R<()> {
+    match class_of(t) {
+        Some(CKO_SECRET_KEY) | Some(CKO_PRIVATE_KEY) if !s.allow_plaintext_import => {
+            Err(CKR_TEMPLATE_INCONSISTENT)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `C_CopyObject`: only promotion of a session key to a token object, without weakening;
+/// the copy is a CMK, so EXTRACTABLE becomes FALSE. Public objects copy freely.
+pub fn copy(source: &KeyInfo, t: Vec<Attribute>) -> R<Vec<Attribute>> {
+    if !source.is_protected() {
+        return Ok(t);
+    }
+    if source.token || !is_token(&t) {
+        return Err(CKR_ACTION_PROHIBITED);
+    }
+    let ok = t.iter().all(|a| match a {
+        Attribute::Token(_) | Attribute::Id(_) | Attribute::Label(_) => true,
+        Attribute::Sensitive(b) => *b,
+        Attribute::Extractable(b) => !*b,
+        _ => false,
+    });
+    if !ok {
+        return Err(CKR_TEMPLATE_INCONSISTENT);
+    }
+    if source.class == CKO_SECRET_KEY && SecretRole::of(source.usage).is_none() {
+        return Err(CKR_TEMPLATE_INCONSISTENT);
+    }
+    let mut t = t;
+    t.retain(|a| !matches!(a, Attribute::Extractable(_)));
+    t.push(Attribute::Extractable(false));
+    Ok(t)
+}
+
+/// `C_SetAttributeValue` on a CMK, DEK or private key: only names and dates change;
+/// roles, SENSITIVE, EXTRACTABLE, TRUSTED, WRAP_WITH_TRUSTED and values are sticky.
+pub fn set(target: &KeyInfo, t: &[Attribute]) -> R<()> {
+    if target.class() == Class::Public {
+        return Ok(());
+    }
+    let ok = t.iter().all(|a| {
+        matches!(
+            a.attribute_type(),
+            AttributeType::Label
+                | AttributeType::Id
+                | AttributeType::Subject
+                | AttributeType::StartDate
+                | AttributeType::EndDate
+        )
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(CKR_ATTRIBUTE_READ_ONLY)
+    }
+}
+
+/// Attributes whose values are key material: never returned for a protected key,
+/// whatever the backend says.
+pub fn is_secret_value(ty: AttributeType) -> bool {
+    matches!(
+        ty,
+        AttributeType::Value
+            | AttributeType::PrivateExponent
+            | AttributeType::Prime1
+            | AttributeType::Prime2
+            | AttributeType::Exponent1
+            | AttributeType::Exponent2
+            | AttributeType::Coefficient
+    )
+}
+
+/// Helper for tests and callers: the class attribute value.
+pub fn secret_key_class() -> Attribute {
+    Attribute::Class(ObjectClass::SECRET_KEY)
+}
+
+/// Helper: an AES key-type attribute.
+pub fn aes_key_type() -> Attribute {
+    Attribute::KeyType(KeyType::AES)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s() -> Settings {
+        Settings::default()
+    }
+
+    fn usage_of(t: &[Attribute]) -> Usage {
+        requested(t)
+    }
+
+    #[test]
+    fn silent_cmk_template_gets_default_role_only() {
+        let t = generate_key(
+            vec![Attribute::Token(true), Attribute::ValueLen(32.into())],
+            &s(),
+        )
+        .unwrap();
+        assert_eq!(usage_of(&t), SecretRole::Wrap.usage());
+        assert_eq!(flag(&t, AttributeType::Extractable), Some(false));
+        assert_eq!(flag(&t, AttributeType::Sensitive), Some(true));
+        assert_eq!(flag(&t, AttributeType::Encrypt), Some(false));
+    }
+
+    #[test]
+    fn silent_dek_template_is_data() {
+        let t = generate_key(vec![Attribute::ValueLen(16.into())], &s()).unwrap();
+        assert_eq!(usage_of(&t), SecretRole::Data.usage());
+        assert_eq!(flag(&t, AttributeType::Extractable), Some(true));
+    }
+
+    #[test]
+    fn explicit_false_narrows_the_role() {
+        let t = generate_key(vec![Attribute::Encrypt(true), Attribute::Decrypt(false)], &s()).unwrap();
+        assert_eq!(usage_of(&t), Usage::ENCRYPT);
+    }
+
+    #[test]
+    fn weakening_and_mixing_refused() {
+        let bad = [
+            vec![
+                Attribute::Token(true),
+                Attribute::Wrap(true),
+                Attribute::Decrypt(true),
+            ],
+            vec![
+                Attribute::Token(true),
+                Attribute::Unwrap(true),
+                Attribute::Encrypt(true),
+            ],
+            vec![Attribute::Token(true), Attribute::Extractable(true)],
+            vec![Attribute::Sensitive(false)],
+            vec![Attribute::Derive(true)],
+            vec![Attribute::Wrap(true)],
+        ];
+        for t in bad {
+            assert_eq!(
+                generate_key(t.clone(), &s()),
+                Err(CKR_TEMPLATE_INCONSISTENT),
+                "{t:?}"
+            );
+        }
+        assert_eq!(
+            generate_key(vec![Attribute::Local(true)], &s()),
+            Err(CKR_ATTRIBUTE_READ_ONLY)
+        );
+        assert_eq!(
+            generate_key(vec![Attribute::Trusted(false)], &s()),
+            Err(CKR_ATTRIBUTE_READ_ONLY)
+        );
+    }
+
+    #[test]
+    fn unwrap_results_are_deks() {
+        assert_eq!(
+            unwrapped(vec![Attribute::Token(true)], &s()),
+            Err(CKR_TEMPLATE_INCONSISTENT)
+        );
+        assert_eq!(
+            unwrapped(vec![Attribute::Unwrap(true)], &s()),
+            Err(CKR_TEMPLATE_INCONSISTENT)
+        );
+        assert_eq!(
+            unwrapped(vec![Attribute::Sensitive(false)], &s()),
+            Err(CKR_TEMPLATE_INCONSISTENT)
+        );
+        let t = unwrapped(vec![secret_key_class(), aes_key_type()], &s()).unwrap();
+        assert_eq!(usage_of(&t), SecretRole::Data.usage());
+    }
+
+    #[test]
+    fn private_key_roles() {
+        let t = private_key(vec![], CKK_RSA).unwrap();
+        assert_eq!(usage_of(&t), Usage::SIGN);
+        let t = private_key(vec![Attribute::Sign(true), Attribute::Derive(true)], CKK_EC).unwrap();
+        assert_eq!(usage_of(&t), Usage::SIGN.with(Usage::DERIVE));
+        assert_eq!(
+            private_key(vec![Attribute::Derive(true)], CKK_RSA),
+            Err(CKR_TEMPLATE_INCONSISTENT)
+        );
+        assert_eq!(
+            private_key(vec![Attribute::Extractable(true)], CKK_RSA),
+            Err(CKR_TEMPLATE_INCONSISTENT)
+        );
+    }
+
+    #[test]
+    fn copy_only_promotes() {
+        let session_priv = KeyInfo {
+            class: CKO_PRIVATE_KEY,
+            usage: Usage::SIGN,
+            ..KeyInfo::default()
+        };
+        let t = copy(
+            &session_priv,
+            vec![Attribute::Token(true), Attribute::Id(vec![1])],
+        )
+        .unwrap();
+        assert_eq!(flag(&t, AttributeType::Extractable), Some(false));
+        assert_eq!(
+            copy(
+                &session_priv,
+                vec![Attribute::Token(true), Attribute::Sensitive(false)]
+            ),
+            Err(CKR_TEMPLATE_INCONSISTENT)
+        );
+        assert_eq!(
+            copy(&session_priv, vec![Attribute::Label(vec![])]),
+            Err(CKR_ACTION_PROHIBITED)
+        );
+        let token_priv = KeyInfo {
+            token: true,
+            ..session_priv
+        };
+        assert_eq!(
+            copy(&token_priv, vec![Attribute::Token(true)]),
+            Err(CKR_ACTION_PROHIBITED)
+        );
+    }
+
+    #[test]
+    fn sticky_attributes() {
+        let k = KeyInfo {
+            class: CKO_SECRET_KEY,
+            token: true,
+            ..KeyInfo::default()
+        };
+        assert_eq!(
+            set(&k, &[Attribute::Decrypt(true)]),
+            Err(CKR_ATTRIBUTE_READ_ONLY)
+        );
+        assert_eq!(
+            set(&k, &[Attribute::Sensitive(false)]),
+            Err(CKR_ATTRIBUTE_READ_ONLY)
+        );
+        assert_eq!(set(&k, &[Attribute::Label(b"x".to_vec())]), Ok(()));
+    }
+}
