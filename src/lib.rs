@@ -21,3 +21,4 @@ pub mod ffi;
 pub mod logging;
 pub mod policy;
 pub mod runtime;
+pub mod vendor;
