@@ -75,14 +75,15 @@ pub fn find_one(session: &Session, label: &str) -> Result<ObjectHandle, BenchErr
     }
 }
 
-/// Template of a 256-bit AES session key that may be wrapped.
+/// Template of an AES session key (a DEK in cmkp11's terms: sensitive, extractable only if
+/// it is to be wrapped; accepted by cmkp11's policy and by SoftHSM2 alike).
 fn session_aes_template(extractable: bool) -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
         Attribute::Token(false),
         Attribute::Private(true),
-        Attribute::Sensitive(!extractable),
+        Attribute::Sensitive(true),
         Attribute::Extractable(extractable),
         Attribute::Encrypt(true),
         Attribute::Decrypt(true),

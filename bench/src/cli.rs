@@ -24,6 +24,8 @@ OPTIONS:
   --cases LIST      cases, comma separated (default: all)
   --name-a NAME     name of A in the report (default cmkp11)
   --name-b NAME     name of B in the report (default softhsm2)
+  --setup-via a|b   module that creates the token objects (default a: keys made through
+                    cmkp11 carry its metadata and pass its policy; B uses them as they are)
   --no-pin          do not pin worker thread i to CPU i (pinning is the default; see below)
   -h, --help        this text
 
@@ -37,7 +39,8 @@ ENVIRONMENT (set by the caller, inherited by every worker):
                     same SoftHSM2 library as --module-b (required when A is cmkp11)
 
 METHOD:
-  A setup worker creates the token objects once (by label, idempotent). Then, for each
+  A setup worker (through A by default) creates the token objects once (by label,
+  idempotent). Then, for each
   round, thread count and case, one child process (this binary with --worker) runs A and
   one runs B; the order is A,B in even rounds and B,A in odd rounds. Each worker loads one
   module, logs in once, gives every thread its own session (thread i pinned to allowed
@@ -68,6 +71,8 @@ pub struct ParentOpts {
     pub threads: Vec<usize>,
     pub cases: Vec<Case>,
     pub pin_threads: bool,
+    /// Create the token objects through A (true) or B (false).
+    pub setup_via_a: bool,
 }
 
 /// Options of a worker process (one module, one case, one thread count).
@@ -119,6 +124,7 @@ struct Raw {
     rounds: Option<String>,
     seconds: Option<String>,
     warmup: Option<String>,
+    setup_via: Option<String>,
 }
 
 fn need(v: Option<String>, name: &str) -> Result<String, String> {
@@ -177,6 +183,7 @@ pub fn parse(args: &[String]) -> Result<Mode, String> {
             "--rounds" => raw.rounds = Some(val(a)?),
             "--seconds" => raw.seconds = Some(val(a)?),
             "--warmup" => raw.warmup = Some(val(a)?),
+            "--setup-via" => raw.setup_via = Some(val(a)?),
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
     }
@@ -233,6 +240,11 @@ pub fn parse(args: &[String]) -> Result<Mode, String> {
             _ => return Err(format!("--rounds: not a positive integer: {s:?}")),
         },
     };
+    let setup_via_a = match raw.setup_via.as_deref() {
+        None | Some("a") | Some("A") => true,
+        Some("b") | Some("B") => false,
+        Some(x) => return Err(format!("--setup-via: a or b, not {x:?}")),
+    };
     Ok(Mode::Parent(ParentOpts {
         module_a: need(raw.module_a, "--module-a")?.into(),
         module_b: need(raw.module_b, "--module-b")?.into(),
@@ -246,6 +258,7 @@ pub fn parse(args: &[String]) -> Result<Mode, String> {
         threads: parse_usize_list(raw.threads.as_deref().unwrap_or("1,2"), "--threads")?,
         cases,
         pin_threads: !raw.no_pin,
+        setup_via_a,
     }))
 }
 

@@ -111,6 +111,8 @@ struct Cell {
     threads: usize,
     a: Vec<RunSummary>,
     b: Vec<RunSummary>,
+    /// First failure of a worker for this cell (the cell is then skipped).
+    error: Option<String>,
 }
 
 impl Cell {
@@ -233,9 +235,13 @@ pub fn run_parent(o: &ParentOpts) -> Result<(), BenchError> {
         ]
     };
 
-    // Setup through B (the backend directly): creates what is missing, by label.
+    // Setup (through A by default): creates what is missing, by label.
     let mut args = vec!["--setup".to_string()];
-    args.extend(common(&o.module_b));
+    args.extend(common(if o.setup_via_a {
+        &o.module_a
+    } else {
+        &o.module_b
+    }));
     let out = run_child(&args, Duration::from_secs(300), "setup")?;
     eprint!("{}", out.stderr);
 
@@ -247,6 +253,7 @@ pub fn run_parent(o: &ParentOpts) -> Result<(), BenchError> {
                 threads: t,
                 a: Vec::new(),
                 b: Vec::new(),
+                error: None,
             });
         }
     }
@@ -264,6 +271,10 @@ pub fn run_parent(o: &ParentOpts) -> Result<(), BenchError> {
                 [Side::B, Side::A]
             };
             for side in order {
+                if cell.error.is_some() {
+                    done += 1;
+                    continue;
+                }
                 let (module, name) = match side {
                     Side::A => (&o.module_a, &o.name_a),
                     Side::B => (&o.module_b, &o.name_b),
@@ -284,11 +295,23 @@ pub fn run_parent(o: &ParentOpts) -> Result<(), BenchError> {
                     args.push("--no-pin".into());
                 }
                 let what = format!("{} {} threads={}", name, cell.case.name(), cell.threads);
-                let out = run_child(&args, limit, &what)?;
-                let (r, nivcsw) =
-                    parse_result(&out.stdout, cell.case, cell.threads).ok_or_else(|| {
+                let run = run_child(&args, limit, &what).and_then(|out| {
+                    let parsed = parse_result(&out.stdout, cell.case, cell.threads);
+                    let parsed = parsed.ok_or_else(|| {
                         BenchError::msg(format!("{what}: no result line in:\n{}", out.stdout))
                     })?;
+                    Ok((out, parsed))
+                });
+                let (out, (r, nivcsw)) = match run {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Report it, skip the rest of this cell, go on with the others.
+                        eprintln!("cmkp11-bench: {e}");
+                        cell.error = Some(e.to_string());
+                        done += 1;
+                        continue;
+                    }
+                };
                 let err = out.stderr.trim();
                 if !err.is_empty() && !seen_stderr.iter().any(|s| s == err) {
                     eprintln!("cmkp11-bench: [{what}] stderr (shown once):\n{err}");
@@ -317,7 +340,20 @@ pub fn run_parent(o: &ParentOpts) -> Result<(), BenchError> {
         }
     }
     print_report(o, &cells, started.elapsed());
-    Ok(())
+    let failed: Vec<String> = cells
+        .iter()
+        .filter(|c| c.error.is_some())
+        .map(|c| format!("{} threads={}", c.case.name(), c.threads))
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(BenchError::msg(format!(
+            "{} case(s) failed: {}",
+            failed.len(),
+            failed.join(", ")
+        )))
+    }
 }
 
 fn print_report(o: &ParentOpts, cells: &[Cell], took: Duration) {
@@ -352,6 +388,17 @@ fn print_report(o: &ParentOpts, cells: &[Cell], took: Duration) {
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for c in cells {
+        if let Some(e) = &c.error {
+            let first = e.lines().last().unwrap_or("").trim();
+            let first: String = first.chars().take(100).collect();
+            println!(
+                "| {} | {} | FAILED: {} | | | | | | | | |",
+                c.case.name(),
+                c.threads,
+                first.replace('|', "/")
+            );
+            continue;
+        }
         let (lo, hi) = c.ratio_ci();
         println!(
             "| {} | {} | {} | {} | **{:.3}** | {:.2}..{:.2} | {:.3} | {} | {} | {} | {} |",
@@ -388,6 +435,11 @@ fn print_report(o: &ParentOpts, cells: &[Cell], took: Duration) {
         let mut parts = Vec::new();
         let mut ok = true;
         for c in cells.iter().filter(|c| c.case == case) {
+            if c.error.is_some() {
+                ok = false;
+                parts.push(format!("{} thr FAILED", c.threads));
+                continue;
+            }
             let r = c.ratio();
             let g = goal(c.threads);
             let pass = r >= g;
@@ -461,6 +513,7 @@ mod tests {
             threads: 1,
             a: vec![r(90.0), r(100.0), r(95.0)],
             b: vec![r(100.0), r(100.0), r(100.0)],
+            error: None,
         };
         assert!((c.ratio() - 0.95).abs() < 1e-12);
         let (lo, hi) = c.ratio_ci();
