@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The README's second command: runs every check of the project and ends with a summary.
+#
+#   bash scripts/test.sh
+#
+# Steps: setup (packages), rustfmt, clippy, header freshness (cbindgen), Rust tests, the
+# release build, the demo on a throw-away token, and the client end-to-end suite
+# (scripts/e2e/run.sh) through target/release/libcmkp11.so. Every step runs even when an
+# earlier one failed (except those that need the build); the exit status is non-zero if
+# any step failed.
+set -uo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$CMK_ROOT"
+
+start_all=$(date +%s)
+names=()
+results=()
+times=()
+
+# step NAME CMD...: runs CMD, records ok/FAILED and its duration.
+step() {
+    local name="$1" s rc
+    shift
+    printf '\n==== %s\n' "$name"
+    s=$(date +%s)
+    "$@"
+    rc=$?
+    names+=("$name")
+    times+=("$(cmk_elapsed "$s")")
+    if [ "$rc" -eq 0 ]; then results+=(ok); else results+=("FAILED (status $rc)"); fi
+    return "$rc"
+}
+# skipped NAME REASON: records a step that could not run.
+skipped() {
+    names+=("$1")
+    times+=("-")
+    results+=("not run: $2")
+}
+
+check_header() {
+    if [ ! -f cbindgen.toml ]; then
+        echo "no cbindgen.toml: nothing to check"
+        return 0
+    fi
+    [ -f include/cmkp11.h ] || {
+        echo "include/cmkp11.h is missing (cbindgen.toml exists)"
+        return 1
+    }
+    if ! command -v cbindgen >/dev/null 2>&1; then
+        echo "installing cbindgen (cargo install cbindgen --locked)"
+        cargo install cbindgen --locked --quiet || return 1
+    fi
+    # The header is generated from src/vendor.rs alone (as tests/header.rs does); without
+    # that file, from the whole crate.
+    local tmp rc input=.
+    [ -f src/vendor.rs ] && input=src/vendor.rs
+    tmp="$(mktemp)"
+    cbindgen --quiet --config cbindgen.toml --output "$tmp" "$input" || {
+        rm -f "$tmp"
+        return 1
+    }
+    if diff -u include/cmkp11.h "$tmp"; then
+        echo "include/cmkp11.h is up to date"
+        rc=0
+    else
+        echo "include/cmkp11.h is stale: regenerate it with"
+        echo "  cbindgen --config cbindgen.toml --output include/cmkp11.h $input"
+        rc=1
+    fi
+    rm -f "$tmp"
+    return "$rc"
+}
+
+run_demo() {
+    local dir rc
+    dir="$(mktemp -d "${TMPDIR:-/tmp}/cmkp11-demo.XXXXXX")"
+    (
+        cmk_make_token "$dir" cmkp11-demo &&
+            cmk_write_config "$dir" cmkp11-demo &&
+            for round in first second; do
+                echo "-- $round run (the second reuses the wrap key)"
+                cmk_timeout 120 "$(cmk_target_dir)/release/examples/demo" \
+                    --module "$(cmk_module_path release)" --token cmkp11-demo \
+                    --pin "$CMK_USER_PIN" || exit 1
+            done
+    )
+    rc=$?
+    rm -rf "$dir"
+    return "$rc"
+}
+
+step setup bash scripts/setup.sh || {
+    echo "setup failed; the remaining steps need its packages" >&2
+}
+step fmt cargo fmt --all -- --check
+step clippy cargo clippy --workspace --all-targets -- -D warnings
+step header check_header
+step "cargo test" cargo test --workspace --all-targets
+if step "release build" cargo build --release --lib --example demo; then
+    step demo run_demo
+    step e2e bash scripts/e2e/run.sh --module "$(cmk_module_path release)"
+else
+    skipped demo "release build failed"
+    skipped e2e "release build failed"
+fi
+
+failed=0
+printf '\n==== summary (%s)\n' "$(cmk_elapsed "$start_all")"
+for i in "${!names[@]}"; do
+    printf '  %-14s %-8s %s\n' "${names[$i]}" "${times[$i]}" "${results[$i]}"
+    [ "${results[$i]}" = ok ] || failed=$((failed + 1))
+done
+if [ "$failed" -eq 0 ]; then
+    echo "all ${#names[@]} steps passed"
+else
+    echo "$failed of ${#names[@]} steps failed or could not run"
+fi
+[ "$failed" -eq 0 ]
