@@ -18,6 +18,7 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod ffi;
+pub mod keystore;
 pub mod logging;
 pub mod policy;
 pub mod runtime;

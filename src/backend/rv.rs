@@ -195,7 +195,11 @@ pub fn from_cryptoki(e: &CkError) -> CK_RV {
 
 /// Codes about the call itself (arguments, handles, state, templates, permissions): they
 /// reveal nothing about the content of ciphertext or a wrapped key, so they pass
-/// through unchanged where content failures are made uniform.
+/// through unchanged where content failures are made uniform. The unwrapping key's type
+/// and size are checked by cmkp11 before the backend is called, so the backend's
+/// `CKR_UNWRAPPING_KEY_*` answers can only come from the blob (SoftHSM2 answers
+/// `CKR_UNWRAPPING_KEY_TYPE_INCONSISTENT` for some bad RSA-OAEP blobs) and are made
+/// uniform too.
 fn is_call_error(rv: CK_RV) -> bool {
     matches!(
         rv,
@@ -217,8 +221,6 @@ fn is_call_error(rv: CK_RV) -> bool {
             | CKR_MECHANISM_INVALID
             | CKR_MECHANISM_PARAM_INVALID
             | CKR_UNWRAPPING_KEY_HANDLE_INVALID
-            | CKR_UNWRAPPING_KEY_SIZE_RANGE
-            | CKR_UNWRAPPING_KEY_TYPE_INCONSISTENT
             | CKR_ATTRIBUTE_READ_ONLY
             | CKR_ATTRIBUTE_TYPE_INVALID
             | CKR_ATTRIBUTE_VALUE_INVALID

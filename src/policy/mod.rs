@@ -124,6 +124,8 @@ pub struct KeyInfo {
     pub label: String,
     /// Imported in plaintext under the test switch (treated as generated then).
     pub imported_plaintext: bool,
+    /// `CKA_ID` as stored in the token.
+    pub raw_id: Vec<u8>,
 }
 
 impl KeyInfo {

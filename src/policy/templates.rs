@@ -164,7 +164,12 @@ pub fn secret(
     let extractable = !cmk && flag(&t, AttributeType::Extractable).unwrap_or(extractable_default);
     // The role's flags, less those the template turns off explicitly (narrowing is safe).
     let off = refused(&t);
-    Ok(finish(t, Usage(role.usage().0 & !off.0), extractable, false))
+    Ok(finish(
+        t,
+        Usage(role.usage().0 & !off.0),
+        extractable,
+        false,
+    ))
 }
 
 /// `C_GenerateKey`.
@@ -247,7 +252,7 @@ pub fn copy(source: &KeyInfo, t: Vec<Attribute>) -> R<Vec<Attribute>> {
     if !source.is_protected() {
         return Ok(t);
     }
-    if source.token || !is_token(&t) {
+    if source.token {
         return Err(CKR_ACTION_PROHIBITED);
     }
     let ok = t.iter().all(|a| match a {
@@ -259,12 +264,19 @@ pub fn copy(source: &KeyInfo, t: Vec<Attribute>) -> R<Vec<Attribute>> {
     if !ok {
         return Err(CKR_TEMPLATE_INCONSISTENT);
     }
+    if !is_token(&t) {
+        return Err(CKR_ACTION_PROHIBITED);
+    }
     if source.class == CKO_SECRET_KEY && SecretRole::of(source.usage).is_none() {
         return Err(CKR_TEMPLATE_INCONSISTENT);
     }
     let mut t = t;
     t.retain(|a| !matches!(a, Attribute::Extractable(_)));
-    t.push(Attribute::Extractable(false));
+    if source.extractable {
+        // TRUE -> FALSE is the one change of EXTRACTABLE a copy may make; restating
+        // FALSE is refused as read-only by some tokens (SoftHSM2).
+        t.push(Attribute::Extractable(false));
+    }
     Ok(t)
 }
 
@@ -350,7 +362,11 @@ mod tests {
 
     #[test]
     fn explicit_false_narrows_the_role() {
-        let t = generate_key(vec![Attribute::Encrypt(true), Attribute::Decrypt(false)], &s()).unwrap();
+        let t = generate_key(
+            vec![Attribute::Encrypt(true), Attribute::Decrypt(false)],
+            &s(),
+        )
+        .unwrap();
         assert_eq!(usage_of(&t), Usage::ENCRYPT);
     }
 
@@ -435,6 +451,14 @@ mod tests {
             vec![Attribute::Token(true), Attribute::Id(vec![1])],
         )
         .unwrap();
+        assert_eq!(flag(&t, AttributeType::Extractable), None);
+        let dek = KeyInfo {
+            class: CKO_SECRET_KEY,
+            usage: SecretRole::Data.usage(),
+            extractable: true,
+            ..KeyInfo::default()
+        };
+        let t = copy(&dek, vec![Attribute::Token(true)]).unwrap();
         assert_eq!(flag(&t, AttributeType::Extractable), Some(false));
         assert_eq!(
             copy(

@@ -22,6 +22,8 @@ struct Entry {
     origin: Origin,
     /// Imported in plaintext (test switch).
     imported: bool,
+    /// For a CMK's logical handle: the CMK's identity (operations use its primary).
+    cmk: Option<Vec<u8>>,
 }
 
 #[derive(Default)]
@@ -30,6 +32,7 @@ struct Tables {
     ours: HashMap<CK_OBJECT_HANDLE, Entry>,
     backend: HashMap<(CK_SLOT_ID, CK_OBJECT_HANDLE), CK_OBJECT_HANDLE>,
     owned: HashMap<CK_SESSION_HANDLE, Vec<CK_OBJECT_HANDLE>>,
+    logical: HashMap<(CK_SLOT_ID, Vec<u8>), CK_OBJECT_HANDLE>,
 }
 
 /// The map between cmkp11's object handles and the backend's.
@@ -68,12 +71,48 @@ impl HandleTable {
                 info: None,
                 origin: None,
                 imported: false,
+                cmk: None,
             },
         );
         if let Some(s) = owner {
             t.owned.entry(s).or_default().push(h);
         }
         h
+    }
+
+    /// The logical handle of CMK `id` (one per CMK, whatever its versions); `obj` is a
+    /// version object of it, used until the keystore names the primary.
+    pub fn logical(&self, slot: CK_SLOT_ID, id: &[u8], obj: ObjectHandle) -> CK_OBJECT_HANDLE {
+        let key = (slot, id.to_vec());
+        if let Some(h) = self.t.read().logical.get(&key) {
+            return *h;
+        }
+        let mut t = self.t.write();
+        if let Some(h) = t.logical.get(&key) {
+            return *h;
+        }
+        t.next += 1;
+        let h = t.next;
+        t.logical.insert(key, h);
+        t.ours.insert(
+            h,
+            Entry {
+                slot,
+                obj,
+                owner: None,
+                value_len: None,
+                info: None,
+                origin: None,
+                imported: false,
+                cmk: Some(id.to_vec()),
+            },
+        );
+        h
+    }
+
+    /// The CMK identity of a logical handle.
+    pub fn logical_id(&self, h: CK_OBJECT_HANDLE) -> Option<Vec<u8>> {
+        self.t.read().ours.get(&h).and_then(|e| e.cmk.clone())
     }
 
     /// The backend object behind cmkp11's handle `h` in `slot`; `invalid` is the code to

@@ -20,7 +20,9 @@
 //! that the parent's backend sessions are not closed from the child.
 
 pub mod handles;
+pub mod ops;
 pub mod session;
+pub mod store;
 
 use crate::backend::token::Backend;
 use crate::config::Config;
@@ -47,6 +49,8 @@ pub struct Library {
     pub settings: crate::policy::Settings,
     /// This process, for access rules.
     pub caller: crate::policy::access::Caller,
+    /// Each slot's keystore view.
+    pub stores: Vec<store::SlotStore>,
 }
 
 static STATE: RwLock<Option<Arc<Library>>> = RwLock::new(None);
@@ -90,7 +94,11 @@ pub fn initialize() -> Result<()> {
         cfg.backend.module.display(),
         backend.slots.len()
     );
+    let stores = (0..backend.slots.len())
+        .map(|_| store::SlotStore::default())
+        .collect();
     *state = Some(Arc::new(Library {
+        stores,
         cfg,
         backend,
         sessions: RwLock::new(HashMap::new()),
@@ -173,7 +181,7 @@ impl Library {
             self.backend.ctx.open_ro_session(slot)?
         };
         let h = self.next_session.fetch_add(1, Ordering::Relaxed);
-        let s = Session::new(h, slot_id, backend);
+        let s = Session::new(h, slot_id, rw, backend);
         self.sessions.write().insert(h, Arc::new(Mutex::new(s)));
         Ok(h)
     }

@@ -51,8 +51,9 @@ pub enum Kind {
 
 enum Stage {
     Idle,
-    /// `*Init` done; the backend has not been told yet.
-    Ready(Mech, Option<ObjectHandle>),
+    /// `*Init` done; the backend has not been told yet. The keys: the one to use first,
+    /// then older versions of a CMK that an authenticated decryption may also try.
+    Ready(Mech, Vec<ObjectHandle>),
     /// The backend has a multi-part operation in progress.
     Streaming,
     /// The final result, waiting for the application to collect it.
@@ -104,6 +105,8 @@ pub struct Session {
     pub handle: CK_SESSION_HANDLE,
     /// cmkp11's slot id.
     pub slot_id: CK_SLOT_ID,
+    /// A read-write session.
+    pub rw: bool,
     backend: BackendSession,
     ops: [Op; 5],
     find: Option<Find>,
@@ -116,10 +119,16 @@ fn idx(k: Kind) -> usize {
 
 impl Session {
     /// Wraps a freshly opened backend session.
-    pub fn new(handle: CK_SESSION_HANDLE, slot_id: CK_SLOT_ID, backend: BackendSession) -> Session {
+    pub fn new(
+        handle: CK_SESSION_HANDLE,
+        slot_id: CK_SLOT_ID,
+        rw: bool,
+        backend: BackendSession,
+    ) -> Session {
         Session {
             handle,
             slot_id,
+            rw,
             backend,
             ops: [Op::idle(), Op::idle(), Op::idle(), Op::idle(), Op::idle()],
             find: None,
@@ -172,6 +181,7 @@ impl Session {
                 T::Derive,
                 T::ValueLen,
                 T::Label,
+                T::Id,
             ],
         )?;
         let (value_len, _, imported) = lib.objects.local_facts(h);
@@ -202,6 +212,7 @@ impl Session {
                 Attribute::Local(b) => info.local = b,
                 Attribute::ValueLen(l) => info.value_len = l.into(),
                 Attribute::Label(l) => info.label = String::from_utf8_lossy(&l).into_owned(),
+                Attribute::Id(i) => info.raw_id = i,
                 _ => {}
             }
         }
@@ -226,12 +237,12 @@ impl Session {
     }
 
     /// `C_*Init`: starts an operation of `kind`.
-    pub fn init(&mut self, kind: Kind, mech: Mech, key: Option<ObjectHandle>) -> Result<()> {
+    pub fn init(&mut self, kind: Kind, mech: Mech, keys: Vec<ObjectHandle>) -> Result<()> {
         let op = &mut self.ops[idx(kind)];
         if !matches!(op.stage, Stage::Idle) {
             return err(CKR_OPERATION_ACTIVE);
         }
-        op.stage = Stage::Ready(mech, key);
+        op.stage = Stage::Ready(mech, keys);
         op.pending = None;
         Ok(())
     }
@@ -271,8 +282,8 @@ impl Session {
                 self.ops[idx(kind)].stage = Stage::Streaming;
                 return err(CKR_OPERATION_ACTIVE);
             }
-            Stage::Ready(mut mech, key) => {
-                Zeroizing::new(self.backend_single(kind, &mut mech, key, data)?)
+            Stage::Ready(mut mech, keys) => {
+                Zeroizing::new(self.backend_single(kind, &mut mech, &keys, data)?)
             }
             Stage::Done(out) => out,
         };
@@ -283,18 +294,30 @@ impl Session {
         &self,
         kind: Kind,
         mech: &mut Mech,
-        key: Option<ObjectHandle>,
+        keys: &[ObjectHandle],
         data: &[u8],
     ) -> Result<Vec<u8>> {
         let b = &self.backend;
         let ty = mech.ty;
         let m = mech.to_cryptoki()?;
-        let key = || key.ok_or(Error::Rv(CKR_GENERAL_ERROR));
+        let key = || keys.first().copied().ok_or(Error::Rv(CKR_GENERAL_ERROR));
         Ok(match kind {
             Kind::Encrypt => b.encrypt(&m, key()?, data)?,
-            Kind::Decrypt if ty == CKM_AES_GCM => b
-                .decrypt(&m, key()?, data)
-                .map_err(|e| Error::Rv(rv::aead_failure(Error::from(e).rv())))?,
+            // An authenticated decryption tells the right version by its tag: try every
+            // enabled version, newest first.
+            Kind::Decrypt if ty == CKM_AES_GCM => {
+                let mut last = CKR_ENCRYPTED_DATA_INVALID;
+                for k in keys {
+                    match b.decrypt(&m, *k, data) {
+                        Ok(out) => return Ok(out),
+                        Err(e) => last = rv::aead_failure(Error::from(e).rv()),
+                    }
+                    if last != CKR_ENCRYPTED_DATA_INVALID {
+                        break;
+                    }
+                }
+                return err(last);
+            }
             Kind::Decrypt => b.decrypt(&m, key()?, data)?,
             Kind::Digest => b.digest(&m, data)?,
             Kind::Sign => b.sign(&m, key()?, data)?,
@@ -334,10 +357,10 @@ impl Session {
                 op.stage = Stage::Streaming;
                 Ok(())
             }
-            Stage::Ready(mut mech, key) => {
+            Stage::Ready(mut mech, keys) => {
                 let b = &self.backend;
                 let m = mech.to_cryptoki()?;
-                let key = || key.ok_or(Error::Rv(CKR_GENERAL_ERROR));
+                let key = || keys.first().copied().ok_or(Error::Rv(CKR_GENERAL_ERROR));
                 match kind {
                     Kind::Encrypt => b.encrypt_init(&m, key()?)?,
                     Kind::Decrypt => b.decrypt_init(&m, key()?)?,
@@ -435,9 +458,9 @@ impl Session {
     pub fn verify(&mut self, data: &[u8], signature: &[u8]) -> Result<()> {
         let k = idx(Kind::Verify);
         match std::mem::replace(&mut self.ops[k].stage, Stage::Idle) {
-            Stage::Ready(mut mech, Some(key)) => {
+            Stage::Ready(mut mech, keys) if !keys.is_empty() => {
                 let m = mech.to_cryptoki()?;
-                Ok(self.backend.verify(&m, key, data, signature)?)
+                Ok(self.backend.verify(&m, keys[0], data, signature)?)
             }
             Stage::Idle => err(CKR_OPERATION_NOT_INITIALIZED),
             other => {
@@ -454,19 +477,18 @@ impl Session {
         Ok(self.backend.verify_final(signature)?)
     }
 
-    /// `C_FindObjectsInit`: runs the whole search on the backend and keeps the handles.
-    pub fn find_init(&mut self, lib: &Library, template: &[Attribute]) -> Result<()> {
+    /// `C_FindObjectsInit`: keeps the handles of a search done by the caller.
+    pub fn set_find(&mut self, found: Vec<CK_OBJECT_HANDLE>) -> Result<()> {
         if self.find.is_some() {
             return err(CKR_OPERATION_ACTIVE);
         }
-        let found = self
-            .backend
-            .find_objects(template)?
-            .into_iter()
-            .map(|o| lib.objects.ours(self.slot_id, o, None))
-            .collect();
         self.find = Some(Find { found, pos: 0 });
         Ok(())
+    }
+
+    /// Whether a search is active.
+    pub fn finding(&self) -> bool {
+        self.find.is_some()
     }
 
     /// `C_FindObjects`: up to `max` more handles.

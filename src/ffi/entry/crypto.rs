@@ -1,9 +1,7 @@
 //! Encryption, decryption, digests, signatures and verification (PKCS#11 v3.0 §5.8-5.13).
 
 use super::with_session;
-use crate::error::Error;
 use crate::ffi::{args, guard};
-use crate::policy::{self, Class, Op};
 use crate::runtime::session::Kind;
 use cryptoki_sys::*;
 
@@ -20,29 +18,9 @@ unsafe fn init(
 ) -> CK_RV {
     guard(name, || {
         with_session(h, |lib, s| {
-            if s.active(kind) {
-                return crate::error::err(CKR_OPERATION_ACTIVE);
-            }
             // SAFETY: forwarded caller contract.
             let mech = unsafe { args::mechanism(mech)? };
-            let op = match kind {
-                Kind::Encrypt => Op::Encrypt,
-                Kind::Decrypt => Op::Decrypt,
-                Kind::Sign => Op::Sign,
-                Kind::Verify => Op::Verify,
-                Kind::Digest => {
-                    if !policy::mechanisms::offered(mech.ty) {
-                        return crate::error::err(CKR_MECHANISM_INVALID);
-                    }
-                    return s.init(kind, mech, None);
-                }
-            };
-            let (obj, info) = s.key_info(lib, key, CKR_KEY_HANDLE_INVALID)?;
-            policy::check_use(op, mech.ty, &info, &lib.settings).map_err(Error::Rv)?;
-            if info.class() == Class::Cmk {
-                lib.check_access(&info.label, op)?;
-            }
-            s.init(kind, mech, Some(obj))
+            lib.crypto_init(s, kind, mech, key)
         })
     })
 }
@@ -246,14 +224,7 @@ pub unsafe extern "C" fn C_DigestUpdate(
 /// `C_DigestKey`.
 pub extern "C" fn C_DigestKey(h: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> CK_RV {
     guard("C_DigestKey", || {
-        with_session(h, |lib, s| {
-            let (key, info) = s.key_info(lib, key, CKR_KEY_HANDLE_INVALID)?;
-            // Digesting a key's value is an equality oracle on key material.
-            if info.is_protected() {
-                return crate::error::err(CKR_KEY_INDIGESTIBLE);
-            }
-            s.digest_key(key)
-        })
+        with_session(h, |lib, s| lib.digest_key(s, key))
     })
 }
 

@@ -1,11 +1,9 @@
 //! Object management (PKCS#11 v3.0 §5.7).
 
 use super::with_session;
-use crate::error::{err, Error};
+use crate::error::err;
 use crate::ffi::{args, guard};
-use crate::policy::templates;
 use crate::runtime::session::AttrValue;
-use cryptoki::object::{Attribute, AttributeType};
 use cryptoki_sys::*;
 
 /// `C_CreateObject`.
@@ -22,15 +20,7 @@ pub unsafe extern "C" fn C_CreateObject(
         with_session(h, |lib, s| {
             // SAFETY: application template and output (contract); NULLs checked.
             let (attrs, object) = unsafe { (args::template(template, count)?, args::out(object)?) };
-            templates::create(&attrs, &lib.settings).map_err(Error::Rv)?;
-            let o = s.backend().create_object(&attrs)?;
-            *object = s.register(lib, o, !args::is_token(&attrs));
-            if matches!(
-                templates::class_of(&attrs),
-                Some(CKO_SECRET_KEY | CKO_PRIVATE_KEY)
-            ) {
-                lib.objects.mark_imported(*object);
-            }
+            *object = lib.create_object(s, attrs)?;
             Ok(())
         })
     })
@@ -49,37 +39,19 @@ pub unsafe extern "C" fn C_CopyObject(
 ) -> CK_RV {
     guard("C_CopyObject", || {
         with_session(h, |lib, s| {
-            let o = s.object(lib, object, CKR_OBJECT_HANDLE_INVALID)?;
             // SAFETY: application template and output (contract); NULLs checked.
             let (attrs, new_object) =
                 unsafe { (args::template(template, count)?, args::out(new_object)?) };
-            let token = match attrs.iter().find_map(|a| match a {
-                Attribute::Token(t) => Some(*t),
-                _ => None,
-            }) {
-                Some(t) => t,
-                None => s
-                    .backend()
-                    .get_attributes(o, &[AttributeType::Token])?
-                    .iter()
-                    .any(|a| matches!(a, Attribute::Token(true))),
-            };
-            let copy = s.backend().copy_object(o, &attrs)?;
-            *new_object = s.register(lib, copy, !token);
+            *new_object = lib.copy_object(s, object, attrs)?;
             Ok(())
         })
     })
 }
 
-/// `C_DestroyObject`.
+/// `C_DestroyObject` (on a CMK: schedules its deletion).
 pub extern "C" fn C_DestroyObject(h: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) -> CK_RV {
     guard("C_DestroyObject", || {
-        with_session(h, |lib, s| {
-            let o = s.object(lib, object, CKR_OBJECT_HANDLE_INVALID)?;
-            s.backend().destroy_object(o)?;
-            lib.objects.forget(object);
-            Ok(())
-        })
+        with_session(h, |lib, s| lib.destroy_object(s, object))
     })
 }
 
@@ -118,30 +90,10 @@ pub unsafe extern "C" fn C_GetAttributeValue(
 ) -> CK_RV {
     guard("C_GetAttributeValue", || {
         with_session(h, |lib, s| {
-            let o = s.object(lib, object, CKR_OBJECT_HANDLE_INVALID)?;
             // SAFETY: application template (contract); NULL checked.
             let raw = unsafe { args::raw_template(template, count)? };
-            let types: Vec<Option<AttributeType>> = raw
-                .iter()
-                .map(|a| AttributeType::try_from(a.type_).ok())
-                .collect();
-            let (_, info) = s.key_info(lib, object, CKR_OBJECT_HANDLE_INVALID)?;
-            let mut values = s.attributes(o, &types)?;
-            if info.is_protected() {
-                // Key material of a CMK or DEK is never returned, whatever the backend says.
-                for (v, t) in values.iter_mut().zip(&types) {
-                    if t.is_some_and(templates::is_secret_value) {
-                        *v = AttrValue::Sensitive;
-                    }
-                }
-            }
-            if let Some(len) = lib.objects.value_len(object) {
-                for v in &mut values {
-                    if matches!(v, AttrValue::Value(Attribute::ValueLen(l)) if u64::from(*l) == 0) {
-                        *v = AttrValue::Value(Attribute::ValueLen(len.into()));
-                    }
-                }
-            }
+            let types: Vec<CK_ATTRIBUTE_TYPE> = raw.iter().map(|a| a.type_).collect();
+            let values = lib.get_attributes(s, object, &types)?;
             let (mut sensitive, mut invalid, mut small) = (false, false, false);
             for (dst, v) in raw.iter_mut().zip(values) {
                 match v {
@@ -181,13 +133,9 @@ pub unsafe extern "C" fn C_SetAttributeValue(
 ) -> CK_RV {
     guard("C_SetAttributeValue", || {
         with_session(h, |lib, s| {
-            let (o, info) = s.key_info(lib, object, CKR_OBJECT_HANDLE_INVALID)?;
             // SAFETY: application template (contract); NULL checked.
             let attrs = unsafe { args::template(template, count)? };
-            templates::set(&info, &attrs).map_err(Error::Rv)?;
-            let r = s.backend().update_attributes(o, &attrs);
-            lib.objects.set_info(object, None);
-            Ok(r?)
+            lib.set_attributes(s, object, attrs)
         })
     })
 }
@@ -203,9 +151,12 @@ pub unsafe extern "C" fn C_FindObjectsInit(
 ) -> CK_RV {
     guard("C_FindObjectsInit", || {
         with_session(h, |lib, s| {
+            if s.finding() {
+                return err(CKR_OPERATION_ACTIVE);
+            }
             // SAFETY: application template (contract); NULL checked.
             let attrs = unsafe { args::template(template, count)? };
-            s.find_init(lib, &attrs)
+            lib.find_init(s, attrs)
         })
     })
 }

@@ -87,7 +87,7 @@ pub unsafe extern "C" fn C_Login(
     pin_len: CK_ULONG,
 ) -> CK_RV {
     guard("C_Login", || {
-        with_session(h, |_, s| {
+        with_session(h, |lib, s| {
             let user = match user {
                 CKU_SO => UserType::So,
                 CKU_USER => UserType::User,
@@ -95,12 +95,12 @@ pub unsafe extern "C" fn C_Login(
                 _ => return err(CKR_USER_TYPE_INVALID),
             };
             if pin.is_null() {
-                return Ok(s.backend().login(user, None)?);
+                return lib.login(s, user, None);
             }
             // SAFETY: application buffer of the given length (contract).
             let pin = unsafe { args::bytes(pin, pin_len)? };
             let pin = RawAuthPin::new(Box::new(pin.to_vec()));
-            Ok(s.backend().login_with_raw(user, &pin)?)
+            lib.login(s, user, Some(&pin))
         })
     })
 }
@@ -108,15 +108,7 @@ pub unsafe extern "C" fn C_Login(
 /// `C_Logout`. `CKR_USER_NOT_LOGGED_IN` when nobody is logged in, as the specification
 /// says, even over a backend (SoftHSM2) that returns `CKR_OK` then.
 pub extern "C" fn C_Logout(h: CK_SESSION_HANDLE) -> CK_RV {
-    guard("C_Logout", || {
-        with_session(h, |_, s| {
-            let state = s.backend().get_session_info()?.session_state();
-            if matches!(state, SessionState::RoPublic | SessionState::RwPublic) {
-                return err(CKR_USER_NOT_LOGGED_IN);
-            }
-            Ok(s.backend().logout()?)
-        })
-    })
+    guard("C_Logout", || with_session(h, |lib, s| lib.logout(s)))
 }
 
 /// `C_SessionCancel` (v3.0): ends the operations named in `flags`.

@@ -1,0 +1,358 @@
+//! CMKs as the user sees them: names, stable ids, versions and lifecycle states, all kept
+//! in the token so that a token backup or an HSM cluster carries everything.
+//!
+//! # Layout in the token
+//! - **Version objects.** Each version of a secret CMK is an ordinary secret token key.
+//!   Its backend `CKA_ID` is the CMK's id, the tag [`VERSION_TAG`] and the version number
+//!   (4 bytes, big endian); its `CKA_LABEL` is the CMK's name. Applications see the id
+//!   without tag and number. Rotation creates one new object: that creation is the whole
+//!   commit, so a process killed at any instant leaves the old or the new set of versions.
+//! - **State records.** A CMK whose state ever changed has a private data object
+//!   (`CKA_APPLICATION` "cmkp11", `CKA_LABEL` "cmkp11:state") holding a JSON
+//!   [`StateRecord`] with a generation number. A change creates the record of the next
+//!   generation and only then destroys the older ones; readers take the highest
+//!   generation they can parse. A key with no record is enabled.
+//! - Labels starting with [`RESERVED_PREFIX`] belong to cmkp11's internal objects and are
+//!   never shown to applications nor accepted from them.
+//!
+//! Private keys are CMKs too (states, no versions: they get a new key instead); their
+//! identity is their `CKA_ID` (or label when they have none), left exactly as the
+//! application set it, since clients pair keys and certificates by it.
+
+pub mod lifecycle;
+
+use crate::error::Result;
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use cryptoki_sys::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Marks a version number inside a backend `CKA_ID`.
+pub const VERSION_TAG: &[u8] = b"#cmkp11v";
+/// Labels reserved for cmkp11's internal objects.
+pub const RESERVED_PREFIX: &str = "cmkp11:";
+/// Label of state records.
+pub const STATE_LABEL: &str = "cmkp11:state";
+/// `CKA_APPLICATION` of cmkp11's data objects.
+pub const APPLICATION: &str = "cmkp11";
+/// Longest `CKA_ID` an application may give a CMK.
+pub const MAX_ID_LEN: usize = 64;
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Splits a backend `CKA_ID` into the CMK id and the version number, if tagged.
+pub fn split_id(raw: &[u8]) -> (&[u8], Option<u32>) {
+    if raw.len() >= VERSION_TAG.len() + 4 {
+        let (head, num) = raw.split_at(raw.len() - 4);
+        if let Some(id) = head.strip_suffix(VERSION_TAG) {
+            let v = u32::from_be_bytes(num.try_into().unwrap_or_default());
+            return (id, Some(v));
+        }
+    }
+    (raw, None)
+}
+
+/// The backend `CKA_ID` of version `v` of CMK `id`.
+pub fn version_id(id: &[u8], v: u32) -> Vec<u8> {
+    [id, VERSION_TAG, &v.to_be_bytes()].concat()
+}
+
+/// The identity of a CMK object and its version: the CMK id for tagged secret keys,
+/// the raw `CKA_ID`, or the label for keys without an id.
+pub fn identity(raw_id: &[u8], label: &str) -> (Vec<u8>, u32) {
+    let (id, v) = split_id(raw_id);
+    if id.is_empty() {
+        ([b"label:", label.as_bytes()].concat(), v.unwrap_or(1))
+    } else {
+        (id.to_vec(), v.unwrap_or(1))
+    }
+}
+
+/// Lifecycle states (see the README's state diagram).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    /// Usable.
+    Enabled,
+    /// Findable; every use refused.
+    Disabled,
+    /// Disabled, and destroyed after the deletion date.
+    PendingDeletion,
+    /// Gone (its objects are being removed).
+    Destroyed,
+}
+
+impl State {
+    /// The `CMKP11_STATE_*` value.
+    pub fn vendor(self) -> CK_ULONG {
+        use crate::vendor::*;
+        match self {
+            State::Enabled => CMKP11_STATE_ENABLED,
+            State::Disabled => CMKP11_STATE_DISABLED,
+            State::PendingDeletion => CMKP11_STATE_PENDING_DELETION,
+            State::Destroyed => CMKP11_STATE_DESTROYED,
+        }
+    }
+
+    /// The name used by the CLI and the audit log.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Enabled => "enabled",
+            State::Disabled => "disabled",
+            State::PendingDeletion => "pending-deletion",
+            State::Destroyed => "destroyed",
+        }
+    }
+}
+
+/// Where the key material came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Origin {
+    /// Generated in the token.
+    #[default]
+    Generated,
+    /// Imported (BYOK).
+    Imported,
+}
+
+/// A CMK's lifecycle record, stored in the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateRecord {
+    /// Hex of the CMK's identity.
+    pub key: String,
+    /// Generation: the highest wins.
+    pub generation: u64,
+    /// Random tie-breaker between writers of the same generation.
+    pub nonce: u64,
+    /// The state.
+    pub state: State,
+    /// Unix seconds after which a key pending deletion is destroyed (0: none).
+    pub deletion_date: u64,
+    /// Where the key material came from.
+    pub origin: Origin,
+    /// Unix seconds of this record.
+    pub updated: u64,
+    /// Unix seconds of the last rotation (0: never rotated).
+    #[serde(default)]
+    pub rotated: u64,
+}
+
+impl StateRecord {
+    /// The record a key without one implicitly has.
+    pub fn initial(key: &[u8]) -> StateRecord {
+        StateRecord {
+            key: hex(key),
+            generation: 0,
+            nonce: 0,
+            state: State::Enabled,
+            deletion_date: 0,
+            origin: Origin::Generated,
+            updated: 0,
+            rotated: 0,
+        }
+    }
+}
+
+/// Lower-case hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// One CMK as found in the token.
+#[derive(Debug, Clone)]
+pub struct Cmk {
+    /// Identity (CMK id).
+    pub id: Vec<u8>,
+    /// `CKA_CLASS` (secret or private key).
+    pub class: CK_OBJECT_CLASS,
+    /// `CKA_LABEL`.
+    pub label: String,
+    /// Versions, ascending.
+    pub versions: Vec<(u32, ObjectHandle)>,
+    /// The newest state record, if any.
+    pub record: Option<StateRecord>,
+    /// Every state record object (the newest included), for clean-up.
+    pub record_objects: Vec<ObjectHandle>,
+}
+
+impl Cmk {
+    /// The name shown to people: the label, or the id in hex.
+    pub fn name(&self) -> String {
+        if self.label.is_empty() {
+            hex(&self.id)
+        } else {
+            self.label.clone()
+        }
+    }
+
+    /// The record in force (the implicit one when none was written).
+    pub fn record(&self) -> StateRecord {
+        self.record
+            .clone()
+            .unwrap_or_else(|| StateRecord::initial(&self.id))
+    }
+
+    /// The state in force at `now`: a key pending deletion past its date is destroyed.
+    pub fn state(&self, now: u64) -> State {
+        let r = self.record();
+        match r.state {
+            State::PendingDeletion if r.deletion_date <= now => State::Destroyed,
+            s => s,
+        }
+    }
+
+    /// The primary (newest) version.
+    pub fn primary(&self) -> Option<(u32, ObjectHandle)> {
+        self.versions.last().copied()
+    }
+}
+
+/// The token's CMKs at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    /// CMKs by identity.
+    pub cmks: BTreeMap<Vec<u8>, Cmk>,
+    /// State records whose key objects are gone (left by an interrupted purge).
+    pub orphan_records: Vec<ObjectHandle>,
+}
+
+impl View {
+    /// The CMK a backend object belongs to, with the object's version.
+    pub fn of_object(&self, obj: ObjectHandle) -> Option<(&Cmk, u32)> {
+        self.cmks.values().find_map(|c| {
+            c.versions
+                .iter()
+                .find(|(_, o)| *o == obj)
+                .map(|(v, _)| (c, *v))
+        })
+    }
+
+    /// A CMK by name (label, or hex id).
+    pub fn by_name(&self, name: &str) -> Option<&Cmk> {
+        self.cmks
+            .values()
+            .find(|c| c.label == name || (c.label.is_empty() && hex(&c.id) == name))
+    }
+}
+
+fn text(a: &Attribute) -> Option<String> {
+    match a {
+        Attribute::Label(l) => Some(String::from_utf8_lossy(l).into_owned()),
+        _ => None,
+    }
+}
+
+/// Reads every CMK and state record from the token (through a logged-in session; before
+/// login, private objects are invisible and the view is empty).
+pub fn load(s: &Session) -> Result<View> {
+    let mut view = View::default();
+    for class in [ObjectClass::SECRET_KEY, ObjectClass::PRIVATE_KEY] {
+        for obj in s.find_objects(&[Attribute::Token(true), Attribute::Class(class)])? {
+            let attrs = s.get_attributes(obj, &[AttributeType::Id, AttributeType::Label])?;
+            let raw_id = attrs
+                .iter()
+                .find_map(|a| match a {
+                    Attribute::Id(i) => Some(i.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let label = attrs.iter().find_map(text).unwrap_or_default();
+            if label.starts_with(RESERVED_PREFIX) {
+                continue;
+            }
+            let (id, v) = identity(&raw_id, &label);
+            let cmk = view.cmks.entry(id.clone()).or_insert_with(|| Cmk {
+                id,
+                class: class.into(),
+                label: label.clone(),
+                versions: Vec::new(),
+                record: None,
+                record_objects: Vec::new(),
+            });
+            cmk.versions.push((v, obj));
+        }
+    }
+    for c in view.cmks.values_mut() {
+        c.versions.sort_by_key(|(v, _)| *v);
+    }
+    let records = s.find_objects(&[
+        Attribute::Token(true),
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Application(APPLICATION.as_bytes().to_vec()),
+        Attribute::Label(STATE_LABEL.as_bytes().to_vec()),
+    ])?;
+    let mut by_key: BTreeMap<String, Vec<(ObjectHandle, Option<StateRecord>)>> = BTreeMap::new();
+    let hex_to_id: BTreeMap<String, Vec<u8>> =
+        view.cmks.keys().map(|k| (hex(k), k.clone())).collect();
+    for obj in records {
+        let rec = s
+            .get_attributes(obj, &[AttributeType::Value])?
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::Value(v) => serde_json::from_slice::<StateRecord>(&v).ok(),
+                _ => None,
+            });
+        match &rec {
+            Some(r) => by_key.entry(r.key.clone()).or_default().push((obj, rec)),
+            // Unreadable (torn) records are ignored; the clean-up of the next write of a
+            // key cannot name them, so they are kept as orphans for purge.
+            None => view.orphan_records.push(obj),
+        }
+    }
+    for (key, recs) in by_key {
+        match hex_to_id.get(&key).and_then(|id| view.cmks.get_mut(id)) {
+            Some(c) => {
+                c.record = recs
+                    .iter()
+                    .filter_map(|(_, r)| r.clone())
+                    .max_by_key(|r| (r.generation, r.nonce));
+                c.record_objects = recs.into_iter().map(|(o, _)| o).collect();
+            }
+            None => view.orphan_records.extend(recs.into_iter().map(|(o, _)| o)),
+        }
+    }
+    Ok(view)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_ids_round_trip() {
+        let raw = version_id(b"abc", 7);
+        assert_eq!(split_id(&raw), (&b"abc"[..], Some(7)));
+        assert_eq!(split_id(b"plain"), (&b"plain"[..], None));
+        assert_eq!(identity(&raw, "x"), (b"abc".to_vec(), 7));
+        assert_eq!(identity(b"", "name"), (b"label:name".to_vec(), 1));
+    }
+
+    #[test]
+    fn records_round_trip_and_states() {
+        let mut r = StateRecord::initial(b"k");
+        r.state = State::PendingDeletion;
+        r.deletion_date = 100;
+        let json = serde_json::to_vec(&r).unwrap();
+        assert_eq!(serde_json::from_slice::<StateRecord>(&json).unwrap(), r);
+        let c = Cmk {
+            id: b"k".to_vec(),
+            class: CKO_SECRET_KEY,
+            label: String::new(),
+            versions: vec![],
+            record: Some(r),
+            record_objects: vec![],
+        };
+        assert_eq!(c.state(99), State::PendingDeletion);
+        assert_eq!(c.state(100), State::Destroyed);
+        assert_eq!(c.name(), "6b");
+    }
+}

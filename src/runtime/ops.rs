@@ -1,0 +1,729 @@
+//! The operations behind the entry points, as safe Rust: the policy and the keystore are
+//! applied here, so the FFI layer only converts pointers and the CLI can use the same
+//! paths. Each function runs with the calling session's lock held.
+
+use super::session::{AttrValue, Delivery, Kind, Session};
+use super::Library;
+use crate::backend::mech::Mech;
+use crate::error::{err, Error, Result};
+use crate::keystore::{self, identity, lifecycle, split_id, Cmk, State, View, RESERVED_PREFIX};
+use crate::policy::{self, templates, Class, KeyInfo, Op, SecretRole, Usage};
+use crate::vendor;
+use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
+use cryptoki_sys::*;
+use std::sync::Arc;
+
+/// A key resolved for a use: the backend objects to try, in order, and its facts.
+pub struct Key {
+    /// The objects to use: the primary version first, then (for decryption and unwrap)
+    /// the older enabled versions, newest first.
+    pub objects: Vec<ObjectHandle>,
+    /// The policy facts.
+    pub info: Arc<KeyInfo>,
+}
+
+fn rv(r: std::result::Result<(), CK_RV>) -> Result<()> {
+    r.map_err(Error::Rv)
+}
+
+/// `CKA_ID` as applications see it: a version object's id without tag and number.
+pub fn presented_id(info: &KeyInfo) -> Vec<u8> {
+    if info.class == CKO_SECRET_KEY && info.token {
+        split_id(&info.raw_id).0.to_vec()
+    } else {
+        info.raw_id.clone()
+    }
+}
+
+fn reserved(label: &[u8]) -> bool {
+    label.starts_with(RESERVED_PREFIX.as_bytes())
+}
+
+fn label_of(t: &[Attribute]) -> Option<Vec<u8>> {
+    t.iter().rev().find_map(|a| match a {
+        Attribute::Label(l) => Some(l.clone()),
+        _ => None,
+    })
+}
+
+fn ulong(t: CK_ATTRIBUTE_TYPE, v: CK_ULONG) -> AttrValue {
+    AttrValue::Value(Attribute::VendorDefined((
+        AttributeType::VendorDefined(t),
+        v.to_ne_bytes().to_vec(),
+    )))
+}
+
+impl Library {
+    /// The slot's keystore view, refreshed through `s` when due.
+    pub fn view(&self, s: &Session) -> Arc<View> {
+        self.stores[s.slot_id as usize].get(s.backend())
+    }
+
+    /// Reloads the slot's view now.
+    pub fn reload_view(&self, s: &Session) -> Arc<View> {
+        self.stores[s.slot_id as usize].reload(s.backend())
+    }
+
+    /// The CMK an object belongs to, if the keystore knows it.
+    fn cmk_of(&self, view: &View, h: CK_OBJECT_HANDLE, info: &KeyInfo) -> Option<Cmk> {
+        // Session private keys have no lifecycle: they die with their session.
+        if !info.token {
+            return None;
+        }
+        let id = self
+            .objects
+            .logical_id(h)
+            .unwrap_or_else(|| identity(&info.raw_id, &info.label).0);
+        view.cmks.get(&id).cloned()
+    }
+
+    /// Resolves a key for `op` with mechanism `mech`: handle, policy, lifecycle state,
+    /// access rules. Refusals are logged with their reason.
+    pub fn use_key(
+        &self,
+        s: &Session,
+        h: CK_OBJECT_HANDLE,
+        invalid: CK_RV,
+        op: Op,
+        mech: CK_MECHANISM_TYPE,
+    ) -> Result<Key> {
+        let (obj, info) = s.key_info(self, h, invalid)?;
+        rv(policy::check_use(op, mech, &info, &self.settings))
+            .inspect_err(|e| log::info!("refused {} with `{}`: {e}", op.name(), info.label))?;
+        if info.class() != Class::Cmk {
+            return Ok(Key {
+                objects: vec![obj],
+                info,
+            });
+        }
+        let view = self.view(s);
+        let mut objects = vec![obj];
+        if let Some(cmk) = self.cmk_of(&view, h, &info) {
+            let state = cmk.state(keystore::now());
+            if state != State::Enabled {
+                log::warn!(
+                    "refused {} with `{}`: the key is {}",
+                    op.name(),
+                    cmk.name(),
+                    state.name()
+                );
+                return err(CKR_KEY_FUNCTION_NOT_PERMITTED);
+            }
+            let primary = cmk.primary().map(|(_, o)| o);
+            let logical = self.objects.logical_id(h).is_some();
+            if logical || primary == Some(obj) {
+                objects = cmk.versions.iter().rev().map(|(_, o)| *o).collect();
+            } else if !matches!(op, Op::Decrypt | Op::Unwrap | Op::Verify) {
+                // An older version only opens what it closed.
+                log::warn!(
+                    "refused {} with an older version of `{}`",
+                    op.name(),
+                    cmk.name()
+                );
+                return err(CKR_KEY_FUNCTION_NOT_PERMITTED);
+            }
+        }
+        self.check_access(&info.label, op)?;
+        Ok(Key { objects, info })
+    }
+
+    /// `C_*Init`.
+    pub fn crypto_init(
+        &self,
+        s: &mut Session,
+        kind: Kind,
+        mech: Mech,
+        key: CK_OBJECT_HANDLE,
+    ) -> Result<()> {
+        if s.active(kind) {
+            return err(CKR_OPERATION_ACTIVE);
+        }
+        let op = match kind {
+            Kind::Encrypt => Op::Encrypt,
+            Kind::Decrypt => Op::Decrypt,
+            Kind::Sign => Op::Sign,
+            Kind::Verify => Op::Verify,
+            Kind::Digest => {
+                if !policy::mechanisms::offered(mech.ty) {
+                    return err(CKR_MECHANISM_INVALID);
+                }
+                return s.init(kind, mech, Vec::new());
+            }
+        };
+        let mut k = self.use_key(s, key, CKR_KEY_HANDLE_INVALID, op, mech.ty)?;
+        // Only authenticated decryption may try older versions (and only single-part).
+        if !(kind == Kind::Decrypt && mech.ty == CKM_AES_GCM) {
+            k.objects.truncate(1);
+        }
+        s.init(kind, mech, k.objects)
+    }
+
+    /// `C_DigestKey`: refused for secret and private keys (an equality oracle on keys).
+    pub fn digest_key(&self, s: &mut Session, key: CK_OBJECT_HANDLE) -> Result<()> {
+        let (obj, info) = s.key_info(self, key, CKR_KEY_HANDLE_INVALID)?;
+        if info.is_protected() {
+            return err(CKR_KEY_INDIGESTIBLE);
+        }
+        s.digest_key(obj)
+    }
+
+    fn check_new_name(&self, s: &Session, label: Option<&[u8]>) -> Result<()> {
+        let Some(label) = label.filter(|l| !l.is_empty()) else {
+            return Ok(());
+        };
+        if reserved(label) {
+            return err(CKR_ATTRIBUTE_VALUE_INVALID);
+        }
+        let name = String::from_utf8_lossy(label);
+        let view = self.reload_view(s);
+        if view
+            .cmks
+            .values()
+            .any(|c| c.label == name && c.state(keystore::now()) != State::Destroyed)
+        {
+            log::warn!("a CMK named `{name}` exists already");
+            return err(CKR_ATTRIBUTE_VALUE_INVALID);
+        }
+        Ok(())
+    }
+
+    /// `C_GenerateKey`. A token key is a CMK: unique name, stable id (given, at most 64
+    /// bytes, or 16 random bytes), version 1.
+    pub fn generate_key(
+        &self,
+        s: &mut Session,
+        mut mech: Mech,
+        template: Vec<Attribute>,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        if !policy::mechanisms::is_generation(mech.ty) || templates::pair_key_type(mech.ty).is_ok()
+        {
+            return err(CKR_MECHANISM_INVALID);
+        }
+        let mut t = rv_t(templates::generate_key(template, &self.settings))?;
+        let token = templates::is_token(&t);
+        let mut cmk_id = None;
+        if token {
+            self.check_new_name(s, label_of(&t).as_deref())?;
+            let id = match t.iter().rev().find_map(|a| match a {
+                Attribute::Id(i) => Some(i.clone()),
+                _ => None,
+            }) {
+                Some(i) if i.is_empty() || i.len() > keystore::MAX_ID_LEN => {
+                    return err(CKR_ATTRIBUTE_VALUE_INVALID)
+                }
+                Some(i) => i,
+                None => {
+                    let mut i = vec![0u8; 16];
+                    s.backend().generate_random_slice(&mut i)?;
+                    i
+                }
+            };
+            if self.view(s).cmks.contains_key(&id) {
+                log::warn!("a CMK with id {} exists already", keystore::hex(&id));
+                return err(CKR_ATTRIBUTE_VALUE_INVALID);
+            }
+            t.retain(|a| !matches!(a, Attribute::Id(_)));
+            t.push(Attribute::Id(keystore::version_id(&id, 1)));
+            cmk_id = Some(id);
+        }
+        let obj = s.backend().generate_key(&mech.to_cryptoki()?, &t)?;
+        Ok(match cmk_id {
+            Some(id) => {
+                self.stores[s.slot_id as usize].invalidate();
+                self.objects.logical(s.slot_id, &id, obj)
+            }
+            None => s.register(self, obj, true),
+        })
+    }
+
+    /// `C_GenerateKeyPair`.
+    pub fn generate_key_pair(
+        &self,
+        s: &mut Session,
+        mut mech: Mech,
+        public: Vec<Attribute>,
+        private: Vec<Attribute>,
+    ) -> Result<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)> {
+        let key_type = rv_t(templates::pair_key_type(mech.ty))?;
+        let private = rv_t(templates::private_key(private, key_type))?;
+        if label_of(&public).is_some_and(|l| reserved(&l)) {
+            return err(CKR_ATTRIBUTE_VALUE_INVALID);
+        }
+        if templates::is_token(&private) {
+            self.check_new_name(s, label_of(&private).as_deref())?;
+        }
+        let (p, q) = s
+            .backend()
+            .generate_key_pair(&mech.to_cryptoki()?, &public, &private)?;
+        if templates::is_token(&private) {
+            self.stores[s.slot_id as usize].invalidate();
+        }
+        Ok((
+            s.register(self, p, !templates::is_token(&public)),
+            s.register(self, q, !templates::is_token(&private)),
+        ))
+    }
+
+    /// `C_WrapKey`: a DEK under a wrap CMK's primary version.
+    pub fn wrap_key(
+        &self,
+        s: &mut Session,
+        mech: Mech,
+        wrapping: CK_OBJECT_HANDLE,
+        key: CK_OBJECT_HANDLE,
+        sink: impl FnOnce(&[u8]) -> Delivery,
+    ) -> Result<()> {
+        let w = self.use_key(
+            s,
+            wrapping,
+            CKR_WRAPPING_KEY_HANDLE_INVALID,
+            Op::Wrap,
+            mech.ty,
+        )?;
+        let (k, kinfo) = s.key_info(self, key, CKR_KEY_HANDLE_INVALID)?;
+        let (_, origin, _) = self.objects.local_facts(key);
+        rv(policy::check_wrap(
+            mech.ty,
+            &w.info,
+            wrapping,
+            &kinfo,
+            origin,
+            &self.settings,
+        ))
+        .inspect_err(|e| log::info!("refused wrap under `{}`: {e}", w.info.label))?;
+        s.wrap(mech, (wrapping, w.objects[0]), (key, k), sink)?;
+        // A DEK first wrapped by X can from now on be wrapped only by X.
+        self.objects.set_origin(key, wrapping);
+        Ok(())
+    }
+
+    /// `C_UnwrapKey`: the result is always a DEK; every enabled version is tried, newest
+    /// first; every failure that depends on the blob is `CKR_WRAPPED_KEY_INVALID`.
+    pub fn unwrap_key(
+        &self,
+        s: &mut Session,
+        mut mech: Mech,
+        unwrapping: CK_OBJECT_HANDLE,
+        blob: &[u8],
+        template: Vec<Attribute>,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        let u = self.use_key(
+            s,
+            unwrapping,
+            CKR_UNWRAPPING_KEY_HANDLE_INVALID,
+            Op::Unwrap,
+            mech.ty,
+        )?;
+        let t = rv_t(templates::unwrapped(template, &self.settings))?;
+        let m = mech.to_cryptoki()?;
+        let mut last = CKR_WRAPPED_KEY_INVALID;
+        for obj in &u.objects {
+            match s.backend().unwrap_key(&m, *obj, blob, &t) {
+                Ok(k) => {
+                    let h = s.register(self, k, true);
+                    if let Some(len) = aes_value_len_from_blob(mech.ty, blob.len(), &t) {
+                        self.objects.set_value_len(h, len);
+                    }
+                    // A DEK unwrapped by X can be wrapped only by X (an RSA key never
+                    // wraps, so a DEK conjured through RSA-OAEP never leaves the token).
+                    self.objects.set_origin(h, unwrapping);
+                    return Ok(h);
+                }
+                Err(e) => {
+                    last = crate::backend::rv::unwrap_failure(Error::from(e).rv());
+                    if last != CKR_WRAPPED_KEY_INVALID {
+                        break;
+                    }
+                }
+            }
+        }
+        err(last)
+    }
+
+    /// `C_DeriveKey`: ECDH1 from an EC private key with the derive role only.
+    pub fn derive_key(
+        &self,
+        s: &mut Session,
+        mut mech: Mech,
+        base: CK_OBJECT_HANDLE,
+        template: Vec<Attribute>,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        let b = self.use_key(s, base, CKR_KEY_HANDLE_INVALID, Op::Derive, mech.ty)?;
+        let t = rv_t(templates::derived(template, &self.settings))?;
+        let k = s
+            .backend()
+            .derive_key(&mech.to_cryptoki()?, b.objects[0], &t)?;
+        Ok(s.register(self, k, true))
+    }
+
+    /// `C_CreateObject`: no plaintext key import unless the test switch allows it; no
+    /// object in cmkp11's reserved namespace.
+    pub fn create_object(&self, s: &mut Session, t: Vec<Attribute>) -> Result<CK_OBJECT_HANDLE> {
+        rv(templates::create(&t, &self.settings))?;
+        let app_reserved = t.iter().any(|a| matches!(a, Attribute::Application(v) if v.as_slice() == keystore::APPLICATION.as_bytes()));
+        if label_of(&t).is_some_and(|l| reserved(&l)) || app_reserved {
+            return err(CKR_ATTRIBUTE_VALUE_INVALID);
+        }
+        let key = matches!(
+            templates::class_of(&t),
+            Some(CKO_SECRET_KEY | CKO_PRIVATE_KEY)
+        );
+        if key && templates::is_token(&t) {
+            self.check_new_name(s, label_of(&t).as_deref())?;
+        }
+        let o = s.backend().create_object(&t)?;
+        let h = s.register(self, o, !templates::is_token(&t));
+        if key {
+            self.objects.mark_imported(h);
+            self.stores[s.slot_id as usize].invalidate();
+        }
+        Ok(h)
+    }
+
+    /// `C_CopyObject`: only the promotion of a session key to a token CMK.
+    pub fn copy_object(
+        &self,
+        s: &mut Session,
+        h: CK_OBJECT_HANDLE,
+        t: Vec<Attribute>,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        let (o, info) = s.key_info(self, h, CKR_OBJECT_HANDLE_INVALID)?;
+        let t = rv_t(templates::copy(&info, t))?;
+        if label_of(&t).is_some_and(|l| reserved(&l)) {
+            return err(CKR_ATTRIBUTE_VALUE_INVALID);
+        }
+        let token = match t.iter().rev().find_map(|a| match a {
+            Attribute::Token(b) => Some(*b),
+            _ => None,
+        }) {
+            Some(b) => b,
+            None => info.token,
+        };
+        if token && info.is_protected() {
+            let label = label_of(&t).unwrap_or_else(|| info.label.as_bytes().to_vec());
+            self.check_new_name(s, Some(&label))?;
+        }
+        let copy = s.backend().copy_object(o, &t)?;
+        if token {
+            self.stores[s.slot_id as usize].invalidate();
+        }
+        Ok(s.register(self, copy, !token))
+    }
+
+    /// `C_DestroyObject`: destroying a CMK schedules its deletion `deletion_window_days`
+    /// ahead (the key stays findable, disabled); other objects are destroyed.
+    pub fn destroy_object(&self, s: &mut Session, h: CK_OBJECT_HANDLE) -> Result<()> {
+        let (o, info) = s.key_info(self, h, CKR_OBJECT_HANDLE_INVALID)?;
+        if info.class() != Class::Cmk {
+            s.backend().destroy_object(o)?;
+            self.objects.forget(h);
+            return Ok(());
+        }
+        let view = self.reload_view(s);
+        let cmk = self
+            .cmk_of(&view, h, &info)
+            .ok_or(Error::Rv(CKR_OBJECT_HANDLE_INVALID))?;
+        if cmk.state(keystore::now()) == State::PendingDeletion {
+            return Ok(());
+        }
+        let r =
+            lifecycle::schedule_deletion(s.backend(), &cmk, self.cfg.keys.deletion_window_days)?;
+        log::warn!(
+            "CMK `{}` scheduled for deletion at {} (unix time); cancel with `cmkp11 key cancel-deletion`",
+            cmk.name(),
+            r.deletion_date
+        );
+        self.stores[s.slot_id as usize].invalidate();
+        Ok(())
+    }
+
+    /// `C_GetAttributeValue`: the backend's values, with key material withheld, ids as
+    /// applications know them, and cmkp11's vendor attributes.
+    pub fn get_attributes(
+        &self,
+        s: &mut Session,
+        h: CK_OBJECT_HANDLE,
+        types: &[CK_ATTRIBUTE_TYPE],
+    ) -> Result<Vec<AttrValue>> {
+        let (mut o, info) = s.key_info(self, h, CKR_OBJECT_HANDLE_INVALID)?;
+        let mine = |t: CK_ATTRIBUTE_TYPE| {
+            (vendor::CKA_CMKP11_STATE..=vendor::CKA_CMKP11_ROLE).contains(&t)
+        };
+        let cmk = if info.class() == Class::Cmk {
+            let view = self.view(s);
+            self.cmk_of(&view, h, &info)
+        } else {
+            None
+        };
+        if self.objects.logical_id(h).is_some() {
+            if let Some((_, p)) = cmk.as_ref().and_then(Cmk::primary) {
+                o = p;
+            }
+        }
+        let backend_types: Vec<Option<AttributeType>> = types
+            .iter()
+            .filter(|t| !mine(**t))
+            .map(|t| AttributeType::try_from(*t).ok())
+            .collect();
+        let mut from_backend = s
+            .attributes(o, &backend_types)?
+            .into_iter()
+            .zip(backend_types);
+        let own_version = identity(&info.raw_id, &info.label).1;
+        let mut out = Vec::with_capacity(types.len());
+        for t in types {
+            if mine(*t) {
+                out.push(self.vendor_attribute(*t, h, &info, cmk.as_ref(), own_version));
+                continue;
+            }
+            let Some((mut v, ty)) = from_backend.next() else {
+                return err(CKR_GENERAL_ERROR);
+            };
+            if info.is_protected() && ty.is_some_and(templates::is_secret_value) {
+                // Key material of a CMK or DEK is never returned, whatever the backend says.
+                v = AttrValue::Sensitive;
+            }
+            match &mut v {
+                AttrValue::Value(Attribute::Id(id)) => *id = presented_id(&info),
+                AttrValue::Value(Attribute::ValueLen(l)) if u64::from(*l) == 0 => {
+                    if let Some(len) = self.objects.value_len(h) {
+                        *l = len.into();
+                    }
+                }
+                _ => {}
+            }
+            out.push(v);
+        }
+        Ok(out)
+    }
+
+    fn vendor_attribute(
+        &self,
+        t: CK_ATTRIBUTE_TYPE,
+        h: CK_OBJECT_HANDLE,
+        info: &KeyInfo,
+        cmk: Option<&Cmk>,
+        own: u32,
+    ) -> AttrValue {
+        if info.class() != Class::Cmk {
+            return AttrValue::Invalid;
+        }
+        let record = cmk.map(Cmk::record);
+        let logical = self.objects.logical_id(h).is_some();
+        let v = match t {
+            vendor::CKA_CMKP11_STATE => cmk
+                .map(|c| c.state(keystore::now()))
+                .unwrap_or(State::Enabled)
+                .vendor(),
+            vendor::CKA_CMKP11_VERSION if logical => {
+                cmk.and_then(Cmk::primary).map(|(v, _)| v).unwrap_or(own) as CK_ULONG
+            }
+            vendor::CKA_CMKP11_VERSION => own as CK_ULONG,
+            vendor::CKA_CMKP11_VERSION_COUNT => {
+                cmk.map(|c| c.versions.len()).unwrap_or(1) as CK_ULONG
+            }
+            vendor::CKA_CMKP11_DELETION_DATE => record.map(|r| r.deletion_date).unwrap_or(0),
+            vendor::CKA_CMKP11_ORIGIN => {
+                let imported =
+                    record.is_some_and(|r| r.origin == keystore::Origin::Imported) || !info.local;
+                if imported {
+                    vendor::CMKP11_ORIGIN_IMPORTED
+                } else {
+                    vendor::CMKP11_ORIGIN_GENERATED
+                }
+            }
+            vendor::CKA_CMKP11_ROLE => role_bits(info),
+            _ => return AttrValue::Invalid,
+        };
+        ulong(t, v)
+    }
+
+    /// `C_SetAttributeValue`: names and dates only; a secret CMK's name and id are stable.
+    pub fn set_attributes(
+        &self,
+        s: &mut Session,
+        h: CK_OBJECT_HANDLE,
+        t: Vec<Attribute>,
+    ) -> Result<()> {
+        let (o, info) = s.key_info(self, h, CKR_OBJECT_HANDLE_INVALID)?;
+        rv(templates::set(&info, &t))?;
+        if label_of(&t).is_some_and(|l| reserved(&l)) {
+            return err(CKR_ATTRIBUTE_VALUE_INVALID);
+        }
+        if info.class() == Class::Cmk {
+            let renames = t
+                .iter()
+                .any(|a| matches!(a, Attribute::Label(_) | Attribute::Id(_)));
+            if renames && info.class == CKO_SECRET_KEY {
+                return err(CKR_ATTRIBUTE_READ_ONLY);
+            }
+            if let Some(l) = label_of(&t).filter(|l| *l != info.label.as_bytes()) {
+                self.check_new_name(s, Some(&l))?;
+            }
+        }
+        let r = s.backend().update_attributes(o, &t);
+        self.objects.set_info(h, None);
+        self.stores[s.slot_id as usize].invalidate();
+        Ok(r?)
+    }
+
+    /// `C_FindObjectsInit`: one handle per CMK (its logical handle) unless the template
+    /// asks for a version (`CKA_CMKP11_VERSION`); internal objects and destroyed keys are
+    /// never found; `CKA_ID` matches the id applications know.
+    pub fn find_init(&self, s: &mut Session, mut t: Vec<Attribute>) -> Result<()> {
+        let mut wanted_id = None;
+        let mut wanted_version = None;
+        let mut impossible = false;
+        t.retain(|a| match a {
+            Attribute::Id(i) => {
+                wanted_id = Some(i.clone());
+                false
+            }
+            Attribute::VendorDefined((AttributeType::VendorDefined(ty), v))
+                if *ty == vendor::CKA_CMKP11_VERSION =>
+            {
+                match <[u8; 8]>::try_from(v.as_slice()) {
+                    Ok(b) => wanted_version = Some(u64::from_ne_bytes(b) as u32),
+                    Err(_) => impossible = true,
+                }
+                false
+            }
+            _ => true,
+        });
+        let found = if impossible {
+            Vec::new()
+        } else {
+            s.backend().find_objects(&t)?
+        };
+        let view = self.view(s);
+        let now = keystore::now();
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for obj in found {
+            let h = s.register(self, obj, false);
+            let Ok((_, info)) = s.key_info(self, h, CKR_OBJECT_HANDLE_INVALID) else {
+                continue;
+            };
+            if info.label.starts_with(RESERVED_PREFIX) {
+                continue;
+            }
+            if wanted_id
+                .as_ref()
+                .is_some_and(|w| *w != presented_id(&info))
+            {
+                continue;
+            }
+            if info.class() != Class::Cmk {
+                if wanted_version.is_none() {
+                    out.push(h);
+                }
+                continue;
+            }
+            let (id, version) = identity(&info.raw_id, &info.label);
+            let cmk = view.cmks.get(&id);
+            if cmk.is_some_and(|c| c.state(now) == State::Destroyed) {
+                continue;
+            }
+            match wanted_version {
+                Some(w) if w == version => out.push(h),
+                Some(_) => {}
+                None if info.class == CKO_SECRET_KEY => {
+                    if seen.insert(id.clone()) {
+                        out.push(self.objects.logical(s.slot_id, &id, obj));
+                    }
+                }
+                None => out.push(h),
+            }
+        }
+        s.set_find(out)
+    }
+
+    /// `C_Login`: passed to the token; a read-write session then destroys the keys whose
+    /// deletion date has passed.
+    pub fn login(
+        &self,
+        s: &mut Session,
+        user: cryptoki::session::UserType,
+        pin: Option<&cryptoki::types::RawAuthPin>,
+    ) -> Result<()> {
+        match pin {
+            Some(p) => s.backend().login_with_raw(user, p)?,
+            None => s.backend().login(user, None)?,
+        }
+        let store = &self.stores[s.slot_id as usize];
+        store.invalidate();
+        if s.rw && matches!(user, cryptoki::session::UserType::User) {
+            let view = store.reload(s.backend());
+            if view
+                .cmks
+                .values()
+                .any(|c| c.state(keystore::now()) == State::Destroyed)
+                || !view.orphan_records.is_empty()
+            {
+                match lifecycle::purge(s.backend(), &view) {
+                    Ok(names) if !names.is_empty() => {
+                        log::warn!("purged CMKs past their deletion date: {}", names.join(", "))
+                    }
+                    Ok(_) => {}
+                    Err(e) => log::warn!("purge at login failed: {e}"),
+                }
+                store.invalidate();
+            }
+        }
+        Ok(())
+    }
+
+    /// `C_Logout`.
+    pub fn logout(&self, s: &mut Session) -> Result<()> {
+        use cryptoki::session::SessionState as St;
+        let state = s.backend().get_session_info()?.session_state();
+        if matches!(state, St::RoPublic | St::RwPublic) {
+            return err(CKR_USER_NOT_LOGGED_IN);
+        }
+        s.backend().logout()?;
+        self.stores[s.slot_id as usize].invalidate();
+        Ok(())
+    }
+}
+
+fn rv_t<T>(r: std::result::Result<T, CK_RV>) -> Result<T> {
+    r.map_err(Error::Rv)
+}
+
+/// `CMKP11_ROLE_*` bits of a key.
+pub fn role_bits(info: &KeyInfo) -> CK_ULONG {
+    if info.class == CKO_SECRET_KEY {
+        match SecretRole::of(info.usage) {
+            Some(SecretRole::Wrap) => vendor::CMKP11_ROLE_WRAP,
+            Some(SecretRole::Data) => vendor::CMKP11_ROLE_DATA,
+            Some(SecretRole::Mac) => vendor::CMKP11_ROLE_MAC,
+            None => 0,
+        }
+    } else {
+        [
+            (Usage::SIGN, vendor::CMKP11_ROLE_SIGN),
+            (Usage::DECRYPT, vendor::CMKP11_ROLE_DECRYPT),
+            (Usage::DERIVE, vendor::CMKP11_ROLE_DERIVE),
+            (Usage::UNWRAP, vendor::CMKP11_ROLE_UNWRAP),
+        ]
+        .iter()
+        .filter(|(u, _)| info.usage.any(*u))
+        .fold(0, |b, (_, r)| b | r)
+    }
+}
+
+/// An AES key unwrapped with AES-KW (RFC 3394) or AES-KWP (RFC 5649) is as long as the
+/// blob minus its 8-byte integrity block (AES key lengths are multiples of 8, so KWP adds
+/// no padding). SoftHSM2 reports `CKA_VALUE_LEN` 0 for such a key and refuses the
+/// attribute in an unwrap template, so cmkp11 answers it from the blob.
+fn aes_value_len_from_blob(
+    mech: CK_MECHANISM_TYPE,
+    blob_len: usize,
+    attrs: &[Attribute],
+) -> Option<CK_ULONG> {
+    let aes = attrs
+        .iter()
+        .any(|a| matches!(a, Attribute::KeyType(t) if *t == cryptoki::object::KeyType::AES));
+    (matches!(mech, CKM_AES_KEY_WRAP | CKM_AES_KEY_WRAP_PAD) && aes && blob_len > 8)
+        .then(|| (blob_len - 8) as CK_ULONG)
+}
