@@ -3,6 +3,14 @@
 #ifndef CMKP11_H
 #define CMKP11_H
 
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+/* The name of cmkp11's vendor interface, for C_GetInterface. */
+#define CMKP11_ADMIN_INTERFACE_NAME "cmkp11 admin"
+
 /*
  `CKA_VENDOR_DEFINED`.
  */
@@ -107,5 +115,59 @@
  Private key: RSA-OAEP unwrap into a session DEK.
  */
 #define CMKP11_ROLE_UNWRAP 128
+
+/*
+ A version, laid out as `CK_VERSION`.
+ */
+typedef struct Cmkp11Version {
+  /*
+   Major version.
+   */
+  uint8_t major;
+  /*
+   Minor version.
+   */
+  uint8_t minor;
+} Cmkp11Version;
+
+/*
+ The function table of the "cmkp11 admin" interface (version 1.0). Every function
+ takes a logged-in read-write session of the key's token and returns a `CK_RV`:
+ `CKR_ACTION_PROHIBITED` when the key's state does not allow the step (enable a key
+ pending deletion: cancel first), `CKR_KEY_TYPE_INCONSISTENT` when rotating a private
+ key (make a new key instead).
+ */
+typedef struct CK_CMKP11_ADMIN_FUNCTION_LIST {
+  /*
+   1.0
+   */
+  struct Cmkp11Version version;
+  /*
+   Makes a new primary version of a secret CMK; old versions keep decrypting.
+   */
+  unsigned long (*CMKP11_Rotate)(unsigned long session, unsigned long key);
+  /*
+   Disabled -> enabled.
+   */
+  unsigned long (*CMKP11_Enable)(unsigned long session, unsigned long key);
+  /*
+   Enabled -> disabled.
+   */
+  unsigned long (*CMKP11_Disable)(unsigned long session, unsigned long key);
+  /*
+   Enabled or disabled -> pending deletion in `days` days (0: the configured window).
+   */
+  unsigned long (*CMKP11_ScheduleDeletion)(unsigned long session,
+                                           unsigned long key,
+                                           unsigned long days);
+  /*
+   Pending deletion -> disabled.
+   */
+  unsigned long (*CMKP11_CancelDeletion)(unsigned long session, unsigned long key);
+  /*
+   Destroys the keys whose deletion date has passed.
+   */
+  unsigned long (*CMKP11_Purge)(unsigned long session);
+} CK_CMKP11_ADMIN_FUNCTION_LIST;
 
 #endif  /* CMKP11_H */

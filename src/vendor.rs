@@ -51,3 +51,42 @@ pub const CMKP11_ROLE_DECRYPT: c_ulong = 0x20;
 pub const CMKP11_ROLE_DERIVE: c_ulong = 0x40;
 /// Private key: RSA-OAEP unwrap into a session DEK.
 pub const CMKP11_ROLE_UNWRAP: c_ulong = 0x80;
+
+/// The name of cmkp11's vendor interface, for `C_GetInterface`.
+pub const CMKP11_ADMIN_INTERFACE_NAME: &str = "cmkp11 admin";
+
+/// A version, laid out as `CK_VERSION`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct Cmkp11Version {
+    /// Major version.
+    pub major: u8,
+    /// Minor version.
+    pub minor: u8,
+}
+
+/// The function table of the "cmkp11 admin" interface (version 1.0). Every function
+/// takes a logged-in read-write session of the key's token and returns a `CK_RV`:
+/// `CKR_ACTION_PROHIBITED` when the key's state does not allow the step (enable a key
+/// pending deletion: cancel first), `CKR_KEY_TYPE_INCONSISTENT` when rotating a private
+/// key (make a new key instead).
+#[repr(C)]
+#[allow(non_snake_case)]
+pub struct CK_CMKP11_ADMIN_FUNCTION_LIST {
+    /// 1.0
+    pub version: Cmkp11Version,
+    /// Makes a new primary version of a secret CMK; old versions keep decrypting.
+    pub CMKP11_Rotate: Option<unsafe extern "C" fn(session: c_ulong, key: c_ulong) -> c_ulong>,
+    /// Disabled -> enabled.
+    pub CMKP11_Enable: Option<unsafe extern "C" fn(session: c_ulong, key: c_ulong) -> c_ulong>,
+    /// Enabled -> disabled.
+    pub CMKP11_Disable: Option<unsafe extern "C" fn(session: c_ulong, key: c_ulong) -> c_ulong>,
+    /// Enabled or disabled -> pending deletion in `days` days (0: the configured window).
+    pub CMKP11_ScheduleDeletion:
+        Option<unsafe extern "C" fn(session: c_ulong, key: c_ulong, days: c_ulong) -> c_ulong>,
+    /// Pending deletion -> disabled.
+    pub CMKP11_CancelDeletion:
+        Option<unsafe extern "C" fn(session: c_ulong, key: c_ulong) -> c_ulong>,
+    /// Destroys the keys whose deletion date has passed.
+    pub CMKP11_Purge: Option<unsafe extern "C" fn(session: c_ulong) -> c_ulong>,
+}

@@ -4,11 +4,14 @@
 use super::tables::{FUNCTION_LIST_2_40, FUNCTION_LIST_3_0};
 use super::{args, guard};
 use crate::error::err;
+use crate::vendor::CK_CMKP11_ADMIN_FUNCTION_LIST;
 use cryptoki_sys::*;
 use std::ffi::CStr;
 
 /// The standard interface name.
 const PKCS11: &CStr = c"PKCS 11";
+/// cmkp11's vendor interface name (`CMKP11_ADMIN_INTERFACE_NAME`).
+const ADMIN: &CStr = c"cmkp11 admin";
 
 /// A `CK_INTERFACE` in static memory. Its pointers point to immutable statics.
 #[repr(transparent)]
@@ -19,7 +22,7 @@ pub struct Interface(CK_INTERFACE);
 unsafe impl Sync for Interface {}
 
 /// The interfaces cmkp11 offers, the default (v3.0) first.
-pub static INTERFACES: [Interface; 2] = [
+pub static INTERFACES: [Interface; 3] = [
     Interface(CK_INTERFACE {
         pInterfaceName: PKCS11.as_ptr() as *mut CK_UTF8CHAR,
         pFunctionList: &FUNCTION_LIST_3_0 as *const CK_FUNCTION_LIST_3_0 as *mut _,
@@ -28,6 +31,12 @@ pub static INTERFACES: [Interface; 2] = [
     Interface(CK_INTERFACE {
         pInterfaceName: PKCS11.as_ptr() as *mut CK_UTF8CHAR,
         pFunctionList: &FUNCTION_LIST_2_40 as *const CK_FUNCTION_LIST as *mut _,
+        flags: 0,
+    }),
+    Interface(CK_INTERFACE {
+        pInterfaceName: ADMIN.as_ptr() as *mut CK_UTF8CHAR,
+        pFunctionList: &super::admin::ADMIN_FUNCTIONS as *const CK_CMKP11_ADMIN_FUNCTION_LIST
+            as *mut _,
         flags: 0,
     }),
 ];

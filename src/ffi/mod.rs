@@ -4,6 +4,7 @@
 //! arguments into safe values ([`args`]) and runs the safe body inside [`guard`], which
 //! catches panics and maps `Result` to `CK_RV`. Each `unsafe` block states why it is sound.
 
+pub mod admin;
 pub mod args;
 pub mod entry;
 pub mod exports;

@@ -144,6 +144,9 @@ pub struct StateRecord {
     /// Unix seconds of the last rotation (0: never rotated).
     #[serde(default)]
     pub rotated: u64,
+    /// Unix seconds of the key's creation through cmkp11 (0: unknown).
+    #[serde(default)]
+    pub created: u64,
 }
 
 impl StateRecord {
@@ -158,6 +161,7 @@ impl StateRecord {
             origin: Origin::Generated,
             updated: 0,
             rotated: 0,
+            created: 0,
         }
     }
 }
@@ -208,6 +212,13 @@ impl Cmk {
             State::PendingDeletion if r.deletion_date <= now => State::Destroyed,
             s => s,
         }
+    }
+
+    /// When the key was last given a new version (its creation if never rotated; 0 when
+    /// unknown): what `cmkp11 key rotate --due` compares with `rotation_period_days`.
+    pub fn last_rotation(&self) -> u64 {
+        let r = self.record();
+        r.rotated.max(r.created)
     }
 
     /// The primary (newest) version.

@@ -19,6 +19,7 @@
 //! until the child calls `C_Initialize`, which leaks (never drops) the parent's state so
 //! that the parent's backend sessions are not closed from the child.
 
+pub mod admin;
 pub mod handles;
 pub mod ops;
 pub mod session;
@@ -86,30 +87,7 @@ pub fn initialize() -> Result<()> {
     crate::logging::init_default();
     let cfg = Config::load().inspect_err(|e| log::error!("{e}"))?;
     crate::logging::init(&cfg.log);
-    let settings = crate::policy::Settings::from_config(&cfg);
-    let backend =
-        Backend::open(&cfg, after_fork).inspect_err(|e| log::error!("C_Initialize: {e}"))?;
-    log::info!(
-        "initialized over {} with {} slot(s)",
-        cfg.backend.module.display(),
-        backend.slots.len()
-    );
-    let stores = (0..backend.slots.len())
-        .map(|_| store::SlotStore::default())
-        .collect();
-    *state = Some(Arc::new(Library {
-        stores,
-        cfg,
-        backend,
-        sessions: RwLock::new(HashMap::new()),
-        next_session: AtomicU64::new(1),
-        objects: HandleTable::default(),
-        settings,
-        caller: crate::policy::access::Caller {
-            uid: crate::ffi::uid(),
-            exe: std::fs::read_link("/proc/self/exe").unwrap_or_default(),
-        },
-    }));
+    *state = Some(Arc::new(Library::new(cfg, after_fork)?));
     Ok(())
 }
 
@@ -123,11 +101,7 @@ pub fn finalize() -> Result<()> {
     match lib {
         None => err(CKR_CRYPTOKI_NOT_INITIALIZED),
         Some(lib) => {
-            let sessions = std::mem::take(&mut *lib.sessions.write());
-            drop(sessions);
-            if let Err(e) = lib.backend.finalize() {
-                log::warn!("C_Finalize: backend: {e}");
-            }
+            lib.close();
             Ok(())
         }
     }
@@ -156,6 +130,44 @@ fn unlock_state() {
 }
 
 impl Library {
+    /// Opens the configured backend: the library behind `C_Initialize`, and the one the
+    /// `cmkp11` command uses directly (never through raw pointers).
+    pub fn new(cfg: Config, after_fork: bool) -> Result<Library> {
+        let settings = crate::policy::Settings::from_config(&cfg);
+        let backend =
+            Backend::open(&cfg, after_fork).inspect_err(|e| log::error!("C_Initialize: {e}"))?;
+        log::info!(
+            "initialized over {} with {} slot(s)",
+            cfg.backend.module.display(),
+            backend.slots.len()
+        );
+        let stores = (0..backend.slots.len())
+            .map(|_| store::SlotStore::default())
+            .collect();
+        Ok(Library {
+            stores,
+            cfg,
+            backend,
+            sessions: RwLock::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            objects: HandleTable::default(),
+            settings,
+            caller: crate::policy::access::Caller {
+                uid: crate::ffi::uid(),
+                exe: std::fs::read_link("/proc/self/exe").unwrap_or_default(),
+            },
+        })
+    }
+
+    /// Closes every session and finalizes the backend (the CLI's end; `C_Finalize`).
+    pub fn close(&self) {
+        let sessions = std::mem::take(&mut *self.sessions.write());
+        drop(sessions);
+        if let Err(e) = self.backend.finalize() {
+            log::warn!("finalize: backend: {e}");
+        }
+    }
+
     /// The backend slot behind cmkp11 slot `id`.
     pub fn slot(&self, id: CK_SLOT_ID) -> Result<cryptoki::slot::Slot> {
         usize::try_from(id)

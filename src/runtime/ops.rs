@@ -167,7 +167,7 @@ impl Library {
         s.digest_key(obj)
     }
 
-    fn check_new_name(&self, s: &Session, label: Option<&[u8]>) -> Result<()> {
+    pub(crate) fn check_new_name(&self, s: &Session, label: Option<&[u8]>) -> Result<()> {
         let Some(label) = label.filter(|l| !l.is_empty()) else {
             return Ok(());
         };
@@ -229,11 +229,44 @@ impl Library {
         let obj = s.backend().generate_key(&mech.to_cryptoki()?, &t)?;
         Ok(match cmk_id {
             Some(id) => {
-                self.stores[s.slot_id as usize].invalidate();
+                self.record_creation(s, &id, obj, keystore::Origin::Generated);
                 self.objects.logical(s.slot_id, &id, obj)
             }
             None => s.register(self, obj, true),
         })
+    }
+
+    /// Writes a new CMK's first state record (creation time, origin). The key exists
+    /// without it (a key with no record is an enabled, generated key), so a failure here
+    /// is only logged.
+    pub fn record_creation(
+        &self,
+        s: &Session,
+        id: &[u8],
+        obj: ObjectHandle,
+        origin: keystore::Origin,
+    ) {
+        let cmk = Cmk {
+            id: id.to_vec(),
+            class: CKO_SECRET_KEY,
+            label: String::new(),
+            versions: vec![(1, obj)],
+            record: None,
+            record_objects: Vec::new(),
+        };
+        if s.rw {
+            let t = keystore::now();
+            if let Err(e) = lifecycle::write_record(s.backend(), &cmk, |r| {
+                r.created = t;
+                r.origin = origin;
+            }) {
+                log::warn!(
+                    "cannot record the creation of CMK {}: {e}",
+                    keystore::hex(id)
+                );
+            }
+        }
+        self.stores[s.slot_id as usize].invalidate();
     }
 
     /// `C_GenerateKeyPair`.

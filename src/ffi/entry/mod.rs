@@ -27,7 +27,7 @@ use crate::runtime::{self, session::Session, Library};
 use cryptoki_sys::CK_SESSION_HANDLE;
 
 /// Runs `f` on a session, holding only that session's lock.
-fn with_session<R>(
+pub(crate) fn with_session<R>(
     h: CK_SESSION_HANDLE,
     f: impl FnOnce(&Library, &mut Session) -> Result<R>,
 ) -> Result<R> {

@@ -1,0 +1,214 @@
+//! Lifecycle steps as the operator asks for them (the CLI and the "cmkp11 admin" vendor
+//! interface), applied through a logged-in read-write session.
+
+use super::session::Session;
+use super::Library;
+use crate::error::{err, Error, Result};
+use crate::keystore::{self, lifecycle, Cmk, State, StateRecord, View};
+use cryptoki_sys::*;
+use std::sync::Arc;
+
+/// A lifecycle step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// New primary version (secret CMKs).
+    Rotate,
+    /// Disabled -> enabled.
+    Enable,
+    /// Enabled -> disabled.
+    Disable,
+    /// -> pending deletion in this many days (`None`: the configured window).
+    ScheduleDeletion(Option<u32>),
+    /// Pending deletion -> disabled.
+    CancelDeletion,
+}
+
+impl Action {
+    /// The step's name (CLI, audit log).
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Rotate => "rotate",
+            Action::Enable => "enable",
+            Action::Disable => "disable",
+            Action::ScheduleDeletion(_) => "schedule-deletion",
+            Action::CancelDeletion => "cancel-deletion",
+        }
+    }
+}
+
+impl Library {
+    /// The token's CMKs, read now.
+    pub fn keys(&self, s: &Session) -> Arc<View> {
+        self.reload_view(s)
+    }
+
+    /// The CMK behind an application handle.
+    pub fn cmk_by_handle(&self, s: &Session, h: CK_OBJECT_HANDLE) -> Result<Cmk> {
+        let (_, info) = s.key_info(self, h, CKR_OBJECT_HANDLE_INVALID)?;
+        let view = self.reload_view(s);
+        let id = self
+            .objects
+            .logical_id(h)
+            .unwrap_or_else(|| keystore::identity(&info.raw_id, &info.label).0);
+        match view.cmks.get(&id) {
+            Some(c) if info.token && c.state(keystore::now()) != State::Destroyed => Ok(c.clone()),
+            _ => err(CKR_KEY_HANDLE_INVALID),
+        }
+    }
+
+    /// Applies `action` to `cmk`. Returns the new record (rotation: the new version in
+    /// `StateRecord::rotated`'s companion, see [`keystore::lifecycle::rotate`]).
+    pub fn apply(&self, s: &Session, cmk: &Cmk, action: Action) -> Result<StateRecord> {
+        if !s.rw {
+            return err(CKR_SESSION_READ_ONLY);
+        }
+        let b = s.backend();
+        let r = match action {
+            Action::Rotate => {
+                let v = lifecycle::rotate(b, cmk)?;
+                log::warn!("CMK `{}` rotated: version {v} is primary", cmk.name());
+                let view = self.reload_view(s);
+                view.cmks
+                    .get(&cmk.id)
+                    .map(Cmk::record)
+                    .ok_or(Error::Rv(CKR_GENERAL_ERROR))?
+            }
+            Action::Enable => lifecycle::enable(b, cmk)?,
+            Action::Disable => lifecycle::disable(b, cmk)?,
+            Action::ScheduleDeletion(days) => {
+                let days = days.unwrap_or(self.cfg.keys.deletion_window_days);
+                if !(1..=365).contains(&days) {
+                    return err(CKR_ARGUMENTS_BAD);
+                }
+                lifecycle::schedule_deletion(b, cmk, days)?
+            }
+            Action::CancelDeletion => lifecycle::cancel_deletion(b, cmk)?,
+        };
+        self.stores[s.slot_id as usize].invalidate();
+        Ok(r)
+    }
+
+    /// Destroys every key whose deletion date has passed; returns their names.
+    pub fn purge(&self, s: &Session) -> Result<Vec<String>> {
+        if !s.rw {
+            return err(CKR_SESSION_READ_ONLY);
+        }
+        let view = self.reload_view(s);
+        let names = lifecycle::purge(s.backend(), &view)?;
+        self.stores[s.slot_id as usize].invalidate();
+        Ok(names)
+    }
+}
+
+/// The OAEP parameters of BYOK import: SHA-256, MGF1 with SHA-256, no label (what
+/// `openssl pkeyutl -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:sha256
+/// -pkeyopt rsa_mgf1_md:sha256` makes).
+pub fn import_mechanism() -> crate::backend::mech::Mech {
+    crate::backend::mech::Mech {
+        ty: CKM_RSA_PKCS_OAEP,
+        param: crate::backend::mech::Param::Oaep {
+            hash: CKM_SHA256,
+            mgf: CKG_MGF1_SHA256,
+            label: None,
+        },
+    }
+}
+
+impl Library {
+    fn check_import_allowed(&self) -> Result<()> {
+        if self.cfg.policy.allow_import {
+            Ok(())
+        } else {
+            log::warn!(
+                "import refused: set `allow_import = true` in [policy] to bring your own keys"
+            );
+            err(CKR_ACTION_PROHIBITED)
+        }
+    }
+
+    /// BYOK step 1: an RSA-3072 import key pair in the token. The private key can only
+    /// unwrap (RSA-OAEP); the public key (`CKA_MODULUS`, `CKA_PUBLIC_EXPONENT`) is what the
+    /// customer wraps their key with. Returns (public, private) handles.
+    pub fn create_import_key(
+        &self,
+        s: &mut Session,
+        label: &str,
+    ) -> Result<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)> {
+        use cryptoki::object::Attribute as A;
+        self.check_import_allowed()?;
+        let public = vec![
+            A::Token(true),
+            A::Label(label.as_bytes().to_vec()),
+            A::ModulusBits(3072.into()),
+            A::PublicExponent(vec![1, 0, 1]),
+            A::Encrypt(true),
+            A::Verify(false),
+            A::Wrap(false),
+        ];
+        let private = vec![
+            A::Token(true),
+            A::Private(true),
+            A::Label(label.as_bytes().to_vec()),
+            A::Unwrap(true),
+        ];
+        self.generate_key_pair(
+            s,
+            crate::backend::mech::Mech::plain(CKM_RSA_PKCS_KEY_PAIR_GEN),
+            public,
+            private,
+        )
+    }
+
+    /// BYOK step 2: unwraps the customer's AES key (RSA-OAEP under the import key) into a
+    /// new CMK named `name` with `role`; its origin is recorded as imported and the token
+    /// marks it `CKA_LOCAL` = FALSE.
+    pub fn import_key(
+        &self,
+        s: &mut Session,
+        import_key: CK_OBJECT_HANDLE,
+        blob: &[u8],
+        name: &str,
+        role: crate::policy::SecretRole,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        use crate::policy::{templates, Op};
+        use cryptoki::object::{Attribute as A, KeyType, ObjectClass};
+        self.check_import_allowed()?;
+        if !s.rw {
+            return err(CKR_SESSION_READ_ONLY);
+        }
+        let mut mech = import_mechanism();
+        let k = self.use_key(
+            s,
+            import_key,
+            CKR_UNWRAPPING_KEY_HANDLE_INVALID,
+            Op::Unwrap,
+            mech.ty,
+        )?;
+        let usage = role.usage();
+        let asked = vec![
+            A::Class(ObjectClass::SECRET_KEY),
+            A::KeyType(KeyType::AES),
+            A::Token(true),
+            A::Private(true),
+            A::Label(name.as_bytes().to_vec()),
+            A::Encrypt(usage.any(crate::policy::Usage::ENCRYPT)),
+            A::Decrypt(usage.any(crate::policy::Usage::DECRYPT)),
+            A::Sign(usage.any(crate::policy::Usage::SIGN)),
+            A::Verify(usage.any(crate::policy::Usage::VERIFY)),
+            A::Wrap(usage.any(crate::policy::Usage::WRAP)),
+            A::Unwrap(usage.any(crate::policy::Usage::UNWRAP)),
+        ];
+        let mut t = templates::secret(asked, true, false, &self.settings).map_err(Error::Rv)?;
+        self.check_new_name(s, Some(name.as_bytes()))?;
+        let mut id = vec![0u8; 16];
+        s.backend().generate_random_slice(&mut id)?;
+        t.push(A::Id(keystore::version_id(&id, 1)));
+        let obj = s
+            .backend()
+            .unwrap_key(&mech.to_cryptoki()?, k.objects[0], blob, &t)
+            .map_err(|e| Error::Rv(crate::backend::rv::unwrap_failure(Error::from(e).rv())))?;
+        self.record_creation(s, &id, obj, keystore::Origin::Imported);
+        log::warn!("CMK `{name}` imported");
+        Ok(self.objects.logical(s.slot_id, &id, obj))
+    }
+}
