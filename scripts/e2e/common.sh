@@ -44,5 +44,14 @@ lastlog() {
     grep -v '^\$ ' "$E2E_WORK/$1.log" 2>/dev/null | tail -n "${2:-3}" | tr '\n' ' '
 }
 
+# policy_check NAME: true when NAME, a check of cmkp11's policy, should run; prints a SKIP
+# (and returns false) when the module under test is SoftHSM2 itself (run.sh --direct).
+policy_check() {
+    if [ "${E2E_IS_DIRECT:-0}" = 1 ]; then
+        skip "$1" "checks cmkp11's policy; the module under test is SoftHSM2 itself (--direct)"
+        return 1
+    fi
+}
+
 # have CMD: true when CMD is on PATH.
 have() { command -v "$1" >/dev/null 2>&1; }

@@ -55,11 +55,41 @@ else
 fi
 
 # --- key generation ------------------------------------------------------------------
-if run keygen-aes "${p11[@]}" "${login[@]}" --keygen --key-type AES:32 --label e2e-aes --id 10 &&
-    grep -q "AES length 32" "$W/keygen-aes.log"; then
-    pass keygen-aes-256
+# pkcs11-tool keeps every key it makes as a token object, i.e. a CMK: it must be sensitive.
+# --sensitive with no usage flag gives ENCRYPT+DECRYPT: a data CMK.
+aes_ok=0
+if run keygen-aes "${p11[@]}" "${login[@]}" --keygen --key-type AES:32 --sensitive \
+    --label e2e-aes --id 10 && grep -q "AES length 32" "$W/keygen-aes.log"; then
+    pass keygen-aes-256-data-cmk
+    aes_ok=1
 else
-    fail keygen-aes-256 "$(lastlog keygen-aes)"
+    fail keygen-aes-256-data-cmk "$(lastlog keygen-aes)"
+fi
+wrap_ok=0
+if run keygen-aes-wrap "${p11[@]}" "${login[@]}" --keygen --key-type AES:32 --sensitive \
+    --usage-wrap --label e2e-wrap --id 13 && grep -q "Usage:.*wrap, unwrap$" "$W/keygen-aes-wrap.log"; then
+    pass keygen-aes-256-wrap-cmk
+    wrap_ok=1
+    # A wrap CMK has the wrap role only (SoftHSM2 alone adds encrypt, decrypt, verify).
+    if policy_check policy-wrap-cmk-has-wrap-role-only; then
+        if grep -Eq "Usage: +wrap, unwrap$" "$W/keygen-aes-wrap.log"; then
+            pass policy-wrap-cmk-has-wrap-role-only
+        else
+            fail policy-wrap-cmk-has-wrap-role-only "$(grep 'Usage:' "$W/keygen-aes-wrap.log" | head -1)"
+        fi
+    fi
+else
+    fail keygen-aes-256-wrap-cmk "$(lastlog keygen-aes-wrap)"
+fi
+# pkcs11-tool's default AES template asks CKA_SENSITIVE=FALSE for a token key: refused.
+if policy_check policy-keygen-aes-not-sensitive-refused; then
+    if run keygen-aes-plain "${p11[@]}" "${login[@]}" --keygen --key-type AES:32 --label e2e-plain; then
+        fail policy-keygen-aes-not-sensitive-refused "a non-sensitive token AES key was generated"
+    elif grep -q CKR_TEMPLATE_INCONSISTENT "$W/keygen-aes-plain.log"; then
+        pass policy-keygen-aes-not-sensitive-refused
+    else
+        fail policy-keygen-aes-not-sensitive-refused "refused, but not with CKR_TEMPLATE_INCONSISTENT: $(lastlog keygen-aes-plain)"
+    fi
 fi
 
 rsa_ok=0 ec_ok=0
@@ -160,6 +190,36 @@ if [ "$ec_ok" = 1 ]; then
     fi
 else
     fail sign-ecdsa-p256 "no EC key pair (key generation or export failed)"
+fi
+
+# --- encryption with the data CMK; wrapping a token key is refused ------------------------
+if [ "$aes_ok" = 1 ]; then
+    iv=000102030405060708090a0b0c0d0e0f
+    head -c 100 /dev/urandom >"$W/pt"
+    if ! run aes-enc "${p11[@]}" "${login[@]}" --encrypt -m AES-CBC-PAD --iv "$iv" --id 10 \
+        -i "$W/pt" -o "$W/ct"; then
+        fail encrypt-decrypt-aes-cbc-pad "encrypt: $(lastlog aes-enc)"
+    elif [ "$(stat -c %s "$W/ct")" -ne 112 ] || cmp -s <(head -c 100 "$W/ct") "$W/pt"; then
+        fail encrypt-decrypt-aes-cbc-pad "ciphertext is not 112 bytes of ciphertext for 100 bytes of data"
+    elif ! run aes-dec "${p11[@]}" "${login[@]}" --decrypt -m AES-CBC-PAD --iv "$iv" --id 10 \
+        -i "$W/ct" -o "$W/pt2"; then
+        fail encrypt-decrypt-aes-cbc-pad "decrypt: $(lastlog aes-dec)"
+    elif ! cmp -s "$W/pt" "$W/pt2"; then
+        fail encrypt-decrypt-aes-cbc-pad "decrypted bytes differ from the plaintext"
+    else
+        pass encrypt-decrypt-aes-cbc-pad
+    fi
+fi
+if [ "$aes_ok" = 1 ] && [ "$wrap_ok" = 1 ]; then
+    if run wrap-cmk "${p11[@]}" "${login[@]}" --wrap -m AES-KEY-WRAP --id 13 --application-id 10 \
+        -o "$W/blob"; then
+        fail wrap-token-key-refused "a token key (CMK) was wrapped"
+    elif grep -Eq 'CKR_KEY_UNEXTRACTABLE|CKR_KEY_NOT_WRAPPABLE|CKR_KEY_FUNCTION_NOT_PERMITTED' "$W/wrap-cmk.log"; then
+        pass wrap-token-key-refused
+        note "wrap-token-key-refused: $(grep -Eo 'CKR_[A-Z_]+' "$W/wrap-cmk.log" | head -1)"
+    else
+        fail wrap-token-key-refused "refused without a key-related reason: $(lastlog wrap-cmk)"
+    fi
 fi
 
 # --- pkcs11-tool --test, compared with SoftHSM2 directly on the same token ---------------
