@@ -259,6 +259,8 @@ pub fn run_parent(o: &ParentOpts) -> Result<(), BenchError> {
     }
     let total = cells.len() * o.rounds * 2;
     let limit = Duration::from_secs_f64(o.seconds + o.warmup + 120.0);
+    let load_start = loadavg();
+    let mut preempted = [0i64; 2];
     let started = Instant::now();
     let mut done = 0usize;
     let mut seen_stderr: Vec<String> = Vec::new();
@@ -336,10 +338,20 @@ pub fn run_parent(o: &ParentOpts) -> Result<(), BenchError> {
                     Side::A => cell.a.push(r),
                     Side::B => cell.b.push(r),
                 }
+                preempted[side as usize] += nivcsw;
             }
         }
     }
-    print_report(o, &cells, started.elapsed());
+    let conditions = format!(
+        "Load average (1/5/15 min) at start {load_start}, at end {}; involuntary context \
+         switches of the workers (other processes took their CPU): {} {}, {} {}.",
+        loadavg(),
+        o.name_a,
+        preempted[0],
+        o.name_b,
+        preempted[1]
+    );
+    print_report(o, &cells, started.elapsed(), &conditions);
     let failed: Vec<String> = cells
         .iter()
         .filter(|c| c.error.is_some())
@@ -356,7 +368,15 @@ pub fn run_parent(o: &ParentOpts) -> Result<(), BenchError> {
     }
 }
 
-fn print_report(o: &ParentOpts, cells: &[Cell], took: Duration) {
+/// The first three fields of /proc/loadavg (or "?").
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn print_report(o: &ParentOpts, cells: &[Cell], took: Duration, conditions: &str) {
     let (na, nb) = (&o.name_a, &o.name_b);
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -371,7 +391,7 @@ fn print_report(o: &ParentOpts, cells: &[Cell], took: Duration) {
          over threads); the table gives medians over rounds; ratio = median A ops/s / median B \
          ops/s; \"95% CI\" = bootstrap interval of that ratio over the rounds (its width is the \
          noise of this run); \"plain ratio\" uses calls / busy seconds over the whole window \
-         instead of the slice median.",
+         instead of the slice median. {conditions}",
         o.module_a.display(),
         o.module_b.display(),
         o.token,
