@@ -65,16 +65,15 @@ impl Library {
     }
 
     /// The CMK an object belongs to, if the keystore knows it.
-    fn cmk_of(&self, view: &View, h: CK_OBJECT_HANDLE, info: &KeyInfo) -> Option<Cmk> {
+    fn cmk_of<'v>(&self, view: &'v View, h: CK_OBJECT_HANDLE, info: &KeyInfo) -> Option<&'v Cmk> {
         // Session private keys have no lifecycle: they die with their session.
         if !info.token {
             return None;
         }
-        let id = self
-            .objects
-            .logical_id(h)
-            .unwrap_or_else(|| identity(&info.raw_id, &info.label).0);
-        view.cmks.get(&id).cloned()
+        match self.objects.logical_id(h) {
+            Some(id) => view.cmks.get(&id),
+            None => view.cmks.get(&identity(&info.raw_id, &info.label).0),
+        }
     }
 
     /// Resolves a key for `op` with mechanism `mech`: handle, policy, lifecycle state,
@@ -482,14 +481,14 @@ impl Library {
         let mine = |t: CK_ATTRIBUTE_TYPE| {
             (vendor::CKA_CMKP11_STATE..=vendor::CKA_CMKP11_ROLE).contains(&t)
         };
+        let view = self.view(s);
         let cmk = if info.class() == Class::Cmk {
-            let view = self.view(s);
             self.cmk_of(&view, h, &info)
         } else {
             None
         };
         if self.objects.logical_id(h).is_some() {
-            if let Some((_, p)) = cmk.as_ref().and_then(Cmk::primary) {
+            if let Some((_, p)) = cmk.and_then(Cmk::primary) {
                 o = p;
             }
         }
@@ -506,7 +505,7 @@ impl Library {
         let mut out = Vec::with_capacity(types.len());
         for t in types {
             if mine(*t) {
-                out.push(self.vendor_attribute(*t, h, &info, cmk.as_ref(), own_version));
+                out.push(self.vendor_attribute(*t, h, &info, cmk, own_version));
                 continue;
             }
             let Some((mut v, ty)) = from_backend.next() else {

@@ -65,7 +65,7 @@ impl SlotStore {
                 v
             }
             Err(e) => {
-                log::warn!("keystore: cannot read the token's keys: {e}");
+                log::debug!("keystore: cannot read the token's keys now: {e}");
                 self.view.read().clone()
             }
         }
