@@ -39,19 +39,23 @@ ENVIRONMENT (set by the caller, inherited by every worker):
                     same SoftHSM2 library as --module-b (required when A is cmkp11)
 
 METHOD:
-  A setup worker (through A by default) creates the token objects once (by label,
-  idempotent). Then, for each
-  round, thread count and case, one child process (this binary with --worker) runs A and
-  one runs B; the order is A,B in even rounds and B,A in odd rounds. Each worker loads one
-  module, logs in once, gives every thread its own session (thread i pinned to allowed
-  CPU i mod n when there are 2+ threads, so they always run in parallel), warms up, then times every
-  call with Instant into a preallocated buffer. The measured window is cut into 10
-  slices; ops/s of a run = median over slices of (sum over threads of calls / time spent
-  inside the timed calls in that slice), so a burst of load from other processes spoils a
-  slice, not the run (the plain whole-window figure is reported too). Cleanup (destroying
-  generated keys, checking results) is not timed. The report gives the median over rounds of ops/s, p50 and p99, the ratio
-  A/B of the medians, and the range of the per-round ratios (a view of the noise).
-  Exit status is 0 whatever the ratios; non-zero only on errors.
+  A setup worker (through A by default) creates the token objects once, by label
+  (idempotent). Then, for each round, thread count and case, one child process (this
+  binary with --worker) runs A and one runs B, A,B in even rounds and B,A in odd rounds.
+  A worker loads one module, logs in once, gives every thread its own session (with 2+
+  threads, thread i is pinned to allowed CPU i mod n, so they always run in parallel),
+  warms up, then times every call with Instant into a preallocated buffer. Cleanup
+  (destroying generated keys, checking results) is not timed.
+  ops/s of a run: the measured window is cut into 10 slices; per slice, the sum over
+  threads of calls / time spent inside the timed calls; the run's figure is the median
+  over slices (a burst of load from other processes spoils a slice, not the run); the
+  plain whole-window figure is reported too.
+  The report gives, per case and thread count, the medians over rounds of ops/s, p50 and
+  p99 for A and B, the ratio A/B of the median ops/s, and a bootstrap 95% interval of that
+  ratio (the noise of this run), then one verdict line per case against the goals
+  (>= 0.97 at 1 thread, >= 0.95 at 2+ threads).
+  Exit status: 0 whatever the ratios; 1 if a worker failed (the other cases still run and
+  the failed ones show as FAILED); 2 on bad arguments.
 
   scripts/bench.sh builds everything, creates a private token and runs this binary.
 ";
