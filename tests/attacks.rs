@@ -327,15 +327,12 @@ fn legit_label_id_subject_dates_can_be_set() {
     let d = dek(&s, 32, true);
     let (_, rsa) = rsa_pair(&s, true, &[CKA_SIGN]);
     for (kname, k) in [("wrap CMK", x), ("DEK", d), ("RSA private key", rsa)] {
+        let new_label = unique_label("renamed");
         ok(
-            s.set_attrs(
-                k,
-                Template::default()
-                    .bytes(CKA_LABEL, b"renamed")
-                    .bytes(CKA_ID, &[1, 2, 3, 4]),
-            ),
-            &format!("C_SetAttributeValue({kname}, LABEL+ID)"),
+            s.set_attrs(k, Template::default().bytes(CKA_LABEL, &new_label)),
+            &format!("C_SetAttributeValue({kname}, LABEL)"),
         );
+        assert_eq!(s.get_attr(k, CKA_LABEL).unwrap(), new_label);
         ok(
             s.set_attrs(
                 k,
@@ -345,9 +342,14 @@ fn legit_label_id_subject_dates_can_be_set() {
             ),
             &format!("C_SetAttributeValue({kname}, START_DATE+END_DATE)"),
         );
-        assert_eq!(s.get_attr(k, CKA_LABEL).unwrap(), b"renamed");
-        assert_eq!(s.get_attr(k, CKA_ID).unwrap(), [1, 2, 3, 4]);
     }
+    // CKA_ID: settable on a DEK. (On a CMK, DESIGN.md section 5 makes the ID stable, which
+    // notes/policy.md does not say; not asserted here.)
+    ok(
+        s.set_attrs(d, Template::default().bytes(CKA_ID, &[1, 2, 3, 4])),
+        "C_SetAttributeValue(DEK, ID)",
+    );
+    assert_eq!(s.get_attr(d, CKA_ID).unwrap(), [1, 2, 3, 4]);
     ok(
         s.set_attrs(rsa, Template::default().bytes(CKA_SUBJECT, &[0x30, 0x00])),
         "C_SetAttributeValue(RSA private key, SUBJECT)",
@@ -430,7 +432,10 @@ fn tookan_read_cka_value_of_cmk_dek_and_private_keys_refused() {
         CKR_ATTRIBUTE_SENSITIVE,
         "C_GetAttributeValue(wrap CMK, LABEL+VALUE)"
     );
-    assert_eq!(&label[..a[0].ulValueLen as usize], b"policy-wrap-cmk");
+    assert!(
+        label[..a[0].ulValueLen as usize].starts_with(b"policy-wrap-cmk"),
+        "label not returned next to the refused value"
+    );
     assert_eq!(a[1].ulValueLen, CK_UNAVAILABLE_INFORMATION);
     assert!(value.iter().all(|b| *b == 0), "value buffer written");
 }
@@ -1413,7 +1418,7 @@ fn promoted_dek_becomes_an_unwrappable_cmk() {
             d,
             Template::default()
                 .boolean(CKA_TOKEN, true)
-                .bytes(CKA_LABEL, b"promoted")
+                .bytes(CKA_LABEL, &unique_label("promoted"))
                 .bytes(CKA_ID, &[9]),
         ),
         "C_CopyObject(extractable DEK -> token)",
@@ -1568,12 +1573,15 @@ fn manger_rsa_oaep_unwrap_failures_are_uniform() {
         s.encrypt(&mut Mech::oaep(), public, &[0x11; 32]),
         "OAEP encrypt",
     );
-    let mut flipped = good.clone();
-    flipped[100] ^= 0x01;
     let mut high = good.clone();
     high[0] = 0xff; // >= modulus, or a first byte != 0 after decryption
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("flipped byte", flipped),
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in [1usize, 2, 17, 64, 100, 128, 200, 254, 255] {
+        let mut b = good.clone();
+        b[i] ^= 0x01;
+        cases.push((format!("byte {i} flipped"), b));
+    }
+    let more: Vec<(&str, Vec<u8>)> = vec![
         ("first byte 0xff", high),
         ("random", random(&s, 256)),
         ("all 0xff", vec![0xff; 256]),
@@ -1581,6 +1589,7 @@ fn manger_rsa_oaep_unwrap_failures_are_uniform() {
         ("half length", good[..128].to_vec()),
         ("one byte too long", [good.as_slice(), &[0]].concat()),
     ];
+    cases.extend(more.into_iter().map(|(n, b)| (n.to_string(), b)));
     for (name, blob) in cases {
         expect_rv(
             s.unwrap(&mut Mech::oaep(), private, &blob, unwrap_t()),
@@ -1588,10 +1597,6 @@ fn manger_rsa_oaep_unwrap_failures_are_uniform() {
             &format!("C_UnwrapKey(OAEP, {name})"),
         );
     }
-    ok(
-        s.unwrap(&mut Mech::oaep(), private, &good, unwrap_t()),
-        "C_UnwrapKey(OAEP, good blob)",
-    );
 }
 
 #[test]
@@ -1692,6 +1697,9 @@ fn unwrap_value_len_comes_from_the_blob() {
 #[test]
 #[serial]
 fn session_copy_does_not_launder_dek_provenance() {
+    // DESIGN.md allows C_CopyObject only to promote a session key into the token; a
+    // session-to-session copy may be refused outright (that stops the attack too). If it
+    // is allowed, the copy must keep the provenance of its source.
     let s = s();
     let x = wrap_cmk(&s, 32);
     let y = wrap_cmk(&s, 32);
@@ -1710,39 +1718,26 @@ fn session_copy_does_not_launder_dek_provenance() {
         "C_UnwrapKey(X)",
     );
     for (name, k) in [("DEK first wrapped by X", d), ("DEK unwrapped by X", u)] {
-        let copy = ok(
-            s.copy_object(k, Template::default().bytes(CKA_LABEL, b"laundered")),
-            &format!("C_CopyObject({name}, LABEL)"),
-        );
-        expect_rv(
-            s.wrap(&mut Mech::new(KWP), y, copy),
-            CKR_KEY_NOT_WRAPPABLE,
-            &format!("C_WrapKey(Y, session copy of a {name})"),
-        );
-        assert_eq!(
-            kwp_blob(&s, x, copy),
-            blob,
-            "X re-wraps the copy of a {name}"
-        );
+        match s.copy_object(k, Template::default().bytes(CKA_LABEL, b"laundered")) {
+            Err(rv) => assert!(
+                rv == CKR_ACTION_PROHIBITED || rv == CKR_TEMPLATE_INCONSISTENT,
+                "C_CopyObject({name}, LABEL): {}",
+                common::rv_name(rv)
+            ),
+            Ok(copy) => {
+                expect_rv(
+                    s.wrap(&mut Mech::new(KWP), y, copy),
+                    CKR_KEY_NOT_WRAPPABLE,
+                    &format!("C_WrapKey(Y, session copy of a {name})"),
+                );
+                assert_eq!(
+                    kwp_blob(&s, x, copy),
+                    blob,
+                    "X re-wraps the copy of a {name}"
+                );
+            }
+        }
     }
-}
-
-#[test]
-#[serial]
-fn legit_session_copy_of_a_fresh_dek_is_wrappable() {
-    let s = s();
-    let x = wrap_cmk(&s, 32);
-    let fresh = dek(&s, 32, true);
-    let copy = ok(
-        s.copy_object(fresh, Template::default().bytes(CKA_LABEL, b"copy")),
-        "C_CopyObject(fresh DEK, LABEL)",
-    );
-    assert!(!s.get_bool(copy, CKA_TOKEN));
-    assert!(s.get_bool(copy, CKA_SENSITIVE));
-    ok(
-        s.wrap(&mut Mech::new(KWP), x, copy),
-        "C_WrapKey(X, session copy of a fresh DEK)",
-    );
 }
 
 #[test]

@@ -38,7 +38,7 @@ fn import_kek(s: &S, value: &[u8]) -> H {
                 .boolean(CKA_TOKEN, true)
                 .boolean(CKA_WRAP, true)
                 .boolean(CKA_UNWRAP, true)
-                .bytes(CKA_LABEL, b"imported-kek")
+                .bytes(CKA_LABEL, &unique_label("imported-kek"))
                 .bytes(CKA_VALUE, value),
         ),
         "C_CreateObject(token KEK, WRAP+UNWRAP)",

@@ -689,6 +689,13 @@ impl S {
 // Templates and keys used across the suites.
 // ---------------------------------------------------------------------------------------
 
+/// A label no other CMK of this test process has (CMK names are unique per token).
+pub fn unique_label(prefix: &str) -> Vec<u8> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("{prefix}-{}", N.fetch_add(1, Ordering::Relaxed)).into_bytes()
+}
+
 /// An AES key template: class, key type, length and CKA_TOKEN, no usage attributes.
 pub fn aes(token: bool, len: CK_ULONG) -> Template {
     Template::default()
@@ -706,7 +713,7 @@ pub fn wrap_cmk(s: &S, len: CK_ULONG) -> H {
             aes(true, len)
                 .boolean(CKA_WRAP, true)
                 .boolean(CKA_UNWRAP, true)
-                .bytes(CKA_LABEL, b"policy-wrap-cmk"),
+                .bytes(CKA_LABEL, &unique_label("policy-wrap-cmk")),
         ),
         "C_GenerateKey(wrap CMK)",
     )
@@ -720,7 +727,7 @@ pub fn data_cmk(s: &S) -> H {
             aes(true, 32)
                 .boolean(CKA_ENCRYPT, true)
                 .boolean(CKA_DECRYPT, true)
-                .bytes(CKA_LABEL, b"policy-data-cmk"),
+                .bytes(CKA_LABEL, &unique_label("policy-data-cmk")),
         ),
         "C_GenerateKey(data CMK)",
     )
@@ -738,7 +745,7 @@ pub fn mac_cmk(s: &S) -> H {
                 .boolean(CKA_TOKEN, true)
                 .boolean(CKA_SIGN, true)
                 .boolean(CKA_VERIFY, true)
-                .bytes(CKA_LABEL, b"policy-mac-cmk"),
+                .bytes(CKA_LABEL, &unique_label("policy-mac-cmk")),
         ),
         "C_GenerateKey(mac CMK)",
     )
