@@ -67,12 +67,14 @@ pub fn version_id(id: &[u8], v: u32) -> Vec<u8> {
 
 /// The identity of a CMK object and its version: the CMK id for tagged secret keys,
 /// the raw `CKA_ID`, or the label for keys without an id.
-pub fn identity(raw_id: &[u8], label: &str) -> (Vec<u8>, u32) {
+/// A key with neither has no identity, hence no lifecycle (it was not made through
+/// cmkp11, which gives every CMK an id or a unique name).
+pub fn identity(raw_id: &[u8], label: &str) -> Option<(Vec<u8>, u32)> {
     let (id, v) = split_id(raw_id);
-    if id.is_empty() {
-        ([b"label:", label.as_bytes()].concat(), v.unwrap_or(1))
-    } else {
-        (id.to_vec(), v.unwrap_or(1))
+    match (id.is_empty(), label.is_empty()) {
+        (true, true) => None,
+        (true, false) => Some(([b"label:", label.as_bytes()].concat(), v.unwrap_or(1))),
+        _ => Some((id.to_vec(), v.unwrap_or(1))),
     }
 }
 
@@ -280,7 +282,9 @@ pub fn load(s: &Session) -> Result<View> {
             if label.starts_with(RESERVED_PREFIX) {
                 continue;
             }
-            let (id, v) = identity(&raw_id, &label);
+            let Some((id, v)) = identity(&raw_id, &label) else {
+                continue;
+            };
             let cmk = view.cmks.entry(id.clone()).or_insert_with(|| Cmk {
                 id,
                 class: class.into(),
@@ -343,8 +347,9 @@ mod tests {
         let raw = version_id(b"abc", 7);
         assert_eq!(split_id(&raw), (&b"abc"[..], Some(7)));
         assert_eq!(split_id(b"plain"), (&b"plain"[..], None));
-        assert_eq!(identity(&raw, "x"), (b"abc".to_vec(), 7));
-        assert_eq!(identity(b"", "name"), (b"label:name".to_vec(), 1));
+        assert_eq!(identity(&raw, "x"), Some((b"abc".to_vec(), 7)));
+        assert_eq!(identity(b"", "name"), Some((b"label:name".to_vec(), 1)));
+        assert_eq!(identity(b"", ""), None);
     }
 
     #[test]

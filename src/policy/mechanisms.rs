@@ -88,6 +88,21 @@ pub fn is_generation(m: CK_MECHANISM_TYPE) -> bool {
     )
 }
 
+/// Whether mechanism `m` can do `op` at all under the policy (AES key wrap never
+/// encrypts; a MAC never wraps; CBC/ECB/GCM never unwrap...).
+pub fn fits_op(op: super::Op, m: CK_MECHANISM_TYPE) -> bool {
+    use super::Op;
+    match op {
+        Op::Encrypt | Op::Decrypt => {
+            is_dek_cipher(m) || matches!(m, CKM_RSA_PKCS_OAEP | CKM_RSA_PKCS)
+        }
+        Op::Sign | Op::Verify => is_mac(m) || is_rsa_signature(m) || is_ecdsa(m) || m == CKM_EDDSA,
+        Op::Wrap => is_key_wrap(m) || m == CKM_RSA_PKCS_OAEP,
+        Op::Unwrap => is_key_wrap(m) || m == CKM_RSA_PKCS_OAEP,
+        Op::Derive => m == CKM_ECDH1_DERIVE,
+    }
+}
+
 /// Whether a key of type `kt` fits mechanism `m` (else `CKR_KEY_TYPE_INCONSISTENT`).
 pub fn key_type_fits(m: CK_MECHANISM_TYPE, kt: CK_KEY_TYPE) -> bool {
     if is_key_wrap(m) || is_dek_cipher(m) || m == CKM_AES_CMAC {

@@ -222,6 +222,9 @@ pub fn check_use(
         return Err(CKR_MECHANISM_INVALID);
     }
     let denied = Err(CKR_KEY_FUNCTION_NOT_PERMITTED);
+    if !m::fits_op(op, mech) {
+        return Err(CKR_MECHANISM_INVALID);
+    }
     if !m::key_type_fits(mech, key.key_type) {
         return Err(CKR_KEY_TYPE_INCONSISTENT);
     }
@@ -317,13 +320,13 @@ pub fn check_wrap(
     if key.class() != Class::Dek || (key.imported_plaintext && !s.allow_plaintext_import) {
         return Err(CKR_KEY_UNEXTRACTABLE);
     }
+    if origin.is_some_and(|x| x != wrapping_id) {
+        return Err(CKR_KEY_NOT_WRAPPABLE);
+    }
     if key.value_len == 0 || key.value_len > wrapping.value_len {
         return Err(CKR_WRAPPING_KEY_SIZE_RANGE);
     }
-    match origin {
-        Some(x) if x != wrapping_id => Err(CKR_KEY_NOT_WRAPPABLE),
-        _ => Ok(()),
-    }
+    Ok(())
 }
 
 #[cfg(test)]

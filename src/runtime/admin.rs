@@ -46,10 +46,14 @@ impl Library {
     pub fn cmk_by_handle(&self, s: &Session, h: CK_OBJECT_HANDLE) -> Result<Cmk> {
         let (_, info) = s.key_info(self, h, CKR_OBJECT_HANDLE_INVALID)?;
         let view = self.reload_view(s);
-        let id = self
-            .objects
-            .logical_id(h)
-            .unwrap_or_else(|| keystore::identity(&info.raw_id, &info.label).0);
+        let id = match self.objects.logical_id(h) {
+            Some(id) => id,
+            None => {
+                keystore::identity(&info.raw_id, &info.label)
+                    .ok_or(Error::Rv(CKR_KEY_HANDLE_INVALID))?
+                    .0
+            }
+        };
         match view.cmks.get(&id) {
             Some(c) if info.token && c.state(keystore::now()) != State::Destroyed => Ok(c.clone()),
             _ => err(CKR_KEY_HANDLE_INVALID),

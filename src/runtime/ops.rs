@@ -72,7 +72,7 @@ impl Library {
         }
         match self.objects.logical_id(h) {
             Some(id) => view.cmks.get(&id),
-            None => view.cmks.get(&identity(&info.raw_id, &info.label).0),
+            None => view.cmks.get(&identity(&info.raw_id, &info.label)?.0),
         }
     }
 
@@ -501,7 +501,7 @@ impl Library {
             .attributes(o, &backend_types)?
             .into_iter()
             .zip(backend_types);
-        let own_version = identity(&info.raw_id, &info.label).1;
+        let own_version = identity(&info.raw_id, &info.label).map_or(1, |(_, v)| v);
         let mut out = Vec::with_capacity(types.len());
         for t in types {
             if mine(*t) {
@@ -651,7 +651,12 @@ impl Library {
                 }
                 continue;
             }
-            let (id, version) = identity(&info.raw_id, &info.label);
+            let Some((id, version)) = identity(&info.raw_id, &info.label) else {
+                if wanted_version.is_none_or(|w| w == 1) {
+                    out.push(h);
+                }
+                continue;
+            };
             let cmk = view.cmks.get(&id);
             if cmk.is_some_and(|c| c.state(now) == State::Destroyed) {
                 continue;
