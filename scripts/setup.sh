@@ -16,6 +16,7 @@ PACKAGES=(
     libnss3-tools
     p11-kit p11-kit-modules
     python3 python3-pykcs11
+    shellcheck
 )
 
 missing=()

@@ -3,14 +3,14 @@
 #
 #   bash scripts/test.sh
 #
-# Steps: setup (packages), rustfmt, clippy, header freshness (cbindgen), Rust tests, the
+# Steps: setup (packages), rustfmt, clippy, shellcheck, header freshness (cbindgen), Rust tests, the
 # release build, the demo on a throw-away token, and the client end-to-end suite
 # (scripts/e2e/run.sh) through target/release/libcmkp11.so. Every step runs even when an
 # earlier one failed (except those that need the build); the exit status is non-zero if
 # any step failed.
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-cd "$CMK_ROOT"
+cd "$CMK_ROOT" || exit 1
 
 start_all=$(date +%s)
 names=()
@@ -94,6 +94,7 @@ step setup bash scripts/setup.sh || {
 }
 step fmt cargo fmt --all -- --check
 step clippy cargo clippy --workspace --all-targets -- -D warnings
+step shellcheck shellcheck -x -e SC1091,SC2001 scripts/*.sh scripts/e2e/*.sh .ci/run
 step header check_header
 step "cargo test" cargo test --workspace --all-targets --no-fail-fast
 if step "release build" cargo build --release --lib --example demo; then

@@ -16,7 +16,7 @@
 : "${E2E_WORK:?run through scripts/e2e/run.sh}"
 : "${E2E_TOKEN:?run through scripts/e2e/run.sh}"
 
-E2E_PIN="$CMK_USER_PIN"
+export E2E_PIN="$CMK_USER_PIN"
 # Bound on any single client command (seconds).
 E2E_CMD_TIMEOUT="${E2E_CMD_TIMEOUT:-120}"
 

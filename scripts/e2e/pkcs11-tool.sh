@@ -28,7 +28,7 @@ if run mechanisms "${p11[@]}" -M; then
     missing=""
     for m in AES-KEY-GEN AES-GCM AES-KEY-WRAP SHA256-RSA-PKCS RSA-PKCS-PSS ECDSA \
         RSA-PKCS-KEY-PAIR-GEN ECDSA-KEY-PAIR-GEN; do
-        grep -Eq "^ +$m[ ,]" "$W/mechanisms.log" || missing="$missing $m"
+        grep -Eq "^ +${m}[ ,]" "$W/mechanisms.log" || missing="$missing $m"
     done
     if [ -z "$missing" ]; then
         pass list-mechanisms

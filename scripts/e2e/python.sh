@@ -10,7 +10,7 @@ if ! "$CMK_PYTHON" -c 'import PyKCS11' 2>/dev/null; then
     skip python "PyKCS11 not importable by $CMK_PYTHON (scripts/setup.sh installs python3-pykcs11)"
     exit 0
 fi
-export E2E_PIN
+
 
 # flow NAME ARGS...: runs one PyKCS11 process; its PASS/FAIL lines go to the output, and a
 # crash or timeout without a FAIL line becomes a FAIL of its own.
