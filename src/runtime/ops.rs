@@ -458,8 +458,7 @@ impl Library {
         if cmk.state(keystore::now()) == State::PendingDeletion {
             return Ok(());
         }
-        let r =
-            lifecycle::schedule_deletion(s.backend(), &cmk, self.cfg.keys.deletion_window_days)?;
+        let r = lifecycle::schedule_deletion(s.backend(), cmk, self.cfg.keys.deletion_window_days)?;
         log::warn!(
             "CMK `{}` scheduled for deletion at {} (unix time); cancel with `cmkp11 key cancel-deletion`",
             cmk.name(),
