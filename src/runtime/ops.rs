@@ -174,6 +174,23 @@ impl Library {
             return err(CKR_ATTRIBUTE_VALUE_INVALID);
         }
         let name = String::from_utf8_lossy(label);
+        // Ask the token for keys with that label first: the full keystore is read only
+        // when some exist (they may be destroyed keys that no longer count).
+        let mut clash = false;
+        for class in [
+            cryptoki::object::ObjectClass::SECRET_KEY,
+            cryptoki::object::ObjectClass::PRIVATE_KEY,
+        ] {
+            let t = [
+                Attribute::Token(true),
+                Attribute::Class(class),
+                Attribute::Label(label.to_vec()),
+            ];
+            clash |= !s.backend().find_objects(&t)?.is_empty();
+        }
+        if !clash {
+            return Ok(());
+        }
         let view = self.reload_view(s);
         if view
             .cmks
