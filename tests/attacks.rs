@@ -326,7 +326,14 @@ fn legit_label_id_subject_dates_can_be_set() {
     let x = wrap_cmk(&s, 32);
     let d = dek(&s, 32, true);
     let (_, rsa) = rsa_pair(&s, true, &[CKA_SIGN]);
-    for (kname, k) in [("wrap CMK", x), ("DEK", d), ("RSA private key", rsa)] {
+    // A secret CMK's name and id are stable (DESIGN.md §5: they name it across versions).
+    let renamed = unique_label("renamed");
+    expect_rv(
+        s.set_attrs(x, Template::default().bytes(CKA_LABEL, &renamed)),
+        CKR_ATTRIBUTE_READ_ONLY,
+        "C_SetAttributeValue(wrap CMK, LABEL)",
+    );
+    for (kname, k) in [("DEK", d), ("RSA private key", rsa)] {
         let new_label = unique_label("renamed");
         ok(
             s.set_attrs(k, Template::default().bytes(CKA_LABEL, &new_label)),
@@ -1145,12 +1152,13 @@ fn derive_from_cmk_or_dek_with_forbidden_mechanisms_refused() {
                 &format!("C_DeriveKey({mname}, {bname})"),
             );
         }
-        // ECDH1 is offered, but never with a secret key as base.
+        // ECDH1 is offered, but never with a secret key as base: the key's type does not
+        // fit the mechanism, which the spec ranks before the key's usage.
         let (peer, _) = ec_pair(&s, false, &[CKA_SIGN]);
         let point = ec_point(&s, peer);
         expect_rv(
             s.derive(&mut Mech::ecdh(&point), base, derive_t()),
-            CKR_KEY_FUNCTION_NOT_PERMITTED,
+            CKR_KEY_TYPE_INCONSISTENT,
             &format!("C_DeriveKey(ECDH1_DERIVE, {bname})"),
         );
     }
@@ -1212,10 +1220,11 @@ fn ecdh_derive_needs_the_derive_role() {
         CKR_KEY_FUNCTION_NOT_PERMITTED,
         "C_DeriveKey(ECDH1, EC key with sign role only)",
     );
+    // An RSA key does not fit ECDH1 at all (CKR_KEY_TYPE_INCONSISTENT outranks the usage).
     let (_, rsa) = rsa_pair(&s, false, &[CKA_SIGN, CKA_DECRYPT]);
     expect_rv(
         s.derive(&mut Mech::ecdh(&point), rsa, derive_t()),
-        CKR_KEY_FUNCTION_NOT_PERMITTED,
+        CKR_KEY_TYPE_INCONSISTENT,
         "C_DeriveKey(ECDH1, RSA private key)",
     );
 }

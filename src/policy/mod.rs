@@ -302,19 +302,21 @@ pub fn check_use(
 /// Where a DEK came from: the CMK that unwrapped it, or first wrapped it.
 pub type Origin = Option<CK_OBJECT_HANDLE>;
 
-/// `C_WrapKey`: may `wrapping` (cmkp11 handle `wrapping_id`) wrap `key` (origin `origin`)?
+/// `C_WrapKey`: may `wrapping` (cmkp11 handle `wrapping_id`; `byok`: imported through the
+/// BYOK path) wrap `key` (origin `origin`)? A wrapping key must have been generated in the
+/// token or imported by BYOK, never imported in plaintext (the test switch
+/// `allow_plaintext_import` lifts that, for a throwaway token only).
 pub fn check_wrap(
     mech: CK_MECHANISM_TYPE,
     wrapping: &KeyInfo,
     wrapping_id: CK_OBJECT_HANDLE,
+    byok: bool,
     key: &KeyInfo,
     origin: Origin,
     s: &Settings,
 ) -> Result<(), CK_RV> {
     check_use(Op::Wrap, mech, wrapping, s)?;
-    if wrapping.class() != Class::Cmk
-        || !(wrapping.local || wrapping.imported_plaintext && s.allow_plaintext_import)
-    {
+    if wrapping.class() != Class::Cmk || !(wrapping.local || byok || s.allow_plaintext_import) {
         return Err(CKR_KEY_FUNCTION_NOT_PERMITTED);
     }
     if key.class() != Class::Dek || (key.imported_plaintext && !s.allow_plaintext_import) {
@@ -466,24 +468,24 @@ mod tests {
         let kek = wrap_cmk();
         let dek = aes(false, SecretRole::Data.usage(), 32);
         assert_eq!(
-            check_wrap(CKM_AES_KEY_WRAP_PAD, &kek, 7, &dek, None, &s),
+            check_wrap(CKM_AES_KEY_WRAP_PAD, &kek, 7, false, &dek, None, &s),
             Ok(())
         );
         assert_eq!(
-            check_wrap(CKM_AES_KEY_WRAP_PAD, &kek, 7, &dek, Some(7), &s),
+            check_wrap(CKM_AES_KEY_WRAP_PAD, &kek, 7, false, &dek, Some(7), &s),
             Ok(())
         );
         assert_eq!(
-            check_wrap(CKM_AES_KEY_WRAP_PAD, &kek, 7, &dek, Some(8), &s),
+            check_wrap(CKM_AES_KEY_WRAP_PAD, &kek, 7, false, &dek, Some(8), &s),
             Err(CKR_KEY_NOT_WRAPPABLE)
         );
         let weak = aes(true, SecretRole::Wrap.usage(), 16);
         assert_eq!(
-            check_wrap(CKM_AES_KEY_WRAP_PAD, &weak, 7, &dek, None, &s),
+            check_wrap(CKM_AES_KEY_WRAP_PAD, &weak, 7, false, &dek, None, &s),
             Err(CKR_WRAPPING_KEY_SIZE_RANGE)
         );
         assert_eq!(
-            check_wrap(CKM_AES_KEY_WRAP_PAD, &kek, 7, &kek, None, &s),
+            check_wrap(CKM_AES_KEY_WRAP_PAD, &kek, 7, false, &kek, None, &s),
             Err(CKR_KEY_UNEXTRACTABLE)
         );
         let imported = KeyInfo {
@@ -491,11 +493,11 @@ mod tests {
             ..wrap_cmk()
         };
         assert_eq!(
-            check_wrap(CKM_AES_KEY_WRAP_PAD, &imported, 7, &dek, None, &s),
+            check_wrap(CKM_AES_KEY_WRAP_PAD, &imported, 7, false, &dek, None, &s),
             Err(CKR_KEY_FUNCTION_NOT_PERMITTED)
         );
         assert_eq!(
-            check_wrap(CKM_AES_CBC_PAD, &kek, 7, &dek, None, &s),
+            check_wrap(CKM_AES_CBC_PAD, &kek, 7, false, &dek, None, &s),
             Err(CKR_MECHANISM_INVALID)
         );
     }

@@ -237,12 +237,29 @@ pub fn derived(t: Vec<Attribute>, s: &Settings) -> R<Vec<Attribute>> {
 
 /// `C_CreateObject`: secret and private keys carry key material (plaintext import), so
 /// they are refused unless the test switch allows it.
-pub fn create(t: &[Attribute], s: &Settings) -> R<()> {
-    match class_of(t) {
+/// With the switch, an imported key is still born under its class's rules (sensitive;
+/// a CMK non-extractable; one role).
+pub fn create(t: Vec<Attribute>, s: &Settings) -> R<Vec<Attribute>> {
+    match class_of(&t) {
         Some(CKO_SECRET_KEY) | Some(CKO_PRIVATE_KEY) if !s.allow_plaintext_import => {
             Err(CKR_TEMPLATE_INCONSISTENT)
         }
-        _ => Ok(()),
+        Some(CKO_SECRET_KEY) => {
+            let cmk = is_token(&t);
+            secret(t, cmk, true, s)
+        }
+        Some(CKO_PRIVATE_KEY) => {
+            let kt = t
+                .iter()
+                .rev()
+                .find_map(|a| match a {
+                    Attribute::KeyType(k) => Some(CK_KEY_TYPE::from(*k)),
+                    _ => None,
+                })
+                .ok_or(CKR_TEMPLATE_INCOMPLETE)?;
+            private_key(t, kt)
+        }
+        _ => Ok(t),
     }
 }
 

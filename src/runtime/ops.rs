@@ -331,10 +331,16 @@ impl Library {
         )?;
         let (k, kinfo) = s.key_info(self, key, CKR_KEY_HANDLE_INVALID)?;
         let (_, origin, _) = self.objects.local_facts(key);
+        let byok = {
+            let view = self.view(s);
+            self.cmk_of(&view, wrapping, &w.info)
+                .is_some_and(|c| c.record().origin == keystore::Origin::Imported)
+        };
         rv(policy::check_wrap(
             mech.ty,
             &w.info,
             wrapping,
+            byok,
             &kinfo,
             origin,
             &self.settings,
@@ -408,7 +414,7 @@ impl Library {
     /// `C_CreateObject`: no plaintext key import unless the test switch allows it; no
     /// object in cmkp11's reserved namespace.
     pub fn create_object(&self, s: &mut Session, t: Vec<Attribute>) -> Result<CK_OBJECT_HANDLE> {
-        rv(templates::create(&t, &self.settings))?;
+        let t = rv_t(templates::create(t, &self.settings))?;
         let app_reserved = t.iter().any(|a| matches!(a, Attribute::Application(v) if v.as_slice() == keystore::APPLICATION.as_bytes()));
         if label_of(&t).is_some_and(|l| reserved(&l)) || app_reserved {
             return err(CKR_ATTRIBUTE_VALUE_INVALID);
