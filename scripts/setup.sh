@@ -16,6 +16,7 @@ PACKAGES=(
     libnss3-tools
     p11-kit p11-kit-modules
     python3 python3-pykcs11
+    nginx
     shellcheck
 )
 
@@ -38,7 +39,18 @@ else
     cmk_info "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    # Keep package scripts from starting services (nginx would take port 80): the e2e
+    # suite starts its own instances on 127.0.0.1 high ports.
+    policy_rc=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        policy_rc=/usr/sbin/policy-rc.d
+    fi
+    rc=0
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" || rc=$?
+    [ -z "$policy_rc" ] || rm -f "$policy_rc"
+    [ "$rc" -eq 0 ] || cmk_die "setup: apt-get install failed (status $rc)"
 fi
 
 # Rust toolchain: cargo with rustfmt and clippy (the CI machine has it through rustup).
