@@ -1,1 +1,132 @@
-fn main() {}
+//! `cmkp11`: the operator's command for cmkp11 tokens and their customer-managed keys.
+//!
+//! Built on the cmkp11 library's Rust API ([`cmkp11::runtime::Library`]), never through raw
+//! PKCS#11 pointers: every rule the module enforces (policy, keystore, lifecycle states,
+//! access rules) applies to this command too.
+//!
+//! Conventions shared by every subcommand:
+//! - the configuration is the module's: `CMKP11_CONFIG`, else `/etc/cmkp11/cmkp11.toml`,
+//!   else the defaults;
+//! - `--token LABEL` picks the token (default: the only one);
+//! - the user PIN comes from `--pin-file FILE`, else `CMKP11_PIN`, else a prompt without
+//!   echo; it is never taken on the command line;
+//! - exit status 0 on success, 1 with a message naming the token, the key and what to do,
+//!   2 for a usage error; human tables by default, `--json` for scripts.
+
+mod ctx;
+mod envelope;
+mod import;
+mod init;
+mod keys;
+mod output;
+mod progress;
+
+// The `audit` subcommand (audit issue) mounts here: `mod audit;` and the `Audit` variant
+// of `Cmd` below, dispatched to `audit::run`.
+// mod audit;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Manage cmkp11 tokens and customer-managed keys (CMKs); encrypt files under a CMK.
+#[derive(Parser, Debug)]
+#[command(name = "cmkp11", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Options every subcommand accepts.
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// The token to use, by label (default: the only token the configuration exposes).
+    #[arg(long, global = true, value_name = "LABEL")]
+    pub token: Option<String>,
+    /// Read the user PIN from this file (else `CMKP11_PIN`, else a prompt).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub pin_file: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Show the library's log lines on stderr (the `[log]` level of the configuration).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create a private SoftHSM2 token and a cmkp11 configuration for a quick start.
+    Init(init::InitArgs),
+    /// Tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Customer-managed keys: create, inspect, rotate, disable, delete, import.
+    Key {
+        #[command(subcommand)]
+        cmd: keys::KeyCmd,
+    },
+    /// Encrypt a file under a wrap CMK (envelope encryption, AES-256-GCM in chunks).
+    Encrypt(envelope::EncryptArgs),
+    /// Decrypt a file made by `cmkp11 encrypt` (any enabled version of its CMK).
+    Decrypt(envelope::DecryptArgs),
+    // Audit log commands (audit issue):
+    // Audit(audit::AuditArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// List the tokens the configuration exposes.
+    List,
+}
+
+/// An error for the operator: what failed, and what to do about it.
+#[derive(Debug)]
+pub struct CliError {
+    /// The message (may span lines; the first names the token/key and the problem).
+    pub msg: String,
+}
+
+impl CliError {
+    /// An error with this message.
+    pub fn new(msg: impl Into<String>) -> CliError {
+        CliError { msg: msg.into() }
+    }
+}
+
+/// The result type of the subcommands.
+pub type R<T> = Result<T, CliError>;
+
+/// Shorthand for an early return: `return fail("...")`.
+pub fn fail<T>(msg: impl Into<String>) -> R<T> {
+    Err(CliError::new(msg))
+}
+
+fn run(cli: Cli) -> R<()> {
+    let g = cli.global;
+    match cli.cmd {
+        Cmd::Init(a) => init::run(&g, a),
+        Cmd::Token {
+            cmd: TokenCmd::List,
+        } => ctx::token_list(&g),
+        Cmd::Key { cmd } => keys::run(&g, cmd),
+        Cmd::Encrypt(a) => envelope::encrypt(&g, a),
+        Cmd::Decrypt(a) => envelope::decrypt(&g, a),
+        // Cmd::Audit(a) => audit::run(a, &ctx::load_config()?, &g),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cmkp11: {}", e.msg);
+            ExitCode::FAILURE
+        }
+    }
+}

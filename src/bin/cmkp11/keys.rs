@@ -1,0 +1,694 @@
+//! `cmkp11 key ...`: list, show, create, the lifecycle steps, purge, import.
+
+use crate::ctx::{describe, lib_err, Ctx};
+use crate::{fail, import, output, CliError, Global, R};
+use clap::{Subcommand, ValueEnum};
+use cmkp11::backend::mech::Mech;
+use cmkp11::keystore::{self, Cmk, Origin, State, RESERVED_PREFIX};
+use cmkp11::policy::SecretRole;
+use cmkp11::runtime::admin::Action;
+use cmkp11::runtime::session::AttrValue;
+use cmkp11::vendor;
+use cryptoki::object::{Attribute, KeyType, ObjectClass};
+use cryptoki_sys::*;
+use serde::Serialize;
+
+/// `cmkp11 key` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum KeyCmd {
+    /// List the token's keys.
+    List,
+    /// Show one key: state, versions, role, origin, dates.
+    Show {
+        /// The key's name.
+        name: String,
+    },
+    /// Create an AES CMK in the token.
+    Create {
+        /// The key's name (unique on the token).
+        name: String,
+        /// What the key is for (default: `[keys] default_role` of the configuration).
+        #[arg(long, value_enum)]
+        role: Option<Role>,
+        /// Key length in bits.
+        #[arg(long, default_value = "256", value_parser = ["128", "256"])]
+        bits: String,
+    },
+    /// Give a secret CMK a new primary version (older versions keep decrypting).
+    Rotate {
+        /// The key's name.
+        #[arg(required_unless_present = "due", conflicts_with = "due")]
+        name: Option<String>,
+        /// Rotate every enabled secret key older than `[keys] rotation_period_days`.
+        #[arg(long)]
+        due: bool,
+    },
+    /// Disable a key: every use is refused until it is enabled again.
+    Disable {
+        /// The key's name.
+        name: String,
+    },
+    /// Enable a disabled key.
+    Enable {
+        /// The key's name.
+        name: String,
+    },
+    /// Schedule a key's destruction; it is disabled until then and can be recovered with
+    /// `cancel-deletion`.
+    ScheduleDeletion {
+        /// The key's name.
+        name: String,
+        /// Days until destruction, 1..=365 (default: `[keys] deletion_window_days`).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=365))]
+        days: Option<u32>,
+    },
+    /// Cancel a scheduled deletion; the key returns to disabled.
+    CancelDeletion {
+        /// The key's name.
+        name: String,
+    },
+    /// Destroy the keys whose deletion date has passed.
+    Purge,
+    /// Import keys for bring-your-own-key (RSA-3072, RSA-OAEP SHA-256).
+    ImportKey {
+        #[command(subcommand)]
+        cmd: import::ImportKeyCmd,
+    },
+    /// Import your own AES key, wrapped under an import key, as a new CMK.
+    Import(import::ImportArgs),
+}
+
+/// The role of a secret CMK.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Wraps data keys (AES key wrap): the role `cmkp11 encrypt` needs.
+    Wrap,
+    /// Encrypts and decrypts data (AES-GCM, AES-CBC-PAD).
+    Data,
+    /// Computes and verifies MACs (HMAC, CMAC).
+    Mac,
+}
+
+impl Role {
+    /// The library's role.
+    pub fn secret_role(self) -> SecretRole {
+        match self {
+            Role::Wrap => SecretRole::Wrap,
+            Role::Data => SecretRole::Data,
+            Role::Mac => SecretRole::Mac,
+        }
+    }
+}
+
+/// The role to use: the option, else the configuration's default.
+pub fn role_or_default(ctx: &Ctx, role: Option<Role>) -> SecretRole {
+    role.map(Role::secret_role)
+        .or_else(|| SecretRole::parse(&ctx.lib().cfg.keys.default_role))
+        .unwrap_or(SecretRole::Wrap)
+}
+
+/// A key as the CLI shows it.
+#[derive(Serialize, Debug, Clone)]
+pub struct KeyInfo {
+    /// Name (label, or hex id).
+    pub name: String,
+    /// Hex of the stable id.
+    pub id: String,
+    /// `secret` or `private`.
+    pub class: &'static str,
+    /// `AES-256`, `RSA-3072`, `EC`...
+    pub key_type: String,
+    /// `wrap`, `data`, `mac`, or the private roles joined by `+`.
+    pub role: String,
+    /// `enabled`, `disabled`, `pending-deletion`, `destroyed`.
+    pub state: &'static str,
+    /// Version numbers, ascending.
+    pub versions: Vec<u32>,
+    /// The primary version.
+    pub primary: u32,
+    /// `generated` or `imported`.
+    pub origin: &'static str,
+    /// Creation time (RFC 3339), if recorded.
+    pub created: Option<String>,
+    /// Last rotation (RFC 3339), if any.
+    pub rotated: Option<String>,
+    /// Last state change (RFC 3339), if any.
+    pub updated: Option<String>,
+    /// When a key pending deletion is destroyed.
+    pub deletion_date: Option<String>,
+}
+
+fn ulong(v: &AttrValue) -> Option<u64> {
+    match v {
+        AttrValue::Value(Attribute::VendorDefined((_, b))) => {
+            Some(u64::from_ne_bytes(b.as_slice().try_into().ok()?))
+        }
+        AttrValue::Value(Attribute::ValueLen(l)) => Some(u64::from(*l)),
+        _ => None,
+    }
+}
+
+fn role_name(bits: u64) -> String {
+    let names = [
+        (vendor::CMKP11_ROLE_WRAP, "wrap"),
+        (vendor::CMKP11_ROLE_DATA, "data"),
+        (vendor::CMKP11_ROLE_MAC, "mac"),
+        (vendor::CMKP11_ROLE_SIGN, "sign"),
+        (vendor::CMKP11_ROLE_DECRYPT, "decrypt"),
+        (vendor::CMKP11_ROLE_DERIVE, "derive"),
+        (vendor::CMKP11_ROLE_UNWRAP, "unwrap"),
+    ];
+    let v: Vec<&str> = names
+        .iter()
+        .filter(|(b, _)| bits & *b as u64 != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join("+")
+    }
+}
+
+/// Reads what the CLI shows about `cmk`.
+pub fn key_info(ctx: &Ctx, cmk: &Cmk) -> R<KeyInfo> {
+    let h = ctx.handle_of(cmk)?;
+    let (lib, mut s) = ctx.parts();
+    let secret = cmk.class == CKO_SECRET_KEY;
+    let mut types = vec![
+        CKA_KEY_TYPE,
+        vendor::CKA_CMKP11_ROLE,
+        vendor::CKA_CMKP11_ORIGIN,
+    ];
+    types.push(if secret { CKA_VALUE_LEN } else { CKA_MODULUS });
+    let v = lib
+        .get_attributes(&mut s, h, &types)
+        .map_err(lib_err(&ctx.token, &format!("read key `{}`", cmk.name())))?;
+    let key_type = match (&v[0], &v[3]) {
+        (AttrValue::Value(Attribute::KeyType(KeyType::AES)), len) => {
+            format!("AES-{}", ulong(len).unwrap_or(0) * 8)
+        }
+        (AttrValue::Value(Attribute::KeyType(KeyType::RSA)), m) => match m {
+            AttrValue::Value(Attribute::Modulus(m)) => format!("RSA-{}", m.len() * 8),
+            _ => "RSA".into(),
+        },
+        (AttrValue::Value(Attribute::KeyType(KeyType::EC)), _) => "EC".into(),
+        (AttrValue::Value(Attribute::KeyType(KeyType::EC_EDWARDS)), _) => "EdDSA".into(),
+        (AttrValue::Value(Attribute::KeyType(k)), _) => k.to_string(),
+        _ => "-".into(),
+    };
+    let origin = match ulong(&v[2]) {
+        Some(o) if o == vendor::CMKP11_ORIGIN_IMPORTED as u64 => "imported",
+        _ if cmk.record().origin == Origin::Imported => "imported",
+        _ => "generated",
+    };
+    let r = cmk.record();
+    let state = cmk.state(keystore::now());
+    Ok(KeyInfo {
+        name: cmk.name(),
+        id: keystore::hex(&cmk.id),
+        class: if secret { "secret" } else { "private" },
+        key_type,
+        role: role_name(ulong(&v[1]).unwrap_or(0)),
+        state: state.name(),
+        versions: cmk.versions.iter().map(|(v, _)| *v).collect(),
+        primary: cmk.primary().map(|(v, _)| v).unwrap_or(0),
+        origin,
+        created: output::time(r.created),
+        rotated: output::time(r.rotated),
+        updated: output::time(r.updated),
+        deletion_date: if matches!(state, State::PendingDeletion | State::Destroyed) {
+            output::time(r.deletion_date)
+        } else {
+            None
+        },
+    })
+}
+
+fn print_key(ctx: &Ctx, k: &KeyInfo) -> R<()> {
+    if ctx.g.json {
+        return output::json(k);
+    }
+    let versions: Vec<String> = k.versions.iter().map(u32::to_string).collect();
+    let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    let rows = [
+        ("name", k.name.clone()),
+        ("token", ctx.token.clone()),
+        ("id", k.id.clone()),
+        ("state", k.state.to_string()),
+        ("class", k.class.to_string()),
+        ("type", k.key_type.clone()),
+        ("role", k.role.clone()),
+        ("origin", k.origin.to_string()),
+        ("versions", versions.join(", ")),
+        ("primary", k.primary.to_string()),
+        ("created", dash(&k.created)),
+        ("rotated", dash(&k.rotated)),
+        ("updated", dash(&k.updated)),
+        ("deletion date", dash(&k.deletion_date)),
+    ];
+    for (f, v) in rows {
+        println!("{:<14}{v}", format!("{f}:"));
+    }
+    Ok(())
+}
+
+/// Runs a `cmkp11 key` subcommand.
+pub fn run(g: &Global, cmd: KeyCmd) -> R<()> {
+    let ctx = Ctx::open(g)?;
+    match cmd {
+        KeyCmd::List => list(&ctx),
+        KeyCmd::Show { name } => {
+            let cmk = ctx.cmk(&name)?;
+            print_key(&ctx, &key_info(&ctx, &cmk)?)
+        }
+        KeyCmd::Create { name, role, bits } => {
+            create(&ctx, &name, role, bits.parse().unwrap_or(256))
+        }
+        KeyCmd::Rotate { name: Some(n), .. } => rotate(&ctx, &n),
+        KeyCmd::Rotate { name: None, .. } => rotate_due(&ctx),
+        KeyCmd::Disable { name } => disable(&ctx, &name),
+        KeyCmd::Enable { name } => enable(&ctx, &name),
+        KeyCmd::ScheduleDeletion { name, days } => schedule_deletion(&ctx, &name, days),
+        KeyCmd::CancelDeletion { name } => cancel_deletion(&ctx, &name),
+        KeyCmd::Purge => purge(&ctx),
+        KeyCmd::ImportKey { cmd } => import::import_key_cmd(&ctx, cmd),
+        KeyCmd::Import(a) => import::import(&ctx, a),
+    }
+}
+
+fn list(ctx: &Ctx) -> R<()> {
+    let view = ctx.view();
+    let mut keys = Vec::new();
+    for cmk in view.cmks.values() {
+        keys.push(key_info(ctx, cmk)?);
+    }
+    keys.sort_by(|a, b| a.name.cmp(&b.name));
+    if ctx.g.json {
+        return output::json(&keys);
+    }
+    if keys.is_empty() {
+        println!(
+            "no keys on token `{}`; create one with `cmkp11 key create NAME`",
+            ctx.token
+        );
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = keys
+        .iter()
+        .map(|k| {
+            vec![
+                k.name.clone(),
+                k.state.into(),
+                k.key_type.clone(),
+                k.role.clone(),
+                format!("{}/{}", k.primary, k.versions.len()),
+                k.origin.into(),
+                k.created.clone().unwrap_or_else(|| "-".into()),
+                k.rotated.clone().unwrap_or_else(|| "-".into()),
+                k.deletion_date.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "NAME",
+            "STATE",
+            "TYPE",
+            "ROLE",
+            "PRIMARY/VERSIONS",
+            "ORIGIN",
+            "CREATED",
+            "ROTATED",
+            "DELETION",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+/// Checks a new key's name against the token's keys (clear messages before the library's
+/// own check).
+pub fn check_new_name(ctx: &Ctx, name: &str) -> R<()> {
+    if name.is_empty() {
+        return fail("a key name cannot be empty");
+    }
+    if name.starts_with(RESERVED_PREFIX) {
+        return fail(format!(
+            "key names starting with `{RESERVED_PREFIX}` are reserved for cmkp11's own objects"
+        ));
+    }
+    let view = ctx.view();
+    if let Some(c) = view.by_name(name) {
+        let state = c.state(keystore::now());
+        let more = match state {
+            State::Destroyed => "; it is destroyed: run `cmkp11 key purge` to free the name",
+            _ => "; choose another name",
+        };
+        return fail(format!(
+            "a key named `{name}` exists already on token `{}` ({}){more}",
+            ctx.token,
+            state.name()
+        ));
+    }
+    Ok(())
+}
+
+fn create(ctx: &Ctx, name: &str, role: Option<Role>, bits: u32) -> R<()> {
+    check_new_name(ctx, name)?;
+    let role = role_or_default(ctx, role);
+    let usage = role.usage();
+    use cmkp11::policy::Usage as U;
+    let t = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Label(name.as_bytes().to_vec()),
+        Attribute::ValueLen(u64::from(bits / 8).into()),
+        Attribute::Encrypt(usage.any(U::ENCRYPT)),
+        Attribute::Decrypt(usage.any(U::DECRYPT)),
+        Attribute::Sign(usage.any(U::SIGN)),
+        Attribute::Verify(usage.any(U::VERIFY)),
+        Attribute::Wrap(usage.any(U::WRAP)),
+        Attribute::Unwrap(usage.any(U::UNWRAP)),
+    ];
+    {
+        let (lib, mut s) = ctx.parts();
+        lib.generate_key(&mut s, Mech::plain(CKM_AES_KEY_GEN), t)
+            .map_err(lib_err(&ctx.token, &format!("create key `{name}`")))?;
+    }
+    let cmk = ctx.cmk(name)?;
+    let info = key_info(ctx, &cmk)?;
+    if !ctx.g.json {
+        println!(
+            "created key `{name}` on token `{}` ({}, role {})",
+            ctx.token, info.key_type, info.role
+        );
+    }
+    if ctx.g.json {
+        output::json(&info)?;
+    }
+    Ok(())
+}
+
+/// Applies a lifecycle step and returns the key as it is afterwards.
+fn apply(ctx: &Ctx, cmk: &Cmk, action: Action) -> R<KeyInfo> {
+    {
+        let (lib, s) = ctx.parts();
+        lib.apply(&s, cmk, action).map_err(|e| {
+            CliError::new(format!(
+                "token `{}`: {} key `{}`: {}",
+                ctx.token,
+                action.name(),
+                cmk.name(),
+                describe(&e)
+            ))
+        })?;
+    }
+    let after = ctx.cmk(&cmk.name())?;
+    key_info(ctx, &after)
+}
+
+fn done(ctx: &Ctx, info: &KeyInfo, text: String) -> R<()> {
+    if ctx.g.json {
+        output::json(info)
+    } else {
+        println!("{text}");
+        Ok(())
+    }
+}
+
+fn pending_text(c: &Cmk) -> String {
+    output::time_cell(c.record().deletion_date)
+}
+
+fn rotate(ctx: &Ctx, name: &str) -> R<()> {
+    let cmk = ctx.cmk(name)?;
+    let t = &ctx.token;
+    if cmk.class != CKO_SECRET_KEY {
+        return fail(format!(
+            "key `{name}` on token `{t}` is a private key: private keys are not rotated; \
+             create a new key and move its users to it"
+        ));
+    }
+    match cmk.state(keystore::now()) {
+        State::Enabled => {}
+        State::Disabled => {
+            return fail(format!(
+                "key `{name}` on token `{t}` is disabled: enable it first with \
+                 `cmkp11 key enable {name}`, then rotate"
+            ))
+        }
+        _ => {
+            return fail(format!(
+                "key `{name}` on token `{t}` is pending deletion (on {}): only an enabled key \
+                 is rotated; `cmkp11 key cancel-deletion {name}` then `cmkp11 key enable {name}` \
+                 to use it again",
+                pending_text(&cmk)
+            ))
+        }
+    }
+    let info = apply(ctx, &cmk, Action::Rotate)?;
+    done(
+        ctx,
+        &info,
+        format!(
+            "rotated key `{name}` on token `{t}`: version {} is primary ({} versions; older \
+             versions still decrypt)",
+            info.primary,
+            info.versions.len()
+        ),
+    )
+}
+
+#[derive(Serialize)]
+struct DueReport {
+    rotation_period_days: u32,
+    rotated: Vec<Rotated>,
+    failed: Vec<Failed>,
+    not_due: usize,
+}
+
+#[derive(Serialize)]
+struct Rotated {
+    name: String,
+    last_rotation: Option<String>,
+    primary: u32,
+}
+
+#[derive(Serialize)]
+struct Failed {
+    name: String,
+    error: String,
+}
+
+fn rotate_due(ctx: &Ctx) -> R<()> {
+    let period = ctx.lib().cfg.keys.rotation_period_days;
+    let mut report = DueReport {
+        rotation_period_days: period,
+        rotated: Vec::new(),
+        failed: Vec::new(),
+        not_due: 0,
+    };
+    if period == 0 {
+        if ctx.g.json {
+            return output::json(&report);
+        }
+        println!(
+            "automatic rotation is off on token `{}` ([keys] rotation_period_days = 0 in {}): \
+             nothing rotated",
+            ctx.token,
+            ctx.config_name()
+        );
+        return Ok(());
+    }
+    let now = keystore::now();
+    let period_s = u64::from(period) * 86_400;
+    let view = ctx.view();
+    for cmk in view.cmks.values() {
+        if cmk.class != CKO_SECRET_KEY || cmk.state(now) != State::Enabled {
+            continue;
+        }
+        let last = cmk.last_rotation();
+        // A key whose creation was not recorded (made before cmkp11 kept dates) is due.
+        if last != 0 && now.saturating_sub(last) < period_s {
+            report.not_due += 1;
+            continue;
+        }
+        match apply(ctx, cmk, Action::Rotate) {
+            Ok(info) => {
+                if !ctx.g.json {
+                    println!(
+                        "rotated `{}`: version {} is primary (last rotation: {})",
+                        info.name,
+                        info.primary,
+                        output::time(last).unwrap_or_else(|| "unknown".into())
+                    );
+                }
+                report.rotated.push(Rotated {
+                    name: info.name,
+                    last_rotation: output::time(last),
+                    primary: info.primary,
+                });
+            }
+            Err(e) => {
+                eprintln!("cmkp11: {}", e.msg);
+                report.failed.push(Failed {
+                    name: cmk.name(),
+                    error: e.msg,
+                });
+            }
+        }
+    }
+    if ctx.g.json {
+        output::json(&report)?;
+    } else {
+        println!(
+            "token `{}`: {} key(s) rotated, {} not due (rotation period {period} days){}",
+            ctx.token,
+            report.rotated.len(),
+            report.not_due,
+            if report.failed.is_empty() {
+                String::new()
+            } else {
+                format!(", {} failed", report.failed.len())
+            }
+        );
+    }
+    if !report.failed.is_empty() {
+        return fail(format!(
+            "{} key(s) due for rotation on token `{}` could not be rotated (see above)",
+            report.failed.len(),
+            ctx.token
+        ));
+    }
+    Ok(())
+}
+
+fn disable(ctx: &Ctx, name: &str) -> R<()> {
+    let cmk = ctx.cmk(name)?;
+    let t = &ctx.token;
+    match cmk.state(keystore::now()) {
+        State::Enabled => {}
+        State::Disabled => {
+            let info = key_info(ctx, &cmk)?;
+            return done(
+                ctx,
+                &info,
+                format!("key `{name}` on token `{t}` is already disabled"),
+            );
+        }
+        _ => {
+            return fail(format!(
+                "key `{name}` on token `{t}` is pending deletion (on {}), which already refuses \
+                 every use; `cmkp11 key cancel-deletion {name}` keeps it (disabled)",
+                pending_text(&cmk)
+            ))
+        }
+    }
+    let info = apply(ctx, &cmk, Action::Disable)?;
+    done(
+        ctx,
+        &info,
+        format!(
+            "disabled key `{name}` on token `{t}`: every use is refused until \
+             `cmkp11 key enable {name}`"
+        ),
+    )
+}
+
+fn enable(ctx: &Ctx, name: &str) -> R<()> {
+    let cmk = ctx.cmk(name)?;
+    let t = &ctx.token;
+    match cmk.state(keystore::now()) {
+        State::Disabled => {}
+        State::Enabled => {
+            let info = key_info(ctx, &cmk)?;
+            return done(
+                ctx,
+                &info,
+                format!("key `{name}` on token `{t}` is already enabled"),
+            );
+        }
+        _ => {
+            return fail(format!(
+                "key `{name}` on token `{t}` is pending deletion (on {}): cancel the deletion \
+                 first with `cmkp11 key cancel-deletion {name}`, then enable it",
+                pending_text(&cmk)
+            ))
+        }
+    }
+    let info = apply(ctx, &cmk, Action::Enable)?;
+    done(ctx, &info, format!("enabled key `{name}` on token `{t}`"))
+}
+
+fn schedule_deletion(ctx: &Ctx, name: &str, days: Option<u32>) -> R<()> {
+    let cmk = ctx.cmk(name)?;
+    let t = &ctx.token;
+    if cmk.state(keystore::now()) == State::PendingDeletion {
+        return fail(format!(
+            "key `{name}` on token `{t}` is already scheduled for deletion on {}; to change \
+             the date, `cmkp11 key cancel-deletion {name}` and schedule it again",
+            pending_text(&cmk)
+        ));
+    }
+    let info = apply(ctx, &cmk, Action::ScheduleDeletion(days))?;
+    done(
+        ctx,
+        &info,
+        format!(
+            "key `{name}` on token `{t}` is scheduled for deletion on {} and refused for any use \
+             until then; `cmkp11 key cancel-deletion {name}` recovers it",
+            info.deletion_date.as_deref().unwrap_or("-")
+        ),
+    )
+}
+
+fn cancel_deletion(ctx: &Ctx, name: &str) -> R<()> {
+    let cmk = ctx.cmk(name)?;
+    let t = &ctx.token;
+    let state = cmk.state(keystore::now());
+    if state != State::PendingDeletion {
+        return fail(format!(
+            "key `{name}` on token `{t}` is {}, not pending deletion: nothing to cancel",
+            state.name()
+        ));
+    }
+    let info = apply(ctx, &cmk, Action::CancelDeletion)?;
+    done(
+        ctx,
+        &info,
+        format!(
+            "cancelled the deletion of key `{name}` on token `{t}`: it is disabled; \
+             `cmkp11 key enable {name}` to use it again"
+        ),
+    )
+}
+
+#[derive(Serialize)]
+struct PurgeReport {
+    purged: Vec<String>,
+}
+
+fn purge(ctx: &Ctx) -> R<()> {
+    let purged = {
+        let (lib, s) = ctx.parts();
+        lib.purge(&s)
+            .map_err(lib_err(&ctx.token, "purge destroyed keys"))?
+    };
+    if ctx.g.json {
+        return output::json(&PurgeReport { purged });
+    }
+    if purged.is_empty() {
+        println!(
+            "token `{}`: no key past its deletion date; nothing purged",
+            ctx.token
+        );
+    } else {
+        for n in &purged {
+            println!("destroyed key `{n}` on token `{}`", ctx.token);
+        }
+    }
+    Ok(())
+}
