@@ -52,8 +52,9 @@ METHOD:
   plain whole-window figure is reported too.
   The report gives, per case and thread count, the medians over rounds of ops/s, p50 and
   p99 for A and B, the ratio A/B of the median ops/s, and a bootstrap 95% interval of that
-  ratio (the noise of this run), then one verdict line per case against the goals
-  (>= 0.97 at 1 thread, >= 0.95 at 2+ threads).
+  ratio (the noise of this run), the p50 ratio (B p50 / A p50: the same comparison from
+  median latencies, which load from other processes disturbs far less), then one verdict
+  line per case against the goals (>= 0.97 at 1 thread, >= 0.95 at 2+ threads).
   Exit status: 0 whatever the ratios; 1 if a worker failed (the other cases still run and
   the failed ones show as FAILED); 2 on bad arguments.
 

@@ -138,9 +138,10 @@ impl Cell {
     fn ratio(&self) -> f64 {
         self.ops(Side::A) / self.ops(Side::B)
     }
-    /// Ratio of the medians of the plain (whole-window mean) throughput.
-    fn plain_ratio(&self) -> f64 {
-        Self::med(&self.a, |r| r.mean_ops_per_s) / Self::med(&self.b, |r| r.mean_ops_per_s)
+    /// Speed ratio from the median latencies (B p50 / A p50; above 1 means A is faster).
+    /// Far less sensitive to load from other processes than throughput.
+    fn p50_ratio(&self) -> f64 {
+        self.p50_us(Side::B) / self.p50_us(Side::A)
     }
     /// 95% bootstrap interval of `ratio()`: rounds of A and of B resampled with replacement
     /// (deterministic generator, so a report can be reproduced from its runs).
@@ -390,8 +391,9 @@ fn print_report(o: &ParentOpts, cells: &[Cell], took: Duration, conditions: &str
          ops/s of one run = median over {} time slices of the calls per busy second (summed \
          over threads); the table gives medians over rounds; ratio = median A ops/s / median B \
          ops/s; \"95% CI\" = bootstrap interval of that ratio over the rounds (its width is the \
-         noise of this run); \"plain ratio\" uses calls / busy seconds over the whole window \
-         instead of the slice median. {conditions}",
+         noise of this run); \"p50 ratio\" = B p50 / A p50, the same comparison from median \
+         latencies, which load from other processes disturbs far less than throughput. \
+         {conditions}",
         o.module_a.display(),
         o.module_b.display(),
         o.token,
@@ -404,7 +406,7 @@ fn print_report(o: &ParentOpts, cells: &[Cell], took: Duration, conditions: &str
     );
     println!();
     println!(
-        "| case | threads | {na} ops/s | {nb} ops/s | ratio A/B | 95% CI | plain ratio | {na} p50 µs | {nb} p50 µs | {na} p99 µs | {nb} p99 µs |"
+        "| case | threads | {na} ops/s | {nb} ops/s | ratio A/B | 95% CI | p50 ratio | {na} p50 µs | {nb} p50 µs | {na} p99 µs | {nb} p99 µs |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for c in cells {
@@ -429,7 +431,7 @@ fn print_report(o: &ParentOpts, cells: &[Cell], took: Duration, conditions: &str
             c.ratio(),
             lo,
             hi,
-            c.plain_ratio(),
+            c.p50_ratio(),
             fmt_us(c.p50_us(Side::A)),
             fmt_us(c.p50_us(Side::B)),
             fmt_us(c.p99_us(Side::A)),
@@ -471,7 +473,13 @@ fn print_report(o: &ParentOpts, cells: &[Cell], took: Duration, conditions: &str
                 (false, _, false) => "BELOW (CI reaches the goal)",
             };
             ok &= pass;
-            parts.push(format!("{} thr {:.3} {}", c.threads, r, verdict));
+            parts.push(format!(
+                "{} thr {:.3} {} [p50 ratio {:.3}]",
+                c.threads,
+                r,
+                verdict,
+                c.p50_ratio()
+            ));
         }
         all_ok &= ok;
         println!(
@@ -539,5 +547,6 @@ mod tests {
         let (lo, hi) = c.ratio_ci();
         assert!(lo >= 0.9 - 1e-12 && hi <= 1.0 + 1e-12 && lo <= 0.95 && hi >= 0.95);
         assert_eq!(c.ratio_ci(), (lo, hi), "deterministic");
+        assert_eq!(c.p50_ratio(), 1.0);
     }
 }
