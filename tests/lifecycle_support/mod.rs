@@ -432,6 +432,24 @@ impl S {
         S { m, h }
     }
 
+    /// Opens a read-only session (not logged in).
+    pub fn open_ro(m: &'static Module) -> S {
+        let mut h: CK_SESSION_HANDLE = 0;
+        check(
+            call!(
+                m.f,
+                C_OpenSession,
+                m.slot(),
+                CKF_SERIAL_SESSION,
+                ptr::null_mut(),
+                None,
+                &mut h
+            ),
+            "C_OpenSession(read-only)",
+        );
+        S { m, h }
+    }
+
     /// A read-write session with the user logged in (already logged in is fine).
     pub fn user(m: &'static Module) -> S {
         let s = S::open(m);
@@ -1114,6 +1132,8 @@ pub fn direct_child(role: &str) -> bool {
                 .map(|(_, j)| format!("{}:{}", j["generation"], j["nonce"]))
                 .collect();
             say(&format!("generations {}", gens.join(",")));
+            let ids: Vec<String> = keys.iter().map(|i| hex(i)).collect();
+            say(&format!("ids {}", ids.join(",")));
         }
         _ => return false,
     }
@@ -1122,10 +1142,7 @@ pub fn direct_child(role: &str) -> bool {
 
 /// Runs the `inspect` child: (keys labelled `label`, records of `id`).
 pub fn inspect(label: &str, id: &[u8]) -> (usize, usize) {
-    let lines = run_child(
-        "inspect",
-        &[("LC_LABEL", label.to_string()), ("LC_ID", hex(id))],
-    );
+    let lines = inspect_lines(label, id);
     let num = |w: &str| -> usize {
         lines
             .iter()
@@ -1136,6 +1153,14 @@ pub fn inspect(label: &str, id: &[u8]) -> (usize, usize) {
             .unwrap()
     };
     (num("keys "), num("records "))
+}
+
+/// Runs the `inspect` child; returns its lines.
+pub fn inspect_lines(label: &str, id: &[u8]) -> Vec<String> {
+    run_child(
+        "inspect",
+        &[("LC_LABEL", label.to_string()), ("LC_ID", hex(id))],
+    )
 }
 
 /// Runs the `expire` child for the key with id `id`.
