@@ -17,6 +17,7 @@ PACKAGES=(
     p11-kit p11-kit-modules
     python3 python3-pykcs11
     nginx
+    openjdk-17-jdk-headless
     shellcheck
 )
 
