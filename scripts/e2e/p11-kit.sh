@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Client family: p11-kit. Run by run.sh.
-#  - a p11-kit module file for cmkp11 in a user's configuration: `p11-kit list-modules`
+#  - the p11-kit module file shipped as scripts/cmkp11.module, installed in a user's
+#    configuration: `p11-kit list-modules`
 #    shows cmkp11 and its token, and pkcs11-tool signs through p11-kit-proxy.so. p11-kit
 #    ignores user configuration for root, so this part runs as the user `nobody` with
 #    HOME in the scratch directory;
@@ -30,8 +31,9 @@ fi
 # the softhsm2 package installs) disabled for pkcs11-tool so that the proxy exposes the
 # token once, through cmkp11 only.
 mkdir -p "$W/home/.config/pkcs11/modules"
-printf '# cmkp11: customer-managed keys in front of the real token\nmodule: %s\n' "$E2E_MODULE" \
-    >"$W/home/.config/pkcs11/modules/cmkp11.module"
+# The shipped module file (scripts/cmkp11.module), pointed at the module under test.
+shipped="$(dirname "${BASH_SOURCE[0]}")/../cmkp11.module"
+sed "s|^module:.*|module: $E2E_MODULE|" "$shipped" >"$W/home/.config/pkcs11/modules/cmkp11.module"
 printf 'disable-in: pkcs11-tool\n' >"$W/home/.config/pkcs11/modules/softhsm2.module"
 if [ -n "$user" ]; then
     # nobody needs to reach the token store and configs in the scratch directory.
