@@ -130,7 +130,8 @@ pub struct Ctx {
     /// The library (dropped last: closing it finalizes the backend).
     lib: Option<Library>,
     session: Option<Arc<Mutex<Session>>>,
-    handle: CK_SESSION_HANDLE,
+    /// The login session and the working session.
+    handles: [CK_SESSION_HANDLE; 2],
     /// The token's label.
     pub token: String,
     /// Global options.
@@ -144,23 +145,24 @@ impl Ctx {
         let lib = open_library(cfg, g.verbose)?;
         let (slot, token) = pick_token(&lib, g.token.as_deref())?;
         let pin = user_pin(g, &token)?;
-        let handle = lib.open_session(slot, true).map_err(|e| {
-            CliError::new(format!("token `{token}`: open a session: {}", describe(&e)))
-        })?;
-        let session = lib
-            .session(handle)
-            .map_err(|e| CliError::new(format!("token `{token}`: {}", describe(&e))))?;
-        let ctx = Ctx {
-            lib: Some(lib),
-            session: Some(session),
-            handle,
-            token,
-            g: g.clone(),
+        let open = |rw: bool| {
+            lib.open_session(slot, rw).map_err(|e| {
+                CliError::new(format!("token `{token}`: open a session: {}", describe(&e)))
+            })
         };
+        // Log in through a read-only session: the library purges expired keys when a
+        // read-write session logs in, and the CLI leaves that to `cmkp11 key purge`,
+        // which reports what it destroys. The login holds for every session of the
+        // process, so the read-write session opened next is logged in too.
+        let login_handle = open(false)?;
         {
-            let (lib, mut s) = ctx.parts();
+            let s = lib
+                .session(login_handle)
+                .map_err(|e| CliError::new(format!("token `{token}`: {}", describe(&e))))?;
+            let mut s = s.lock();
             if let Err(e) = lib.login(&mut s, UserType::User, Some(&pin)) {
-                let token = &ctx.token;
+                drop(s);
+                lib.close();
                 let how = match (&g.pin_file, std::env::var_os("CMKP11_PIN")) {
                     (Some(f), _) => format!("from {}", f.display()),
                     (None, Some(_)) => "from CMKP11_PIN".into(),
@@ -179,6 +181,17 @@ impl Ctx {
                 });
             }
         }
+        let handle = open(true)?;
+        let session = lib
+            .session(handle)
+            .map_err(|e| CliError::new(format!("token `{token}`: {}", describe(&e))))?;
+        let ctx = Ctx {
+            lib: Some(lib),
+            session: Some(session),
+            handles: [login_handle, handle],
+            token,
+            g: g.clone(),
+        };
         Ok(ctx)
     }
 
@@ -249,7 +262,9 @@ impl Drop for Ctx {
     fn drop(&mut self) {
         self.session.take();
         if let Some(lib) = self.lib.take() {
-            let _ = lib.close_session(self.handle);
+            for h in self.handles {
+                let _ = lib.close_session(h);
+            }
             lib.close();
         }
     }

@@ -222,6 +222,16 @@ pub fn import(ctx: &Ctx, a: ImportArgs) -> R<()> {
                     a.wrapped.display(),
                     a.import_key
                 )),
+                // The parameters are fixed (SHA-256, MGF1-SHA-256, no label) and checked
+                // before the blob: these codes mean the token lacks that OAEP variant.
+                CKR_ARGUMENTS_BAD | CKR_MECHANISM_PARAM_INVALID | CKR_MECHANISM_INVALID => {
+                    CliError::new(format!(
+                        "token `{t}` cannot unwrap with RSA-OAEP SHA-256 / MGF1-SHA-256 ({}); \
+                     SoftHSM2 2.6 implements OAEP with SHA-1 only, so import needs a token \
+                     that supports SHA-256 OAEP",
+                        describe(&e)
+                    ))
+                }
                 _ => import_err(ctx, &format!("import key `{}`", a.name))(e),
             })?;
     }

@@ -138,17 +138,17 @@ pub struct KeyInfo {
     pub deletion_date: Option<String>,
 }
 
-fn ulong(v: &AttrValue) -> Option<u64> {
+fn ulong(v: &AttrValue) -> Option<CK_ULONG> {
     match v {
         AttrValue::Value(Attribute::VendorDefined((_, b))) => {
-            Some(u64::from_ne_bytes(b.as_slice().try_into().ok()?))
+            Some(CK_ULONG::from_ne_bytes(b.as_slice().try_into().ok()?))
         }
-        AttrValue::Value(Attribute::ValueLen(l)) => Some(u64::from(*l)),
+        AttrValue::Value(Attribute::ValueLen(l)) => Some((*l).into()),
         _ => None,
     }
 }
 
-fn role_name(bits: u64) -> String {
+fn role_name(bits: CK_ULONG) -> String {
     let names = [
         (vendor::CMKP11_ROLE_WRAP, "wrap"),
         (vendor::CMKP11_ROLE_DATA, "data"),
@@ -160,7 +160,7 @@ fn role_name(bits: u64) -> String {
     ];
     let v: Vec<&str> = names
         .iter()
-        .filter(|(b, _)| bits & *b as u64 != 0)
+        .filter(|(b, _)| bits & *b != 0)
         .map(|(_, n)| *n)
         .collect();
     if v.is_empty() {
@@ -198,7 +198,7 @@ pub fn key_info(ctx: &Ctx, cmk: &Cmk) -> R<KeyInfo> {
         _ => "-".into(),
     };
     let origin = match ulong(&v[2]) {
-        Some(o) if o == vendor::CMKP11_ORIGIN_IMPORTED as u64 => "imported",
+        Some(o) if o == vendor::CMKP11_ORIGIN_IMPORTED => "imported",
         _ if cmk.record().origin == Origin::Imported => "imported",
         _ => "generated",
     };
