@@ -34,7 +34,7 @@ if [ -z "$NGINX" ] || ! have curl || ! have openssl || [ ! -f "$engine" ] || ! h
     exit 0
 fi
 HANDSHAKES="${E2E_NGINX_HANDSHAKES:-1000}" # per key type and module, >= 1000 for the issue
-ROUNDS=8
+ROUNDS=20 # paired rounds (module, direct) of HANDSHAKES/ROUNDS handshakes each
 
 # --- nginx processes, always stopped by PID --------------------------------------------
 masters=()
@@ -309,9 +309,11 @@ for k in "${keys[@]}"; do
         continue
     fi
     ratio="$(awk -v a="$m_rate" -v b="$d_rate" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "n/a" }')"
+    paired="$(sed -n 's/^paired_ratio .*median=\([0-9.]*\).*/\1/p' "$W/burst-$k.log")"
+    load="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
     pass "$name"
-    note "$k TLS 1.3 full handshakes/s: module under test $m_rate ($m_n), SoftHSM2 direct $d_rate ($d_n), ratio $ratio (goal >= 0.95)"
-    printf '%s tls1.3 module=%s direct=%s ratio=%s handshakes=%s\n' "$k" "$m_rate" "$d_rate" "$ratio" "$m_n" \
-        >>"$W/handshake-ratio.txt"
+    note "$k TLS 1.3 full handshakes/s: module under test $m_rate ($m_n), SoftHSM2 direct $d_rate ($d_n); ratio $ratio overall, ${paired:-n/a} median of $ROUNDS paired rounds (goal >= 0.95); load average $load on $(nproc) CPUs"
+    printf '%s tls1.3 module=%s direct=%s ratio=%s paired_median=%s handshakes=%s load=%s\n' \
+        "$k" "$m_rate" "$d_rate" "$ratio" "${paired:-n/a}" "$m_n" "$load" >>"$W/handshake-ratio.txt"
 done
 exit 0

@@ -5,10 +5,16 @@
 
 Makes R rounds; in each round it makes N full TLS handshakes (new connection, no session
 resumption, certificate verified against CA for 127.0.0.1) with every target in turn,
-spread over T client threads. Alternating the targets round by round keeps a change in the
-machine's load (other processes) from favouring one of them. Prints one line per target:
+spread over T client threads. Alternating the targets round by round, in an order that is
+reversed every other round (ABBA), keeps a change in the machine's load (other processes)
+from favouring one of them. Prints one line per target:
 
     NAME handshakes=H errors=E seconds=S rate=H/S
+
+and, with two targets A and B, the median over the rounds of A's rate / B's rate in that
+round (robust against load that changes during the run):
+
+    paired_ratio A/B median=M rounds=R
 
 and exits 1 if any handshake failed. Every socket operation has a timeout and the whole run
 has a deadline (--deadline seconds), so it always ends.
@@ -86,17 +92,22 @@ def main():
         targets.append((name, int(port)))
     totals = {name: [0, 0, 0.0, None] for name, _ in targets}
     deadline = time.monotonic() + args.deadline
-    for _ in range(args.rounds):
-        for name, port in targets:
+    per_round = []
+    for r in range(args.rounds):
+        rates = {}
+        order = targets if r % 2 == 0 else list(reversed(targets))
+        for name, port in order:
             ok, err, secs, first = one_round(
                 ctx, port, args.count, args.threads, deadline, args.timeout
             )
+            rates[name] = ok / secs if secs > 0 else 0.0
             tot = totals[name]
             tot[0] += ok
             tot[1] += err
             tot[2] += secs
             if tot[3] is None:
                 tot[3] = first
+        per_round.append(rates)
     failed = False
     for name, _ in targets:
         ok, err, secs, first = totals[name]
@@ -106,6 +117,13 @@ def main():
             line += f" first_error={first}"
         print(line, flush=True)
         failed = failed or err > 0
+    if len(targets) == 2:
+        a, b = targets[0][0], targets[1][0]
+        ratios = sorted(x[a] / x[b] for x in per_round if x.get(b))
+        if ratios:
+            mid = len(ratios) // 2
+            median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+            print(f"paired_ratio {a}/{b} median={median:.3f} rounds={len(ratios)}", flush=True)
     return 1 if failed else 0
 
 
