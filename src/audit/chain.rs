@@ -1,0 +1,228 @@
+//! The hash chain and the token checkpoint: what is hashed, what is MACed, how the token
+//! checkpoint is encoded, and how a writer finds the chain head (and a torn tail) at the
+//! end of the file.
+
+use super::record::{self, hex, unhex, GENESIS, MAX_LINE};
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+/// Domain separation of the MAC input.
+const MAC_DOMAIN: &[u8] = b"cmkp11 audit checkpoint v1\0";
+
+/// SHA-256 of a complete line (without its newline): the next record's `prev`.
+pub fn line_hash(line: &[u8]) -> [u8; 32] {
+    Sha256::digest(line).into()
+}
+
+/// What the token MACs for a checkpoint record: a domain tag and the SHA-256 of the
+/// record's prefix (the line up to `,"mac":`). The prefix holds `seq` and `prev`, and `prev`
+/// commits to every earlier line, so one MAC authenticates the whole log up to here.
+pub fn mac_input(prefix: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(MAC_DOMAIN.len() + 32);
+    v.extend_from_slice(MAC_DOMAIN);
+    v.extend_from_slice(&Sha256::digest(prefix));
+    v
+}
+
+/// The content of the token's checkpoint object: the latest MACed record's seq, the hash
+/// of its line, and its MAC (so the checkpoint names one exact line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// `seq` of the record.
+    pub seq: u64,
+    /// SHA-256 of its whole line.
+    pub hash: [u8; 32],
+    /// Its `mac` value.
+    pub mac: Vec<u8>,
+}
+
+impl Checkpoint {
+    /// `cmkp11-audit-checkpoint v1 <seq> <hash hex> <mac hex>`
+    pub fn encode(&self) -> Vec<u8> {
+        format!(
+            "cmkp11-audit-checkpoint v1 {} {} {}",
+            self.seq,
+            hex(&self.hash),
+            hex(&self.mac)
+        )
+        .into_bytes()
+    }
+
+    /// The inverse of [`Checkpoint::encode`].
+    pub fn decode(b: &[u8]) -> Option<Checkpoint> {
+        let s = std::str::from_utf8(b).ok()?;
+        let mut it = s.split(' ');
+        if it.next()? != "cmkp11-audit-checkpoint" || it.next()? != "v1" {
+            return None;
+        }
+        let seq = it.next()?.parse().ok()?;
+        let hash = unhex(it.next()?)?.try_into().ok()?;
+        let mac = unhex(it.next()?)?;
+        if it.next().is_some() {
+            return None;
+        }
+        Some(Checkpoint { seq, hash, mac })
+    }
+}
+
+/// The end of the log as a writer finds it under the lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tail {
+    /// `seq` of the last complete record (0 for an empty log).
+    pub seq: u64,
+    /// Hash of the last complete record's line ([`GENESIS`] for an empty log).
+    pub hash: [u8; 32],
+    /// Bytes after the last complete record: left by a writer killed mid-write.
+    pub torn: Option<Torn>,
+}
+
+/// A torn region at the end of the log: bytes after the last complete record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Torn {
+    /// Offset of its first byte.
+    pub offset: u64,
+    /// Its length in bytes once terminated (the writer adds a newline if it lacks one).
+    pub len: u64,
+    /// SHA-256 of its bytes once terminated.
+    pub hash: [u8; 32],
+    /// Whether it ends with a newline already.
+    pub terminated: bool,
+}
+
+impl Torn {
+    fn of(region: &[u8], offset: u64) -> Torn {
+        let terminated = region.last() == Some(&b'\n');
+        let mut h = Sha256::new();
+        h.update(region);
+        if !terminated {
+            h.update(b"\n");
+        }
+        Torn {
+            offset,
+            len: region.len() as u64 + u64::from(!terminated),
+            hash: h.finalize().into(),
+            terminated,
+        }
+    }
+
+    /// The `reason` of the record that marks a torn region (verify parses it back).
+    pub fn reason(&self) -> String {
+        format!(
+            "torn offset={} len={} sha256={}",
+            self.offset,
+            self.len,
+            hex(&self.hash)
+        )
+    }
+}
+
+/// Parses the `reason` of a torn marker: offset, length, SHA-256 of the region.
+pub fn parse_torn_reason(reason: &str) -> Option<(u64, u64, [u8; 32])> {
+    let mut it = reason.split(' ');
+    if it.next()? != "torn" {
+        return None;
+    }
+    let mut f = |k: &str| it.next()?.strip_prefix(k).map(str::to_owned);
+    let off = f("offset=")?.parse().ok()?;
+    let len = f("len=")?.parse().ok()?;
+    let h = unhex(&f("sha256=")?)?.try_into().ok()?;
+    Some((off, len, h))
+}
+
+/// Reads the end of a log of `len` bytes and finds the chain head and any torn tail.
+///
+/// Looks at the last `4 * MAX_LINE` bytes: enough for the last complete record plus a
+/// torn one. The head is the last newline-terminated line that is a complete record; all
+/// bytes after it are torn (a complete record still missing its newline included: it was
+/// never acknowledged to its caller). A log whose window holds no complete record is a
+/// single torn first record if the window is the whole file, otherwise an error.
+pub fn read_tail(f: &File, len: u64) -> std::io::Result<Tail> {
+    let window = (4 * MAX_LINE as u64).min(len);
+    let start = len - window;
+    let mut buf = vec![0u8; window as usize];
+    f.read_exact_at(&mut buf, start)?;
+    scan_tail(&buf, start).ok_or_else(|| {
+        std::io::Error::other("no complete record in the last 32 KiB of the audit log")
+    })
+}
+
+/// [`read_tail`] over bytes already read: `buf` holds the file from offset `start` to its end.
+pub fn scan_tail(buf: &[u8], start: u64) -> Option<Tail> {
+    let mut nl: Vec<usize> = buf
+        .iter()
+        .enumerate()
+        .filter(|(_, &b)| b == b'\n')
+        .map(|(i, _)| i)
+        .collect();
+    while let Some(le) = nl.pop() {
+        let ls = match nl.last() {
+            Some(&p) => p + 1,
+            None if start == 0 => 0,
+            None => break, // the window cut this line
+        };
+        let line = &buf[ls..le];
+        if record::is_complete(line) {
+            if let Some(seq) = record::quick_seq(line) {
+                let after = le + 1;
+                return Some(Tail {
+                    seq,
+                    hash: line_hash(line),
+                    torn: (after < buf.len())
+                        .then(|| Torn::of(&buf[after..], start + after as u64)),
+                });
+            }
+        }
+    }
+    (start == 0).then(|| Tail {
+        seq: 0,
+        hash: GENESIS,
+        torn: (!buf.is_empty()).then(|| Torn::of(buf, 0)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = r#"{"time":"t","seq":1,"x":1,"prev":"00","mac":null}"#;
+    const B: &str = r#"{"time":"t","seq":2,"x":1,"prev":"11","mac":"ab"}"#;
+
+    #[test]
+    fn tails() {
+        let t = scan_tail(b"", 0).unwrap();
+        assert_eq!((t.seq, t.torn), (0, None));
+        let log = format!("{A}\n{B}\n");
+        let t = scan_tail(log.as_bytes(), 0).unwrap();
+        assert_eq!((t.seq, t.hash, t.torn), (2, line_hash(B.as_bytes()), None));
+        // torn third record, and a complete one missing only its newline
+        for cut in [10, B.len()] {
+            let log = format!("{A}\n{B}\n{}", &B[..cut]);
+            let t = scan_tail(log.as_bytes(), 0).unwrap();
+            assert_eq!(t.seq, 2);
+            let torn = t.torn.unwrap();
+            assert_eq!(torn.offset as usize, A.len() + B.len() + 2);
+            assert_eq!(torn.len as usize, cut + 1);
+            assert!(!torn.terminated);
+            let mut r = B[..cut].to_string();
+            r.push('\n');
+            assert_eq!(torn.hash, line_hash(r.as_bytes()));
+        }
+        // a torn first record
+        let t = scan_tail(&A.as_bytes()[..5], 0).unwrap();
+        assert_eq!((t.seq, t.hash), (0, GENESIS));
+        assert_eq!(t.torn.unwrap().len, 6);
+        // a window that cuts the only line: unknown head
+        assert!(scan_tail(&A.as_bytes()[3..], 100).is_none());
+        let log = format!("{}\n{A}\n", &B[4..]);
+        assert_eq!(scan_tail(log.as_bytes(), 100).unwrap().seq, 1);
+        let c = Checkpoint {
+            seq: 9,
+            hash: [7; 32],
+            mac: vec![1, 2],
+        };
+        assert_eq!(Checkpoint::decode(&c.encode()), Some(c));
+        let torn = Torn::of(b"abc", 5);
+        assert_eq!(parse_torn_reason(&torn.reason()), Some((5, 4, torn.hash)));
+    }
+}

@@ -1,0 +1,683 @@
+//! The tamper-evident audit log: one JSON line per decision about a CMK.
+//!
+//! # Records
+//!
+//! Fields, in this order: `time` (RFC 3339 UTC, microseconds), `seq`, `pid`, `uid`, `exe`,
+//! `slot`, `token`, `session`, `op`, `mechanism` (`CKM_*` name, else hex), `key` (label),
+//! `key_id` (hex), `version`, `result` (`CKR_*` name), `reason`, [`bulk`], `prev`, `mac`.
+//! Absent values are `null`. `bulk` appears only in `session-close` records and holds the
+//! per-operation counts of DEK bulk operations in that session. A [`Record`] has no field
+//! that could carry a PIN, key bytes or data; `reason` is free text and callers must keep
+//! secrets out of it.
+//!
+//! # Tamper evidence: hash chain + token checkpoints
+//!
+//! * **Chain.** `seq` counts records in the file (1, 2, ...). `prev` is the SHA-256 of the
+//!   previous line's bytes (without its newline); the first record's `prev` is 64 zeros.
+//!   So every record commits to the whole log before it, and a deleted, inserted,
+//!   reordered or edited line breaks the chain at a precise place ([`verify`] names it).
+//!
+//! * **MAC on checkpoint records.** A hash chain alone can be recomputed by anyone who
+//!   can write the file, so the chain head is authenticated with an HMAC key that never
+//!   leaves the token ([`TokenMac`]). A token call per record would cost more than the
+//!   performance goal allows, and it is not needed: since `prev` commits to all earlier
+//!   lines, a MAC over one record's bytes authenticates every record before it. A writer
+//!   therefore puts a MAC (`mac` = HMAC over a domain tag and the SHA-256 of the line up to
+//!   `,"mac":`) on its first record, then on the record that ends a batch when
+//!   [`Tuning::checkpoint_records`] records or [`Tuning::checkpoint_interval`] have
+//!   passed since its last MAC, and on a `checkpoint` record written by
+//!   [`Auditor::checkpoint`] (called on drop, and by the runtime at `C_Finalize`). Other
+//!   records have `"mac":null`.
+//!
+//! * **Token checkpoint.** After writing a MACed record (still under the file lock, after
+//!   `fdatasync` of the log), the writer stores `seq`, line hash and MAC of that record in
+//!   the token's checkpoint object. Cutting records off the end of the file is then
+//!   detected: the token names a record the file no longer has.
+//!
+//! **Guarantee.** Without the token, nobody can modify, insert, delete, reorder or cut
+//! records up to the latest token checkpoint without [`verify`] (run with the token)
+//! naming the first bad record. Records written after the latest checkpoint (at most
+//! `checkpoint_records` per process, or `checkpoint_interval` of activity, plus whatever a
+//! process writes before it closes or crashes) are hash-chained but not yet authenticated;
+//! verify reports how many. A clean close (`C_Finalize`, [`Auditor::checkpoint`]) leaves
+//! no such window. Without a token configured, the log is a plain hash chain: it detects
+//! accidental damage and naive edits, not an attacker who recomputes the chain.
+//!
+//! # Many writers, one file
+//!
+//! The file is opened `O_APPEND`; a writer takes an exclusive `flock`, reads the chain
+//! head from the end of the file (or from its cache when the file length is what it
+//! left), appends its lines with one `write`, and unlocks. Threads of one process combine:
+//! while one thread writes, the others queue their records and the next writer appends
+//! them all in one `write` (group commit), so the file lock and the syscalls are paid per
+//! batch, not per record. A writer killed mid-`write` leaves a torn line; the next writer
+//! finds it under the lock, terminates it with a newline and writes a `torn` record
+//! (`reason` = offset, length and SHA-256 of the torn bytes) chained to the last complete
+//! record; verify reports it as a note with its exact place. A failed `write` (disk full,
+//! I/O error) is cut back with `ftruncate` so no partial line stays, and the next
+//! successful write starts with an `audit-lost` record that counts the records lost.
+//!
+//! # Failing closed
+//!
+//! [`Auditor::record`] returns `Ok` only once the record is in the file (in the page
+//! cache; `fdatasync` happens at checkpoints). If it cannot be written and `on_failure` is
+//! `deny` it returns `Err(CKR_FUNCTION_FAILED)` and the caller must refuse the key use;
+//! with `allow` it logs an error and returns `Ok`.
+//!
+//! Log rotation is not supported: the chain and the token checkpoint belong to one file.
+
+pub mod chain;
+pub mod cli;
+pub mod record;
+pub mod sink;
+pub mod verify;
+
+pub use verify::{verify, Problem, Report, Tamper};
+
+use cryptoki_sys::CKR_FUNCTION_FAILED;
+use parking_lot::{Condvar, Mutex};
+use record::{Body, Ident};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// One decision about a CMK, as the runtime reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Record {
+    /// `login`, `logout`, `encrypt`, `decrypt`, `sign`, `verify`, `wrap`, `unwrap`,
+    /// `derive`, `generate`, `rotate`, `disable`, `enable`, `schedule-deletion`,
+    /// `cancel-deletion`, `purge`, `import`, `denied`, ...
+    pub op: String,
+    /// `CKM_*` of the operation.
+    pub mechanism: Option<u64>,
+    /// The CMK's name (label).
+    pub key: Option<String>,
+    /// The CMK's `CKA_ID`.
+    pub key_id: Option<Vec<u8>>,
+    /// The CMK version used.
+    pub version: Option<u32>,
+    /// The `CK_RV` returned to the application.
+    pub result: u64,
+    /// Why (denials, failures). Never a secret.
+    pub reason: Option<String>,
+    /// Slot id as the application sees it.
+    pub slot: Option<u64>,
+    /// Token label.
+    pub token: Option<String>,
+    /// Session handle as the application sees it.
+    pub session: Option<u64>,
+}
+
+impl Record {
+    /// A record of `op` with result `rv` and nothing else set.
+    pub fn new(op: &str, rv: u64) -> Record {
+        Record {
+            op: op.into(),
+            result: rv,
+            ..Record::default()
+        }
+    }
+}
+
+/// The token side of the audit log: an HMAC key that never leaves the token (label
+/// `cmkp11:audit-mac`) and a data object holding the latest checkpoint (label
+/// `cmkp11:audit-checkpoint`). Errors are `CK_RV`s.
+///
+/// `mac` and `store_checkpoint` are called from [`Auditor::record`] while the audit file
+/// lock is held: they must not call back into the [`Auditor`].
+pub trait TokenMac: Send + Sync {
+    /// HMAC (or CMAC) of `data` with the token's audit key. Must be deterministic.
+    fn mac(&self, data: &[u8]) -> Result<Vec<u8>, u64>;
+    /// The checkpoint object's value, `None` if there is none yet.
+    fn load_checkpoint(&self) -> Result<Option<Vec<u8>>, u64>;
+    /// Replaces the checkpoint object's value (creating the object if needed).
+    fn store_checkpoint(&self, data: &[u8]) -> Result<(), u64>;
+}
+
+/// Knobs of the writer; [`Tuning::default`] is what production uses.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// A MAC at least every this many records of one process.
+    pub checkpoint_records: u32,
+    /// ... or when this much time has passed since the process's last MAC (checked when a
+    /// record is written; no background thread).
+    pub checkpoint_interval: Duration,
+    /// The syslog socket.
+    pub syslog_socket: PathBuf,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            checkpoint_records: 100_000,
+            checkpoint_interval: Duration::from_secs(1),
+            syslog_socket: PathBuf::from("/dev/log"),
+        }
+    }
+}
+
+/// Appends records to the audit log. Shared by all threads of a process (`Sync`).
+pub struct Auditor {
+    path: Option<PathBuf>,
+    deny: bool,
+    tuning: Tuning,
+    ident: Ident,
+    q: Mutex<Queue>,
+    cv: Condvar,
+    w: Mutex<Writer>,
+    bulk: Mutex<HashMap<u64, BTreeMap<String, u64>>>,
+    failures: AtomicU64,
+    failing: AtomicBool,
+}
+
+impl std::fmt::Debug for Auditor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auditor")
+            .field("path", &self.path)
+            .field("deny", &self.deny)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A record waiting for the group commit.
+struct Pending {
+    ticket: u64,
+    body: Body,
+    ok: bool,
+    force_mac: bool,
+}
+
+#[derive(Default)]
+struct Queue {
+    pid: u32,
+    pending: Vec<Pending>,
+    writing: bool,
+    next: u64,
+    done: u64,
+    failed: HashMap<u64, String>,
+}
+
+struct Writer {
+    pid: u32,
+    mac: Option<Arc<dyn TokenMac>>,
+    log: Option<sink::LogFile>,
+    /// File length after our last append, and the chain head we wrote there.
+    end: u64,
+    head: Option<(u64, [u8; 32])>,
+    since_mac: u32,
+    last_mac: Option<Instant>,
+    /// This process wrote records no MAC of its own covers yet.
+    unmac: bool,
+    mac_failing: bool,
+    lost: u64,
+    lost_why: String,
+    last_path_check: Instant,
+    syslog: Option<sink::Syslog>,
+}
+
+impl Writer {
+    fn reset(&mut self, pid: u32) {
+        self.pid = pid;
+        self.log = None;
+        self.end = 0;
+        self.head = None;
+        self.since_mac = 0;
+        self.last_mac = None;
+        self.unmac = false;
+        self.lost = 0;
+    }
+}
+
+/// Restores `writing = false` if the group-commit leader unwinds.
+struct LeaderGuard<'a> {
+    a: &'a Auditor,
+    armed: bool,
+}
+
+impl Drop for LeaderGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut q = self.a.q.lock();
+            q.writing = false;
+            self.a.cv.notify_all();
+        }
+    }
+}
+
+impl Auditor {
+    /// An auditor for `[audit]`. `file = None` gives a disabled auditor ([`record`] is a
+    /// no-op). The file is opened lazily and reopened after errors, so a missing directory
+    /// or a permission problem shows as failing records (refused under `deny`), each
+    /// logged. Errors only for an invalid configuration.
+    ///
+    /// [`record`]: Auditor::record
+    pub fn open(
+        cfg: &crate::config::Audit,
+        mac: Option<Arc<dyn TokenMac>>,
+    ) -> Result<Auditor, String> {
+        Self::open_with(cfg, mac, Tuning::default())
+    }
+
+    /// [`Auditor::open`] with explicit [`Tuning`] (tests, benchmarks).
+    pub fn open_with(
+        cfg: &crate::config::Audit,
+        mac: Option<Arc<dyn TokenMac>>,
+        tuning: Tuning,
+    ) -> Result<Auditor, String> {
+        let deny = match cfg.on_failure.as_str() {
+            "deny" => true,
+            "allow" => false,
+            o => return Err(format!("audit.on_failure: `{o}` is not one of deny, allow")),
+        };
+        if cfg.file.is_none() && cfg.syslog {
+            log::warn!("audit: syslog = true has no effect without audit.file");
+        }
+        let pid = std::process::id();
+        let syslog = cfg.syslog.then(|| sink::Syslog::new(&tuning.syslog_socket));
+        let mut w = Writer {
+            pid,
+            mac,
+            log: None,
+            end: 0,
+            head: None,
+            since_mac: 0,
+            last_mac: None,
+            unmac: false,
+            mac_failing: false,
+            lost: 0,
+            lost_why: String::new(),
+            last_path_check: Instant::now(),
+            syslog,
+        };
+        if let Some(p) = &cfg.file {
+            match sink::LogFile::open(p) {
+                Ok(l) => w.log = Some(l),
+                Err(e) => log::error!(
+                    "audit: cannot open {}: {e}; CMK uses will {}",
+                    p.display(),
+                    if deny { "be refused" } else { "go unaudited" }
+                ),
+            }
+        }
+        Ok(Auditor {
+            path: cfg.file.clone(),
+            deny,
+            tuning,
+            ident: Ident::current(),
+            q: Mutex::new(Queue {
+                pid,
+                next: 1,
+                ..Queue::default()
+            }),
+            cv: Condvar::new(),
+            w: Mutex::new(w),
+            bulk: Mutex::new(HashMap::new()),
+            failures: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether records go anywhere (`audit.file` is set).
+    pub fn enabled(&self) -> bool {
+        self.path.is_some()
+    }
+
+    /// Whether a record that cannot be written makes the caller refuse (`on_failure = deny`).
+    pub fn denies_on_failure(&self) -> bool {
+        self.deny
+    }
+
+    /// How many records could not be written since open.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Appends one record. `Err(CKR_FUNCTION_FAILED)` when it could not be written and
+    /// `on_failure = deny`: the caller must then refuse the operation. Under `allow`, a
+    /// failure is logged and `Ok` returned.
+    pub fn record(&self, r: Record) -> Result<(), u64> {
+        self.record_with(&r, None, false)
+    }
+
+    /// Counts one DEK bulk operation (`encrypt`, `decrypt`, ...) of a session; the counts
+    /// go into the session's `session-close` record.
+    pub fn count_bulk(&self, session: u64, op: &str) {
+        if self.path.is_none() {
+            return;
+        }
+        let mut b = self.bulk.lock();
+        let m = b.entry(session).or_default();
+        match m.get_mut(op) {
+            Some(n) => *n += 1,
+            None => {
+                m.insert(op.to_owned(), 1);
+            }
+        }
+    }
+
+    /// Writes the `session-close` record of a session that did DEK bulk operations (none
+    /// if it did not). A failure is logged (closing a session cannot be refused).
+    pub fn session_closed(&self, session: u64) {
+        let Some(counts) = self.bulk.lock().remove(&session) else {
+            return;
+        };
+        let r = Record {
+            session: Some(session),
+            ..Record::new("session-close", 0)
+        };
+        let _ = self.record_with(&r, Some(&counts), false);
+    }
+
+    /// Makes sure every record this process wrote is covered by a token MAC and the token
+    /// checkpoint: writes a MACed `checkpoint` record if needed. Call it at `C_Finalize`;
+    /// dropping the auditor does it too. A no-op without a token or without new records.
+    pub fn checkpoint(&self) -> Result<(), u64> {
+        {
+            let w = self.w.lock();
+            if w.mac.is_none() || !w.unmac || w.pid != std::process::id() {
+                return Ok(());
+            }
+        }
+        self.record_with(&Record::new("checkpoint", 0), None, true)
+    }
+
+    fn record_with(
+        &self,
+        r: &Record,
+        bulk: Option<&BTreeMap<String, u64>>,
+        force_mac: bool,
+    ) -> Result<(), u64> {
+        if self.path.is_none() {
+            return Ok(());
+        }
+        let pid = std::process::id();
+        let body = record::body(&self.ident, pid, r, bulk, SystemTime::now());
+        let res = self.submit(
+            pid,
+            Pending {
+                ticket: 0,
+                body,
+                ok: r.result == 0,
+                force_mac,
+            },
+        );
+        match res {
+            Ok(()) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    log::warn!("audit: records are written again");
+                }
+                Ok(())
+            }
+            Err(why) => {
+                let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if !self.failing.swap(true, Ordering::Relaxed) || n % 1000 == 0 {
+                    log::error!(
+                        "audit: cannot write a record ({why}); {n} lost so far; {}",
+                        if self.deny {
+                            "refusing the operation (on_failure = deny)"
+                        } else {
+                            "allowing the operation (on_failure = allow)"
+                        }
+                    );
+                }
+                if self.deny {
+                    Err(CKR_FUNCTION_FAILED)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Group commit: queue the record; the first thread to find no writer active writes
+    /// everything queued, the others wait for their ticket to be done.
+    fn submit(&self, pid: u32, mut p: Pending) -> Result<(), String> {
+        let mut q = self.q.lock();
+        if q.pid != pid {
+            // forked: whatever the parent's threads were doing is not ours
+            let next = q.next;
+            *q = Queue {
+                pid,
+                next,
+                done: next - 1,
+                ..Queue::default()
+            };
+        }
+        let ticket = q.next;
+        q.next += 1;
+        p.ticket = ticket;
+        q.pending.push(p);
+        loop {
+            if q.done >= ticket {
+                return match q.failed.remove(&ticket) {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                };
+            }
+            if q.writing {
+                self.cv.wait(&mut q);
+                continue;
+            }
+            q.writing = true;
+            let batch = std::mem::take(&mut q.pending);
+            drop(q);
+            let mut guard = LeaderGuard {
+                a: self,
+                armed: true,
+            };
+            let last = batch.last().map_or(0, |p| p.ticket);
+            let first = batch.first().map_or(0, |p| p.ticket);
+            let res = self.write_batch(pid, batch);
+            guard.armed = false;
+            q = self.q.lock();
+            q.writing = false;
+            q.done = q.done.max(last);
+            if let Err(e) = res {
+                for t in first..=last {
+                    q.failed.insert(t, e.clone());
+                }
+            }
+            self.cv.notify_all();
+        }
+    }
+
+    fn write_batch(&self, pid: u32, batch: Vec<Pending>) -> Result<(), String> {
+        let mut w = self.w.lock();
+        let w = &mut *w;
+        if w.pid != pid {
+            w.reset(pid);
+        }
+        let path = self.path.as_ref().expect("enabled");
+        let now = Instant::now();
+        if w.log.is_some()
+            && now.duration_since(w.last_path_check) >= self.tuning.checkpoint_interval
+        {
+            w.last_path_check = now;
+            if !w.log.as_ref().is_some_and(|l| l.still_current()) {
+                log::warn!(
+                    "audit: {} was replaced or removed; reopening",
+                    path.display()
+                );
+                w.log = None;
+            }
+        }
+        if w.log.is_none() {
+            w.head = None;
+            w.log = Some(
+                sink::LogFile::open(path).map_err(|e| format!("open {}: {e}", path.display()))?,
+            );
+        }
+        let n = batch.len() as u64;
+        let res = self.append_locked(w, pid, &batch);
+        if let Err(e) = &res {
+            w.head = None;
+            w.lost += n;
+            w.lost_why = e.clone();
+            return res.map(|_| ());
+        }
+        let lines = res.expect("checked");
+        if let Some(s) = &mut w.syslog {
+            for (l, ok) in lines {
+                s.send(&l, ok);
+            }
+        }
+        Ok(())
+    }
+
+    /// Under the file lock: find the head, build the lines, append them, checkpoint.
+    /// Returns the lines written with their ok flag (for syslog).
+    fn append_locked(
+        &self,
+        w: &mut Writer,
+        pid: u32,
+        batch: &[Pending],
+    ) -> Result<Vec<(Vec<u8>, bool)>, String> {
+        let mac = w.mac.clone();
+        let log = w.log.as_mut().expect("opened");
+        let disp = log.path().display().to_string();
+        let mut locked = log.lock().map_err(|e| format!("lock {disp}: {e}"))?;
+        let len = locked.end().map_err(|e| format!("stat {disp}: {e}"))?;
+        let tail = match w.head {
+            Some((seq, hash)) if w.end == len => chain::Tail {
+                seq,
+                hash,
+                torn: None,
+            },
+            _ => chain::read_tail(locked.file(), len)
+                .map_err(|e| format!("read the end of {disp}: {e}"))?,
+        };
+        let mut buf = Vec::with_capacity(512 * (batch.len() + 1));
+        let mut out: Vec<(std::ops::Range<usize>, bool)> = Vec::with_capacity(batch.len() + 2);
+        let mut markers: Vec<Body> = Vec::new();
+        if let Some(t) = &tail.torn {
+            if !t.terminated {
+                buf.push(b'\n');
+            }
+            log::warn!(
+                "audit: {disp}: marking a torn record ({} bytes at offset {})",
+                t.len,
+                t.offset
+            );
+            let r = Record {
+                reason: Some(t.reason()),
+                ..Record::new("torn", 0)
+            };
+            markers.push(record::body(&self.ident, pid, &r, None, SystemTime::now()));
+        }
+        if w.lost > 0 {
+            let r = Record {
+                reason: Some(format!("{} record(s) lost: {}", w.lost, w.lost_why)),
+                ..Record::new("audit-lost", CKR_FUNCTION_FAILED)
+            };
+            markers.push(record::body(&self.ident, pid, &r, None, SystemTime::now()));
+        }
+        let count = (markers.len() + batch.len()) as u32;
+        let due = mac.is_some()
+            && (w.mac_failing
+                || w.last_mac.is_none()
+                || batch.iter().any(|p| p.force_mac)
+                || w.since_mac + count >= self.tuning.checkpoint_records
+                || w.last_mac
+                    .is_some_and(|t| t.elapsed() >= self.tuning.checkpoint_interval));
+        let bodies = markers
+            .iter()
+            .map(|b| (b, false))
+            .chain(batch.iter().map(|p| (&p.body, p.ok)));
+        let total = markers.len() + batch.len();
+        let (mut seq, mut prev) = (tail.seq, tail.hash);
+        let mut macd: Option<Vec<u8>> = None;
+        for (i, (b, ok)) in bodies.enumerate() {
+            seq += 1;
+            let start = buf.len();
+            buf.extend_from_slice(b.head.as_bytes());
+            buf.extend_from_slice(b"\"seq\":");
+            buf.extend_from_slice(seq.to_string().as_bytes());
+            buf.push(b',');
+            buf.extend_from_slice(b.rest.as_bytes());
+            buf.extend_from_slice(b"\"prev\":\"");
+            record::push_hex(&mut buf, &prev);
+            buf.push(b'"');
+            let mut m = None;
+            if due && i + 1 == total {
+                let tm = mac.as_ref().expect("due implies mac");
+                match tm.mac(&chain::mac_input(&buf[start..])) {
+                    Ok(v) => {
+                        m = Some(v);
+                        w.mac_failing = false;
+                    }
+                    Err(rv) => {
+                        if !w.mac_failing {
+                            log::error!(
+                                "audit: the token cannot MAC ({}); records stay unauthenticated \
+                                 until it can",
+                                crate::backend::rv::name(rv as cryptoki_sys::CK_RV)
+                            );
+                        }
+                        w.mac_failing = true;
+                    }
+                }
+            }
+            buf.extend_from_slice(record::MAC_SEP.as_bytes());
+            match &m {
+                Some(v) => {
+                    buf.push(b'"');
+                    record::push_hex(&mut buf, v);
+                    buf.extend_from_slice(b"\"}");
+                }
+                None => buf.extend_from_slice(b"null}"),
+            }
+            prev = chain::line_hash(&buf[start..]);
+            buf.push(b'\n');
+            out.push((start..buf.len() - 1, ok));
+            macd = m.or(macd);
+        }
+        locked
+            .append(&buf, len)
+            .map_err(|e| format!("write {disp}: {e}"))?;
+        w.end = len + buf.len() as u64;
+        w.head = Some((seq, prev));
+        w.lost = 0;
+        if let (Some(m), Some(tm)) = (macd, &mac) {
+            w.since_mac = 0;
+            w.last_mac = Some(Instant::now());
+            w.unmac = false;
+            match locked.sync() {
+                Ok(()) => {
+                    let c = chain::Checkpoint {
+                        seq,
+                        hash: prev,
+                        mac: m,
+                    };
+                    if let Err(rv) = tm.store_checkpoint(&c.encode()) {
+                        log::error!(
+                            "audit: cannot store the token checkpoint ({})",
+                            crate::backend::rv::name(rv as cryptoki_sys::CK_RV)
+                        );
+                    }
+                }
+                Err(e) => log::error!("audit: fdatasync {disp}: {e}; token checkpoint not moved"),
+            }
+        } else {
+            w.since_mac += count;
+            w.unmac = true;
+        }
+        drop(locked);
+        if w.syslog.is_none() {
+            return Ok(Vec::new());
+        }
+        Ok(out
+            .into_iter()
+            .map(|(r, ok)| (buf[r].to_vec(), ok))
+            .collect())
+    }
+}
+
+impl Drop for Auditor {
+    fn drop(&mut self) {
+        if self.enabled() {
+            let _ = self.checkpoint();
+        }
+    }
+}

@@ -1,0 +1,688 @@
+//! Verification of a log: the chain, the MACs, the token checkpoint, torn regions; the
+//! first bad record and why.
+
+use super::chain::{self, Checkpoint};
+use super::record::{self, hex, unhex, GENESIS};
+use super::TokenMac;
+use rustix::fs::{flock, FlockOperation};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::io::Read;
+use std::path::Path;
+
+/// What is wrong with a log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tamper {
+    /// A record's content differs from what was written (hash, MAC or checkpoint mismatch,
+    /// or a line that is not a record).
+    Modified,
+    /// A line that was never part of the chain.
+    Inserted,
+    /// Records are missing from the middle (or the start) of the chain.
+    Deleted,
+    /// Records are present but out of order.
+    Reordered,
+    /// Records are missing from the end: the token's checkpoint is ahead of the file.
+    Truncated,
+    /// An incomplete record at the end (a writer interrupted mid-write, not yet marked).
+    Torn,
+    /// The token's checkpoint is missing or unreadable while the log holds MACed records.
+    Checkpoint,
+    /// The file cannot be read.
+    Unreadable,
+}
+
+impl fmt::Display for Tamper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Tamper::Modified => "modified",
+            Tamper::Inserted => "inserted",
+            Tamper::Deleted => "deleted",
+            Tamper::Reordered => "reordered",
+            Tamper::Truncated => "truncated",
+            Tamper::Torn => "torn",
+            Tamper::Checkpoint => "checkpoint",
+            Tamper::Unreadable => "unreadable",
+        })
+    }
+}
+
+/// The first bad record of a log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// What kind of damage.
+    pub kind: Tamper,
+    /// 1-based line number of the bad record (one past the last line for truncation).
+    pub line: u64,
+    /// Its `seq`, when it has one.
+    pub seq: Option<u64>,
+    /// Why, in words.
+    pub detail: String,
+}
+
+/// The outcome of [`verify`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Lines read.
+    pub lines: u64,
+    /// Records that chain correctly (before the first problem).
+    pub records: u64,
+    /// `seq` of the last good record.
+    pub last_seq: u64,
+    /// Records carrying a MAC.
+    pub macs: u64,
+    /// Whether MACs were checked against the token.
+    pub macs_checked: bool,
+    /// `seq` up to which the log is authenticated by a verified token MAC.
+    pub authenticated_through: Option<u64>,
+    /// The token checkpoint's `seq`, when one was read.
+    pub token_checkpoint: Option<u64>,
+    /// Remarks that do not make the log bad (repaired torn records, unauthenticated tail).
+    pub notes: Vec<String>,
+    /// The first problem, `None` if the log is good.
+    pub problem: Option<Problem>,
+}
+
+impl Report {
+    /// Whether the log verified.
+    pub fn ok(&self) -> bool {
+        self.problem.is_none()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.problem {
+            None => writeln!(
+                f,
+                "OK: {} records, chain intact through seq {}",
+                self.records, self.last_seq
+            )?,
+            Some(p) => {
+                write!(f, "BAD: line {}", p.line)?;
+                if let Some(s) = p.seq {
+                    write!(f, " (seq {s})")?;
+                }
+                writeln!(f, ": {}: {}", p.kind, p.detail)?;
+            }
+        }
+        if self.macs_checked {
+            match self.authenticated_through {
+                Some(s) => writeln!(
+                    f,
+                    "  token MACs: {} checked, authenticated through seq {s}",
+                    self.macs
+                )?,
+                None => writeln!(f, "  token MACs: none in the log")?,
+            }
+        } else {
+            writeln!(
+                f,
+                "  token MACs: {} present, NOT checked (no token)",
+                self.macs
+            )?;
+        }
+        if let Some(s) = self.token_checkpoint {
+            writeln!(f, "  token checkpoint: seq {s}")?;
+        }
+        for n in &self.notes {
+            writeln!(f, "  note: {n}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+struct Fields {
+    seq: u64,
+    prev: String,
+    op: String,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    mac: Option<String>,
+}
+
+/// One parsed line.
+struct Rec {
+    no: u64,
+    seq: u64,
+    prev: [u8; 32],
+    hash: [u8; 32],
+    op: String,
+    reason: Option<String>,
+    mac: Option<Vec<u8>>,
+    prefix_end: usize,
+}
+
+struct Line {
+    no: u64,
+    offset: u64,
+    start: usize,
+    end: usize, // exclusive, without the newline
+    terminated: bool,
+}
+
+fn parse(data: &[u8], l: &Line) -> Option<Rec> {
+    let bytes = &data[l.start..l.end];
+    let s = std::str::from_utf8(bytes).ok()?;
+    if !record::is_complete(bytes) {
+        return None;
+    }
+    let (prefix, _) = record::split_mac(s)?;
+    let f: Fields = serde_json::from_str(s).ok()?;
+    let mac = match f.mac {
+        Some(m) => Some(unhex(&m)?),
+        None => None,
+    };
+    Some(Rec {
+        no: l.no,
+        seq: f.seq,
+        prev: unhex(&f.prev)?.try_into().ok()?,
+        hash: chain::line_hash(bytes),
+        op: f.op,
+        reason: f.reason,
+        mac,
+        prefix_end: l.start + prefix.len(),
+    })
+}
+
+fn bad(r: &mut Report, kind: Tamper, line: u64, seq: Option<u64>, detail: String) {
+    r.problem = Some(Problem {
+        kind,
+        line,
+        seq,
+        detail,
+    });
+}
+
+/// Verifies the log at `path`: the hash chain from the first record, each record's MAC
+/// and the token checkpoint (when `mac` is given), torn regions and their markers.
+/// Reports the first bad record and why. Holds a shared `flock` while reading, so writers
+/// pause and the snapshot is consistent with the token checkpoint.
+pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
+    let mut report = Report {
+        macs_checked: mac.is_some(),
+        ..Report::default()
+    };
+    type Loaded = (Vec<u8>, Option<Result<Option<Vec<u8>>, u64>>);
+    let read = (|| -> std::io::Result<Loaded> {
+        let mut f = std::fs::File::open(path)?;
+        loop {
+            match flock(&f, FlockOperation::LockShared) {
+                Err(rustix::io::Errno::INTR) => continue,
+                r => break r?,
+            }
+        }
+        let mut data = Vec::new();
+        f.read_to_end(&mut data)?;
+        let ck = mac.map(|m| m.load_checkpoint());
+        Ok((data, ck))
+    })();
+    let (data, ck) = match read {
+        Ok(x) => x,
+        Err(e) => {
+            bad(
+                &mut report,
+                Tamper::Unreadable,
+                0,
+                None,
+                format!("{}: {e}", path.display()),
+            );
+            return report;
+        }
+    };
+    // Lines.
+    let mut lines = Vec::new();
+    let mut start = 0;
+    while start < data.len() {
+        let (end, terminated) = match data[start..].iter().position(|&b| b == b'\n') {
+            Some(p) => (start + p, true),
+            None => (data.len(), false),
+        };
+        lines.push(Line {
+            no: lines.len() as u64 + 1,
+            offset: start as u64,
+            start,
+            end,
+            terminated,
+        });
+        start = end + 1;
+    }
+    report.lines = lines.len() as u64;
+    let mut recs: Vec<Option<Rec>> = lines
+        .iter()
+        .map(|l| if l.terminated { parse(&data, l) } else { None })
+        .collect();
+    // Lines inside a region named by the torn marker right after it are torn bytes, even
+    // when they parse (a complete record whose newline was never written). The region's
+    // hash is checked against the marker below.
+    for i in 1..recs.len() {
+        let Some((off, len, _)) = recs[i]
+            .as_ref()
+            .filter(|r| r.op == "torn")
+            .and_then(|r| r.reason.as_deref())
+            .and_then(chain::parse_torn_reason)
+        else {
+            continue;
+        };
+        if off + len != lines[i].offset {
+            continue;
+        }
+        for j in (0..i).rev() {
+            if lines[j].offset < off {
+                break;
+            }
+            recs[j] = None;
+        }
+    }
+
+    // The chain.
+    let mut last = (0u64, GENESIS, 0u64); // seq, hash, line
+    let mut before_last = GENESIS; // hash of the record before `last`
+    let mut garbage: Option<usize> = None; // index of the first unparsable line pending
+    let mut last_mac_ok: Option<(u64, u64)> = None; // seq, line
+    let mut mac_failed_note = false;
+    for (i, l) in lines.iter().enumerate() {
+        if !l.terminated {
+            let complete = record::is_complete(&data[l.start..l.end]);
+            bad(
+                &mut report,
+                Tamper::Torn,
+                l.no,
+                record::quick_seq(&data[l.start..l.end]),
+                format!(
+                    "the last line is an incomplete record ({} bytes{}, at offset {}): a \
+                     writer was interrupted mid-write (or the file was cut); the next writer \
+                     marks it",
+                    l.end - l.start,
+                    if complete { ", no newline" } else { "" },
+                    l.offset
+                ),
+            );
+            return report;
+        }
+        let Some(p) = &recs[i] else {
+            garbage.get_or_insert(i);
+            continue;
+        };
+        let expected = last.0 + 1;
+        if let Some(g) = garbage.take() {
+            let first = &lines[g];
+            let region = &data[first.start..l.start];
+            let marker_ok = p.op == "torn"
+                && p.seq == expected
+                && p.prev == last.1
+                && p.reason.as_deref().and_then(chain::parse_torn_reason)
+                    == Some((
+                        first.offset,
+                        region.len() as u64,
+                        Sha256::digest(region).into(),
+                    ));
+            if marker_ok {
+                report.notes.push(format!(
+                    "line{} {}{}: torn record ({} bytes at offset {}) left by an interrupted \
+                     writer, marked by seq {} (line {})",
+                    if i - g > 1 { "s" } else { "" },
+                    first.no,
+                    if i - g > 1 {
+                        format!("-{}", l.no - 1)
+                    } else {
+                        String::new()
+                    },
+                    region.len(),
+                    first.offset,
+                    p.seq,
+                    l.no
+                ));
+            } else if p.op == "torn" && p.seq == expected && p.prev == last.1 {
+                bad(
+                    &mut report,
+                    Tamper::Modified,
+                    first.no,
+                    None,
+                    format!(
+                        "these bytes do not match the torn-record marker at line {} (offset, \
+                         length or SHA-256 differ): they were changed after the writer marked them",
+                        l.no
+                    ),
+                );
+                return report;
+            } else if p.seq == expected && p.prev == last.1 {
+                bad(
+                    &mut report,
+                    Tamper::Inserted,
+                    first.no,
+                    None,
+                    format!(
+                        "line {} is not an audit record and is not part of the chain (line {} \
+                         continues from line {})",
+                        first.no, l.no, last.2
+                    ),
+                );
+                return report;
+            } else {
+                bad(
+                    &mut report,
+                    Tamper::Modified,
+                    first.no,
+                    None,
+                    "this line is not a valid audit record (damaged or edited)".into(),
+                );
+                return report;
+            }
+        } else if p.seq != expected || p.prev != last.1 {
+            classify(&mut report, &recs, i, last, before_last);
+            return report;
+        }
+        if let Some(m) = &p.mac {
+            report.macs += 1;
+            if let Some(tm) = mac {
+                let prefix = &data[l.start..p.prefix_end];
+                match tm.mac(&chain::mac_input(prefix)) {
+                    Ok(want) if ct_eq(&want, m) => {
+                        last_mac_ok = Some((p.seq, p.no));
+                        report.authenticated_through = Some(p.seq);
+                    }
+                    Ok(_) => {
+                        let since = match last_mac_ok {
+                            Some((s, n)) => format!("since the checkpoint at seq {s} (line {n})"),
+                            None => "since the start of the log".into(),
+                        };
+                        bad(
+                            &mut report,
+                            Tamper::Modified,
+                            l.no,
+                            Some(p.seq),
+                            format!(
+                                "the token MAC does not match: this record or one {since} was \
+                                 modified (and the hash chain rewritten to hide it)"
+                            ),
+                        );
+                        return report;
+                    }
+                    Err(rv) => {
+                        if !mac_failed_note {
+                            mac_failed_note = true;
+                            report.macs_checked = false;
+                            report.notes.push(format!(
+                                "the token could not compute a MAC ({}): MACs not checked",
+                                crate::backend::rv::name(rv as cryptoki_sys::CK_RV)
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        report.records += 1;
+        before_last = last.1;
+        last = (p.seq, p.hash, p.no);
+        report.last_seq = last.0;
+    }
+    report.last_seq = last.0;
+    if let Some(g) = garbage {
+        let first = &lines[g];
+        bad(
+            &mut report,
+            Tamper::Torn,
+            first.no,
+            None,
+            format!(
+                "the log ends with {} byte(s) at offset {} that are not a complete record and \
+                 carry no torn marker: a writer was interrupted mid-write",
+                data.len() - first.start,
+                first.offset
+            ),
+        );
+        return report;
+    }
+    if !report.macs_checked {
+        report.authenticated_through = None;
+        return report;
+    }
+
+    // The token checkpoint: catches a cut tail.
+    let end_line = report.lines + 1;
+    match ck {
+        Some(Ok(Some(bytes))) => match Checkpoint::decode(&bytes) {
+            None => bad(
+                &mut report,
+                Tamper::Checkpoint,
+                end_line,
+                None,
+                "the token's checkpoint object is not a cmkp11 checkpoint".into(),
+            ),
+            Some(c) => {
+                report.token_checkpoint = Some(c.seq);
+                let at = recs
+                    .iter()
+                    .flatten()
+                    .find(|r| r.seq == c.seq)
+                    .map(|r| (r.no, r.hash, r.mac.clone()));
+                match at {
+                    Some((no, h, m)) if h == c.hash && m.as_deref() == Some(&c.mac[..]) => {
+                        let after = last.0 - c.seq;
+                        if after > 0 {
+                            report.notes.push(format!(
+                                "{after} record(s) after the token checkpoint (seq {}) are \
+                                 chained but not yet covered by it (written since, or by a \
+                                 process that has not checkpointed yet)",
+                                c.seq
+                            ));
+                        }
+                        let _ = no;
+                    }
+                    Some((no, _, _)) => bad(
+                        &mut report,
+                        Tamper::Modified,
+                        no,
+                        Some(c.seq),
+                        format!(
+                            "this record does not match the token's checkpoint (hash {})",
+                            hex(&c.hash)
+                        ),
+                    ),
+                    None if c.seq > last.0 => bad(
+                        &mut report,
+                        Tamper::Truncated,
+                        end_line,
+                        Some(last.0 + 1),
+                        format!(
+                            "the token's checkpoint names seq {} but the log ends at seq {} \
+                             (line {}): at least {} record(s) were cut from the end",
+                            c.seq,
+                            last.0,
+                            last.2,
+                            c.seq - last.0
+                        ),
+                    ),
+                    None => bad(
+                        &mut report,
+                        Tamper::Deleted,
+                        end_line,
+                        Some(c.seq),
+                        format!("the token's checkpoint names seq {}, not in the log", c.seq),
+                    ),
+                }
+            }
+        },
+        Some(Ok(None)) => {
+            if report.macs > 0 {
+                bad(
+                    &mut report,
+                    Tamper::Checkpoint,
+                    end_line,
+                    None,
+                    "the log holds token MACs but the token holds no checkpoint (wrong token, \
+                     or the checkpoint object was deleted)"
+                        .into(),
+                );
+            } else if report.records > 0 {
+                report
+                    .notes
+                    .push("no token checkpoint yet: the log is not authenticated".into());
+            }
+        }
+        Some(Err(rv)) => {
+            report.notes.push(format!(
+                "cannot read the token checkpoint ({}): truncation not checked",
+                crate::backend::rv::name(rv as cryptoki_sys::CK_RV)
+            ));
+        }
+        None => {}
+    }
+    report
+}
+
+/// Names the first break in the chain at record `i` (`last` = the last good record).
+fn classify(
+    report: &mut Report,
+    recs: &[Option<Rec>],
+    i: usize,
+    last: (u64, [u8; 32], u64),
+    before_last: [u8; 32],
+) {
+    let p = recs[i].as_ref().expect("classify on a record");
+    let expected = last.0 + 1;
+    let fits = |r: &Rec| r.seq == expected && r.prev == last.1;
+    let next = recs[i + 1..].iter().flatten().next();
+    let later_fit = recs[i + 1..].iter().flatten().find(|r| fits(r));
+    if let (true, Some(k)) = (p.seq > expected, later_fit) {
+        bad(
+            report,
+            Tamper::Reordered,
+            p.no,
+            Some(p.seq),
+            format!(
+                "record seq {expected} belongs at this line but is at line {}; records are \
+                 out of order",
+                k.no
+            ),
+        );
+    } else if p.seq == last.0 && p.prev == before_last {
+        // Two records claim the same place in the chain: the one the chain continues
+        // from is genuine, the other was inserted.
+        if next.is_some_and(|n| n.seq == p.seq + 1 && n.prev == p.hash) {
+            bad(
+                report,
+                Tamper::Inserted,
+                last.2,
+                Some(last.0),
+                format!(
+                    "this record is not part of the chain: line {} has the same seq and \
+                     place, and the chain continues from it",
+                    p.no
+                ),
+            );
+        } else {
+            bad(
+                report,
+                Tamper::Inserted,
+                p.no,
+                Some(p.seq),
+                format!(
+                    "this record repeats seq {} (line {}) and is not part of the chain",
+                    p.seq, last.2
+                ),
+            );
+        }
+    } else if next.is_some_and(fits) || (p.seq <= expected && later_fit.is_some()) {
+        let n = later_fit.expect("a later record fits");
+        let detail = if p.seq < expected {
+            format!(
+                "this line repeats seq {} and is not part of the chain (line {} continues from \
+                 line {})",
+                p.seq, n.no, last.2
+            )
+        } else {
+            format!(
+                "this record is not part of the chain (line {} continues from line {})",
+                n.no, last.2
+            )
+        };
+        bad(report, Tamper::Inserted, p.no, Some(p.seq), detail);
+    } else if p.seq == expected {
+        // prev does not match: the previous record changed, or this one did.
+        if last.2 == 0 {
+            bad(
+                report,
+                Tamper::Modified,
+                p.no,
+                Some(p.seq),
+                "the first record's prev is not the genesis value".into(),
+            );
+        } else if next.is_some_and(|n| n.seq == p.seq + 1 && n.prev == p.hash) {
+            bad(
+                report,
+                Tamper::Modified,
+                last.2,
+                Some(last.0),
+                format!(
+                    "this record was modified: its hash no longer matches prev of seq {} (line {})",
+                    p.seq, p.no
+                ),
+            );
+        } else if next.is_none() {
+            bad(
+                report,
+                Tamper::Modified,
+                last.2,
+                Some(last.0),
+                format!(
+                    "this record or the next one (seq {}, line {}) was modified: the chain \
+                     breaks between them",
+                    p.seq, p.no
+                ),
+            );
+        } else {
+            bad(
+                report,
+                Tamper::Modified,
+                p.no,
+                Some(p.seq),
+                format!(
+                    "this record was modified: prev does not match the record before it (line {})",
+                    last.2
+                ),
+            );
+        }
+    } else if p.prev == last.1 {
+        bad(
+            report,
+            Tamper::Modified,
+            p.no,
+            Some(p.seq),
+            format!("this record was modified: seq should be {expected}"),
+        );
+    } else if p.seq > expected {
+        let n = p.seq - expected;
+        let what = if n == 1 {
+            format!("record seq {expected} is")
+        } else {
+            format!("{n} records (seq {expected}..{}) are", p.seq - 1)
+        };
+        bad(
+            report,
+            Tamper::Deleted,
+            p.no,
+            Some(p.seq),
+            format!("{what} missing before this line"),
+        );
+    } else {
+        bad(
+            report,
+            Tamper::Inserted,
+            p.no,
+            Some(p.seq),
+            format!(
+                "this line repeats seq {} and is not part of the chain",
+                p.seq
+            ),
+        );
+    }
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}

@@ -1,0 +1,138 @@
+//! `cmkp11 audit ...`: verify, tail and report the audit log.
+//!
+//! Mounted by `main.rs` as a subcommand (`Audit(audit::AuditArgs)`); the logic lives in
+//! the library (`cmkp11::audit`), this file only parses arguments and prints.
+
+use cmkp11::audit::{self, cli, TokenMac};
+use cmkp11::config::Config;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// `cmkp11 audit`
+#[derive(Debug, clap::Args)]
+pub struct AuditArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub cmd: AuditCmd,
+}
+
+/// The audit subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum AuditCmd {
+    /// Check the hash chain, the token MACs and the token checkpoint; print the first bad
+    /// record and why (modified, inserted, deleted, reordered, truncated, torn).
+    /// Exit status 0: the log verifies; 1: it does not.
+    Verify {
+        /// The log (default: `[audit] file` of the configuration).
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Print the last records, optionally following the log as it grows.
+    Tail {
+        /// Keep printing records as they are appended.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only records of this key (label).
+        #[arg(long, value_name = "NAME")]
+        key: Option<String>,
+        /// Print the JSON lines as they are in the log.
+        #[arg(long)]
+        json: bool,
+        /// How many records to print first.
+        #[arg(short = 'n', long, default_value_t = 10)]
+        lines: usize,
+        /// The log (default: `[audit] file` of the configuration).
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Count records per key and operation (OK / failed) over a time range, as a table.
+    Report {
+        /// From this UTC time on (2026-11-23, 2026-11-23T13:00:00Z) or this long ago (24h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Before this UTC time (exclusive), same forms.
+        #[arg(long)]
+        until: Option<String>,
+        /// The log (default: `[audit] file` of the configuration).
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+}
+
+fn log_file(file: Option<PathBuf>, cfg: &Config) -> Result<PathBuf, String> {
+    file.or_else(|| cfg.audit.file.clone()).ok_or_else(|| {
+        "no audit log: pass --file or set [audit] file in the configuration".to_string()
+    })
+}
+
+/// Runs `cmkp11 audit ...`. `mac` is the token's audit key and checkpoint (`None` when no
+/// token session is available: verify then checks the chain only, and says so).
+/// Returns the process exit status; `Err` for usage problems (no log configured,
+/// unreadable file, bad time).
+pub fn run(args: AuditArgs, cfg: &Config, mac: Option<Arc<dyn TokenMac>>) -> Result<i32, String> {
+    run_to(args, cfg, mac, &mut std::io::stdout().lock())
+}
+
+/// [`run`] printing to `out`.
+pub fn run_to(
+    args: AuditArgs,
+    cfg: &Config,
+    mac: Option<Arc<dyn TokenMac>>,
+    out: &mut dyn Write,
+) -> Result<i32, String> {
+    match args.cmd {
+        AuditCmd::Verify { file } => {
+            let path = log_file(file, cfg)?;
+            let report = audit::verify(&path, mac.as_deref());
+            if matches!(
+                report.problem.as_ref().map(|p| p.kind),
+                Some(audit::Tamper::Unreadable)
+            ) {
+                return Err(report.problem.map(|p| p.detail).unwrap_or_default());
+            }
+            let _ = write!(out, "{}: {report}", path.display());
+            if mac.is_none() {
+                let _ = writeln!(
+                    out,
+                    "  warning: no token: MACs and truncation were not checked; anyone who can \
+                     write the file could have rewritten it"
+                );
+            }
+            Ok(if report.ok() { 0 } else { 1 })
+        }
+        AuditCmd::Tail {
+            follow,
+            key,
+            json,
+            lines,
+            file,
+        } => {
+            let path = log_file(file, cfg)?;
+            let o = cli::TailOptions {
+                lines,
+                key,
+                json,
+                follow,
+            };
+            cli::tail(&path, &o, out, &mut || true)?;
+            Ok(0)
+        }
+        AuditCmd::Report { since, until, file } => {
+            let path = log_file(file, cfg)?;
+            let now = std::time::SystemTime::now();
+            let since = since.map(|s| cli::time_bound(&s, now)).transpose()?;
+            let until = until.map(|s| cli::time_bound(&s, now)).transpose()?;
+            let rows = cli::report(&path, since.as_deref(), until.as_deref())?;
+            let _ = writeln!(
+                out,
+                "{}: {} to {}",
+                path.display(),
+                since.as_deref().unwrap_or("start"),
+                until.as_deref().unwrap_or("now")
+            );
+            let _ = write!(out, "{}", cli::render_report(&rows));
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! Micro-benchmark of the audit writer: records/s for 1 and 2 threads, with the software
+//! token double (MAC every 1024 records) and without a token. No timed asserts.
+//!
+//! `cargo test --release --test audit_bench -- --ignored --nocapture`
+
+mod audit_support;
+
+use audit_support::*;
+use cmkp11::audit::{self, Auditor, TokenMac, Tuning};
+use std::sync::Arc;
+use std::time::Instant;
+
+fn run(threads: usize, per_thread: u64, with_mac: bool) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("bench.log");
+    let mac = SoftMac::for_log(&log);
+    let a = Auditor::open_with(
+        &cfg(&log, "deny"),
+        with_mac.then(|| mac.clone() as Arc<dyn TokenMac>),
+        Tuning::default(),
+    )
+    .unwrap();
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                for i in 0..per_thread {
+                    a.record(use_record(i)).unwrap();
+                }
+            });
+        }
+    });
+    let secs = start.elapsed().as_secs_f64();
+    drop(a);
+    let r = audit::verify(&log, with_mac.then_some(&*mac as &dyn TokenMac));
+    assert!(r.ok(), "{r}");
+    assert_eq!(r.records, threads as u64 * per_thread + u64::from(with_mac));
+    (threads as u64 * per_thread) as f64 / secs
+}
+
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture (release)"]
+fn records_per_second() {
+    let n = 200_000;
+    for with_mac in [true, false] {
+        for threads in [1, 2] {
+            let rate = run(threads, n / threads as u64, with_mac);
+            println!(
+                "audit bench: {threads} thread(s), token MAC {}: {:>9.0} records/s ({:.2} us/record)",
+                if with_mac { "on " } else { "off" },
+                rate,
+                1e6 / rate
+            );
+        }
+    }
+}
