@@ -379,25 +379,28 @@ fn trio(s: &S, tag: &str) -> Trio {
     }
 }
 
-/// Every use of the three keys: Ok or the first failure, in a fixed order.
+/// Every use of the three keys, in a fixed order: the code of `C_EncryptInit`,
+/// `C_DecryptInit`, `C_WrapKey`, `C_UnwrapKey`, `C_SignInit`. An accepted `*Init` is
+/// completed and must then succeed.
 fn uses(s: &S, t: &Trio) -> Vec<(&'static str, Rv<()>)> {
     let iv = [7u8; 12];
     let dek = new_dek(s);
     let r = vec![
         (
             "C_EncryptInit",
-            s.encrypt(&mut Mech::gcm(&iv, b""), t.data, b"x").map(drop),
+            s.encrypt_init(&mut Mech::gcm(&iv, b""), t.data).map(|()| {
+                ok(s.finish_encrypt(b"x"), "C_Encrypt after C_EncryptInit");
+            }),
         ),
         (
             "C_DecryptInit",
-            s.decrypt(&mut Mech::gcm(&iv, b""), t.data, &t.data_ct)
-                .and_then(|p| {
-                    if p == b"x" {
-                        Ok(())
-                    } else {
-                        Err(CKR_GENERAL_ERROR)
-                    }
-                }),
+            s.decrypt_init(&mut Mech::gcm(&iv, b""), t.data).map(|()| {
+                let p = ok(
+                    s.finish_decrypt(&t.data_ct),
+                    "C_Decrypt after C_DecryptInit",
+                );
+                assert_eq!(p, b"x", "C_Decrypt");
+            }),
         ),
         ("C_WrapKey", s.wrap(&mut Mech::kwp(), t.wrap, dek).map(drop)),
         (
@@ -409,7 +412,9 @@ fn uses(s: &S, t: &Trio) -> Vec<(&'static str, Rv<()>)> {
         ),
         (
             "C_SignInit",
-            s.sign(&mut Mech::new(CKM_AES_CMAC), t.mac, b"x").map(drop),
+            s.sign_init(&mut Mech::new(CKM_AES_CMAC), t.mac).map(|()| {
+                ok(s.finish_sign(b"x"), "C_Sign after C_SignInit");
+            }),
         ),
     ];
     let _ = s.destroy(dek);
@@ -621,8 +626,6 @@ fn expired_keys_vanish_and_are_purged() {
         vec![b],
         "B (not yet expired) still findable"
     );
-    // A new key may take the expired key's name.
-
     // The next logged-in read-write session destroys A's objects.
     ok(s.logout(), "C_Logout");
     ok(s.login(), "C_Login");

@@ -635,6 +635,11 @@ impl S {
     /// Single-part `C_Encrypt` (two-call convention).
     pub fn encrypt(&self, m: &mut Mech, key: H, data: &[u8]) -> Rv<Vec<u8>> {
         self.encrypt_init(m, key)?;
+        self.finish_encrypt(data)
+    }
+
+    /// Single-part `C_Encrypt` of the operation initialised already (two-call convention).
+    pub fn finish_encrypt(&self, data: &[u8]) -> Rv<Vec<u8>> {
         let mut input = data.to_vec();
         let mut n: CK_ULONG = 0;
         rv(call!(
@@ -663,6 +668,11 @@ impl S {
     /// Single-part `C_Decrypt` (two-call convention).
     pub fn decrypt(&self, m: &mut Mech, key: H, data: &[u8]) -> Rv<Vec<u8>> {
         self.decrypt_init(m, key)?;
+        self.finish_decrypt(data)
+    }
+
+    /// Single-part `C_Decrypt` of the operation initialised already (two-call convention).
+    pub fn finish_decrypt(&self, data: &[u8]) -> Rv<Vec<u8>> {
         let mut input = data.to_vec();
         let mut n: CK_ULONG = 0;
         rv(call!(
@@ -691,6 +701,11 @@ impl S {
     /// Single-part `C_Sign` (two-call convention).
     pub fn sign(&self, m: &mut Mech, key: H, data: &[u8]) -> Rv<Vec<u8>> {
         self.sign_init(m, key)?;
+        self.finish_sign(data)
+    }
+
+    /// Single-part `C_Sign` of the operation initialised already (two-call convention).
+    pub fn finish_sign(&self, data: &[u8]) -> Rv<Vec<u8>> {
         let mut input = data.to_vec();
         let mut n: CK_ULONG = 0;
         rv(call!(
