@@ -31,7 +31,7 @@ use std::process::ExitCode;
 
 /// Manage cmkp11 tokens and customer-managed keys (CMKs); encrypt files under a CMK.
 #[derive(Parser, Debug)]
-#[command(name = "cmkp11", version, about, long_about = None)]
+#[command(name = "cmkp11", version)]
 pub struct Cli {
     #[command(flatten)]
     global: Global,
@@ -70,7 +70,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: keys::KeyCmd,
     },
-    /// Encrypt a file under a wrap CMK (envelope encryption, AES-256-GCM in chunks).
+    /// Encrypt a file under a wrap CMK (envelope encryption: AES-GCM chunks in the token).
     Encrypt(envelope::EncryptArgs),
     /// Decrypt a file made by `cmkp11 encrypt` (any enabled version of its CMK).
     Decrypt(envelope::DecryptArgs),
