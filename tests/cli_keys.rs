@@ -405,3 +405,14 @@ fn rotate_due_with_rotation_off_does_nothing() {
     );
     assert_eq!(env.run(&["key", "rotate"]).status.code(), Some(2));
 }
+
+#[test]
+fn audit_subcommand_is_mounted() {
+    let env = Env::new();
+    let help = env.ok(&["audit", "--help"]);
+    for cmd in ["verify", "tail", "report"] {
+        contains(&help, cmd);
+    }
+    let err = env.fails(&["audit", "verify"]);
+    contains(&err, "no audit log");
+}
