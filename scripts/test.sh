@@ -96,6 +96,9 @@ step fmt cargo fmt --all -- --check
 step clippy cargo clippy --workspace --all-targets -- -D warnings
 step shellcheck shellcheck -x -e SC1091,SC2001 scripts/*.sh scripts/e2e/*.sh .ci/run
 step header check_header
+# The integration tests load target/debug/libcmkp11.so, which `cargo test` alone does not
+# build (it builds the rlib for the tests): build the cdylib first.
+step "debug build" cargo build --workspace
 step "cargo test" cargo test --workspace --all-targets --no-fail-fast
 if step "release build" cargo build --release --lib --example demo; then
     step demo run_demo
