@@ -69,3 +69,33 @@ pub fn uid() -> u32 {
     // SAFETY: getuid has no preconditions and cannot fail.
     unsafe { libc::getuid() }
 }
+
+/// Runs `f` without leaving OpenSSL errors on the calling thread's queue.
+///
+/// A backend built on OpenSSL (SoftHSM2) may push errors while it initializes (SoftHSM2
+/// leaves 0x12800067, a missing `rdrand` engine). An application that shares the process's
+/// libcrypto sees them as its own: nginx's workers initialize the module inside a TLS
+/// handshake (libp11 does it after `fork()`), and a stale error there fails the
+/// handshake. When libcrypto is in the global scope, everything `f` adds is popped.
+pub fn preserving_openssl_errors<R>(f: impl FnOnce() -> R) -> R {
+    type Mark = unsafe extern "C" fn() -> std::os::raw::c_int;
+    let find = |name: &std::ffi::CStr| {
+        // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks a symbol up.
+        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+        (!p.is_null()).then(|| {
+            // SAFETY: OpenSSL declares `int ERR_set_mark(void)` and `int ERR_pop_to_mark(void)`.
+            unsafe { std::mem::transmute::<*mut std::os::raw::c_void, Mark>(p) }
+        })
+    };
+    let marks = find(c"ERR_set_mark").zip(find(c"ERR_pop_to_mark"));
+    if let Some((set, _)) = marks {
+        // SAFETY: a libcrypto function without arguments, on this thread's own queue.
+        unsafe { set() };
+    }
+    let r = f();
+    if let Some((_, pop)) = marks {
+        // SAFETY: as above; pops only what was pushed since our mark.
+        unsafe { pop() };
+    }
+    r
+}

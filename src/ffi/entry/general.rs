@@ -37,7 +37,7 @@ pub unsafe extern "C" fn C_Initialize(init_args: *mut c_void) -> CK_RV {
             }
         }
         install_atfork();
-        runtime::initialize()
+        crate::ffi::preserving_openssl_errors(runtime::initialize)
     })
 }
 
@@ -51,7 +51,7 @@ pub unsafe extern "C" fn C_Finalize(reserved: *mut c_void) -> CK_RV {
             runtime::library()?;
             return err(CKR_ARGUMENTS_BAD);
         }
-        runtime::finalize()
+        crate::ffi::preserving_openssl_errors(runtime::finalize)
     })
 }
 
