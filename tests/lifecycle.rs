@@ -73,6 +73,45 @@ fn generate_returns_a_cmk_with_its_attributes() {
         "STATE after set"
     );
 
+    // A secret CMK's name and id are stable.
+    for (attr, value) in [(CKA_LABEL, &b"renamed"[..]), (CKA_ID, &b"other-id"[..])] {
+        let mut t = Template::default().bytes(attr, value);
+        let mut attrs = t.raw();
+        let r = call!(
+            s.m.f,
+            C_SetAttributeValue,
+            s.h,
+            k,
+            attrs.as_mut_ptr(),
+            attrs.len() as CK_ULONG
+        );
+        assert_rv!(
+            r,
+            CKR_ATTRIBUTE_READ_ONLY,
+            "C_SetAttributeValue(0x{attr:x})"
+        );
+    }
+    // cmkp11's state records are hidden from applications.
+    let hidden = ok(
+        s.find(
+            Template::default()
+                .ulong(CKA_CLASS, CKO_DATA)
+                .bytes(CKA_APPLICATION, APPLICATION.as_bytes()),
+        ),
+        "find cmkp11's data objects",
+    );
+    assert!(hidden.is_empty(), "state records visible: {hidden:?}");
+    let all = ok(s.find(Template::default()), "find everything");
+    for o in all {
+        if let Ok(l) = s.get(o, CKA_LABEL) {
+            assert!(
+                !l.starts_with(b"cmkp11:"),
+                "internal object visible: {}",
+                String::from_utf8_lossy(&l)
+            );
+        }
+    }
+
     // Same label again (other id, other role): refused.
     expect_rv(
         s.generate_key(
