@@ -36,12 +36,78 @@ fn write_from_threads(log: &Path, every: u32) {
     });
 }
 
-/// Entry point of a writer process (does nothing unless started by the test below).
+/// Entry point of the writer processes (does nothing unless started by the tests below).
 #[test]
 fn child_writer() {
-    if let Ok(log) = std::env::var("AUDIT_CHILD_LOG") {
-        write_from_threads(Path::new(&log), 37);
+    let Ok(log) = std::env::var("AUDIT_CHILD_LOG") else {
+        return;
+    };
+    let log = Path::new(&log);
+    if std::env::var_os("AUDIT_CHILD_FOREVER").is_none() {
+        write_from_threads(log, 37);
+        return;
     }
+    // until killed: two threads, long records (a wider window for a kill mid-write)
+    let mac = SoftMac::for_log(log);
+    let a = auditor(log, &mac, 64);
+    std::thread::scope(|s| {
+        for t in 0..2 {
+            let a = &a;
+            s.spawn(move || {
+                for i in 0.. {
+                    let mut r = use_record(i);
+                    r.reason = Some(format!("t{t} i{i} {}", "x".repeat(3000)));
+                    a.record(r).unwrap();
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn writers_killed_at_random_leave_a_log_that_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.log");
+    let exe = std::env::current_exe().unwrap();
+    for round in 0..6u64 {
+        let mut kids: Vec<_> = (0..2)
+            .map(|_| {
+                Command::new(&exe)
+                    .args(["--exact", "child_writer", "--test-threads", "1", "--quiet"])
+                    .env("AUDIT_CHILD_LOG", &log)
+                    .env("AUDIT_CHILD_FOREVER", "1")
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(150 + 37 * round));
+        for k in &mut kids {
+            k.kill().unwrap(); // SIGKILL: no drop, no closing checkpoint, maybe mid-write
+        }
+        for mut k in kids {
+            let _ = k.wait();
+        }
+        // between rounds the log may end torn; it must never be worse than that
+        let r = audit::verify(&log, Some(&*SoftMac::for_log(&log)));
+        if let Some(p) = &r.problem {
+            assert_eq!(p.kind, cmkp11::audit::Tamper::Torn, "{r}");
+        }
+    }
+    // a writer that comes later repairs whatever was left and closes cleanly
+    let mac = SoftMac::for_log(&log);
+    let a = auditor(&log, &mac, 64);
+    a.record(use_record(0)).unwrap();
+    drop(a);
+    let r = audit::verify(&log, Some(&*mac));
+    assert!(r.ok(), "{r}");
+    assert!(r.records > 100, "{r}");
+    assert_eq!(r.authenticated_through, Some(r.last_seq), "{r}");
+    eprintln!(
+        "{} records, torn records marked: {}",
+        r.records,
+        r.notes.iter().filter(|n| n.contains("torn")).count()
+    );
 }
 
 #[test]

@@ -346,6 +346,56 @@ fn complete_record_without_newline_is_torn_and_redone() {
 }
 
 #[test]
+fn torn_first_record_is_marked() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("a.log");
+    let mac = SoftMac::for_log(&log);
+    std::fs::write(&log, b"{\"time\":\"2026-11-23T").unwrap();
+    check(&log, &mac, Tamper::Torn, 1);
+    let a = auditor(&log, &mac, 8);
+    a.record(use_record(0)).unwrap();
+    drop(a);
+    let r = audit::verify(&log, Some(&*mac));
+    assert!(r.ok(), "{r}");
+    assert!(
+        r.notes[0].starts_with("line 1: torn record (21 bytes at offset 0)"),
+        "{r}"
+    );
+    let l = lines(&log);
+    assert!(l[1].contains("\"seq\":1,") && l[1].contains("\"op\":\"torn\""));
+    assert!(l[1].contains(&format!("\"prev\":\"{}\"", "0".repeat(64))));
+}
+
+#[test]
+fn idle_process_checkpoints_on_tick() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("a.log");
+    let mac = SoftMac::for_log(&log);
+    let a = Auditor::open_with(
+        &cfg(&log, "deny"),
+        Some(mac.clone() as Arc<dyn TokenMac>),
+        Tuning {
+            checkpoint_interval: std::time::Duration::from_millis(50),
+            ..Tuning::default()
+        },
+    )
+    .unwrap();
+    a.record(use_record(0)).unwrap();
+    a.record(use_record(1)).unwrap();
+    a.tick().unwrap(); // not due yet
+    assert_eq!(lines(&log).len(), 2);
+    std::thread::sleep(std::time::Duration::from_millis(70));
+    a.tick().unwrap();
+    let l = lines(&log);
+    assert_eq!(l.len(), 3);
+    assert!(l[2].contains("\"op\":\"checkpoint\""));
+    a.tick().unwrap(); // nothing new
+    assert_eq!(lines(&log).len(), 3);
+    let r = audit::verify(&log, Some(&*mac));
+    assert_eq!(r.authenticated_through, Some(3), "{r}");
+}
+
+#[test]
 fn wrong_token_or_missing_checkpoint_fails() {
     let (_d, log, mac) = fresh(10);
     let other = SoftMac::with_key(&log, b"another token");

@@ -138,13 +138,20 @@ pub fn parse_torn_reason(reason: &str) -> Option<(u64, u64, [u8; 32])> {
 /// never acknowledged to its caller). A log whose window holds no complete record is a
 /// single torn first record if the window is the whole file, otherwise an error.
 pub fn read_tail(f: &File, len: u64) -> std::io::Result<Tail> {
-    let window = (4 * MAX_LINE as u64).min(len);
-    let start = len - window;
-    let mut buf = vec![0u8; window as usize];
-    f.read_exact_at(&mut buf, start)?;
-    scan_tail(&buf, start).ok_or_else(|| {
-        std::io::Error::other("no complete record in the last 32 KiB of the audit log")
-    })
+    // Usually the last record is in the last 4 KiB; look further only if it is not.
+    for window in [4096, 4 * MAX_LINE as u64] {
+        let window = window.min(len);
+        let start = len - window;
+        let mut buf = vec![0u8; window as usize];
+        f.read_exact_at(&mut buf, start)?;
+        if let Some(t) = scan_tail(&buf, start) {
+            return Ok(t);
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "no complete record in the last {} KiB of the audit log",
+        4 * MAX_LINE / 1024
+    )))
 }
 
 /// [`read_tail`] over bytes already read: `buf` holds the file from offset `start` to its end.

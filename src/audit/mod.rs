@@ -4,7 +4,7 @@
 //!
 //! Fields, in this order: `time` (RFC 3339 UTC, microseconds), `seq`, `pid`, `uid`, `exe`,
 //! `slot`, `token`, `session`, `op`, `mechanism` (`CKM_*` name, else hex), `key` (label),
-//! `key_id` (hex), `version`, `result` (`CKR_*` name), `reason`, [`bulk`], `prev`, `mac`.
+//! `key_id` (hex), `version`, `result` (`CKR_*` name), `reason`, (`bulk`), `prev`, `mac`.
 //! Absent values are `null`. `bulk` appears only in `session-close` records and holds the
 //! per-operation counts of DEK bulk operations in that session. A [`Record`] has no field
 //! that could carry a PIN, key bytes or data; `reason` is free text and callers must keep
@@ -15,7 +15,7 @@
 //! * **Chain.** `seq` counts records in the file (1, 2, ...). `prev` is the SHA-256 of the
 //!   previous line's bytes (without its newline); the first record's `prev` is 64 zeros.
 //!   So every record commits to the whole log before it, and a deleted, inserted,
-//!   reordered or edited line breaks the chain at a precise place ([`verify`] names it).
+//!   reordered or edited line breaks the chain at a precise place ([`verify()`] names it).
 //!
 //! * **MAC on checkpoint records.** A hash chain alone can be recomputed by anyone who
 //!   can write the file, so the chain head is authenticated with an HMAC key that never
@@ -26,8 +26,9 @@
 //!   `,"mac":`) on its first record, then on the record that ends a batch when
 //!   [`Tuning::checkpoint_records`] records or [`Tuning::checkpoint_interval`] have
 //!   passed since its last MAC, and on a `checkpoint` record written by
-//!   [`Auditor::checkpoint`] (called on drop, and by the runtime at `C_Finalize`). Other
-//!   records have `"mac":null`.
+//!   [`Auditor::checkpoint`] (called on drop, and by the runtime at `C_Finalize`) or by
+//!   [`Auditor::tick`] (an idle process whose interval has passed). Other records have
+//!   `"mac":null`.
 //!
 //! * **Token checkpoint.** After writing a MACed record (still under the file lock, after
 //!   `fdatasync` of the log), the writer stores `seq`, line hash and MAC of that record in
@@ -35,13 +36,15 @@
 //!   detected: the token names a record the file no longer has.
 //!
 //! **Guarantee.** Without the token, nobody can modify, insert, delete, reorder or cut
-//! records up to the latest token checkpoint without [`verify`] (run with the token)
-//! naming the first bad record. Records written after the latest checkpoint (at most
-//! `checkpoint_records` per process, or `checkpoint_interval` of activity, plus whatever a
-//! process writes before it closes or crashes) are hash-chained but not yet authenticated;
-//! verify reports how many. A clean close (`C_Finalize`, [`Auditor::checkpoint`]) leaves
-//! no such window. Without a token configured, the log is a plain hash chain: it detects
-//! accidental damage and naive edits, not an attacker who recomputes the chain.
+//! records up to the latest token checkpoint without [`verify()`] (run with the token)
+//! naming the first bad record. Records written after the latest checkpoint are
+//! hash-chained but not yet authenticated, and verify reports how many: per process at
+//! most `checkpoint_records` records or `checkpoint_interval` (1 s) of its activity,
+//! plus, when it goes idle, its records since its last MAC until its next record,
+//! [`Auditor::tick`] or close; a process killed with `SIGKILL` leaves them so. A clean
+//! close (`C_Finalize`, [`Auditor::checkpoint`]) leaves no such window. Without a token
+//! configured, the log is a plain hash chain: it detects accidental damage and naive
+//! edits, not an attacker who recomputes the chain.
 //!
 //! # Many writers, one file
 //!
@@ -381,6 +384,25 @@ impl Auditor {
             }
         }
         self.record_with(&Record::new("checkpoint", 0), None, true)
+    }
+
+    /// [`Auditor::checkpoint`] if this process has records no MAC covers and the
+    /// checkpoint interval has passed since its last MAC. Cheap when nothing is due: call
+    /// it from entry points that see no CMK use (session close, `C_GetSessionInfo`...) so
+    /// that an idle process does not leave its last records unauthenticated for long.
+    pub fn tick(&self) -> Result<(), u64> {
+        {
+            let w = self.w.lock();
+            let due = w.mac.is_some()
+                && w.unmac
+                && w.pid == std::process::id()
+                && w.last_mac
+                    .is_none_or(|t| t.elapsed() >= self.tuning.checkpoint_interval);
+            if !due {
+                return Ok(());
+            }
+        }
+        self.checkpoint()
     }
 
     fn record_with(

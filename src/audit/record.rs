@@ -27,7 +27,7 @@ pub const MAX_EXE: usize = 1024;
 /// Longest `key_id` (bytes) kept in a record.
 pub const MAX_KEY_ID: usize = 64;
 /// Upper bound of a record line in bytes, bulk counts included (used to size tail reads).
-pub const MAX_LINE: usize = 8192;
+pub const MAX_LINE: usize = 16384;
 
 /// The separator in front of the last field; the MAC covers everything before it.
 pub const MAC_SEP: &str = ",\"mac\":";
