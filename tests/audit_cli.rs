@@ -58,7 +58,10 @@ fn arguments() {
     }
     assert!(matches!(
         parse(&["verify", "--file", "/x"]).cmd,
-        AuditCmd::Verify { file: Some(_) }
+        AuditCmd::Verify {
+            file: Some(_),
+            json: false
+        }
     ));
     assert!(Cli::try_parse_from(["cmkp11", "audit", "frobnicate"]).is_err());
 }
@@ -101,6 +104,12 @@ fn verify_exit_codes_and_one_byte_edit() {
     let (r, out) = run(&["verify"], &cfg, token());
     assert_eq!(r, Ok(1), "{out}");
     assert!(out.contains("BAD: line 1 (seq 1): modified"), "{out}");
+    let (r, out) = run(&["verify", "--json"], &cfg, token());
+    assert_eq!(r, Ok(1), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["problem"]["kind"], "modified");
+    assert_eq!(v["problem"]["line"], 1);
     // no log configured, missing file: usage errors
     let none = Config::default();
     assert!(audit_cmd::run(parse(&["verify"]), &none, None)
@@ -121,6 +130,16 @@ fn verify_exit_codes_and_one_byte_edit() {
         "{out}"
     );
     assert!(rows.last().unwrap().trim_end().ends_with("20"), "{out}");
+    let (r, out) = run(&["report", "--json"], &cfg, None);
+    assert_eq!(r, Ok(0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let total: u64 = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["ok"].as_u64().unwrap() + r["failed"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 20);
     let (r, out) = run(&["tail", "-n", "2", "--key", "payments-1"], &cfg, None);
     assert_eq!(r, Ok(0));
     assert_eq!(out.lines().count(), 2, "{out}");

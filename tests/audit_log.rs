@@ -395,6 +395,64 @@ fn idle_process_checkpoints_on_tick() {
     assert_eq!(r.authenticated_through, Some(3), "{r}");
 }
 
+/// A token that cannot MAC until told so (e.g. nobody logged in yet).
+struct Flaky {
+    inner: Arc<SoftMac>,
+    ok: std::sync::atomic::AtomicBool,
+    calls: std::sync::atomic::AtomicU64,
+}
+
+impl TokenMac for Flaky {
+    fn mac(&self, data: &[u8]) -> Result<Vec<u8>, u64> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if self.ok.load(Ordering::Relaxed) {
+            self.inner.mac(data)
+        } else {
+            Err(0x101) // CKR_USER_NOT_LOGGED_IN
+        }
+    }
+    fn load_checkpoint(&self) -> Result<Option<Vec<u8>>, u64> {
+        self.inner.load_checkpoint()
+    }
+    fn store_checkpoint(&self, data: &[u8]) -> Result<(), u64> {
+        self.inner.store_checkpoint(data)
+    }
+}
+
+#[test]
+fn token_that_cannot_mac_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("a.log");
+    let flaky = Arc::new(Flaky {
+        inner: SoftMac::for_log(&log),
+        ok: false.into(),
+        calls: 0.into(),
+    });
+    let a = Auditor::open_with(
+        &cfg(&log, "deny"),
+        Some(flaky.clone() as Arc<dyn TokenMac>),
+        Tuning::default(),
+    )
+    .unwrap();
+    // records are still written (unauthenticated); the token is asked at most every 100 ms
+    for i in 0..50 {
+        a.record(use_record(i)).unwrap();
+    }
+    assert!(flaky.calls.load(Ordering::Relaxed) <= 2);
+    assert!(lines(&log).iter().all(|l| l.ends_with("\"mac\":null}")));
+    flaky.ok.store(true, Ordering::Relaxed);
+    std::thread::sleep(audit::MAC_RETRY);
+    a.record(use_record(50)).unwrap();
+    let l = lines(&log);
+    assert!(
+        !l[50].ends_with("\"mac\":null}"),
+        "MACed once the token can"
+    );
+    let r = audit::verify(&log, Some(&*flaky));
+    assert!(r.ok(), "{r}");
+    assert_eq!(r.authenticated_through, Some(51));
+}
+
 #[test]
 fn wrong_token_or_missing_checkpoint_fails() {
     let (_d, log, mac) = fresh(10);

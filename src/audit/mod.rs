@@ -86,6 +86,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+/// How often a token that refused to MAC is asked again (a `checkpoint` always asks).
+pub const MAC_RETRY: Duration = Duration::from_millis(100);
+
 /// One decision about a CMK, as the runtime reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Record {
@@ -213,7 +216,9 @@ struct Writer {
     last_mac: Option<Instant>,
     /// This process wrote records no MAC of its own covers yet.
     unmac: bool,
-    mac_failing: bool,
+    /// When the token last refused a MAC (not logged in, session lost): retried at most
+    /// every [`MAC_RETRY`] so a token that cannot MAC does not cost a call per record.
+    mac_failed_at: Option<Instant>,
     lost: u64,
     lost_why: String,
     last_path_check: Instant,
@@ -288,7 +293,7 @@ impl Auditor {
             since_mac: 0,
             last_mac: None,
             unmac: false,
-            mac_failing: false,
+            mac_failed_at: None,
             lost: 0,
             lost_why: String::new(),
             last_path_check: Instant::now(),
@@ -596,10 +601,13 @@ impl Auditor {
             markers.push(record::body(&self.ident, pid, &r, None, SystemTime::now()));
         }
         let count = (markers.len() + batch.len()) as u32;
+        let force = batch.iter().any(|p| p.force_mac);
+        let may_retry = force || w.mac_failed_at.is_none_or(|t| t.elapsed() >= MAC_RETRY);
         let due = mac.is_some()
-            && (w.mac_failing
+            && may_retry
+            && (w.mac_failed_at.is_some()
                 || w.last_mac.is_none()
-                || batch.iter().any(|p| p.force_mac)
+                || force
                 || w.since_mac + count >= self.tuning.checkpoint_records
                 || w.last_mac
                     .is_some_and(|t| t.elapsed() >= self.tuning.checkpoint_interval));
@@ -627,17 +635,19 @@ impl Auditor {
                 match tm.mac(&chain::mac_input(&buf[start..])) {
                     Ok(v) => {
                         m = Some(v);
-                        w.mac_failing = false;
+                        if w.mac_failed_at.take().is_some() {
+                            log::warn!("audit: the token MACs again");
+                        }
                     }
                     Err(rv) => {
-                        if !w.mac_failing {
+                        if w.mac_failed_at.is_none() {
                             log::error!(
                                 "audit: the token cannot MAC ({}); records stay unauthenticated \
                                  until it can",
                                 crate::backend::rv::name(rv as cryptoki_sys::CK_RV)
                             );
                         }
-                        w.mac_failing = true;
+                        w.mac_failed_at = Some(Instant::now());
                     }
                 }
             }

@@ -27,6 +27,9 @@ pub enum AuditCmd {
         /// The log (default: `[audit] file` of the configuration).
         #[arg(long)]
         file: Option<PathBuf>,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the last records, optionally following the log as it grows.
     Tail {
@@ -57,6 +60,9 @@ pub enum AuditCmd {
         /// The log (default: `[audit] file` of the configuration).
         #[arg(long)]
         file: Option<PathBuf>,
+        /// Print the rows as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -82,7 +88,7 @@ pub fn run_to(
     out: &mut dyn Write,
 ) -> Result<i32, String> {
     match args.cmd {
-        AuditCmd::Verify { file } => {
+        AuditCmd::Verify { file, json } => {
             let path = log_file(file, cfg)?;
             let report = audit::verify(&path, mac.as_deref());
             if matches!(
@@ -91,8 +97,26 @@ pub fn run_to(
             ) {
                 return Err(report.problem.map(|p| p.detail).unwrap_or_default());
             }
-            let _ = write!(out, "{}: {report}", path.display());
-            if mac.is_none() {
+            if json {
+                let p = report.problem.as_ref().map(|p| {
+                    serde_json::json!({
+                        "kind": p.kind.to_string(), "line": p.line, "seq": p.seq,
+                        "detail": p.detail,
+                    })
+                });
+                let v = serde_json::json!({
+                    "file": path, "ok": report.ok(), "lines": report.lines,
+                    "records": report.records, "last_seq": report.last_seq,
+                    "macs": report.macs, "macs_checked": report.macs_checked,
+                    "authenticated_through": report.authenticated_through,
+                    "token_checkpoint": report.token_checkpoint, "notes": report.notes,
+                    "problem": p,
+                });
+                let _ = writeln!(out, "{v}");
+            } else {
+                let _ = write!(out, "{}: {report}", path.display());
+            }
+            if mac.is_none() && !json {
                 let _ = writeln!(
                     out,
                     "  warning: no token: MACs and truncation were not checked; anyone who can \
@@ -118,12 +142,32 @@ pub fn run_to(
             cli::tail(&path, &o, out, &mut || true)?;
             Ok(0)
         }
-        AuditCmd::Report { since, until, file } => {
+        AuditCmd::Report {
+            since,
+            until,
+            file,
+            json,
+        } => {
             let path = log_file(file, cfg)?;
             let now = std::time::SystemTime::now();
             let since = since.map(|s| cli::time_bound(&s, now)).transpose()?;
             let until = until.map(|s| cli::time_bound(&s, now)).transpose()?;
             let rows = cli::report(&path, since.as_deref(), until.as_deref())?;
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({"key": r.key, "op": r.op, "ok": r.ok,
+                            "failed": r.failed})
+                    })
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"file": path, "since": since, "until": until, "rows": v})
+                );
+                return Ok(0);
+            }
             let _ = writeln!(
                 out,
                 "{}: {} to {}",
