@@ -419,6 +419,40 @@ impl TokenMac for Flaky {
     }
 }
 
+struct Panicky;
+
+impl TokenMac for Panicky {
+    fn mac(&self, _: &[u8]) -> Result<Vec<u8>, u64> {
+        panic!("token double panics")
+    }
+    fn load_checkpoint(&self) -> Result<Option<Vec<u8>>, u64> {
+        Ok(None)
+    }
+    fn store_checkpoint(&self, _: &[u8]) -> Result<(), u64> {
+        Ok(())
+    }
+}
+
+#[test]
+fn panicking_token_fails_the_record_and_blocks_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("a.log");
+    let a = Auditor::open(
+        &cfg(&log, "deny"),
+        Some(Arc::new(Panicky) as Arc<dyn TokenMac>),
+    )
+    .unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| a.record(use_record(0))));
+    assert!(
+        r.is_err(),
+        "the panic reaches the caller (the FFI guard turns it into a CK_RV)"
+    );
+    // the queue is usable again; each new record panics in the MAC the same way
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| a.record(use_record(1))));
+    assert!(r.is_err());
+    assert!(lines(&log).is_empty());
+}
+
 #[test]
 fn token_that_cannot_mac_yet() {
     let dir = tempfile::tempdir().unwrap();

@@ -238,9 +238,11 @@ impl Writer {
     }
 }
 
-/// Restores `writing = false` if the group-commit leader unwinds.
+/// If the group-commit leader unwinds (a panicking [`TokenMac`]), its batch is failed and
+/// the next thread can lead: nobody waits forever.
 struct LeaderGuard<'a> {
     a: &'a Auditor,
+    tickets: std::ops::RangeInclusive<u64>,
     armed: bool,
 }
 
@@ -249,6 +251,10 @@ impl Drop for LeaderGuard<'_> {
         if self.armed {
             let mut q = self.a.q.lock();
             q.writing = false;
+            q.done = q.done.max(*self.tickets.end());
+            for t in self.tickets.clone() {
+                q.failed.insert(t, "the audit writer panicked".into());
+            }
             self.a.cv.notify_all();
         }
     }
@@ -488,14 +494,16 @@ impl Auditor {
                 continue;
             }
             q.writing = true;
+            // never empty: our own record is queued until its ticket is done
             let batch = std::mem::take(&mut q.pending);
             drop(q);
-            let mut guard = LeaderGuard {
-                a: self,
-                armed: true,
-            };
             let last = batch.last().map_or(0, |p| p.ticket);
             let first = batch.first().map_or(0, |p| p.ticket);
+            let mut guard = LeaderGuard {
+                a: self,
+                tickets: first..=last,
+                armed: true,
+            };
             let res = self.write_batch(pid, batch);
             guard.armed = false;
             q = self.q.lock();
