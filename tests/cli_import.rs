@@ -32,6 +32,12 @@ fn skip() -> bool {
 
 /// The customer's side (docs/byok.md): a 32-byte key wrapped with RSA-OAEP SHA-256.
 fn wrap_for(env: &Env, pem: &str, key: &str, wrapped: &str) {
+    wrap_with(env, pem, key, wrapped, "sha256");
+}
+
+/// Wraps a fresh 32-byte key with RSA-OAEP using `md` for OAEP and MGF1.
+fn wrap_with(env: &Env, pem: &str, key: &str, wrapped: &str, md: &str) {
+    let (oaep, mgf) = (format!("rsa_oaep_md:{md}"), format!("rsa_mgf1_md:{md}"));
     openssl(env, &["rand", "-out", key, "32"]);
     openssl(
         env,
@@ -44,9 +50,9 @@ fn wrap_for(env: &Env, pem: &str, key: &str, wrapped: &str) {
             "-pkeyopt",
             "rsa_padding_mode:oaep",
             "-pkeyopt",
-            "rsa_oaep_md:sha256",
+            &oaep,
             "-pkeyopt",
-            "rsa_mgf1_md:sha256",
+            &mgf,
             "-in",
             key,
             "-out",
@@ -202,19 +208,28 @@ fn import_key_public_key_is_a_valid_spki_pem() {
     );
 }
 
-/// The whole flow. SoftHSM2 2.6 implements RSA-OAEP with SHA-1 only, and the library's
-/// import mechanism is SHA-256 (what docs/byok.md and cloud KMSs use), so this needs a
-/// token with SHA-256 OAEP, or the library change requested with the CLI (an OAEP hash
-/// choice for `Library::import_key`).
+/// The whole flow. SoftHSM2 2.6 implements RSA-OAEP with SHA-1 only, so the customer
+/// wraps with SHA-1 and the operator imports with `--oaep-hash sha1`; SHA-256 (the
+/// default) is refused with a message that says so.
 #[test]
-#[ignore = "SoftHSM2 2.6 has no RSA-OAEP SHA-256 unwrap; needs the import-hash library change"]
 fn import_end_to_end_with_openssl() {
     if skip() {
         return;
     }
     let env = Env::with_config(ALLOW);
     env.ok(&["key", "import-key", "create", "ik", "--out", "import.pem"]);
-    wrap_for(&env, "import.pem", "byok.key", "byok.wrapped");
+    wrap_for(&env, "import.pem", "byok256.key", "byok256.wrapped");
+    let err = env.fails(&[
+        "key",
+        "import",
+        "k256",
+        "--import-key",
+        "ik",
+        "--wrapped",
+        "byok256.wrapped",
+    ]);
+    contains(&err, "--oaep-hash sha1");
+    wrap_with(&env, "import.pem", "byok.key", "byok.wrapped", "sha1");
     let out = env.ok(&[
         "key",
         "import",
@@ -225,6 +240,8 @@ fn import_end_to_end_with_openssl() {
         "byok.wrapped",
         "--role",
         "wrap",
+        "--oaep-hash",
+        "sha1",
     ]);
     contains(&out, "imported key `mine`");
     let show = env.show("mine");
@@ -247,6 +264,8 @@ fn import_end_to_end_with_openssl() {
         "ik",
         "--wrapped",
         "byok.wrapped",
+        "--oaep-hash",
+        "sha1",
     ]);
     contains(&err, "exists already");
 }

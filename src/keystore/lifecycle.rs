@@ -135,9 +135,16 @@ pub fn rotate(s: &Session, cmk: &Cmk) -> Result<u32> {
     } else {
         Mechanism::GenericSecretKeyGen
     };
+    let known_len = cmk.record().value_len;
     let mut t: Vec<Attribute> = attrs
         .into_iter()
         .filter(|a| !matches!(a, Attribute::KeyType(_)))
+        .map(|a| match a {
+            Attribute::ValueLen(l) if u64::from(l) == 0 && known_len > 0 => {
+                Attribute::ValueLen(known_len.into())
+            }
+            a => a,
+        })
         .collect();
     let next = v + 1;
     t.extend([

@@ -149,6 +149,10 @@ pub struct StateRecord {
     /// Unix seconds of the key's creation through cmkp11 (0: unknown).
     #[serde(default)]
     pub created: u64,
+    /// Key length in bytes when the token does not report one (keys imported by RSA-OAEP
+    /// unwrap on SoftHSM2 read `CKA_VALUE_LEN` 0); 0 otherwise.
+    #[serde(default)]
+    pub value_len: u64,
 }
 
 impl StateRecord {
@@ -164,6 +168,7 @@ impl StateRecord {
             updated: 0,
             rotated: 0,
             created: 0,
+            value_len: 0,
         }
     }
 }

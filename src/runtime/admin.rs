@@ -104,15 +104,42 @@ impl Library {
     }
 }
 
-/// The OAEP parameters of BYOK import: SHA-256, MGF1 with SHA-256, no label (what
+/// The hash of BYOK's RSA-OAEP (and of its MGF1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OaepHash {
+    /// SHA-256: what cloud KMSs and `docs/byok.md` use.
+    #[default]
+    Sha256,
+    /// SHA-1: for tokens whose OAEP knows no other hash (SoftHSM2 2.6).
+    Sha1,
+}
+
+/// What a BYOK import makes.
+#[derive(Debug, Clone, Copy)]
+pub struct ImportSpec<'a> {
+    /// The new CMK's name.
+    pub name: &'a str,
+    /// Its role.
+    pub role: crate::policy::SecretRole,
+    /// The hash of the RSA-OAEP wrapping.
+    pub hash: OaepHash,
+    /// The wrapped AES key's length in bytes (16 or 32).
+    pub key_bytes: u64,
+}
+
+/// The OAEP parameters of BYOK import: `hash`, MGF1 with `hash`, no label (what
 /// `openssl pkeyutl -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:sha256
-/// -pkeyopt rsa_mgf1_md:sha256` makes).
-pub fn import_mechanism() -> crate::backend::mech::Mech {
+/// -pkeyopt rsa_mgf1_md:sha256` makes, or the same with sha1).
+pub fn import_mechanism(hash: OaepHash) -> crate::backend::mech::Mech {
+    let (hash, mgf) = match hash {
+        OaepHash::Sha256 => (CKM_SHA256, CKG_MGF1_SHA256),
+        OaepHash::Sha1 => (CKM_SHA_1, CKG_MGF1_SHA1),
+    };
     crate::backend::mech::Mech {
         ty: CKM_RSA_PKCS_OAEP,
         param: crate::backend::mech::Param::Oaep {
-            hash: CKM_SHA256,
-            mgf: CKG_MGF1_SHA256,
+            hash,
+            mgf,
             label: None,
         },
     }
@@ -163,9 +190,7 @@ impl Library {
         )
     }
 
-    /// BYOK step 2: unwraps the customer's AES key (RSA-OAEP under the import key) into a
-    /// new CMK named `name` with `role`; its origin is recorded as imported and the token
-    /// marks it `CKA_LOCAL` = FALSE.
+    /// BYOK step 2 with RSA-OAEP SHA-256: see [`Library::import_key_with`].
     pub fn import_key(
         &self,
         s: &mut Session,
@@ -174,13 +199,43 @@ impl Library {
         name: &str,
         role: crate::policy::SecretRole,
     ) -> Result<CK_OBJECT_HANDLE> {
+        let spec = ImportSpec {
+            name,
+            role,
+            hash: OaepHash::Sha256,
+            key_bytes: 32,
+        };
+        self.import_key_with(s, import_key, blob, &spec)
+    }
+
+    /// BYOK step 2: unwraps the customer's AES key of `key_bytes` bytes (16 or 32;
+    /// RSA-OAEP with `hash` under the import key) into a new CMK named `name` with `role`;
+    /// its origin is recorded as imported and the token marks it `CKA_LOCAL` = FALSE.
+    /// The length is recorded with the key because a token may not report it for an
+    /// unwrapped key (SoftHSM2 reads 0), and the policy compares key strengths.
+    pub fn import_key_with(
+        &self,
+        s: &mut Session,
+        import_key: CK_OBJECT_HANDLE,
+        blob: &[u8],
+        spec: &ImportSpec,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        let ImportSpec {
+            name,
+            role,
+            hash,
+            key_bytes,
+        } = *spec;
+        if !matches!(key_bytes, 16 | 32) {
+            return err(CKR_ATTRIBUTE_VALUE_INVALID);
+        }
         use crate::policy::{templates, Op};
         use cryptoki::object::{Attribute as A, KeyType, ObjectClass};
         self.check_import_allowed()?;
         if !s.rw {
             return err(CKR_SESSION_READ_ONLY);
         }
-        let mut mech = import_mechanism();
+        let mut mech = import_mechanism(hash);
         let k = self.use_key(
             s,
             import_key,
@@ -211,7 +266,7 @@ impl Library {
             .backend()
             .unwrap_key(&mech.to_cryptoki()?, k.objects[0], blob, &t)
             .map_err(|e| Error::Rv(crate::backend::rv::unwrap_failure(Error::from(e).rv())))?;
-        self.record_creation(s, &id, obj, keystore::Origin::Imported);
+        self.record_creation(s, &id, obj, keystore::Origin::Imported, key_bytes);
         log::warn!("CMK `{name}` imported");
         Ok(self.objects.logical(s.slot_id, &id, obj))
     }

@@ -245,7 +245,7 @@ impl Library {
         let obj = s.backend().generate_key(&mech.to_cryptoki()?, &t)?;
         Ok(match cmk_id {
             Some(id) => {
-                self.record_creation(s, &id, obj, keystore::Origin::Generated);
+                self.record_creation(s, &id, obj, keystore::Origin::Generated, 0);
                 self.objects.logical(s.slot_id, &id, obj)
             }
             None => s.register(self, obj, true),
@@ -261,6 +261,7 @@ impl Library {
         id: &[u8],
         obj: ObjectHandle,
         origin: keystore::Origin,
+        value_len: u64,
     ) {
         let cmk = Cmk {
             id: id.to_vec(),
@@ -275,6 +276,7 @@ impl Library {
             if let Err(e) = lifecycle::write_record(s.backend(), &cmk, |r| {
                 r.created = t;
                 r.origin = origin;
+                r.value_len = value_len;
             }) {
                 log::warn!(
                     "cannot record the creation of CMK {}: {e}",
@@ -331,14 +333,29 @@ impl Library {
         )?;
         let (k, kinfo) = s.key_info(self, key, CKR_KEY_HANDLE_INVALID)?;
         let (_, origin, _) = self.objects.local_facts(key);
-        let byok = {
+        let (byok, known_len) = {
             let view = self.view(s);
-            self.cmk_of(&view, wrapping, &w.info)
-                .is_some_and(|c| c.record().origin == keystore::Origin::Imported)
+            let record = self.cmk_of(&view, wrapping, &w.info).map(Cmk::record);
+            (
+                record
+                    .as_ref()
+                    .is_some_and(|r| r.origin == keystore::Origin::Imported),
+                record.map_or(0, |r| r.value_len),
+            )
+        };
+        let winfo;
+        let w_info = if w.info.value_len == 0 && known_len > 0 {
+            winfo = KeyInfo {
+                value_len: known_len,
+                ..(*w.info).clone()
+            };
+            &winfo
+        } else {
+            &*w.info
         };
         rv(policy::check_wrap(
             mech.ty,
-            &w.info,
+            w_info,
             wrapping,
             byok,
             &kinfo,
@@ -540,8 +557,11 @@ impl Library {
             match &mut v {
                 AttrValue::Value(Attribute::Id(id)) => *id = presented_id(&info),
                 AttrValue::Value(Attribute::ValueLen(l)) if u64::from(*l) == 0 => {
+                    let recorded = cmk.map_or(0, |c| c.record().value_len);
                     if let Some(len) = self.objects.value_len(h) {
                         *l = len.into();
+                    } else if recorded > 0 {
+                        *l = recorded.into();
                     }
                 }
                 _ => {}

@@ -51,6 +51,23 @@ pub struct ImportArgs {
     /// The new key's role (default: `[keys] default_role`).
     #[arg(long, value_enum)]
     role: Option<Role>,
+    /// The hash of the RSA-OAEP wrapping and its MGF1 (sha1 for tokens whose OAEP has no
+    /// other, like SoftHSM2 2.6).
+    #[arg(long, value_enum, default_value_t = OaepHashArg::Sha256)]
+    oaep_hash: OaepHashArg,
+    /// The length of the wrapped AES key in bits, 128 or 256 (recorded with the key: some
+    /// tokens do not report the length of an unwrapped key).
+    #[arg(long, default_value_t = 256)]
+    bits: u64,
+}
+
+/// `--oaep-hash`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OaepHashArg {
+    /// SHA-256 (default).
+    Sha256,
+    /// SHA-1.
+    Sha1,
 }
 
 fn import_disabled(ctx: &Ctx) -> String {
@@ -213,27 +230,41 @@ pub fn import(ctx: &Ctx, a: ImportArgs) -> R<()> {
     let h = ctx.handle_of(&ik)?;
     {
         let (lib, mut s) = ctx.parts();
-        lib.import_key(&mut s, h, &blob, &a.name, role)
-            .map_err(|e| match e.rv() {
-                CKR_WRAPPED_KEY_INVALID => CliError::new(format!(
-                    "token `{t}`: {} does not unwrap under import key `{}`: wrap a 16- or 32-byte \
-                 key with that import key's public key using RSA-OAEP with SHA-256 and \
-                 MGF1-SHA-256 (docs/byok.md)",
-                    a.wrapped.display(),
-                    a.import_key
-                )),
-                // The parameters are fixed (SHA-256, MGF1-SHA-256, no label) and checked
-                // before the blob: these codes mean the token lacks that OAEP variant.
-                CKR_ARGUMENTS_BAD | CKR_MECHANISM_PARAM_INVALID | CKR_MECHANISM_INVALID => {
-                    CliError::new(format!(
-                        "token `{t}` cannot unwrap with RSA-OAEP SHA-256 / MGF1-SHA-256 ({}); \
-                     SoftHSM2 2.6 implements OAEP with SHA-1 only, so import needs a token \
-                     that supports SHA-256 OAEP",
-                        describe(&e)
-                    ))
-                }
-                _ => import_err(ctx, &format!("import key `{}`", a.name))(e),
-            })?;
+        let hash = match a.oaep_hash {
+            OaepHashArg::Sha256 => cmkp11::runtime::admin::OaepHash::Sha256,
+            OaepHashArg::Sha1 => cmkp11::runtime::admin::OaepHash::Sha1,
+        };
+        lib.import_key_with(
+            &mut s,
+            h,
+            &blob,
+            &cmkp11::runtime::admin::ImportSpec {
+                name: &a.name,
+                role,
+                hash,
+                key_bytes: a.bits / 8,
+            },
+        )
+        .map_err(|e| match e.rv() {
+            CKR_WRAPPED_KEY_INVALID => CliError::new(format!(
+                "token `{t}`: {} does not unwrap under import key `{}`: wrap a 16- or 32-byte \
+                 key with that import key's public key using RSA-OAEP with the hash given \
+                 by --oaep-hash (default SHA-256) for both OAEP and MGF1 (docs/byok.md)",
+                a.wrapped.display(),
+                a.import_key
+            )),
+            // The parameters are fixed (SHA-256, MGF1-SHA-256, no label) and checked
+            // before the blob: these codes mean the token lacks that OAEP variant.
+            CKR_ARGUMENTS_BAD | CKR_MECHANISM_PARAM_INVALID | CKR_MECHANISM_INVALID => {
+                CliError::new(format!(
+                    "token `{t}` cannot unwrap with this RSA-OAEP hash ({}); SoftHSM2 2.6 \
+                     implements OAEP with SHA-1 only: wrap with rsa_oaep_md:sha1 and \
+                     rsa_mgf1_md:sha1 and import with --oaep-hash sha1",
+                    describe(&e)
+                ))
+            }
+            _ => import_err(ctx, &format!("import key `{}`", a.name))(e),
+        })?;
     }
     let info = key_info(ctx, &ctx.cmk(&a.name)?)?;
     if ctx.g.json {
