@@ -631,7 +631,7 @@ impl Auditor {
             let start = buf.len();
             buf.extend_from_slice(b.head.as_bytes());
             buf.extend_from_slice(b"\"seq\":");
-            buf.extend_from_slice(seq.to_string().as_bytes());
+            push_u64(&mut buf, seq);
             buf.push(b',');
             buf.extend_from_slice(b.rest.as_bytes());
             buf.extend_from_slice(b"\"prev\":\"");
@@ -712,6 +712,21 @@ impl Auditor {
             .map(|(r, ok)| (buf[r].to_vec(), ok))
             .collect())
     }
+}
+
+/// Decimal digits of `v` without the formatting machinery.
+fn push_u64(out: &mut Vec<u8>, mut v: u64) {
+    let mut d = [0u8; 20];
+    let mut i = d.len();
+    loop {
+        i -= 1;
+        d[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&d[i..]);
 }
 
 impl Drop for Auditor {

@@ -64,6 +64,16 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
 
 /// Appends `s` as a JSON string (quotes included), cut to `max` characters.
 pub fn push_json_str(out: &mut String, s: &str, max: usize) {
+    // fast path: short and nothing to escape (bytes >= 0xe2 may start U+2028/U+2029)
+    if s.len() <= max
+        && s.bytes()
+            .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b != 0x7f && b < 0xe2)
+    {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     out.push('"');
     for (n, c) in s.chars().enumerate() {
         if n == max {
@@ -103,17 +113,32 @@ fn push_opt_num<T: std::fmt::Display>(out: &mut String, n: Option<T>) {
 
 /// RFC 3339 UTC with microseconds (`2026-11-23T13:18:58.123456Z`) of a point in time.
 pub fn rfc3339(t: SystemTime) -> String {
+    let mut out = String::with_capacity(27);
+    push_rfc3339(&mut out, t);
+    out
+}
+
+/// Appends [`rfc3339`] of `t` to `out` (no formatting machinery: this is per record).
+pub fn push_rfc3339(out: &mut String, t: SystemTime) {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (y, m, day) = civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        d.subsec_micros()
-    )
+    let mut b = *b"0000-00-00T00:00:00.000000Z";
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, y.clamp(0, 9999) as u64);
+    put(5, 2, u64::from(m));
+    put(8, 2, u64::from(day));
+    put(11, 2, rem / 3600);
+    put(14, 2, rem / 60 % 60);
+    put(17, 2, rem % 60);
+    put(20, 6, u64::from(d.subsec_micros()));
+    out.push_str(std::str::from_utf8(&b).expect("ASCII"));
 }
 
 /// The proleptic Gregorian date of a day count since 1970-01-01.
@@ -139,6 +164,23 @@ pub fn mechanism_name(m: u64) -> String {
         Ok(t) => t.to_string(),
         Err(_) => format!("0x{m:08x}"),
     }
+}
+
+/// Appends the JSON string of [`mechanism_name`], caching the last name per thread (a
+/// thread usually repeats its mechanism).
+fn push_mechanism(out: &mut String, m: u64) {
+    thread_local! {
+        static LAST: std::cell::RefCell<(u64, String)> = const {
+            std::cell::RefCell::new((u64::MAX, String::new()))
+        };
+    }
+    LAST.with(|l| {
+        let mut l = l.borrow_mut();
+        if l.0 != m {
+            *l = (m, mechanism_name(m));
+        }
+        push_json_str(out, &l.1, 64);
+    })
 }
 
 /// Who writes: fixed for the life of a process (the pid is read per record, for `fork`).
@@ -182,7 +224,10 @@ pub fn body(
     bulk: Option<&BTreeMap<String, u64>>,
     now: SystemTime,
 ) -> Body {
-    let head = format!("{{\"time\":\"{}\",", rfc3339(now));
+    let mut head = String::with_capacity(40);
+    head.push_str("{\"time\":\"");
+    push_rfc3339(&mut head, now);
+    head.push_str("\",");
     let mut s = String::with_capacity(384);
     let _ = write!(s, "\"pid\":{},\"uid\":{},\"exe\":", pid, id.uid);
     s.push_str(&id.exe_json);
@@ -196,7 +241,7 @@ pub fn body(
     push_json_str(&mut s, &r.op, 64);
     s.push_str(",\"mechanism\":");
     match r.mechanism {
-        Some(m) => push_json_str(&mut s, &mechanism_name(m), 64),
+        Some(m) => push_mechanism(&mut s, m),
         None => s.push_str("null"),
     }
     s.push_str(",\"key\":");
