@@ -32,7 +32,9 @@ done
 if [ -n "${BENCH_MODULE_A:-}" ]; then
     cargo build --release -p cmkp11-bench >&2
 else
-    cargo build --release -p cmkp11 -p cmkp11-bench >&2
+    # Only the library of cmkp11 is needed (libcmkp11.so); its CLI binary is not.
+    cargo build --release -p cmkp11 --lib >&2
+    cargo build --release -p cmkp11-bench >&2
 fi
 
 module_a=${BENCH_MODULE_A:-$target/release/libcmkp11.so}
