@@ -30,7 +30,7 @@ pub enum ParamKind {
 }
 
 /// The parameter of a mechanism, owned.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Param {
     /// No parameter.
     None,
@@ -84,12 +84,27 @@ pub enum Param {
 }
 
 /// A mechanism with its owned parameter.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Mech {
     /// `CKM_*`.
     pub ty: CK_MECHANISM_TYPE,
     /// Its parameter.
     pub param: Param,
+}
+
+/// Whether the backend may refuse this mechanism's parameter values that cmkp11 cannot
+/// judge itself (which OAEP/PSS hashes, EdDSA variants it implements): such a mechanism
+/// is probed at `*Init` (see `Session::probe`).
+pub fn needs_probe(m: &Mech) -> bool {
+    matches!(
+        m.param,
+        Param::Pss { .. }
+            | Param::Oaep { .. }
+            | Param::Eddsa {
+                context: Some(_),
+                ..
+            }
+    )
 }
 
 /// The parameter shape of a mechanism cmkp11 can forward, or `None` if it cannot.

@@ -52,6 +52,8 @@ pub struct Library {
     pub caller: crate::policy::access::Caller,
     /// Each slot's keystore view.
     pub stores: Vec<store::SlotStore>,
+    /// Mechanism parameters the backend accepted when probed (slot, operation, mechanism).
+    pub probed: RwLock<std::collections::HashSet<(CK_SLOT_ID, u8, crate::backend::mech::Mech)>>,
 }
 
 static STATE: RwLock<Option<Arc<Library>>> = RwLock::new(None);
@@ -146,6 +148,7 @@ impl Library {
             .collect();
         Ok(Library {
             stores,
+            probed: RwLock::new(std::collections::HashSet::new()),
             cfg,
             backend,
             sessions: RwLock::new(HashMap::new()),

@@ -154,7 +154,39 @@ impl Library {
         if !(kind == Kind::Decrypt && mech.ty == CKM_AES_GCM) {
             k.objects.truncate(1);
         }
+        let mut mech = mech;
+        if crate::backend::mech::needs_probe(&mech) {
+            let probed = (s.slot_id, kind as u8, mech.clone());
+            if !self.probed.read().contains(&probed) {
+                self.probe(s.slot_id, kind, &mut mech, k.objects[0])?;
+                self.probed.write().insert(probed);
+            }
+        }
         s.init(kind, mech, k.objects)
+    }
+
+    /// Asks the backend whether it accepts `mech` with `key` for `kind`, in a session of
+    /// its own that is closed right after (closing ends the backend operation). The
+    /// deferred backend init would otherwise report a refused parameter value (an OAEP
+    /// or PSS hash the token lacks) only at the data call; this returns it at `*Init`,
+    /// where the specification puts it. Accepted parameters are remembered.
+    fn probe(
+        &self,
+        slot: CK_SLOT_ID,
+        kind: Kind,
+        mech: &mut Mech,
+        key: ObjectHandle,
+    ) -> Result<()> {
+        let b = self.backend.ctx.open_ro_session(self.slot(slot)?)?;
+        let m = mech.to_cryptoki()?;
+        match kind {
+            Kind::Encrypt => b.encrypt_init(&m, key)?,
+            Kind::Decrypt => b.decrypt_init(&m, key)?,
+            Kind::Sign => b.sign_init(&m, key)?,
+            Kind::Verify => b.verify_init(&m, key)?,
+            Kind::Digest => {}
+        }
+        Ok(())
     }
 
     /// `C_DigestKey`: refused for secret and private keys (an equality oracle on keys).
