@@ -13,6 +13,20 @@
 //! - exit status 0 on success, 1 with a message naming the token, the key and what to do,
 //!   2 for a usage error; human tables by default, `--json` for scripts.
 
+/// `println!` for a command whose output may be piped into `head`: a closed pipe ends the
+/// command quietly (exit 0) instead of panicking. Shadows the prelude's `println!` in
+/// every module of this binary.
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 mod ctx;
 mod envelope;
 mod import;
