@@ -66,6 +66,21 @@ impl Library {
         if !s.rw {
             return err(CKR_SESSION_READ_ONLY);
         }
+        let result = self.apply_step(s, cmk, action);
+        let mut rec = crate::audit::Record::new(
+            action.name(),
+            result.as_ref().map_or_else(Error::rv, |_| CKR_OK),
+        );
+        rec.key = Some(cmk.name());
+        rec.key_id = Some(cmk.id.clone());
+        rec.version = cmk
+            .primary()
+            .map(|(v, _)| v + u32::from(action == Action::Rotate && result.is_ok()));
+        let _ = self.audit_record(s, rec);
+        result
+    }
+
+    fn apply_step(&self, s: &Session, cmk: &Cmk, action: Action) -> Result<StateRecord> {
         let b = s.backend();
         let r = match action {
             Action::Rotate => {
@@ -98,9 +113,15 @@ impl Library {
             return err(CKR_SESSION_READ_ONLY);
         }
         let view = self.reload_view(s);
-        let names = lifecycle::purge(s.backend(), &view)?;
+        let names = lifecycle::purge(s.backend(), &view);
         self.stores[s.slot_id as usize].invalidate();
-        Ok(names)
+        let rv = names.as_ref().map_or_else(Error::rv, |_| CKR_OK);
+        for name in names.as_deref().unwrap_or(&[]) {
+            let mut rec = crate::audit::Record::new("purge", rv);
+            rec.key = Some(name.clone());
+            let _ = self.audit_record(s, rec);
+        }
+        names
     }
 }
 
@@ -268,6 +289,11 @@ impl Library {
             .map_err(|e| Error::Rv(crate::backend::rv::unwrap_failure(Error::from(e).rv())))?;
         self.record_creation(s, &id, obj, keystore::Origin::Imported, key_bytes);
         log::warn!("CMK `{name}` imported");
+        let mut rec = crate::audit::Record::new("import", CKR_OK);
+        rec.key = Some(name.to_string());
+        rec.key_id = Some(id.clone());
+        rec.version = Some(1);
+        let _ = self.audit_record(s, rec);
         Ok(self.objects.logical(s.slot_id, &id, obj))
     }
 }

@@ -20,6 +20,7 @@
 //! that the parent's backend sessions are not closed from the child.
 
 pub mod admin;
+pub mod audit_mac;
 pub mod handles;
 pub mod ops;
 pub mod session;
@@ -27,7 +28,7 @@ pub mod store;
 
 use crate::backend::token::Backend;
 use crate::config::Config;
-use crate::error::{err, Result};
+use crate::error::{err, Error, Result};
 use cryptoki_sys::*;
 use handles::HandleTable;
 use parking_lot::{Mutex, RwLock};
@@ -52,6 +53,10 @@ pub struct Library {
     pub caller: crate::policy::access::Caller,
     /// Each slot's keystore view.
     pub stores: Vec<store::SlotStore>,
+    /// The audit log.
+    pub audit: crate::audit::Auditor,
+    /// Each slot's token label (for audit records).
+    pub token_labels: Vec<String>,
     /// Mechanism parameters the backend accepted when probed (slot, operation, mechanism).
     pub probed: RwLock<std::collections::HashSet<(CK_SLOT_ID, u8, crate::backend::mech::Mech)>>,
 }
@@ -146,8 +151,39 @@ impl Library {
         let stores = (0..backend.slots.len())
             .map(|_| store::SlotStore::default())
             .collect();
+        let token_labels = backend
+            .slots
+            .iter()
+            .map(|s| {
+                backend
+                    .ctx
+                    .get_token_info(*s)
+                    .map(|t| t.label().to_string())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let mac = match (cfg.audit.file.is_some(), backend.slots.first()) {
+            (true, Some(slot)) => Some(std::sync::Arc::new(audit_mac::TokenAuditMac::new(
+                backend.ctx.clone(),
+                *slot,
+            ))
+                as std::sync::Arc<dyn crate::audit::TokenMac>),
+            _ => None,
+        };
+        let audit =
+            crate::audit::Auditor::open(&cfg.audit, mac).map_err(|problem| Error::Config {
+                file: cfg
+                    .source
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "defaults".into()),
+                key: "audit".into(),
+                problem,
+            })?;
         Ok(Library {
             stores,
+            audit,
+            token_labels,
             probed: RwLock::new(std::collections::HashSet::new()),
             cfg,
             backend,
@@ -165,6 +201,17 @@ impl Library {
     /// Closes every session and finalizes the backend (the CLI's end; `C_Finalize`).
     pub fn close(&self) {
         let sessions = std::mem::take(&mut *self.sessions.write());
+        for h in sessions.keys() {
+            self.audit.session_closed(*h);
+        }
+        // Before the sessions close: the token logs the application out with its last
+        // session, and the checkpoint needs the login.
+        if let Err(rv) = self.audit.checkpoint() {
+            log::warn!(
+                "audit: no checkpoint at finalize: {}",
+                crate::backend::rv::name(rv)
+            );
+        }
         drop(sessions);
         if let Err(e) = self.backend.finalize() {
             log::warn!("finalize: backend: {e}");
@@ -209,6 +256,7 @@ impl Library {
             .remove(&h)
             .ok_or(crate::error::Error::Rv(CKR_SESSION_HANDLE_INVALID))?;
         self.objects.forget_owned_by(h);
+        self.audit.session_closed(h);
         // The backend session closes when the last reference (a call in flight) is gone.
         drop(s);
         Ok(())
@@ -227,6 +275,7 @@ impl Library {
         });
         for h in closed {
             self.objects.forget_owned_by(h);
+            self.audit.session_closed(h);
         }
         Ok(())
     }

@@ -87,43 +87,114 @@ impl Library {
         mech: CK_MECHANISM_TYPE,
     ) -> Result<Key> {
         let (obj, info) = s.key_info(self, h, invalid)?;
-        rv(policy::check_use(op, mech, &info, &self.settings))
-            .inspect_err(|e| log::info!("refused {} with `{}`: {e}", op.name(), info.label))?;
+        match self.decide(s, h, obj, &info, op, mech) {
+            Ok((objects, version)) => {
+                if info.class() == Class::Cmk {
+                    // A use that cannot be recorded is refused (audit.on_failure = deny).
+                    self.audit_key(s, op.name(), Some(mech), &info, version, CKR_OK, None)?;
+                } else {
+                    self.audit.count_bulk(s.handle, op.name());
+                }
+                Ok(Key { objects, info })
+            }
+            Err((rv, reason)) => {
+                log::info!("refused {} with `{}`: {reason}", op.name(), info.label);
+                let _ = self.audit_key(s, op.name(), Some(mech), &info, None, rv, Some(reason));
+                err(rv)
+            }
+        }
+    }
+
+    /// The decision behind [`Library::use_key`]: the objects to use and the version of
+    /// the first, or the refusal and its reason.
+    fn decide(
+        &self,
+        s: &Session,
+        h: CK_OBJECT_HANDLE,
+        obj: ObjectHandle,
+        info: &KeyInfo,
+        op: Op,
+        mech: CK_MECHANISM_TYPE,
+    ) -> std::result::Result<(Vec<ObjectHandle>, Option<u32>), (CK_RV, String)> {
+        policy::check_use(op, mech, info, &self.settings)
+            .map_err(|rv| (rv, format!("policy: {}", crate::backend::rv::name(rv))))?;
         if info.class() != Class::Cmk {
-            return Ok(Key {
-                objects: vec![obj],
-                info,
-            });
+            return Ok((vec![obj], None));
         }
         let view = self.view(s);
         let mut objects = vec![obj];
-        if let Some(cmk) = self.cmk_of(&view, h, &info) {
+        let mut version = identity(&info.raw_id, &info.label).map(|(_, v)| v);
+        if let Some(cmk) = self.cmk_of(&view, h, info) {
             let state = cmk.state(keystore::now());
             if state != State::Enabled {
-                log::warn!(
-                    "refused {} with `{}`: the key is {}",
-                    op.name(),
-                    cmk.name(),
-                    state.name()
-                );
-                return err(CKR_KEY_FUNCTION_NOT_PERMITTED);
+                return Err((
+                    CKR_KEY_FUNCTION_NOT_PERMITTED,
+                    format!("the key is {}", state.name()),
+                ));
             }
-            let primary = cmk.primary().map(|(_, o)| o);
+            let primary = cmk.primary();
             let logical = self.objects.logical_id(h).is_some();
-            if logical || primary == Some(obj) {
+            if logical || primary.map(|(_, o)| o) == Some(obj) {
                 objects = cmk.versions.iter().rev().map(|(_, o)| *o).collect();
+                version = primary.map(|(v, _)| v);
             } else if !matches!(op, Op::Decrypt | Op::Unwrap | Op::Verify) {
                 // An older version only opens what it closed.
-                log::warn!(
-                    "refused {} with an older version of `{}`",
-                    op.name(),
-                    cmk.name()
-                );
-                return err(CKR_KEY_FUNCTION_NOT_PERMITTED);
+                return Err((
+                    CKR_KEY_FUNCTION_NOT_PERMITTED,
+                    "an older version only decrypts".into(),
+                ));
             }
         }
-        self.check_access(&info.label, op)?;
-        Ok(Key { objects, info })
+        if !self.cfg.access.is_empty() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| ((d.as_secs() % 86_400) / 60) as u32)
+                .unwrap_or(0);
+            policy::access::check(&self.cfg.access, &info.label, op.name(), &self.caller, now)
+                .map_err(|reason| (policy::access::DENIED, reason))?;
+        }
+        Ok((objects, version))
+    }
+
+    /// Writes an audit record about a key (a no-op when the audit log is off).
+    #[allow(clippy::too_many_arguments)]
+    pub fn audit_key(
+        &self,
+        s: &Session,
+        op: &str,
+        mech: Option<CK_MECHANISM_TYPE>,
+        info: &KeyInfo,
+        version: Option<u32>,
+        result: CK_RV,
+        reason: Option<String>,
+    ) -> Result<()> {
+        if !self.audit.enabled() {
+            return Ok(());
+        }
+        self.audit_record(
+            s,
+            crate::audit::Record {
+                op: op.into(),
+                mechanism: mech,
+                key: Some(info.label.clone()),
+                key_id: Some(presented_id(info)),
+                version,
+                result,
+                reason,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Writes an audit record, with the session's slot, token and handle filled in.
+    pub fn audit_record(&self, s: &Session, mut r: crate::audit::Record) -> Result<()> {
+        if !self.audit.enabled() {
+            return Ok(());
+        }
+        r.slot = Some(s.slot_id);
+        r.token = self.token_labels.get(s.slot_id as usize).cloned();
+        r.session = Some(s.handle);
+        self.audit.record(r).map_err(Error::Rv)
     }
 
     /// `C_*Init`.
@@ -278,6 +349,12 @@ impl Library {
         Ok(match cmk_id {
             Some(id) => {
                 self.record_creation(s, &id, obj, keystore::Origin::Generated, 0);
+                let mut rec = crate::audit::Record::new("generate", CKR_OK);
+                rec.mechanism = Some(mech.ty);
+                rec.key = label_of(&t).map(|l| String::from_utf8_lossy(&l).into_owned());
+                rec.key_id = Some(id.clone());
+                rec.version = Some(1);
+                let _ = self.audit_record(s, rec);
                 self.objects.logical(s.slot_id, &id, obj)
             }
             None => s.register(self, obj, true),
@@ -530,7 +607,19 @@ impl Library {
         if cmk.state(keystore::now()) == State::PendingDeletion {
             return Ok(());
         }
-        let r = lifecycle::schedule_deletion(s.backend(), cmk, self.cfg.keys.deletion_window_days)?;
+        let result =
+            lifecycle::schedule_deletion(s.backend(), cmk, self.cfg.keys.deletion_window_days);
+        let rv = result.as_ref().map_or_else(Error::rv, |_| CKR_OK);
+        let _ = self.audit_key(
+            s,
+            "schedule-deletion",
+            None,
+            &info,
+            None,
+            rv,
+            Some("C_DestroyObject".into()),
+        );
+        let r = result?;
         log::warn!(
             "CMK `{}` scheduled for deletion at {} (unix time); cancel with `cmkp11 key cancel-deletion`",
             cmk.name(),
@@ -757,10 +846,23 @@ impl Library {
         user: cryptoki::session::UserType,
         pin: Option<&cryptoki::types::RawAuthPin>,
     ) -> Result<()> {
-        match pin {
-            Some(p) => s.backend().login_with_raw(user, p)?,
-            None => s.backend().login(user, None)?,
-        }
+        let r = match pin {
+            Some(p) => s.backend().login_with_raw(user, p),
+            None => s.backend().login(user, None),
+        };
+        let rv = r
+            .as_ref()
+            .map_or_else(|e| crate::backend::rv::from_cryptoki(e), |_| CKR_OK);
+        let who = match user {
+            cryptoki::session::UserType::So => "so",
+            cryptoki::session::UserType::ContextSpecific => "context-specific",
+            _ => "user",
+        };
+        let mut rec = crate::audit::Record::new("login", rv);
+        rec.reason = Some(format!("user type {who}"));
+        // A login is no key use: a record that cannot be written is logged, not fatal.
+        let _ = self.audit_record(s, rec);
+        r?;
         let store = &self.stores[s.slot_id as usize];
         store.invalidate();
         if s.rw && matches!(user, cryptoki::session::UserType::User) {
@@ -791,7 +893,12 @@ impl Library {
         if matches!(state, St::RoPublic | St::RwPublic) {
             return err(CKR_USER_NOT_LOGGED_IN);
         }
-        s.backend().logout()?;
+        let r = s.backend().logout();
+        let rv = r
+            .as_ref()
+            .map_or_else(|e| crate::backend::rv::from_cryptoki(e), |_| CKR_OK);
+        let _ = self.audit_record(s, crate::audit::Record::new("logout", rv));
+        r?;
         self.stores[s.slot_id as usize].invalidate();
         Ok(())
     }

@@ -139,9 +139,27 @@ fn run_audit(g: &Global, a: audit::AuditArgs) -> R<u8> {
     if g.verbose {
         cmkp11::logging::init(&cfg.log);
     }
-    // No token MAC source is available to the CLI yet: verify checks the hash chain and
-    // says that MACs and truncation were not checked.
-    let code = audit::run(a, &cfg, None).map_err(CliError::new)?;
+    // The token's audit key checks the MACs and the checkpoint (truncation); it needs a
+    // login. Without one (no PIN available), the hash chain alone is checked and the
+    // report says what was not.
+    let ctx = match ctx::Ctx::open(g) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("cmkp11: {}; checking without the token", e.msg);
+            None
+        }
+    };
+    let mac = ctx.as_ref().and_then(|c| {
+        let lib = c.lib();
+        lib.backend.slots.first().map(|slot| {
+            std::sync::Arc::new(cmkp11::runtime::audit_mac::TokenAuditMac::new(
+                lib.backend.ctx.clone(),
+                *slot,
+            )) as std::sync::Arc<dyn cmkp11::audit::TokenMac>
+        })
+    });
+    let code = audit::run(a, &cfg, mac).map_err(CliError::new)?;
+    drop(ctx);
     Ok(u8::try_from(code).unwrap_or(1))
 }
 

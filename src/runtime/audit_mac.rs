@@ -1,0 +1,154 @@
+//! The token side of the audit log ([`crate::audit::TokenMac`]): an HMAC-SHA256 key that
+//! never leaves the token (`cmkp11:audit-mac`, generated on first use) and the checkpoint
+//! data object (`cmkp11:audit-checkpoint`), both private token objects of the first slot,
+//! reached through a backend session of their own (never an application's).
+
+use crate::audit::TokenMac;
+use crate::keystore::APPLICATION;
+use cryptoki::context::Pkcs11;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use cryptoki::slot::Slot;
+use parking_lot::Mutex;
+
+/// Label of the audit MAC key.
+pub const MAC_LABEL: &str = "cmkp11:audit-mac";
+/// Label of the checkpoint object.
+pub const CHECKPOINT_LABEL: &str = "cmkp11:audit-checkpoint";
+
+struct Open {
+    s: Session,
+    key: ObjectHandle,
+}
+
+/// [`TokenMac`] over a dedicated backend session.
+pub struct TokenAuditMac {
+    ctx: Pkcs11,
+    slot: Slot,
+    open: Mutex<Option<Open>>,
+}
+
+fn rv(e: cryptoki::error::Error) -> u64 {
+    crate::backend::rv::from_cryptoki(&e)
+}
+
+impl TokenAuditMac {
+    /// The audit key of `slot`'s token.
+    pub fn new(ctx: Pkcs11, slot: Slot) -> TokenAuditMac {
+        TokenAuditMac {
+            ctx,
+            slot,
+            open: Mutex::new(None),
+        }
+    }
+
+    fn connect(&self) -> cryptoki::error::Result<Open> {
+        let s = self.ctx.open_rw_session(self.slot)?;
+        let label = Attribute::Label(MAC_LABEL.as_bytes().to_vec());
+        let found = s.find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Token(true),
+            label.clone(),
+        ])?;
+        let key = match found.first() {
+            Some(k) => *k,
+            // Needs a logged-in application (login state is shared by its sessions);
+            // before that the auditor keeps records chained and asks again later.
+            None => s.generate_key(
+                &Mechanism::GenericSecretKeyGen,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(cryptoki::object::KeyType::GENERIC_SECRET),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Sign(true),
+                    Attribute::Verify(true),
+                    Attribute::Encrypt(false),
+                    Attribute::Decrypt(false),
+                    Attribute::Wrap(false),
+                    Attribute::Unwrap(false),
+                    Attribute::Derive(false),
+                    label,
+                ],
+            )?,
+        };
+        Ok(Open { s, key })
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&Open) -> cryptoki::error::Result<R>) -> Result<R, u64> {
+        let mut g = self.open.lock();
+        if g.is_none() {
+            *g = Some(self.connect().map_err(rv)?);
+        }
+        let r = f(g.as_ref().expect("connected above"));
+        if r.is_err() {
+            // Reconnect next time (the session may have been closed by a logout).
+            *g = None;
+        }
+        r.map_err(rv)
+    }
+
+    /// The checkpoint objects with their generation (the first 8 bytes of the value).
+    /// A store creates the next generation and then destroys the older ones (a token may
+    /// refuse to modify `CKA_VALUE` in place, as SoftHSM2 does), so a crash in between
+    /// leaves two, and the newest counts.
+    fn checkpoints(s: &Session) -> cryptoki::error::Result<Vec<(u64, ObjectHandle, Vec<u8>)>> {
+        let objs = s.find_objects(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Application(APPLICATION.as_bytes().to_vec()),
+            Attribute::Label(CHECKPOINT_LABEL.as_bytes().to_vec()),
+        ])?;
+        let mut out = Vec::new();
+        for obj in objs {
+            let value = s
+                .get_attributes(obj, &[AttributeType::Value])?
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::Value(v) => Some(v),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let generation = value
+                .get(..8)
+                .map_or(0, |g| u64::from_be_bytes(g.try_into().unwrap_or_default()));
+            out.push((generation, obj, value.get(8..).unwrap_or_default().to_vec()));
+        }
+        out.sort_by_key(|(g, _, _)| *g);
+        Ok(out)
+    }
+}
+
+impl TokenMac for TokenAuditMac {
+    fn mac(&self, data: &[u8]) -> Result<Vec<u8>, u64> {
+        self.with(|o| o.s.sign(&Mechanism::Sha256Hmac, o.key, data))
+    }
+
+    fn load_checkpoint(&self) -> Result<Option<Vec<u8>>, u64> {
+        self.with(|o| Ok(Self::checkpoints(&o.s)?.pop().map(|(_, _, v)| v)))
+    }
+
+    fn store_checkpoint(&self, data: &[u8]) -> Result<(), u64> {
+        self.with(|o| {
+            let old = Self::checkpoints(&o.s)?;
+            let next = old.last().map_or(1, |(g, _, _)| g + 1);
+            o.s.create_object(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Modifiable(false),
+                Attribute::Application(APPLICATION.as_bytes().to_vec()),
+                Attribute::Label(CHECKPOINT_LABEL.as_bytes().to_vec()),
+                Attribute::Value([&next.to_be_bytes()[..], data].concat()),
+            ])?;
+            for (_, obj, _) in old {
+                let _ = o.s.destroy_object(obj);
+            }
+            Ok(())
+        })
+    }
+}
