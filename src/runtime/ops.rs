@@ -852,7 +852,7 @@ impl Library {
         };
         let rv = r
             .as_ref()
-            .map_or_else(|e| crate::backend::rv::from_cryptoki(e), |_| CKR_OK);
+            .map_or_else(crate::backend::rv::from_cryptoki, |_| CKR_OK);
         let who = match user {
             cryptoki::session::UserType::So => "so",
             cryptoki::session::UserType::ContextSpecific => "context-specific",
@@ -896,7 +896,7 @@ impl Library {
         let r = s.backend().logout();
         let rv = r
             .as_ref()
-            .map_or_else(|e| crate::backend::rv::from_cryptoki(e), |_| CKR_OK);
+            .map_or_else(crate::backend::rv::from_cryptoki, |_| CKR_OK);
         let _ = self.audit_record(s, crate::audit::Record::new("logout", rv));
         r?;
         self.stores[s.slot_id as usize].invalidate();
