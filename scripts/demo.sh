@@ -17,7 +17,7 @@ DEMO_TOKEN="${CMKP11_DEMO_TOKEN:-cmkp11-demo}"
 bash scripts/setup.sh
 
 cmk_info "building libcmkp11.so and the demo (cargo build --release)"
-cargo build --release --lib --example demo
+cargo build --release --lib --bins --example demo
 
 module="$(cmk_module_path release)"
 [ -f "$module" ] || cmk_die "$module was not built"
@@ -32,6 +32,9 @@ cmk_info "CMKP11_CONFIG=$CMKP11_CONFIG"
 
 "$(cmk_target_dir)/release/examples/demo" \
     --module "$module" --token "$DEMO_TOKEN" --pin "$CMK_USER_PIN"
+
+cmk_info "the operator's side: the cmkp11 command, key lifecycle and audit log"
+CMKP11_PIN="$CMK_USER_PIN" bash scripts/demo-cli.sh "$DEMO_DIR"
 
 cat <<EOF
 

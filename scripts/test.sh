@@ -82,6 +82,7 @@ run_demo() {
                 cmk_timeout 120 "$(cmk_target_dir)/release/examples/demo" \
                     --module "$(cmk_module_path release)" --token cmkp11-demo \
                     --pin "$CMK_USER_PIN" || exit 1
+                CMKP11_PIN="$CMK_USER_PIN" cmk_timeout 120 bash scripts/demo-cli.sh "$dir" || exit 1
             done
     )
     rc=$?
@@ -100,7 +101,7 @@ step header check_header
 # build (it builds the rlib for the tests): build the cdylib first.
 step "debug build" cargo build --workspace
 step "cargo test" cargo test --workspace --all-targets --no-fail-fast
-if step "release build" cargo build --release --lib --example demo; then
+if step "release build" cargo build --release --lib --bins --example demo; then
     step demo run_demo
     step e2e bash scripts/e2e/run.sh --module "$(cmk_module_path release)"
 else
