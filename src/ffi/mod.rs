@@ -8,6 +8,7 @@ pub mod admin;
 pub mod args;
 pub mod entry;
 pub mod exports;
+pub mod raw;
 pub mod tables;
 
 use crate::backend::rv;

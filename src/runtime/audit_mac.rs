@@ -43,6 +43,11 @@ impl TokenAuditMac {
         }
     }
 
+    /// Closes the session (reopened on the next use).
+    pub fn disconnect(&self) {
+        *self.open.lock() = None;
+    }
+
     fn connect(&self) -> cryptoki::error::Result<Open> {
         let s = self.ctx.open_rw_session(self.slot)?;
         let label = Attribute::Label(MAC_LABEL.as_bytes().to_vec());

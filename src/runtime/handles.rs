@@ -115,6 +115,12 @@ impl HandleTable {
         self.t.read().ours.get(&h).and_then(|e| e.cmk.clone())
     }
 
+    /// Runs `f` on the CMK identity of a logical handle, without copying it.
+    pub fn with_logical_id<R>(&self, h: CK_OBJECT_HANDLE, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+        let t = self.t.read();
+        f(t.ours.get(&h).and_then(|e| e.cmk.as_deref()))
+    }
+
     /// The backend object behind cmkp11's handle `h` in `slot`; `invalid` is the code to
     /// return when there is none (`CKR_OBJECT_HANDLE_INVALID`, `CKR_KEY_HANDLE_INVALID`...).
     pub fn backend(
@@ -165,6 +171,15 @@ impl HandleTable {
 
     /// Records where a DEK came from (only the first time).
     pub fn set_origin(&self, h: CK_OBJECT_HANDLE, origin: CK_OBJECT_HANDLE) {
+        if self
+            .t
+            .read()
+            .ours
+            .get(&h)
+            .is_none_or(|e| e.origin.is_some())
+        {
+            return;
+        }
         if let Some(e) = self.t.write().ours.get_mut(&h) {
             e.origin.get_or_insert(origin);
         }
@@ -191,6 +206,9 @@ impl HandleTable {
 
     /// Forgets the session objects created in session `s` (it closed).
     pub fn forget_owned_by(&self, s: CK_SESSION_HANDLE) {
+        if !self.t.read().owned.contains_key(&s) {
+            return;
+        }
         let mut t = self.t.write();
         for h in t.owned.remove(&s).unwrap_or_default() {
             if let Some(e) = t.ours.remove(&h) {

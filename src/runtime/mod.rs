@@ -55,6 +55,8 @@ pub struct Library {
     pub stores: Vec<store::SlotStore>,
     /// The audit log.
     pub audit: crate::audit::Auditor,
+    /// The audit log's token side, when the log is on.
+    audit_mac: Option<Arc<audit_mac::TokenAuditMac>>,
     /// Each slot's token label (for audit records).
     pub token_labels: Vec<String>,
     /// Mechanism parameters the backend accepted when probed (slot, operation, mechanism).
@@ -162,14 +164,16 @@ impl Library {
                     .unwrap_or_default()
             })
             .collect();
-        let mac = match (cfg.audit.file.is_some(), backend.slots.first()) {
-            (true, Some(slot)) => Some(std::sync::Arc::new(audit_mac::TokenAuditMac::new(
+        let audit_mac = match (cfg.audit.file.is_some(), backend.slots.first()) {
+            (true, Some(slot)) => Some(Arc::new(audit_mac::TokenAuditMac::new(
                 backend.ctx.clone(),
                 *slot,
-            ))
-                as std::sync::Arc<dyn crate::audit::TokenMac>),
+            ))),
             _ => None,
         };
+        let mac = audit_mac
+            .clone()
+            .map(|m| m as Arc<dyn crate::audit::TokenMac>);
         let audit =
             crate::audit::Auditor::open(&cfg.audit, mac).map_err(|problem| Error::Config {
                 file: cfg
@@ -183,6 +187,7 @@ impl Library {
         Ok(Library {
             stores,
             audit,
+            audit_mac,
             token_labels,
             probed: RwLock::new(std::collections::HashSet::new()),
             cfg,
@@ -259,6 +264,7 @@ impl Library {
         self.audit.session_closed(h);
         // The backend session closes when the last reference (a call in flight) is gone.
         drop(s);
+        self.after_close();
         Ok(())
     }
 
@@ -277,6 +283,7 @@ impl Library {
             self.objects.forget_owned_by(h);
             self.audit.session_closed(h);
         }
+        self.after_close();
         Ok(())
     }
 
@@ -295,6 +302,22 @@ impl Library {
                 crate::error::Error::Rv(crate::policy::access::DENIED)
             },
         )
+    }
+
+    /// When the application has closed its last session the token logs it out (PKCS#11
+    /// §5.6): cmkp11's own sessions must not keep it logged in, so they close too (the
+    /// audit log first writes its checkpoint, which needs the login).
+    fn after_close(&self) {
+        if !self.sessions.read().is_empty() {
+            return;
+        }
+        if let Some(m) = &self.audit_mac {
+            let _ = self.audit.checkpoint();
+            m.disconnect();
+        }
+        for store in &self.stores {
+            store.close_session();
+        }
     }
 
     /// Number of open sessions (for tests and diagnostics).

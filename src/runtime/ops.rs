@@ -56,12 +56,14 @@ fn ulong(t: CK_ATTRIBUTE_TYPE, v: CK_ULONG) -> AttrValue {
 impl Library {
     /// The slot's keystore view, refreshed through `s` when due.
     pub fn view(&self, s: &Session) -> Arc<View> {
-        self.stores[s.slot_id as usize].get(s.backend())
+        self.stores[s.slot_id as usize]
+            .get(&self.backend.ctx, self.backend.slots[s.slot_id as usize])
     }
 
     /// Reloads the slot's view now.
     pub fn reload_view(&self, s: &Session) -> Arc<View> {
-        self.stores[s.slot_id as usize].reload(s.backend())
+        self.stores[s.slot_id as usize]
+            .reload(&self.backend.ctx, self.backend.slots[s.slot_id as usize])
     }
 
     /// The CMK an object belongs to, if the keystore knows it.
@@ -70,10 +72,13 @@ impl Library {
         if !info.token {
             return None;
         }
-        match self.objects.logical_id(h) {
-            Some(id) => view.cmks.get(&id),
-            None => view.cmks.get(&identity(&info.raw_id, &info.label)?.0),
-        }
+        self.objects.with_logical_id(h, |logical| match logical {
+            Some(id) => view.cmks.get(id),
+            None => match split_id(&info.raw_id).0 {
+                [] => view.cmks.get(&identity(&info.raw_id, &info.label)?.0),
+                id => view.cmks.get(id),
+            },
+        })
     }
 
     /// Resolves a key for `op` with mechanism `mech`: handle, policy, lifecycle state,
@@ -123,7 +128,7 @@ impl Library {
         }
         let view = self.view(s);
         let mut objects = vec![obj];
-        let mut version = identity(&info.raw_id, &info.label).map(|(_, v)| v);
+        let mut version = Some(split_id(&info.raw_id).1.unwrap_or(1));
         if let Some(cmk) = self.cmk_of(&view, h, info) {
             let state = cmk.state(keystore::now());
             if state != State::Enabled {
@@ -133,7 +138,7 @@ impl Library {
                 ));
             }
             let primary = cmk.primary();
-            let logical = self.objects.logical_id(h).is_some();
+            let logical = self.objects.with_logical_id(h, |l| l.is_some());
             if logical || primary.map(|(_, o)| o) == Some(obj) {
                 objects = cmk.versions.iter().rev().map(|(_, o)| *o).collect();
                 version = primary.map(|(v, _)| v);
@@ -260,13 +265,14 @@ impl Library {
         Ok(())
     }
 
-    /// `C_DigestKey`: refused for secret and private keys (an equality oracle on keys).
-    pub fn digest_key(&self, s: &mut Session, key: CK_OBJECT_HANDLE) -> Result<()> {
+    /// `C_DigestKey`: the backend object of a key that may be digested; secret and
+    /// private keys are refused (digesting one is an equality oracle on key material).
+    pub fn digestible_key(&self, s: &Session, key: CK_OBJECT_HANDLE) -> Result<ObjectHandle> {
         let (obj, info) = s.key_info(self, key, CKR_KEY_HANDLE_INVALID)?;
         if info.is_protected() {
             return err(CKR_KEY_INDIGESTIBLE);
         }
-        s.digest_key(obj)
+        Ok(obj)
     }
 
     pub(crate) fn check_new_name(&self, s: &Session, label: Option<&[u8]>) -> Result<()> {
@@ -289,7 +295,11 @@ impl Library {
                 Attribute::Class(class),
                 Attribute::Label(label.to_vec()),
             ];
-            clash |= !s.backend().find_objects(&t)?.is_empty();
+            clash |= self.stores[s.slot_id as usize].with_session(
+                &self.backend.ctx,
+                self.backend.slots[s.slot_id as usize],
+                |b| Ok(!b.find_objects(&t)?.is_empty()),
+            )?;
         }
         if !clash {
             return Ok(());
@@ -433,6 +443,9 @@ impl Library {
         key: CK_OBJECT_HANDLE,
         sink: impl FnOnce(&[u8]) -> Delivery,
     ) -> Result<()> {
+        if let Some(blob) = s.pending_wrap(&mech, wrapping, key) {
+            return s.deliver_wrap_pending(mech, wrapping, key, blob, sink);
+        }
         let w = self.use_key(
             s,
             wrapping,
@@ -866,7 +879,7 @@ impl Library {
         let store = &self.stores[s.slot_id as usize];
         store.invalidate();
         if s.rw && matches!(user, cryptoki::session::UserType::User) {
-            let view = store.reload(s.backend());
+            let view = self.reload_view(s);
             if view
                 .cmks
                 .values()

@@ -21,7 +21,14 @@ use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectHandle};
 use cryptoki::session::Session as BackendSession;
 use cryptoki_sys::*;
 use std::sync::Arc;
-use zeroize::Zeroizing;
+
+/// The backend's `C_*Init` as the FFI layer calls it: (backend session, mechanism, key).
+pub type RawInit<'a> =
+    dyn Fn(CK_SESSION_HANDLE, &cryptoki::mechanism::Mechanism, CK_OBJECT_HANDLE) -> CK_RV + 'a;
+
+/// One backend call of an active operation, made by the FFI layer with the application's
+/// buffers: returns the code and whether the operation is still active.
+pub type RawStep<'a> = dyn FnMut(CK_SESSION_HANDLE) -> (CK_RV, bool) + 'a;
 
 /// What the application's output buffer did with a result (decided by the FFI layer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +56,38 @@ pub enum Kind {
     Verify,
 }
 
+/// A result kept for the application. Decrypted data may be key material (a database's
+/// table keys): it is wiped when dropped. Ciphertexts, signatures and digests are not
+/// secret, and wiping them would cost the hot path a pass over every output.
+struct Output {
+    data: Vec<u8>,
+    secret: bool,
+}
+
+impl Output {
+    fn of(kind: Kind, data: Vec<u8>) -> Output {
+        Output {
+            data,
+            secret: kind == Kind::Decrypt,
+        }
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        if self.secret {
+            wipe(&mut self.data);
+        }
+    }
+}
+
+/// Overwrites a buffer with zeros in one `memset`; `black_box` keeps the compiler from
+/// dropping the stores as dead (`zeroize` writes byte by byte, ~20x slower on 4 KiB).
+pub fn wipe(b: &mut [u8]) {
+    b.fill(0);
+    std::hint::black_box(b);
+}
+
 enum Stage {
     Idle,
     /// `*Init` done; the backend has not been told yet. The keys: the one to use first,
@@ -57,13 +96,20 @@ enum Stage {
     /// The backend has a multi-part operation in progress.
     Streaming,
     /// The final result, waiting for the application to collect it.
-    Done(Zeroizing<Vec<u8>>),
+    Done(Output),
+    /// The backend's operation is active and the FFI layer calls the backend directly
+    /// with the application's buffers. `tried`: how many of `keys` were initialized.
+    Active {
+        mech: Mech,
+        keys: Vec<ObjectHandle>,
+        tried: usize,
+    },
 }
 
 struct Op {
     stage: Stage,
     /// Output of an update call that the application has not collected yet.
-    pending: Option<Zeroizing<Vec<u8>>>,
+    pending: Option<Output>,
 }
 
 impl Op {
@@ -252,7 +298,9 @@ impl Session {
     pub fn cancel(&mut self, kind: Kind) {
         let op = &mut self.ops[idx(kind)];
         op.pending = None;
-        if let Stage::Streaming = std::mem::replace(&mut op.stage, Stage::Idle) {
+        if let Stage::Streaming | Stage::Active { .. } =
+            std::mem::replace(&mut op.stage, Stage::Idle)
+        {
             let b = &self.backend;
             let _ = match kind {
                 Kind::Encrypt => b.encrypt_final().map(drop),
@@ -260,6 +308,85 @@ impl Session {
                 Kind::Digest => b.digest_final().map(drop),
                 Kind::Sign => b.sign_final().map(drop),
                 Kind::Verify => b.verify_final(&[]),
+            };
+        }
+    }
+
+    /// Starts the backend's operation now, through `init` (the backend's own `C_*Init`,
+    /// called by the FFI layer), for an operation that `*Init` made ready.
+    pub fn activate(&mut self, kind: Kind, init: &RawInit) -> Result<()> {
+        let op = &mut self.ops[idx(kind)];
+        match std::mem::replace(&mut op.stage, Stage::Idle) {
+            Stage::Ready(mut mech, keys) => {
+                let rv = {
+                    let m = mech.to_cryptoki()?;
+                    init(
+                        self.backend.handle(),
+                        &m,
+                        keys.first().map_or(CK_INVALID_HANDLE, |k| k.handle()),
+                    )
+                };
+                if rv != CKR_OK {
+                    return err(rv);
+                }
+                self.ops[idx(kind)].stage = Stage::Active {
+                    mech,
+                    keys,
+                    tried: 1,
+                };
+                Ok(())
+            }
+            other => {
+                op.stage = other;
+                Ok(())
+            }
+        }
+    }
+
+    /// A call of an active backend operation, made by `call` with the application's
+    /// buffers; `call` returns the backend's code and whether the operation is still
+    /// active (a length query, a buffer too small, a multi-part step). An AES-GCM
+    /// decryption that fails is tried again under the CMK's older versions, newest first.
+    pub fn raw_call(&mut self, kind: Kind, call: &mut RawStep, init: &RawInit) -> Result<()> {
+        let h = self.backend.handle();
+        loop {
+            if !matches!(self.ops[idx(kind)].stage, Stage::Active { .. }) {
+                return err(CKR_OPERATION_NOT_INITIALIZED);
+            }
+            let (rv, still) = call(h);
+            if still {
+                return if rv == CKR_OK { Ok(()) } else { err(rv) };
+            }
+            let Stage::Active {
+                mut mech,
+                keys,
+                tried,
+            } = std::mem::replace(&mut self.ops[idx(kind)].stage, Stage::Idle)
+            else {
+                unreachable!("checked above");
+            };
+            if rv == CKR_OK {
+                return Ok(());
+            }
+            let aead = kind == Kind::Decrypt && mech.ty == CKM_AES_GCM;
+            if !aead {
+                return err(rv);
+            }
+            let rv = rv::aead_failure(rv);
+            if rv != CKR_ENCRYPTED_DATA_INVALID || tried >= keys.len() {
+                return err(rv);
+            }
+            let again = {
+                let m = mech.to_cryptoki()?;
+                init(h, &m, keys[tried].handle())
+            };
+            if again != CKR_OK {
+                return err(rv);
+            }
+            self.ops[idx(kind)].stage = Stage::Active {
+                mech,
+                keys,
+                tried: tried + 1,
             };
         }
     }
@@ -278,12 +405,12 @@ impl Session {
     ) -> Result<()> {
         let out = match std::mem::replace(&mut self.ops[idx(kind)].stage, Stage::Idle) {
             Stage::Idle => return err(CKR_OPERATION_NOT_INITIALIZED),
-            Stage::Streaming => {
-                self.ops[idx(kind)].stage = Stage::Streaming;
+            other @ (Stage::Streaming | Stage::Active { .. }) => {
+                self.ops[idx(kind)].stage = other;
                 return err(CKR_OPERATION_ACTIVE);
             }
             Stage::Ready(mut mech, keys) => {
-                Zeroizing::new(self.backend_single(kind, &mut mech, &keys, data)?)
+                Output::of(kind, self.backend_single(kind, &mut mech, &keys, data)?)
             }
             Stage::Done(out) => out,
         };
@@ -328,10 +455,10 @@ impl Session {
     fn deliver_final(
         &mut self,
         kind: Kind,
-        out: Zeroizing<Vec<u8>>,
+        out: Output,
         sink: impl FnOnce(&[u8]) -> Delivery,
     ) -> Result<()> {
-        match sink(&out) {
+        match sink(&out.data) {
             Delivery::Delivered => Ok(()),
             Delivery::LengthOnly => {
                 self.ops[idx(kind)].stage = Stage::Done(out);
@@ -349,8 +476,8 @@ impl Session {
         let op = &mut self.ops[idx(kind)];
         match std::mem::replace(&mut op.stage, Stage::Idle) {
             Stage::Idle => err(CKR_OPERATION_NOT_INITIALIZED),
-            Stage::Done(out) => {
-                op.stage = Stage::Done(out);
+            other @ (Stage::Done(_) | Stage::Active { .. }) => {
+                op.stage = other;
                 err(CKR_OPERATION_ACTIVE)
             }
             Stage::Streaming => {
@@ -390,7 +517,7 @@ impl Session {
                     _ => self.backend.decrypt_update(data),
                 };
                 match r {
-                    Ok(v) => Zeroizing::new(v),
+                    Ok(v) => Output::of(kind, v),
                     Err(e) => {
                         self.ops[idx(kind)].stage = Stage::Idle;
                         return Err(e.into());
@@ -398,7 +525,7 @@ impl Session {
                 }
             }
         };
-        match sink(&out) {
+        match sink(&out.data) {
             Delivery::Delivered => Ok(()),
             d => {
                 self.ops[idx(kind)].pending = Some(out);
@@ -443,13 +570,16 @@ impl Session {
             self.start_streaming(kind)?;
             self.ops[idx(kind)].stage = Stage::Idle;
             self.ops[idx(kind)].pending = None;
-            Zeroizing::new(match kind {
-                Kind::Encrypt => self.backend.encrypt_final()?,
-                Kind::Decrypt => self.backend.decrypt_final()?,
-                Kind::Digest => self.backend.digest_final()?,
-                Kind::Sign => self.backend.sign_final()?,
-                Kind::Verify => return err(CKR_GENERAL_ERROR),
-            })
+            Output::of(
+                kind,
+                match kind {
+                    Kind::Encrypt => self.backend.encrypt_final()?,
+                    Kind::Decrypt => self.backend.decrypt_final()?,
+                    Kind::Digest => self.backend.digest_final()?,
+                    Kind::Sign => self.backend.sign_final()?,
+                    Kind::Verify => return err(CKR_GENERAL_ERROR),
+                },
+            )
         };
         self.deliver_final(kind, out, sink)
     }
@@ -510,8 +640,25 @@ impl Session {
             .ok_or(Error::Rv(CKR_OPERATION_NOT_INITIALIZED))
     }
 
-    /// `C_WrapKey`, with the two-call convention: the first call's blob is kept until it
-    /// is collected by a call with the same mechanism and keys.
+    /// `C_WrapKey`'s collecting call: the blob a previous call with the same mechanism
+    /// and keys computed and the application has not taken yet (the decision to wrap was
+    /// made, and recorded, by that call).
+    pub fn pending_wrap(
+        &mut self,
+        mech: &Mech,
+        wrapping: CK_OBJECT_HANDLE,
+        key: CK_OBJECT_HANDLE,
+    ) -> Option<Vec<u8>> {
+        match self.wrap.take() {
+            Some((c, blob)) if c.mech == *mech && c.wrapping == wrapping && c.key == key => {
+                Some(blob)
+            }
+            _ => None,
+        }
+    }
+
+    /// `C_WrapKey` through the backend, with the two-call convention: a blob the
+    /// application did not take is kept for its next call (see [`Session::pending_wrap`]).
     pub fn wrap(
         &mut self,
         mut mech: Mech,
@@ -519,18 +666,44 @@ impl Session {
         key: (CK_OBJECT_HANDLE, ObjectHandle),
         sink: impl FnOnce(&[u8]) -> Delivery,
     ) -> Result<()> {
+        let blob = {
+            let m = mech.to_cryptoki()?;
+            self.backend.wrap_key(&m, wrapping.1, key.1)?
+        };
         let call = WrapCall {
-            mech: mech.clone(),
+            mech,
             wrapping: wrapping.0,
             key: key.0,
         };
-        let blob = match self.wrap.take() {
-            Some((c, blob)) if c == call => blob,
-            _ => {
-                let m = mech.to_cryptoki()?;
-                self.backend.wrap_key(&m, wrapping.1, key.1)?
-            }
-        };
+        self.deliver_wrap(call, blob, sink)
+    }
+
+    /// Hands a blob to the application, keeping it when it only asked the length.
+    pub fn deliver_wrap_pending(
+        &mut self,
+        mech: Mech,
+        wrapping: CK_OBJECT_HANDLE,
+        key: CK_OBJECT_HANDLE,
+        blob: Vec<u8>,
+        sink: impl FnOnce(&[u8]) -> Delivery,
+    ) -> Result<()> {
+        self.deliver_wrap(
+            WrapCall {
+                mech,
+                wrapping,
+                key,
+            },
+            blob,
+            sink,
+        )
+    }
+
+    fn deliver_wrap(
+        &mut self,
+        call: WrapCall,
+        blob: Vec<u8>,
+        sink: impl FnOnce(&[u8]) -> Delivery,
+    ) -> Result<()> {
         match sink(&blob) {
             Delivery::Delivered => Ok(()),
             d => {

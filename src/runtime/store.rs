@@ -3,7 +3,9 @@
 //! rotates, disables, schedules deletion) takes effect here within that time.
 
 use crate::keystore::{self, View};
+use cryptoki::context::Pkcs11;
 use cryptoki::session::Session as BackendSession;
+use cryptoki::slot::Slot;
 use parking_lot::{Mutex, RwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,7 +20,10 @@ pub struct SlotStore {
     /// Milliseconds since `epoch` of the last load; `u64::MAX` when stale.
     loaded: AtomicU64,
     epoch: Instant,
-    loading: Mutex<()>,
+    /// A read-only backend session of cmkp11's own for reading the keystore, so that an
+    /// application's session with an operation in progress is never disturbed (SoftHSM2
+    /// refuses a search while a session has an active operation).
+    loading: Mutex<Option<BackendSession>>,
 }
 
 impl Default for SlotStore {
@@ -27,7 +32,7 @@ impl Default for SlotStore {
             view: RwLock::new(Arc::new(View::default())),
             loaded: AtomicU64::new(u64::MAX),
             epoch: Instant::now(),
-            loading: Mutex::new(()),
+            loading: Mutex::new(None),
         }
     }
 }
@@ -37,27 +42,50 @@ impl SlotStore {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// The current view, reloaded through `s` when older than [`REFRESH`]. A thread that
-    /// finds another one loading uses the previous view rather than wait.
-    pub fn get(&self, s: &BackendSession) -> Arc<View> {
+    /// The current view, reloaded when older than [`REFRESH`]. A thread that finds another
+    /// one loading uses the previous view rather than wait.
+    pub fn get(&self, ctx: &Pkcs11, slot: Slot) -> Arc<View> {
         let loaded = self.loaded.load(Ordering::Acquire);
         if loaded == u64::MAX || self.now_ms().saturating_sub(loaded) > REFRESH.as_millis() as u64 {
-            if let Some(_g) = self.loading.try_lock() {
-                return self.load(s);
+            if let Some(mut s) = self.loading.try_lock() {
+                return self.load(&mut s, ctx, slot);
             }
         }
         self.view.read().clone()
     }
 
     /// Reloads now (after a change made by this process).
-    pub fn reload(&self, s: &BackendSession) -> Arc<View> {
-        let _g = self.loading.lock();
-        self.load(s)
+    pub fn reload(&self, ctx: &Pkcs11, slot: Slot) -> Arc<View> {
+        let mut s = self.loading.lock();
+        self.load(&mut s, ctx, slot)
     }
 
-    fn load(&self, s: &BackendSession) -> Arc<View> {
+    /// Runs `f` with cmkp11's own session of this slot.
+    pub fn with_session<R>(
+        &self,
+        ctx: &Pkcs11,
+        slot: Slot,
+        f: impl FnOnce(&BackendSession) -> crate::error::Result<R>,
+    ) -> crate::error::Result<R> {
+        let mut s = self.loading.lock();
+        if s.is_none() {
+            *s = Some(ctx.open_ro_session(slot)?);
+        }
+        f(s.as_ref().expect("opened above"))
+    }
+
+    fn load(&self, s: &mut Option<BackendSession>, ctx: &Pkcs11, slot: Slot) -> Arc<View> {
         let started = self.now_ms();
-        match keystore::load(s) {
+        if s.is_none() {
+            match ctx.open_ro_session(slot) {
+                Ok(new) => *s = Some(new),
+                Err(e) => {
+                    log::debug!("keystore: cannot open a session: {e}");
+                    return self.view.read().clone();
+                }
+            }
+        }
+        match keystore::load(s.as_ref().expect("opened above")) {
             Ok(v) => {
                 let v = Arc::new(v);
                 *self.view.write() = v.clone();
@@ -66,9 +94,19 @@ impl SlotStore {
             }
             Err(e) => {
                 log::debug!("keystore: cannot read the token's keys now: {e}");
+                // The session may have been closed under us (C_CloseAllSessions): reopen
+                // next time.
+                *s = None;
                 self.view.read().clone()
             }
         }
+    }
+
+    /// Closes cmkp11's own session (the application closed its last one: the token must
+    /// log the application out, which an open session of ours would prevent).
+    pub fn close_session(&self) {
+        *self.loading.lock() = None;
+        self.invalidate();
     }
 
     /// Marks the view stale (login state changed, or this process changed a key).

@@ -1,11 +1,40 @@
 //! Encryption, decryption, digests, signatures and verification (PKCS#11 v3.0 §5.8-5.13).
+//!
+//! `*Init` lets the runtime decide (policy, lifecycle state, access rules, audit) and then
+//! starts the backend's operation; the data calls go straight to the backend's function
+//! table with the application's buffers ([`crate::ffi::raw`]), so the two-call convention
+//! and every code are the backend's own, and nothing is copied on the hot path.
 
 use super::with_session;
+use crate::error::{Error, Result};
+use crate::ffi::raw::{self, RawBackend};
 use crate::ffi::{args, guard};
-use crate::runtime::session::Kind;
+use crate::runtime::session::{Kind, Session};
 use cryptoki_sys::*;
+use std::sync::Arc;
 
-/// `C_*Init` with a key: parses the mechanism, resolves the key, starts the operation.
+fn backend() -> Result<Arc<RawBackend>> {
+    raw::get().ok_or(Error::Rv(CKR_CRYPTOKI_NOT_INITIALIZED))
+}
+
+/// Runs one backend call of an active operation of `kind`.
+fn step(
+    s: &mut Session,
+    kind: Kind,
+    call: &mut dyn FnMut(&RawBackend, CK_SESSION_HANDLE) -> (CK_RV, bool),
+) -> Result<()> {
+    let b = backend()?;
+    let init = |h, m: &cryptoki::mechanism::Mechanism, k| b.init(kind, h, m, k);
+    s.raw_call(kind, &mut |h| call(&b, h), &init)
+}
+
+/// Whether a call with an output buffer leaves the operation active: a length query
+/// (NULL buffer) or a buffer too small.
+fn keeps(rv: CK_RV, out: *mut u8) -> bool {
+    rv == CKR_BUFFER_TOO_SMALL || (rv == CKR_OK && out.is_null())
+}
+
+/// `C_*Init`: the runtime's decision, then the backend's `*Init`.
 ///
 /// # Safety
 /// `mech` NULL or a valid `CK_MECHANISM` (contract).
@@ -20,7 +49,10 @@ unsafe fn init(
         with_session(h, |lib, s| {
             // SAFETY: forwarded caller contract.
             let mech = unsafe { args::mechanism(mech)? };
-            lib.crypto_init(s, kind, mech, key)
+            lib.crypto_init(s, kind, mech, key)?;
+            let b = backend()?;
+            let init = |h, m: &cryptoki::mechanism::Mechanism, k| b.init(kind, h, m, k);
+            s.activate(kind, &init)
         })
     })
 }
@@ -40,9 +72,13 @@ unsafe fn single(
 ) -> CK_RV {
     guard(name, || {
         with_session(h, |_, s| {
-            // SAFETY: forwarded caller contract.
-            let (data, sink) = unsafe { (args::bytes(data, len)?, args::sink(out, out_len)?) };
-            s.single(kind, data, sink)
+            // SAFETY: NULL checks only; the pointers go to the backend unchanged.
+            unsafe { (args::bytes(data, len)?, args::out(out_len)?) };
+            step(s, kind, &mut |b, bh| {
+                // SAFETY: the application's buffers, checked above, passed on (contract).
+                let rv = unsafe { b.single(kind, bh, data, len, out, out_len) };
+                (rv, keeps(rv, out))
+            })
         })
     })
 }
@@ -62,9 +98,13 @@ unsafe fn update_out(
 ) -> CK_RV {
     guard(name, || {
         with_session(h, |_, s| {
-            // SAFETY: forwarded caller contract.
-            let (data, sink) = unsafe { (args::bytes(data, len)?, args::sink(out, out_len)?) };
-            s.update_out(kind, data, sink)
+            // SAFETY: NULL checks only; the pointers go to the backend unchanged.
+            unsafe { (args::bytes(data, len)?, args::out(out_len)?) };
+            step(s, kind, &mut |b, bh| {
+                // SAFETY: the application's buffers, checked above, passed on (contract).
+                let rv = unsafe { b.update(kind, bh, data, len, out, out_len) };
+                (rv, rv == CKR_OK || rv == CKR_BUFFER_TOO_SMALL)
+            })
         })
     })
 }
@@ -82,9 +122,22 @@ unsafe fn update(
 ) -> CK_RV {
     guard(name, || {
         with_session(h, |_, s| {
-            // SAFETY: forwarded caller contract.
-            let data = unsafe { args::bytes(data, len)? };
-            s.update(kind, data)
+            // SAFETY: NULL check only; the pointer goes to the backend unchanged.
+            unsafe { args::bytes(data, len)? };
+            step(s, kind, &mut |b, bh| {
+                // SAFETY: the application's buffer, checked above, passed on (contract).
+                let rv = unsafe {
+                    b.update(
+                        kind,
+                        bh,
+                        data,
+                        len,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                    )
+                };
+                (rv, rv == CKR_OK)
+            })
         })
     })
 }
@@ -102,9 +155,13 @@ unsafe fn finish(
 ) -> CK_RV {
     guard(name, || {
         with_session(h, |_, s| {
-            // SAFETY: forwarded caller contract.
-            let sink = unsafe { args::sink(out, out_len)? };
-            s.finish(kind, sink)
+            // SAFETY: NULL check only; the pointer goes to the backend unchanged.
+            unsafe { args::out(out_len)? };
+            step(s, kind, &mut |b, bh| {
+                // SAFETY: the application's buffers, checked above, passed on (contract).
+                let rv = unsafe { b.finish(kind, bh, out, out_len) };
+                (rv, keeps(rv, out))
+            })
         })
     })
 }
@@ -221,10 +278,16 @@ pub unsafe extern "C" fn C_DigestUpdate(
     unsafe { update("C_DigestUpdate", Kind::Digest, h, data, len) }
 }
 
-/// `C_DigestKey`.
+/// `C_DigestKey`: refused for secret and private keys (an equality oracle on keys).
 pub extern "C" fn C_DigestKey(h: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> CK_RV {
     guard("C_DigestKey", || {
-        with_session(h, |lib, s| lib.digest_key(s, key))
+        with_session(h, |lib, s| {
+            let obj = lib.digestible_key(s, key)?;
+            step(s, Kind::Digest, &mut |b, bh| {
+                let rv = b.digest_key(bh, obj.handle());
+                (rv, rv == CKR_OK)
+            })
+        })
     })
 }
 
@@ -317,9 +380,16 @@ pub unsafe extern "C" fn C_Verify(
 ) -> CK_RV {
     guard("C_Verify", || {
         with_session(h, |_, s| {
-            // SAFETY: application buffers of the given lengths (contract).
-            let (data, sig) = unsafe { (args::bytes(data, len)?, args::bytes(sig, sig_len)?) };
-            s.verify(data, sig)
+            // SAFETY: NULL checks only; the pointers go to the backend unchanged.
+            unsafe { (args::bytes(data, len)?, args::bytes(sig, sig_len)?) };
+            let mut sig_len = sig_len;
+            step(s, Kind::Verify, &mut |b, bh| {
+                // SAFETY: the application's buffers, checked above, passed on (contract).
+                (
+                    unsafe { b.single(Kind::Verify, bh, data, len, sig, &mut sig_len) },
+                    false,
+                )
+            })
         })
     })
 }
@@ -348,9 +418,16 @@ pub unsafe extern "C" fn C_VerifyFinal(
 ) -> CK_RV {
     guard("C_VerifyFinal", || {
         with_session(h, |_, s| {
-            // SAFETY: application buffer of the given length (contract).
-            let sig = unsafe { args::bytes(sig, sig_len)? };
-            s.verify_final(sig)
+            // SAFETY: NULL check only; the pointer goes to the backend unchanged.
+            unsafe { args::bytes(sig, sig_len)? };
+            let mut sig_len = sig_len;
+            step(s, Kind::Verify, &mut |b, bh| {
+                // SAFETY: the application's buffer, checked above, passed on (contract).
+                (
+                    unsafe { b.finish(Kind::Verify, bh, sig, &mut sig_len) },
+                    false,
+                )
+            })
         })
     })
 }

@@ -37,7 +37,19 @@ pub unsafe extern "C" fn C_Initialize(init_args: *mut c_void) -> CK_RV {
             }
         }
         install_atfork();
-        crate::ffi::preserving_openssl_errors(runtime::initialize)
+        crate::ffi::preserving_openssl_errors(runtime::initialize)?;
+        let module = runtime::library()?.cfg.backend.module.clone();
+        let table = crate::ffi::raw::RawBackend::open(&module);
+        if table.is_none() {
+            log::error!(
+                "C_Initialize: cannot open the function table of {}",
+                module.display()
+            );
+            let _ = runtime::finalize();
+            return err(CKR_GENERAL_ERROR);
+        }
+        crate::ffi::raw::install(table);
+        Ok(())
     })
 }
 
@@ -51,7 +63,9 @@ pub unsafe extern "C" fn C_Finalize(reserved: *mut c_void) -> CK_RV {
             runtime::library()?;
             return err(CKR_ARGUMENTS_BAD);
         }
-        crate::ffi::preserving_openssl_errors(runtime::finalize)
+        crate::ffi::preserving_openssl_errors(runtime::finalize)?;
+        crate::ffi::raw::install(None);
+        Ok(())
     })
 }
 

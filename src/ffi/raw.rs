@@ -1,0 +1,214 @@
+//! The backend's own function table, for the data path of cryptographic operations.
+//!
+//! cryptoki finishes an operation in one call and returns a freshly allocated `Vec`; for
+//! `C_Encrypt`, `C_Decrypt`, `C_Sign`, `C_Verify`, `C_Digest` and their multi-part forms
+//! cmkp11 instead calls the backend's functions directly with the application's own
+//! buffers and lengths, after the policy decided at `*Init` (through the runtime). The
+//! backend then applies the two-call convention itself, errors come at the call the
+//! specification names (the backend's `*Init` runs at the application's `*Init`), and no
+//! intermediate buffer is allocated, copied or wiped on the hot path. The table is the
+//! one of the module instance cryptoki already loaded and initialized (`dlopen` returns
+//! the same instance), and session and object handles are the backend's, from cryptoki.
+
+use crate::runtime::session::Kind;
+use cryptoki::mechanism::Mechanism;
+use cryptoki_sys::*;
+use parking_lot::RwLock;
+use std::sync::Arc;
+
+/// A loaded backend's function table.
+pub struct RawBackend {
+    _lib: cryptoki_sys::Pkcs11,
+    list: &'static CK_FUNCTION_LIST,
+}
+
+// SAFETY: the function table is immutable data of the loaded module, which stays loaded
+// while `_lib` lives; PKCS#11 functions are callable from any thread (the backend was
+// initialized with CKF_OS_LOCKING_OK).
+unsafe impl Send for RawBackend {}
+// SAFETY: as above.
+unsafe impl Sync for RawBackend {}
+
+static RAW: RwLock<Option<Arc<RawBackend>>> = RwLock::new(None);
+
+impl RawBackend {
+    /// Opens `module`'s table (the same instance cryptoki loaded).
+    pub fn open(module: &std::path::Path) -> Option<RawBackend> {
+        // SAFETY: loading the module the runtime has already loaded and initialized; its
+        // initializers ran then, and dlopen only takes another reference.
+        let lib = unsafe { cryptoki_sys::Pkcs11::new(module) }.ok()?;
+        let mut list: *mut CK_FUNCTION_LIST = std::ptr::null_mut();
+        // SAFETY: C_GetFunctionList writes one pointer to the module's static table.
+        let rv = unsafe { lib.C_GetFunctionList(&mut list) };
+        if rv != CKR_OK {
+            return None;
+        }
+        // SAFETY: on success the module returns a pointer to a table that lives as long
+        // as the module stays loaded, which `_lib` guarantees.
+        let list = unsafe { list.as_ref() }?;
+        Some(RawBackend { _lib: lib, list })
+    }
+}
+
+/// Installs (or, with `None`, removes) the table used by the entry points.
+pub fn install(raw: Option<RawBackend>) {
+    *RAW.write() = raw.map(Arc::new);
+}
+
+/// The installed table.
+pub fn get() -> Option<Arc<RawBackend>> {
+    RAW.read().clone()
+}
+
+impl RawBackend {
+    /// The backend's `C_*Init` for `kind`.
+    pub fn init(
+        &self,
+        kind: Kind,
+        session: CK_SESSION_HANDLE,
+        mech: &Mechanism,
+        key: CK_OBJECT_HANDLE,
+    ) -> CK_RV {
+        let mut m = CK_MECHANISM::from(mech);
+        let f = self.list;
+        // SAFETY: `m` points into `mech`, alive for the call; the handles are the
+        // backend's own (from cryptoki).
+        unsafe {
+            match kind {
+                Kind::Encrypt => f
+                    .C_EncryptInit
+                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(session, &mut m, key)),
+                Kind::Decrypt => f
+                    .C_DecryptInit
+                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(session, &mut m, key)),
+                Kind::Sign => f
+                    .C_SignInit
+                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(session, &mut m, key)),
+                Kind::Verify => f
+                    .C_VerifyInit
+                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(session, &mut m, key)),
+                Kind::Digest => f
+                    .C_DigestInit
+                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(session, &mut m)),
+            }
+        }
+    }
+
+    /// Single-part `C_Encrypt`/`C_Decrypt`/`C_Sign`/`C_Digest` with the application's
+    /// buffers.
+    ///
+    /// # Safety
+    /// The application's pointers, valid for their lengths (PKCS#11 contract).
+    pub unsafe fn single(
+        &self,
+        kind: Kind,
+        h: CK_SESSION_HANDLE,
+        data: *mut u8,
+        len: CK_ULONG,
+        out: *mut u8,
+        out_len: *mut CK_ULONG,
+    ) -> CK_RV {
+        let f = self.list;
+        // SAFETY: forwarded caller contract.
+        unsafe {
+            match kind {
+                Kind::Encrypt => f.C_Encrypt.map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| {
+                    c(h, data, len, out, out_len)
+                }),
+                Kind::Decrypt => f.C_Decrypt.map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| {
+                    c(h, data, len, out, out_len)
+                }),
+                Kind::Sign => f.C_Sign.map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| {
+                    c(h, data, len, out, out_len)
+                }),
+                Kind::Digest => f.C_Digest.map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| {
+                    c(h, data, len, out, out_len)
+                }),
+                Kind::Verify => f.C_Verify.map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| {
+                    c(h, data, len, out, *out_len)
+                }),
+            }
+        }
+    }
+
+    /// `C_EncryptUpdate`/`C_DecryptUpdate` (with output) or `C_SignUpdate`/`C_VerifyUpdate`/
+    /// `C_DigestUpdate` (without: `out` and `out_len` ignored).
+    ///
+    /// # Safety
+    /// As for [`RawBackend::single`].
+    pub unsafe fn update(
+        &self,
+        kind: Kind,
+        h: CK_SESSION_HANDLE,
+        data: *mut u8,
+        len: CK_ULONG,
+        out: *mut u8,
+        out_len: *mut CK_ULONG,
+    ) -> CK_RV {
+        let f = self.list;
+        // SAFETY: forwarded caller contract.
+        unsafe {
+            match kind {
+                Kind::Encrypt => f.C_EncryptUpdate.map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| {
+                    c(h, data, len, out, out_len)
+                }),
+                Kind::Decrypt => f.C_DecryptUpdate.map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| {
+                    c(h, data, len, out, out_len)
+                }),
+                Kind::Sign => f
+                    .C_SignUpdate
+                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(h, data, len)),
+                Kind::Verify => f
+                    .C_VerifyUpdate
+                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(h, data, len)),
+                Kind::Digest => f
+                    .C_DigestUpdate
+                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(h, data, len)),
+            }
+        }
+    }
+
+    /// `C_*Final` (for `C_VerifyFinal`, `out`/`*out_len` is the signature).
+    ///
+    /// # Safety
+    /// As for [`RawBackend::single`].
+    pub unsafe fn finish(
+        &self,
+        kind: Kind,
+        h: CK_SESSION_HANDLE,
+        out: *mut u8,
+        out_len: *mut CK_ULONG,
+    ) -> CK_RV {
+        let f = self.list;
+        // SAFETY: forwarded caller contract.
+        unsafe {
+            match kind {
+                Kind::Encrypt => f
+                    .C_EncryptFinal
+                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(h, out, out_len)),
+                Kind::Decrypt => f
+                    .C_DecryptFinal
+                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(h, out, out_len)),
+                Kind::Sign => f
+                    .C_SignFinal
+                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(h, out, out_len)),
+                Kind::Digest => f
+                    .C_DigestFinal
+                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(h, out, out_len)),
+                Kind::Verify => f
+                    .C_VerifyFinal
+                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(h, out, *out_len)),
+            }
+        }
+    }
+
+    /// `C_DigestKey`.
+    pub fn digest_key(&self, h: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> CK_RV {
+        // SAFETY: plain handles, no pointers.
+        unsafe {
+            self.list
+                .C_DigestKey
+                .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(h, key))
+        }
+    }
+}
