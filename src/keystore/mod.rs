@@ -214,10 +214,12 @@ impl Cmk {
 
     /// The state in force at `now`: a key pending deletion past its date is destroyed.
     pub fn state(&self, now: u64) -> State {
-        let r = self.record();
-        match r.state {
-            State::PendingDeletion if r.deletion_date <= now => State::Destroyed,
-            s => s,
+        match &self.record {
+            None => State::Enabled,
+            Some(r) if r.state == State::PendingDeletion && r.deletion_date <= now => {
+                State::Destroyed
+            }
+            Some(r) => r.state,
         }
     }
 

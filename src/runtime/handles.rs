@@ -7,6 +7,32 @@ use cryptoki::object::ObjectHandle;
 use cryptoki_sys::*;
 use parking_lot::RwLock;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// A fast hasher for the handle maps: their keys are handles (integers cmkp11 or the
+/// backend allocates, not chosen by an attacker who could aim for collisions), so
+/// SipHash's protection buys nothing on this hot path.
+#[derive(Default, Clone, Copy)]
+pub struct HandleHasher(u64);
+
+impl Hasher for HandleHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A `HashMap` keyed by handles.
+pub type HandleMap<K, V> = HashMap<K, V, BuildHasherDefault<HandleHasher>>;
 use std::sync::Arc;
 
 #[derive(Clone)]
@@ -29,10 +55,10 @@ struct Entry {
 #[derive(Default)]
 struct Tables {
     next: CK_OBJECT_HANDLE,
-    ours: HashMap<CK_OBJECT_HANDLE, Entry>,
-    backend: HashMap<(CK_SLOT_ID, CK_OBJECT_HANDLE), CK_OBJECT_HANDLE>,
-    owned: HashMap<CK_SESSION_HANDLE, Vec<CK_OBJECT_HANDLE>>,
-    logical: HashMap<(CK_SLOT_ID, Vec<u8>), CK_OBJECT_HANDLE>,
+    ours: HandleMap<CK_OBJECT_HANDLE, Entry>,
+    backend: HandleMap<(CK_SLOT_ID, CK_OBJECT_HANDLE), CK_OBJECT_HANDLE>,
+    owned: HandleMap<CK_SESSION_HANDLE, Vec<CK_OBJECT_HANDLE>>,
+    logical: HandleMap<(CK_SLOT_ID, Vec<u8>), CK_OBJECT_HANDLE>,
 }
 
 /// The map between cmkp11's object handles and the backend's.

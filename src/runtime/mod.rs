@@ -33,7 +33,6 @@ use cryptoki_sys::*;
 use handles::HandleTable;
 use parking_lot::{Mutex, RwLock};
 use session::Session;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -43,7 +42,7 @@ pub struct Library {
     pub cfg: Config,
     /// The backend module and the slots cmkp11 exposes.
     pub backend: Backend,
-    sessions: RwLock<HashMap<CK_SESSION_HANDLE, Arc<Mutex<Session>>>>,
+    sessions: RwLock<handles::HandleMap<CK_SESSION_HANDLE, Arc<Mutex<Session>>>>,
     next_session: AtomicU64,
     /// cmkp11's object handles.
     pub objects: HandleTable,
@@ -192,7 +191,7 @@ impl Library {
             probed: RwLock::new(std::collections::HashSet::new()),
             cfg,
             backend,
-            sessions: RwLock::new(HashMap::new()),
+            sessions: RwLock::new(handles::HandleMap::default()),
             next_session: AtomicU64::new(1),
             objects: HandleTable::default(),
             settings,

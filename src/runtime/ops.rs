@@ -140,7 +140,13 @@ impl Library {
             let primary = cmk.primary();
             let logical = self.objects.with_logical_id(h, |l| l.is_some());
             if logical || primary.map(|(_, o)| o) == Some(obj) {
-                objects = cmk.versions.iter().rev().map(|(_, o)| *o).collect();
+                // Only unwrap and AES-GCM decryption try older versions.
+                let all = op == Op::Unwrap || (op == Op::Decrypt && mech == CKM_AES_GCM);
+                objects = if all {
+                    cmk.versions.iter().rev().map(|(_, o)| *o).collect()
+                } else {
+                    primary.map(|(_, o)| vec![o]).unwrap_or(objects)
+                };
                 version = primary.map(|(v, _)| v);
             } else if !matches!(op, Op::Decrypt | Op::Unwrap | Op::Verify) {
                 // An older version only opens what it closed.
