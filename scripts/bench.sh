@@ -17,6 +17,7 @@
 #                    then only cmkp11-bench is built
 #   CARGO_TARGET_DIR honoured
 #   KEEP=1           keep the temp dir (token, configs) and print its path
+#   BENCH_AUDIT=1    the "audit on" variant: cmkp11 writes its audit log (goal >= 0.85)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -59,6 +60,12 @@ softhsm2-util --init-token --free --label cmkp11-bench --so-pin 12345678 --pin 1
 
 (umask 077; printf '[backend]\nmodule = "%s"\n' "$softhsm" > "$dir/cmkp11.toml")
 chmod 600 "$dir/cmkp11.toml"
+# BENCH_AUDIT=1: the "audit on" variant (every CMK use appended to an audit log in the
+# temp dir; SoftHSM2 directly has no audit log, so the ratio is the audit's full cost).
+if [ "${BENCH_AUDIT:-0}" = 1 ]; then
+    printf '\n[audit]\nfile = "%s"\n' "$dir/audit.log" >>"$dir/cmkp11.toml"
+    echo "bench.sh: audit log on ($dir/audit.log)" >&2
+fi
 export CMKP11_CONFIG="$dir/cmkp11.toml"
 
 name_a=cmkp11
