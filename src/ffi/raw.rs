@@ -13,8 +13,7 @@
 use crate::runtime::session::Kind;
 use cryptoki::mechanism::Mechanism;
 use cryptoki_sys::*;
-use parking_lot::RwLock;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 /// A loaded backend's function table.
 pub struct RawBackend {
@@ -29,7 +28,10 @@ unsafe impl Send for RawBackend {}
 // SAFETY: as above.
 unsafe impl Sync for RawBackend {}
 
-static RAW: RwLock<Option<Arc<RawBackend>>> = RwLock::new(None);
+/// The installed table. Each `C_Initialize` installs a new one and the old one is leaked,
+/// never freed: a thread still in a call keeps valid function pointers, and the data path
+/// reads it with one atomic load (no lock, no reference count).
+static RAW: AtomicPtr<RawBackend> = AtomicPtr::new(std::ptr::null_mut());
 
 impl RawBackend {
     /// Opens `module`'s table (the same instance cryptoki loaded).
@@ -52,12 +54,14 @@ impl RawBackend {
 
 /// Installs (or, with `None`, removes) the table used by the entry points.
 pub fn install(raw: Option<RawBackend>) {
-    *RAW.write() = raw.map(Arc::new);
+    let p = raw.map_or(std::ptr::null_mut(), |r| Box::into_raw(Box::new(r)));
+    RAW.store(p, Ordering::Release);
 }
 
 /// The installed table.
-pub fn get() -> Option<Arc<RawBackend>> {
-    RAW.read().clone()
+pub fn get() -> Option<&'static RawBackend> {
+    // SAFETY: RAW is null or points to a leaked (never freed) RawBackend.
+    unsafe { RAW.load(Ordering::Acquire).as_ref() }
 }
 
 impl RawBackend {

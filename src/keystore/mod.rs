@@ -271,9 +271,53 @@ fn text(a: &Attribute) -> Option<String> {
     }
 }
 
+/// Whether the token can use a secret key: one operation of its role, inside the token
+/// (wrap a throwaway session key, encrypt a zero block, or MAC a byte; nothing is kept).
+/// A key object whose write was cut short can keep its attributes but lose its value.
+fn usable_key(s: &Session, obj: ObjectHandle) -> bool {
+    use cryptoki::mechanism::Mechanism as M;
+    use cryptoki::object::KeyType;
+    let Ok(attrs) = s.get_attributes(
+        obj,
+        &[
+            AttributeType::KeyType,
+            AttributeType::Wrap,
+            AttributeType::Encrypt,
+            AttributeType::Sign,
+        ],
+    ) else {
+        return false;
+    };
+    let has = |want: &Attribute| attrs.iter().any(|a| a == want);
+    let aes = has(&Attribute::KeyType(KeyType::AES));
+    if has(&Attribute::Wrap(true)) && aes {
+        let Ok(tmp) = s.generate_key(
+            &M::AesKeyGen,
+            &[
+                Attribute::Token(false),
+                Attribute::ValueLen(16.into()),
+                Attribute::Extractable(true),
+                Attribute::Sensitive(true),
+            ],
+        ) else {
+            return true; // cannot test here: do not hide the key
+        };
+        let ok = s.wrap_key(&M::AesKeyWrap, obj, tmp).is_ok();
+        let _ = s.destroy_object(tmp);
+        ok
+    } else if has(&Attribute::Encrypt(true)) && aes {
+        s.encrypt(&M::AesEcb, obj, &[0u8; 16]).is_ok()
+    } else if has(&Attribute::Sign(true)) {
+        let m = if aes { M::AesCMac } else { M::Sha256Hmac };
+        s.sign(&m, obj, &[0u8]).is_ok()
+    } else {
+        true
+    }
+}
+
 /// Reads every CMK and state record from the token (through a logged-in session; before
 /// login, private objects are invisible and the view is empty).
-pub fn load(s: &Session) -> Result<View> {
+pub fn load(s: &Session, usable: &mut std::collections::HashSet<CK_OBJECT_HANDLE>) -> Result<View> {
     let mut view = View::default();
     for class in [ObjectClass::SECRET_KEY, ObjectClass::PRIVATE_KEY] {
         for obj in s.find_objects(&[Attribute::Token(true), Attribute::Class(class)])? {
@@ -288,6 +332,17 @@ pub fn load(s: &Session) -> Result<View> {
             let label = attrs.iter().find_map(text).unwrap_or_default();
             if label.starts_with(RESERVED_PREFIX) {
                 continue;
+            }
+            // A key whose creation was cut short (a process killed while the token wrote
+            // its file: SoftHSM2 can leave an object whose value cannot be read back) is
+            // no version: using it would fail. Each secret key is checked once per
+            // process by digesting it inside the token (the digest is discarded).
+            if class == ObjectClass::SECRET_KEY && !usable.contains(&obj.handle()) {
+                if !usable_key(s, obj) {
+                    log::error!("keystore: ignoring the key object `{label}` whose value the token cannot read (left by an interrupted write?)");
+                    continue;
+                }
+                usable.insert(obj.handle());
             }
             let Some((id, v)) = identity(&raw_id, &label) else {
                 continue;

@@ -219,6 +219,20 @@ impl HandleTable {
         }
     }
 
+    /// One lookup for a use: the backend object, the cached facts, and whether `h` is a
+    /// CMK's logical handle.
+    pub fn lookup(
+        &self,
+        slot: CK_SLOT_ID,
+        h: CK_OBJECT_HANDLE,
+        invalid: CK_RV,
+    ) -> Result<(ObjectHandle, Option<Arc<KeyInfo>>, bool)> {
+        match self.t.read().ours.get(&h) {
+            Some(e) if e.slot == slot => Ok((e.obj, e.info.clone(), e.cmk.is_some())),
+            _ => Err(Error::Rv(invalid)),
+        }
+    }
+
     /// Forgets one handle (the object was destroyed).
     pub fn forget(&self, h: CK_OBJECT_HANDLE) {
         let mut t = self.t.write();

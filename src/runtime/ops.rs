@@ -68,16 +68,31 @@ impl Library {
 
     /// The CMK an object belongs to, if the keystore knows it.
     fn cmk_of<'v>(&self, view: &'v View, h: CK_OBJECT_HANDLE, info: &KeyInfo) -> Option<&'v Cmk> {
+        self.cmk_and_logical(view, h, info).0
+    }
+
+    /// [`Library::cmk_of`], and whether `h` is the CMK's logical handle, in one lookup.
+    fn cmk_and_logical<'v>(
+        &self,
+        view: &'v View,
+        h: CK_OBJECT_HANDLE,
+        info: &KeyInfo,
+    ) -> (Option<&'v Cmk>, bool) {
         // Session private keys have no lifecycle: they die with their session.
         if !info.token {
-            return None;
+            return (None, false);
         }
         self.objects.with_logical_id(h, |logical| match logical {
-            Some(id) => view.cmks.get(id),
-            None => match split_id(&info.raw_id).0 {
-                [] => view.cmks.get(&identity(&info.raw_id, &info.label)?.0),
-                id => view.cmks.get(id),
-            },
+            Some(id) => (view.cmks.get(id), true),
+            None => (
+                match split_id(&info.raw_id).0 {
+                    [] => {
+                        identity(&info.raw_id, &info.label).and_then(|(id, _)| view.cmks.get(&id))
+                    }
+                    id => view.cmks.get(id),
+                },
+                false,
+            ),
         })
     }
 
@@ -129,7 +144,8 @@ impl Library {
         let view = self.view(s);
         let mut objects = vec![obj];
         let mut version = Some(split_id(&info.raw_id).1.unwrap_or(1));
-        if let Some(cmk) = self.cmk_of(&view, h, info) {
+        let (cmk, logical) = self.cmk_and_logical(&view, h, info);
+        if let Some(cmk) = cmk {
             let state = cmk.state(keystore::now());
             if state != State::Enabled {
                 return Err((
@@ -138,7 +154,6 @@ impl Library {
                 ));
             }
             let primary = cmk.primary();
-            let logical = self.objects.with_logical_id(h, |l| l.is_some());
             if logical || primary.map(|(_, o)| o) == Some(obj) {
                 // Only unwrap and AES-GCM decryption try older versions.
                 let all = op == Op::Unwrap || (op == Op::Decrypt && mech == CKM_AES_GCM);
@@ -841,6 +856,13 @@ impl Library {
             };
             let cmk = view.cmks.get(&id);
             if cmk.is_some_and(|c| c.state(now) == State::Destroyed) {
+                continue;
+            }
+            // A version object the keystore left out (its value unusable: a write cut
+            // short) is not a version.
+            if info.class == CKO_SECRET_KEY
+                && cmk.is_some_and(|c| c.versions.iter().all(|(_, o)| *o != obj))
+            {
                 continue;
             }
             match wanted_version {

@@ -204,8 +204,8 @@ impl Session {
         h: CK_OBJECT_HANDLE,
         invalid: CK_RV,
     ) -> Result<(ObjectHandle, Arc<KeyInfo>)> {
-        let obj = self.object(lib, h, invalid)?;
-        if let Some(info) = lib.objects.info(h) {
+        let (obj, cached, _) = lib.objects.lookup(self.slot_id, h, invalid)?;
+        if let Some(info) = cached {
             return Ok((obj, info));
         }
         use AttributeType as T;

@@ -24,6 +24,8 @@ pub struct SlotStore {
     /// application's session with an operation in progress is never disturbed (SoftHSM2
     /// refuses a search while a session has an active operation).
     loading: Mutex<Option<BackendSession>>,
+    /// Secret keys already known to be usable (see `keystore::load`).
+    usable: Mutex<std::collections::HashSet<cryptoki_sys::CK_OBJECT_HANDLE>>,
 }
 
 impl Default for SlotStore {
@@ -33,6 +35,7 @@ impl Default for SlotStore {
             loaded: AtomicU64::new(u64::MAX),
             epoch: Instant::now(),
             loading: Mutex::new(None),
+            usable: Mutex::new(std::collections::HashSet::new()),
         }
     }
 }
@@ -85,7 +88,8 @@ impl SlotStore {
                 }
             }
         }
-        match keystore::load(s.as_ref().expect("opened above")) {
+        let loaded = keystore::load(s.as_ref().expect("opened above"), &mut self.usable.lock());
+        match loaded {
             Ok(v) => {
                 let v = Arc::new(v);
                 *self.view.write() = v.clone();

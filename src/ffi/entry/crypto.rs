@@ -11,9 +11,7 @@ use crate::ffi::raw::{self, RawBackend};
 use crate::ffi::{args, guard};
 use crate::runtime::session::{Kind, Session};
 use cryptoki_sys::*;
-use std::sync::Arc;
-
-fn backend() -> Result<Arc<RawBackend>> {
+fn backend() -> Result<&'static RawBackend> {
     raw::get().ok_or(Error::Rv(CKR_CRYPTOKI_NOT_INITIALIZED))
 }
 
@@ -25,7 +23,7 @@ fn step(
 ) -> Result<()> {
     let b = backend()?;
     let init = |h, m: &cryptoki::mechanism::Mechanism, k| b.init(kind, h, m, k);
-    s.raw_call(kind, &mut |h| call(&b, h), &init)
+    s.raw_call(kind, &mut |h| call(b, h), &init)
 }
 
 /// Whether a call with an output buffer leaves the operation active: a length query
