@@ -286,23 +286,6 @@ impl Library {
         Ok(())
     }
 
-    /// Access rules: may this process use the CMK labelled `label` for `op` now?
-    pub fn check_access(&self, label: &str, op: crate::policy::Op) -> Result<()> {
-        if self.cfg.access.is_empty() {
-            return Ok(());
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| ((d.as_secs() % 86_400) / 60) as u32)
-            .unwrap_or(0);
-        crate::policy::access::check(&self.cfg.access, label, op.name(), &self.caller, now).map_err(
-            |reason| {
-                log::warn!("denied {} with key `{label}`: {reason}", op.name());
-                crate::error::Error::Rv(crate::policy::access::DENIED)
-            },
-        )
-    }
-
     /// When the application has closed its last session the token logs it out (PKCS#11
     /// §5.6): cmkp11's own sessions must not keep it logged in, so they close too (the
     /// audit log first writes its checkpoint, which needs the login).
