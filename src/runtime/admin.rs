@@ -283,11 +283,26 @@ impl Library {
         let mut id = vec![0u8; 16];
         s.backend().generate_random_slice(&mut id)?;
         t.push(A::Id(keystore::version_id(&id, 1)));
-        let obj = s
+        // The record first (origin, length): a crash between the two steps leaves an
+        // orphan record (removed by purge), never an imported key without its length.
+        self.write_creation_record(s, &id, keystore::Origin::Imported, key_bytes)?;
+        let obj = match s
             .backend()
             .unwrap_key(&mech.to_cryptoki()?, k.objects[0], blob, &t)
-            .map_err(|e| Error::Rv(crate::backend::rv::unwrap_failure(Error::from(e).rv())))?;
-        self.record_creation(s, &id, obj, keystore::Origin::Imported, key_bytes);
+        {
+            Ok(o) => o,
+            Err(e) => {
+                let view = self.reload_view(s);
+                for orphan in &view.orphan_records {
+                    let _ = s.backend().destroy_object(*orphan);
+                }
+                self.stores[s.slot_id as usize].invalidate();
+                return Err(Error::Rv(crate::backend::rv::unwrap_failure(
+                    Error::from(e).rv(),
+                )));
+            }
+        };
+        self.stores[s.slot_id as usize].invalidate();
         log::warn!("CMK `{name}` imported");
         let mut rec = crate::audit::Record::new("import", CKR_OK);
         rec.key = Some(name.to_string());

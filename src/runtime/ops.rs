@@ -379,7 +379,7 @@ impl Library {
         let obj = s.backend().generate_key(&mech.to_cryptoki()?, &t)?;
         Ok(match cmk_id {
             Some(id) => {
-                self.record_creation(s, &id, obj, keystore::Origin::Generated, 0);
+                self.record_creation(s, &id, keystore::Origin::Generated, 0);
                 let mut rec = crate::audit::Record::new("generate", CKR_OK);
                 rec.mechanism = Some(mech.ty);
                 rec.key = label_of(&t).map(|l| String::from_utf8_lossy(&l).into_owned());
@@ -399,25 +399,11 @@ impl Library {
         &self,
         s: &Session,
         id: &[u8],
-        obj: ObjectHandle,
         origin: keystore::Origin,
         value_len: u64,
     ) {
-        let cmk = Cmk {
-            id: id.to_vec(),
-            class: CKO_SECRET_KEY,
-            label: String::new(),
-            versions: vec![(1, obj)],
-            record: None,
-            record_objects: Vec::new(),
-        };
         if s.rw {
-            let t = keystore::now();
-            if let Err(e) = lifecycle::write_record(s.backend(), &cmk, |r| {
-                r.created = t;
-                r.origin = origin;
-                r.value_len = value_len;
-            }) {
+            if let Err(e) = self.write_creation_record(s, id, origin, value_len) {
                 log::warn!(
                     "cannot record the creation of CMK {}: {e}",
                     keystore::hex(id)
@@ -425,6 +411,34 @@ impl Library {
             }
         }
         self.stores[s.slot_id as usize].invalidate();
+    }
+
+    /// The first state record of a CMK with identity `id` (its key objects may not exist
+    /// yet: an import writes the record first, so that a crash never leaves an imported
+    /// key without its origin and length; a record whose key never came is an orphan
+    /// that purge removes).
+    pub fn write_creation_record(
+        &self,
+        s: &Session,
+        id: &[u8],
+        origin: keystore::Origin,
+        value_len: u64,
+    ) -> Result<()> {
+        let cmk = Cmk {
+            id: id.to_vec(),
+            class: CKO_SECRET_KEY,
+            label: String::new(),
+            versions: Vec::new(),
+            record: None,
+            record_objects: Vec::new(),
+        };
+        let t = keystore::now();
+        lifecycle::write_record(s.backend(), &cmk, |r| {
+            r.created = t;
+            r.origin = origin;
+            r.value_len = value_len;
+        })
+        .map(drop)
     }
 
     /// `C_GenerateKeyPair`.

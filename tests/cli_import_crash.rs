@@ -1,0 +1,143 @@
+//! kill -9 in the middle of a BYOK import, many times: afterwards every imported key is
+//! either absent (its name free again) or complete (enabled, imported, AES-256, one
+//! version, usable), never half there and never twice.
+
+mod cli_support;
+
+use cli_support::{have, Env};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const ALLOW: &str = "[policy]\nallow_import = true";
+const ROUNDS: usize = 24;
+
+fn openssl(env: &Env, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(env.dir())
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn kill_9_during_import_leaves_no_partial_key() {
+    if !have("openssl") {
+        eprintln!("SKIP: openssl is not installed (scripts/setup.sh installs it)");
+        return;
+    }
+    let env = Env::with_config(ALLOW);
+    env.ok(&["key", "import-key", "create", "ik", "--out", "import.pem"]);
+    let mut seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("import crash test: seed {seed}");
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut killed = 0;
+    for i in 0..ROUNDS {
+        let (key, blob) = (format!("k{i}.bin"), format!("k{i}.wrapped"));
+        openssl(&env, &["rand", "-out", &key, "32"]);
+        openssl(
+            &env,
+            &[
+                "pkeyutl",
+                "-encrypt",
+                "-pubin",
+                "-inkey",
+                "import.pem",
+                "-pkeyopt",
+                "rsa_padding_mode:oaep",
+                "-pkeyopt",
+                "rsa_oaep_md:sha1",
+                "-pkeyopt",
+                "rsa_mgf1_md:sha1",
+                "-in",
+                &key,
+                "-out",
+                &blob,
+            ],
+        );
+        let name = format!("byok-{i}");
+        let mut child = env
+            .command(&[
+                "key",
+                "import",
+                &name,
+                "--import-key",
+                "ik",
+                "--wrapped",
+                &blob,
+                "--oaep-hash",
+                "sha1",
+                "--role",
+                "wrap",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn cmkp11");
+        std::thread::sleep(Duration::from_micros(rand() % 60_000));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            killed += 1;
+        }
+        child.wait().unwrap();
+
+        let keys = env.json(&["key", "list"]);
+        let found: Vec<&serde_json::Value> = keys
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["name"] == name.as_str())
+            .collect();
+        assert!(
+            found.len() <= 1,
+            "round {i}: `{name}` listed {} times",
+            found.len()
+        );
+        match found.first() {
+            Some(k) => {
+                assert_eq!(k["state"], "enabled", "round {i}: {k}");
+                assert_eq!(k["origin"], "imported", "round {i}: {k}");
+                assert_eq!(k["key_type"], "AES-256", "round {i}: {k}");
+                assert_eq!(k["versions"], serde_json::json!([1]), "round {i}: {k}");
+            }
+            None => {
+                // Absent: the name is free and the same import now completes.
+                env.ok(&[
+                    "key",
+                    "import",
+                    &name,
+                    "--import-key",
+                    "ik",
+                    "--wrapped",
+                    &blob,
+                    "--oaep-hash",
+                    "sha1",
+                    "--role",
+                    "wrap",
+                ]);
+            }
+        }
+        // Either way the key now protects data.
+        std::fs::write(env.path("p"), format!("round {i}")).unwrap();
+        env.ok(&["encrypt", "--force", "--key", &name, "p", "p.enc"]);
+        env.ok(&["decrypt", "--force", "p.enc", "p.out"]);
+        assert_eq!(
+            std::fs::read(env.path("p.out")).unwrap(),
+            format!("round {i}").as_bytes()
+        );
+    }
+    eprintln!("import crash test: {ROUNDS} imports, {killed} killed before they finished");
+}
