@@ -55,6 +55,23 @@ unsafe fn init(
     })
 }
 
+/// A data call of an active operation: `check` validates the application's pointers,
+/// `call` makes the backend call and says whether the operation stays active.
+fn data(
+    name: &'static str,
+    kind: Kind,
+    h: CK_SESSION_HANDLE,
+    check: impl FnOnce() -> Result<()>,
+    mut call: impl FnMut(&RawBackend, CK_SESSION_HANDLE) -> (CK_RV, bool),
+) -> CK_RV {
+    guard(name, || {
+        with_session(h, |_, s| {
+            check()?;
+            step(s, kind, &mut call)
+        })
+    })
+}
+
 /// A single-part operation with output (`C_Encrypt`, `C_Decrypt`, `C_Digest`, `C_Sign`).
 ///
 /// # Safety
@@ -63,22 +80,29 @@ unsafe fn single(
     name: &'static str,
     kind: Kind,
     h: CK_SESSION_HANDLE,
-    data: *mut u8,
+    data_p: *mut u8,
     len: CK_ULONG,
     out: *mut u8,
     out_len: *mut CK_ULONG,
 ) -> CK_RV {
-    guard(name, || {
-        with_session(h, |_, s| {
+    data(
+        name,
+        kind,
+        h,
+        || {
             // SAFETY: NULL checks only; the pointers go to the backend unchanged.
-            unsafe { (args::bytes(data, len)?, args::out(out_len)?) };
-            step(s, kind, &mut |b, bh| {
-                // SAFETY: the application's buffers, checked above, passed on (contract).
-                let rv = unsafe { b.single(kind, bh, data, len, out, out_len) };
-                (rv, keeps(rv, out))
-            })
-        })
-    })
+            unsafe {
+                args::bytes(data_p, len)?;
+                args::out(out_len)?;
+            }
+            Ok(())
+        },
+        |b, bh| {
+            // SAFETY: the application's buffers, checked above, passed on (contract).
+            let rv = unsafe { b.single(kind, bh, data_p, len, out, out_len) };
+            (rv, keeps(rv, out))
+        },
+    )
 }
 
 /// A multi-part update with output (`C_EncryptUpdate`, `C_DecryptUpdate`).
@@ -89,22 +113,29 @@ unsafe fn update_out(
     name: &'static str,
     kind: Kind,
     h: CK_SESSION_HANDLE,
-    data: *mut u8,
+    data_p: *mut u8,
     len: CK_ULONG,
     out: *mut u8,
     out_len: *mut CK_ULONG,
 ) -> CK_RV {
-    guard(name, || {
-        with_session(h, |_, s| {
+    data(
+        name,
+        kind,
+        h,
+        || {
             // SAFETY: NULL checks only; the pointers go to the backend unchanged.
-            unsafe { (args::bytes(data, len)?, args::out(out_len)?) };
-            step(s, kind, &mut |b, bh| {
-                // SAFETY: the application's buffers, checked above, passed on (contract).
-                let rv = unsafe { b.update(kind, bh, data, len, out, out_len) };
-                (rv, rv == CKR_OK || rv == CKR_BUFFER_TOO_SMALL)
-            })
-        })
-    })
+            unsafe {
+                args::bytes(data_p, len)?;
+                args::out(out_len)?;
+            }
+            Ok(())
+        },
+        |b, bh| {
+            // SAFETY: the application's buffers, checked above, passed on (contract).
+            let rv = unsafe { b.update(kind, bh, data_p, len, out, out_len) };
+            (rv, rv == CKR_OK || rv == CKR_BUFFER_TOO_SMALL)
+        },
+    )
 }
 
 /// A multi-part update without output (`C_DigestUpdate`, `C_SignUpdate`, `C_VerifyUpdate`).
@@ -115,29 +146,32 @@ unsafe fn update(
     name: &'static str,
     kind: Kind,
     h: CK_SESSION_HANDLE,
-    data: *mut u8,
+    data_p: *mut u8,
     len: CK_ULONG,
 ) -> CK_RV {
-    guard(name, || {
-        with_session(h, |_, s| {
+    data(
+        name,
+        kind,
+        h,
+        || {
             // SAFETY: NULL check only; the pointer goes to the backend unchanged.
-            unsafe { args::bytes(data, len)? };
-            step(s, kind, &mut |b, bh| {
-                // SAFETY: the application's buffer, checked above, passed on (contract).
-                let rv = unsafe {
-                    b.update(
-                        kind,
-                        bh,
-                        data,
-                        len,
-                        std::ptr::null_mut(),
-                        std::ptr::null_mut(),
-                    )
-                };
-                (rv, rv == CKR_OK)
-            })
-        })
-    })
+            unsafe { args::bytes(data_p, len) }.map(drop)
+        },
+        |b, bh| {
+            // SAFETY: the application's buffer, checked above, passed on (contract).
+            let rv = unsafe {
+                b.update(
+                    kind,
+                    bh,
+                    data_p,
+                    len,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                )
+            };
+            (rv, rv == CKR_OK)
+        },
+    )
 }
 
 /// A final call with output (`C_EncryptFinal`, `C_DecryptFinal`, `C_DigestFinal`, `C_SignFinal`).
@@ -151,17 +185,20 @@ unsafe fn finish(
     out: *mut u8,
     out_len: *mut CK_ULONG,
 ) -> CK_RV {
-    guard(name, || {
-        with_session(h, |_, s| {
+    data(
+        name,
+        kind,
+        h,
+        || {
             // SAFETY: NULL check only; the pointer goes to the backend unchanged.
-            unsafe { args::out(out_len)? };
-            step(s, kind, &mut |b, bh| {
-                // SAFETY: the application's buffers, checked above, passed on (contract).
-                let rv = unsafe { b.finish(kind, bh, out, out_len) };
-                (rv, keeps(rv, out))
-            })
-        })
-    })
+            unsafe { args::out(out_len) }.map(drop)
+        },
+        |b, bh| {
+            // SAFETY: the application's buffers, checked above, passed on (contract).
+            let rv = unsafe { b.finish(kind, bh, out, out_len) };
+            (rv, keeps(rv, out))
+        },
+    )
 }
 
 macro_rules! entry_points {
@@ -371,25 +408,30 @@ pub unsafe extern "C" fn C_VerifyInit(
 /// `data` and `sig` valid for their lengths.
 pub unsafe extern "C" fn C_Verify(
     h: CK_SESSION_HANDLE,
-    data: *mut u8,
+    data_p: *mut u8,
     len: CK_ULONG,
     sig: *mut u8,
     sig_len: CK_ULONG,
 ) -> CK_RV {
-    guard("C_Verify", || {
-        with_session(h, |_, s| {
+    let mut sig_len_io = sig_len;
+    data(
+        "C_Verify",
+        Kind::Verify,
+        h,
+        || {
             // SAFETY: NULL checks only; the pointers go to the backend unchanged.
-            unsafe { (args::bytes(data, len)?, args::bytes(sig, sig_len)?) };
-            let mut sig_len = sig_len;
-            step(s, Kind::Verify, &mut |b, bh| {
-                // SAFETY: the application's buffers, checked above, passed on (contract).
-                (
-                    unsafe { b.single(Kind::Verify, bh, data, len, sig, &mut sig_len) },
-                    false,
-                )
-            })
-        })
-    })
+            unsafe {
+                args::bytes(data_p, len)?;
+                args::bytes(sig, sig_len)?;
+            }
+            Ok(())
+        },
+        |b, bh| {
+            // SAFETY: the application's buffers, checked above, passed on (contract).
+            let rv = unsafe { b.single(Kind::Verify, bh, data_p, len, sig, &mut sig_len_io) };
+            (rv, false)
+        },
+    )
 }
 
 /// `C_VerifyUpdate`.
@@ -414,18 +456,19 @@ pub unsafe extern "C" fn C_VerifyFinal(
     sig: *mut u8,
     sig_len: CK_ULONG,
 ) -> CK_RV {
-    guard("C_VerifyFinal", || {
-        with_session(h, |_, s| {
+    let mut sig_len_io = sig_len;
+    data(
+        "C_VerifyFinal",
+        Kind::Verify,
+        h,
+        || {
             // SAFETY: NULL check only; the pointer goes to the backend unchanged.
-            unsafe { args::bytes(sig, sig_len)? };
-            let mut sig_len = sig_len;
-            step(s, Kind::Verify, &mut |b, bh| {
-                // SAFETY: the application's buffer, checked above, passed on (contract).
-                (
-                    unsafe { b.finish(Kind::Verify, bh, sig, &mut sig_len) },
-                    false,
-                )
-            })
-        })
-    })
+            unsafe { args::bytes(sig, sig_len) }.map(drop)
+        },
+        |b, bh| {
+            // SAFETY: the application's buffer, checked above, passed on (contract).
+            let rv = unsafe { b.finish(Kind::Verify, bh, sig, &mut sig_len_io) };
+            (rv, false)
+        },
+    )
 }
