@@ -1,14 +1,21 @@
 //! kill -9 in the middle of a BYOK import, many times: afterwards every imported key is
 //! either absent (its name free again) or complete (enabled, imported, AES-256, one
 //! version, usable), never half there and never twice.
+//!
+//! The kill lands after the CLI has logged in (it waits for the library's debug line):
+//! SoftHSM2's file store rewrites `token.object` in place (truncate, then write) at every
+//! `C_Login`, so a process killed inside SoftHSM2's login can leave the whole token
+//! unreadable whatever the module above it does. That hazard belongs to the backend and
+//! is documented in the README; this test is about cmkp11's import steps.
 
 mod cli_support;
 
 use cli_support::{have, Env};
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-const ALLOW: &str = "[policy]\nallow_import = true";
+const ALLOW: &str = "[policy]\nallow_import = true\n\n[log]\nlevel = \"debug\"";
 const ROUNDS: usize = 24;
 
 fn openssl(env: &Env, args: &[&str]) {
@@ -44,7 +51,7 @@ fn kill_9_during_import_leaves_no_partial_key() {
         seed ^= seed << 17;
         seed
     };
-    let mut killed = 0;
+    let (mut killed, mut complete, mut absent) = (0, 0, 0);
     for i in 0..ROUNDS {
         let (key, blob) = (format!("k{i}.bin"), format!("k{i}.wrapped"));
         openssl(&env, &["rand", "-out", &key, "32"]);
@@ -71,6 +78,7 @@ fn kill_9_during_import_leaves_no_partial_key() {
         let name = format!("byok-{i}");
         let mut child = env
             .command(&[
+                "-v",
                 "key",
                 "import",
                 &name,
@@ -83,11 +91,18 @@ fn kill_9_during_import_leaves_no_partial_key() {
                 "--role",
                 "wrap",
             ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn cmkp11");
-        std::thread::sleep(Duration::from_micros(rand() % 60_000));
+        // Wait until the login is over (or the process ended), then kill at a random
+        // instant of the import itself.
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while stderr.read_line(&mut line).unwrap_or(0) > 0 && !line.contains("logged in") {
+            line.clear();
+        }
+        std::thread::sleep(Duration::from_micros(rand() % 40_000));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
             killed += 1;
@@ -108,12 +123,14 @@ fn kill_9_during_import_leaves_no_partial_key() {
         );
         match found.first() {
             Some(k) => {
+                complete += 1;
                 assert_eq!(k["state"], "enabled", "round {i}: {k}");
                 assert_eq!(k["origin"], "imported", "round {i}: {k}");
                 assert_eq!(k["key_type"], "AES-256", "round {i}: {k}");
                 assert_eq!(k["versions"], serde_json::json!([1]), "round {i}: {k}");
             }
             None => {
+                absent += 1;
                 // Absent: the name is free and the same import now completes.
                 env.ok(&[
                     "key",
@@ -139,5 +156,12 @@ fn kill_9_during_import_leaves_no_partial_key() {
             format!("round {i}").as_bytes()
         );
     }
-    eprintln!("import crash test: {ROUNDS} imports, {killed} killed before they finished");
+    eprintln!(
+        "import crash test: {ROUNDS} imports, {killed} killed before they finished; \
+         afterwards {complete} complete, {absent} absent"
+    );
+    assert!(
+        killed > 0,
+        "no import was interrupted: the test proved nothing"
+    );
 }

@@ -918,6 +918,7 @@ impl Library {
         // A login is no key use: a record that cannot be written is logged, not fatal.
         let _ = self.audit_record(s, rec);
         r?;
+        log::debug!("slot {}: {who} logged in", s.slot_id);
         let store = &self.stores[s.slot_id as usize];
         store.invalidate();
         if s.rw && matches!(user, cryptoki::session::UserType::User) {
