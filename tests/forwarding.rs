@@ -767,3 +767,158 @@ fn object_handles_are_stable_and_nonzero() {
         assert_ne!(h.handle(), 0);
     }
 }
+
+/// What a session can leave behind when it is closed.
+#[derive(Debug, Clone, Copy)]
+enum Leftover {
+    Nothing,
+    SessionKey,
+    InitOnly,
+    MultiPartUnfinished,
+    FinishedOperation,
+}
+
+#[test]
+#[serial]
+fn a_new_session_inherits_nothing_from_a_closed_one() {
+    // Another session stays open, so the application stays logged in throughout (and
+    // cmkp11 may hand a closed session's backend session to the next one).
+    let anchor = user_session();
+    let key = token_data_key(&anchor, "fwd-reuse-token-key");
+    let iv = [0x11u8; 16];
+    let all = [
+        Leftover::Nothing,
+        Leftover::SessionKey,
+        Leftover::InitOnly,
+        Leftover::MultiPartUnfinished,
+        Leftover::FinishedOperation,
+    ];
+    for round in 0..3 {
+        for left in all {
+            for rw in [false, true] {
+                let ctx = format!("round {round}, {left:?}, rw {rw}");
+                let p = pkcs11();
+                let s = if rw {
+                    p.open_rw_session(slot()).unwrap()
+                } else {
+                    p.open_ro_session(slot()).unwrap()
+                };
+                let mut session_key = None;
+                match left {
+                    Leftover::Nothing => {}
+                    Leftover::SessionKey => {
+                        session_key = Some(session_data_key(&s, "fwd-reuse-session-key", false))
+                    }
+                    Leftover::InitOnly => s.encrypt_init(&Mechanism::AesCbcPad(iv), key).unwrap(),
+                    Leftover::MultiPartUnfinished => {
+                        s.encrypt_init(&Mechanism::AesCbcPad(iv), key).unwrap();
+                        assert_eq!(s.encrypt_update(&data(40)).unwrap().len(), 32, "{ctx}");
+                    }
+                    Leftover::FinishedOperation => {
+                        s.encrypt(&Mechanism::AesCbcPad(iv), key, &data(40)).unwrap();
+                    }
+                }
+                drop(s);
+                for rw2 in [false, true] {
+                    let t = if rw2 {
+                        p.open_rw_session(slot()).unwrap()
+                    } else {
+                        p.open_ro_session(slot()).unwrap()
+                    };
+                    let want = if rw2 {
+                        SessionState::RwUser
+                    } else {
+                        SessionState::RoUser
+                    };
+                    assert_eq!(t.get_session_info().unwrap().session_state(), want, "{ctx}");
+                    assert_eq!(
+                        t.find_objects(&[label("fwd-reuse-session-key")]).unwrap(),
+                        vec![],
+                        "{ctx}: a session key outlived its session"
+                    );
+                    if let Some(k) = session_key {
+                        assert_eq!(
+                            expect_rv(t.get_attributes(k, &[AttributeType::Label])),
+                            RvError::ObjectHandleInvalid,
+                            "{ctx}"
+                        );
+                    }
+                    // No operation is active in the new session: a full round trip works.
+                    let ct = t
+                        .encrypt(&Mechanism::AesCbcPad(iv), key, &data(40))
+                        .unwrap_or_else(|e| panic!("{ctx}: C_Encrypt in the next session: {e}"));
+                    assert_eq!(
+                        t.decrypt(&Mechanism::AesCbcPad(iv), key, &ct).unwrap(),
+                        data(40),
+                        "{ctx}"
+                    );
+                }
+            }
+        }
+    }
+    anchor.destroy_object(key).unwrap();
+}
+
+#[test]
+#[serial]
+fn closing_the_last_session_logs_out_even_after_key_use() {
+    close_all_sessions();
+    let s = user_session();
+    let key = token_data_key(&s, "fwd-last-close-key");
+    let iv = [0x22u8; 16];
+    s.encrypt(&Mechanism::AesCbcPad(iv), key, &data(20)).unwrap();
+    let ro = pkcs11().open_ro_session(slot()).unwrap();
+    s.encrypt(&Mechanism::AesCbcPad(iv), key, &data(20)).unwrap();
+    drop(ro);
+    s.destroy_object(key).unwrap();
+    drop(s); // C_CloseSession of the application's last session
+    for rw in [false, true] {
+        let t = if rw {
+            pkcs11().open_rw_session(slot()).unwrap()
+        } else {
+            pkcs11().open_ro_session(slot()).unwrap()
+        };
+        let want = if rw {
+            SessionState::RwPublic
+        } else {
+            SessionState::RoPublic
+        };
+        assert_eq!(t.get_session_info().unwrap().session_state(), want);
+    }
+}
+
+#[test]
+#[serial]
+fn so_login_works_once_the_application_has_no_read_only_session() {
+    close_all_sessions();
+    let u = user_session();
+    let key = token_data_key(&u, "fwd-so-login-key");
+    let iv = [0x33u8; 16];
+    // Key uses and read-only sessions that come and go.
+    for _ in 0..3 {
+        let ro = pkcs11().open_ro_session(slot()).unwrap();
+        ro.encrypt(&Mechanism::AesCbcPad(iv), key, &data(20)).unwrap();
+    }
+    u.destroy_object(key).unwrap();
+    u.logout().unwrap();
+    // With a read-only session open, the token refuses the SO...
+    let ro = pkcs11().open_ro_session(slot()).unwrap();
+    let so_pin = AuthPin::new(common::SO_PIN.into());
+    assert_eq!(
+        expect_rv(u.login(UserType::So, Some(&so_pin))),
+        RvError::SessionReadOnlyExists
+    );
+    drop(ro);
+    // ... and accepts them once the application has none.
+    u.login(UserType::So, Some(&so_pin))
+        .expect("C_Login(SO) with only a read-write session open");
+    assert_eq!(
+        u.get_session_info().unwrap().session_state(),
+        SessionState::RwSecurityOfficer
+    );
+    assert_eq!(
+        expect_rv(pkcs11().open_ro_session(slot())),
+        RvError::SessionReadWriteSoExists
+    );
+    u.logout().unwrap();
+}

@@ -374,6 +374,9 @@ impl Auditor {
     /// Writes the `session-close` record of a session that did DEK bulk operations (none
     /// if it did not). A failure is logged (closing a session cannot be refused).
     pub fn session_closed(&self, session: u64) {
+        if self.path.is_none() {
+            return;
+        }
         let Some(counts) = self.bulk.lock().remove(&session) else {
             return;
         };

@@ -8,6 +8,20 @@
 //! 3. A session's own `Mutex`: held for the whole call on that session, including the
 //!    backend call. Different sessions never wait for each other.
 //! 4. `HandleTable` (`RwLock`): held only for a lookup or insert, never across a call.
+//! 5. A slot's [`SlotSessions`] (`Mutex`): held only to count sessions and to take or
+//!    return an idle backend session, never across a backend call.
+//!
+//! # Idle backend sessions
+//! Opening a session costs a backend call (and, for a network HSM, a round trip), and many
+//! applications open a session per operation. `C_CloseSession` therefore keeps the backend
+//! session for the next `C_OpenSession` of the same slot and kind (read-only or
+//! read-write) when it is exactly as good as a new one: no backend operation in progress
+//! and no session object ever created in it (closing is what destroys those). The login
+//! state is the token's, shared by every session of the application, so a kept session
+//! carries nothing of its previous owner. When the application's last session of a slot
+//! closes, the kept ones close too, so the token logs the application out as PKCS#11
+//! §5.6 says; an SO login first closes the kept read-only ones (the token refuses an SO
+//! login while a read-only session exists).
 //!
 //! A lock of a lower number is never taken while one of a higher number is held, no lock
 //! is held across a call into application callbacks (cmkp11 makes none), and no
@@ -42,7 +56,10 @@ pub struct Library {
     pub cfg: Config,
     /// The backend module and the slots cmkp11 exposes.
     pub backend: Backend,
-    sessions: RwLock<handles::HandleMap<CK_SESSION_HANDLE, Arc<Mutex<Session>>>>,
+    /// The application's sessions, each with its slot (readable without its lock).
+    sessions: RwLock<handles::HandleMap<CK_SESSION_HANDLE, (CK_SLOT_ID, Arc<Mutex<Session>>)>>,
+    /// Per slot: the application's open sessions and idle backend sessions.
+    slot_sessions: Vec<Mutex<SlotSessions>>,
     next_session: AtomicU64,
     /// cmkp11's object handles.
     pub objects: HandleTable,
@@ -60,6 +77,18 @@ pub struct Library {
     pub token_labels: Vec<String>,
     /// Mechanism parameters the backend accepted when probed (slot, operation, mechanism).
     pub probed: RwLock<std::collections::HashSet<(CK_SLOT_ID, u8, crate::backend::mech::Mech)>>,
+}
+
+/// How many idle backend sessions a slot keeps per kind.
+const IDLE_MAX: usize = 32;
+
+/// A slot's session bookkeeping.
+#[derive(Default)]
+struct SlotSessions {
+    /// The application's open sessions on this slot.
+    open: usize,
+    /// Idle backend sessions: `[read-only, read-write]`.
+    idle: [Vec<cryptoki::session::Session>; 2],
 }
 
 static STATE: RwLock<Option<Arc<Library>>> = RwLock::new(None);
@@ -149,6 +178,9 @@ impl Library {
             cfg.backend.module.display(),
             backend.slots.len()
         );
+        let slot_sessions = (0..backend.slots.len())
+            .map(|_| Mutex::new(SlotSessions::default()))
+            .collect();
         let stores = (0..backend.slots.len())
             .map(|_| store::SlotStore::default())
             .collect();
@@ -192,6 +224,7 @@ impl Library {
             cfg,
             backend,
             sessions: RwLock::new(handles::HandleMap::default()),
+            slot_sessions,
             next_session: AtomicU64::new(1),
             objects: HandleTable::default(),
             settings,
@@ -217,6 +250,10 @@ impl Library {
             );
         }
         drop(sessions);
+        for slot in &self.slot_sessions {
+            let idle = std::mem::take(&mut slot.lock().idle);
+            drop(idle);
+        }
         if let Err(e) = self.backend.finalize() {
             log::warn!("finalize: backend: {e}");
         }
@@ -233,22 +270,43 @@ impl Library {
     /// A session by handle.
     pub fn session(&self, h: CK_SESSION_HANDLE) -> Result<Arc<Mutex<Session>>> {
         match self.sessions.read().get(&h) {
-            Some(s) => Ok(s.clone()),
+            Some((_, s)) => Ok(s.clone()),
             None => err(CKR_SESSION_HANDLE_INVALID),
         }
     }
 
-    /// `C_OpenSession`: opens a backend session and returns cmkp11's handle for it.
+    /// `C_OpenSession`: an idle backend session of the slot, else a new one; returns
+    /// cmkp11's handle for it.
     pub fn open_session(&self, slot_id: CK_SLOT_ID, rw: bool) -> Result<CK_SESSION_HANDLE> {
         let slot = self.slot(slot_id)?;
-        let backend = if rw {
-            self.backend.ctx.open_rw_session(slot)?
-        } else {
-            self.backend.ctx.open_ro_session(slot)?
+        let counts = &self.slot_sessions[slot_id as usize];
+        let idle = {
+            let mut c = counts.lock();
+            c.open += 1;
+            c.idle[usize::from(rw)].pop()
+        };
+        let backend = match idle {
+            Some(b) => b,
+            None => {
+                let opened = if rw {
+                    self.backend.ctx.open_rw_session(slot)
+                } else {
+                    self.backend.ctx.open_ro_session(slot)
+                };
+                match opened {
+                    Ok(b) => b,
+                    Err(e) => {
+                        self.session_gone(slot_id, None);
+                        return Err(e.into());
+                    }
+                }
+            }
         };
         let h = self.next_session.fetch_add(1, Ordering::Relaxed);
         let s = Session::new(h, slot_id, rw, backend);
-        self.sessions.write().insert(h, Arc::new(Mutex::new(s)));
+        self.sessions
+            .write()
+            .insert(h, (slot_id, Arc::new(Mutex::new(s))));
         Ok(h)
     }
 
@@ -259,11 +317,7 @@ impl Library {
             .write()
             .remove(&h)
             .ok_or(crate::error::Error::Rv(CKR_SESSION_HANDLE_INVALID))?;
-        self.objects.forget_owned_by(h);
-        self.audit.session_closed(h);
-        // The backend session closes when the last reference (a call in flight) is gone.
-        drop(s);
-        self.after_close();
+        self.closed(h, s);
         Ok(())
     }
 
@@ -271,35 +325,81 @@ impl Library {
     pub fn close_all_sessions(&self, slot_id: CK_SLOT_ID) -> Result<()> {
         self.slot(slot_id)?;
         let mut closed = Vec::new();
-        self.sessions.write().retain(|h, s| {
-            let keep = s.lock().slot_id != slot_id;
+        self.sessions.write().retain(|h, e| {
+            let keep = e.0 != slot_id;
             if !keep {
-                closed.push(*h);
+                closed.push((*h, e.clone()));
             }
             keep
         });
-        for h in closed {
-            self.objects.forget_owned_by(h);
-            self.audit.session_closed(h);
+        for (h, s) in closed {
+            self.closed(h, s);
         }
-        self.after_close();
         Ok(())
     }
 
-    /// When the application has closed its last session the token logs it out (PKCS#11
-    /// §5.6): cmkp11's own sessions must not keep it logged in, so they close too (the
-    /// audit log first writes its checkpoint, which needs the login).
-    fn after_close(&self) {
-        if !self.sessions.read().is_empty() {
+    /// The end of an application session removed from the table: its session objects
+    /// are forgotten, its audit record written, and its backend session kept for reuse or
+    /// closed (when the last call in flight on it is over, if one is).
+    fn closed(&self, h: CK_SESSION_HANDLE, (slot_id, s): (CK_SLOT_ID, Arc<Mutex<Session>>)) {
+        self.objects.forget_owned_by(h);
+        self.audit.session_closed(h);
+        let reusable = Arc::try_unwrap(s)
+            .ok()
+            .and_then(|m| {
+                let s = m.into_inner();
+                let rw = s.rw;
+                s.into_reusable().map(|b| (rw, b))
+            });
+        self.session_gone(slot_id, reusable);
+    }
+
+    /// Counts one application session of `slot_id` gone and keeps `idle` (a reusable
+    /// backend session and whether it is read-write) unless that was the application's
+    /// last session of the slot: then every kept session of the slot closes, and so do
+    /// cmkp11's own sessions of it, so that the token logs the application out (PKCS#11
+    /// §5.6); the audit log first writes its checkpoint, which needs the login.
+    fn session_gone(
+        &self,
+        slot_id: CK_SLOT_ID,
+        idle: Option<(bool, cryptoki::session::Session)>,
+    ) {
+        let (last, to_close) = {
+            let mut c = self.slot_sessions[slot_id as usize].lock();
+            c.open = c.open.saturating_sub(1);
+            if c.open == 0 {
+                (true, Some(std::mem::take(&mut c.idle)))
+            } else {
+                if let Some((rw, b)) = idle {
+                    let kept = &mut c.idle[usize::from(rw)];
+                    if kept.len() < IDLE_MAX {
+                        kept.push(b);
+                    }
+                }
+                (false, None)
+            }
+        };
+        // Backend sessions close here, outside the lock.
+        drop(to_close);
+        if !last {
             return;
         }
-        if let Some(m) = &self.audit_mac {
-            let _ = self.audit.checkpoint();
-            m.disconnect();
+        if slot_id == 0 {
+            if let Some(m) = &self.audit_mac {
+                let _ = self.audit.checkpoint();
+                m.disconnect();
+            }
         }
-        for store in &self.stores {
-            store.close_session();
-        }
+        self.stores[slot_id as usize].close_session();
+    }
+
+    /// Before an SO login on `slot_id`: closes the idle read-only backend sessions and
+    /// cmkp11's own read-only session of the slot, which would make the token refuse it
+    /// (`CKR_SESSION_READ_ONLY_EXISTS`) although the application has none.
+    pub fn before_so_login(&self, slot_id: CK_SLOT_ID) {
+        let idle = std::mem::take(&mut self.slot_sessions[slot_id as usize].lock().idle[0]);
+        drop(idle);
+        self.stores[slot_id as usize].close_session();
     }
 
     /// Number of open sessions (for tests and diagnostics).

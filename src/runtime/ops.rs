@@ -901,6 +901,9 @@ impl Library {
         user: cryptoki::session::UserType,
         pin: Option<&cryptoki::types::RawAuthPin>,
     ) -> Result<()> {
+        if matches!(user, cryptoki::session::UserType::So) {
+            self.before_so_login(s.slot_id);
+        }
         let r = match pin {
             Some(p) => s.backend().login_with_raw(user, p),
             None => s.backend().login(user, None),

@@ -157,6 +157,9 @@ pub struct Session {
     ops: [Op; 5],
     find: Option<Find>,
     wrap: Option<(WrapCall, Vec<u8>)>,
+    /// A session object was created in this session: closing the backend session is
+    /// what destroys it, so the backend session is never reused.
+    made_session_objects: bool,
 }
 
 fn idx(k: Kind) -> usize {
@@ -179,7 +182,22 @@ impl Session {
             ops: [Op::idle(), Op::idle(), Op::idle(), Op::idle(), Op::idle()],
             find: None,
             wrap: None,
+            made_session_objects: false,
         }
+    }
+
+    /// The backend session, if it can serve another application session exactly as a
+    /// freshly opened one would: no backend operation in progress and no session object
+    /// created in it. Otherwise `None`, and dropping `self` closes the backend session.
+    pub fn into_reusable(self) -> Option<BackendSession> {
+        let busy = self
+            .ops
+            .iter()
+            .any(|o| matches!(o.stage, Stage::Streaming | Stage::Active { .. }));
+        if busy || self.made_session_objects {
+            return None;
+        }
+        Some(self.backend)
     }
 
     /// The backend session (for calls that need no state of cmkp11's).
@@ -273,11 +291,12 @@ impl Session {
     /// Registers a backend object and returns cmkp11's handle. `session_object` says
     /// whether it lives only as long as this session.
     pub fn register(
-        &self,
+        &mut self,
         lib: &Library,
         obj: ObjectHandle,
         session_object: bool,
     ) -> CK_OBJECT_HANDLE {
+        self.made_session_objects |= session_object;
         lib.objects
             .ours(self.slot_id, obj, session_object.then_some(self.handle))
     }

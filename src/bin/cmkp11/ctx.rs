@@ -253,7 +253,7 @@ impl Ctx {
         Ok(if cmk.class == CKO_SECRET_KEY {
             lib.objects.logical(s.slot_id, &cmk.id, obj)
         } else {
-            s.register(lib, obj, false)
+            lib.objects.ours(s.slot_id, obj, None)
         })
     }
 }
