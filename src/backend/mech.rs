@@ -29,6 +29,10 @@ pub enum ParamKind {
     Eddsa,
 }
 
+/// A short owned byte string (an IV, additional data) kept inline up to 32 bytes, so that
+/// parsing the usual AES-GCM parameter allocates nothing on the data path.
+pub type Bytes = smallvec::SmallVec<[u8; 32]>;
+
 /// The parameter of a mechanism, owned.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Param {
@@ -41,9 +45,9 @@ pub enum Param {
     /// AES-GCM: IV, additional data, tag length in bits.
     Gcm {
         /// The IV.
-        iv: Vec<u8>,
+        iv: Bytes,
         /// Additional authenticated data.
-        aad: Vec<u8>,
+        aad: Bytes,
         /// Tag length in bits.
         tag_bits: CK_ULONG,
     },
@@ -328,8 +332,8 @@ mod tests {
         let mut m = Mech {
             ty: CKM_AES_GCM,
             param: Param::Gcm {
-                iv: vec![0; 12],
-                aad: vec![],
+                iv: Bytes::from_elem(0, 12),
+                aad: Bytes::new(),
                 tag_bits: 128,
             },
         };

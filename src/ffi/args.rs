@@ -118,6 +118,17 @@ unsafe fn owned(p: *const u8, len: CK_ULONG) -> Result<Vec<u8>> {
         .map_err(|_| crate::error::Error::Rv(CKR_MECHANISM_PARAM_INVALID))
 }
 
+/// [`owned`], inline when short (no allocation for the usual IV and AAD).
+///
+/// # Safety
+/// As for [`bytes`].
+unsafe fn short(p: *const u8, len: CK_ULONG) -> Result<crate::backend::mech::Bytes> {
+    // SAFETY: forwarded contract.
+    unsafe { bytes(p, len) }
+        .map(crate::backend::mech::Bytes::from_slice)
+        .map_err(|_| crate::error::Error::Rv(CKR_MECHANISM_PARAM_INVALID))
+}
+
 /// The application's mechanism, parsed into owned data. Parameter lengths are checked
 /// before anything is read: Java's 40-byte v2.40 `CK_GCM_PARAMS` gets
 /// `CKR_MECHANISM_PARAM_INVALID`, and Java then retries with the 48-byte v3.0 layout.
@@ -148,8 +159,8 @@ pub unsafe fn mechanism(p: *const CK_MECHANISM) -> Result<Mech> {
                     return err(CKR_MECHANISM_PARAM_INVALID);
                 }
                 Param::Gcm {
-                    iv: owned(g.pIv, g.ulIvLen)?,
-                    aad: owned(g.pAAD, g.ulAADLen)?,
+                    iv: short(g.pIv, g.ulIvLen)?,
+                    aad: short(g.pAAD, g.ulAADLen)?,
                     tag_bits: g.ulTagBits,
                 }
             }

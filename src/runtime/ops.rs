@@ -17,7 +17,7 @@ use std::sync::Arc;
 pub struct Key {
     /// The objects to use: the primary version first, then (for decryption and unwrap)
     /// the older enabled versions, newest first.
-    pub objects: Vec<ObjectHandle>,
+    pub objects: super::session::Keys,
     /// The policy facts.
     pub info: Arc<KeyInfo>,
 }
@@ -135,14 +135,14 @@ impl Library {
         info: &KeyInfo,
         op: Op,
         mech: CK_MECHANISM_TYPE,
-    ) -> std::result::Result<(Vec<ObjectHandle>, Option<u32>), (CK_RV, String)> {
+    ) -> std::result::Result<(super::session::Keys, Option<u32>), (CK_RV, String)> {
         policy::check_use(op, mech, info, &self.settings)
             .map_err(|rv| (rv, format!("policy: {}", crate::backend::rv::name(rv))))?;
         if info.class() != Class::Cmk {
-            return Ok((vec![obj], None));
+            return Ok((smallvec::smallvec![obj], None));
         }
         let view = self.view(s);
-        let mut objects = vec![obj];
+        let mut objects: super::session::Keys = smallvec::smallvec![obj];
         let mut version = Some(split_id(&info.raw_id).1.unwrap_or(1));
         let (cmk, logical) = self.cmk_and_logical(&view, h, info);
         if let Some(cmk) = cmk {
@@ -160,7 +160,7 @@ impl Library {
                 objects = if all {
                     cmk.versions.iter().rev().map(|(_, o)| *o).collect()
                 } else {
-                    primary.map(|(_, o)| vec![o]).unwrap_or(objects)
+                    primary.map(|(_, o)| smallvec::smallvec![o]).unwrap_or(objects)
                 };
                 version = primary.map(|(v, _)| v);
             } else if !matches!(op, Op::Decrypt | Op::Unwrap | Op::Verify) {
@@ -243,7 +243,7 @@ impl Library {
                 if !policy::mechanisms::offered(mech.ty) {
                     return err(CKR_MECHANISM_INVALID);
                 }
-                return s.init(kind, mech, Vec::new());
+                return s.init(kind, mech, Default::default());
             }
         };
         let mut k = self.use_key(s, key, CKR_KEY_HANDLE_INVALID, op, mech.ty)?;
@@ -931,6 +931,7 @@ impl Library {
                 .values()
                 .any(|c| c.state(keystore::now()) == State::Destroyed)
                 || !view.orphan_records.is_empty()
+                || !view.unusable.is_empty()
             {
                 match lifecycle::purge(s.backend(), &view) {
                     Ok(names) if !names.is_empty() => {

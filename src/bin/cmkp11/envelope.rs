@@ -184,8 +184,8 @@ fn gcm(iv: Vec<u8>, aad: Vec<u8>) -> Mech {
     Mech {
         ty: CKM_AES_GCM,
         param: Param::Gcm {
-            iv,
-            aad,
+            iv: iv.as_slice().into(),
+            aad: aad.as_slice().into(),
             tag_bits: (TAG * 8) as CK_ULONG,
         },
     }
