@@ -164,6 +164,9 @@ pub fn rotate(s: &Session, cmk: &Cmk) -> Result<u32> {
 /// `purge`: destroys every key whose deletion date has passed (and clears what an
 /// interrupted purge left). The record is first set to destroyed, so a purge killed
 /// half-way leaves a key that is already gone for everybody, and the next purge finishes.
+/// It also destroys the torn key objects a killed creation left (see [`super::torn`]),
+/// each logged at warn level; any other unusable key object is left alone. Returns the
+/// names of the keys destroyed (torn objects are no key and are not listed).
 pub fn purge(s: &Session, view: &View) -> Result<Vec<String>> {
     let t = now();
     let mut purged = Vec::new();
@@ -200,5 +203,34 @@ pub fn purge(s: &Session, view: &View) -> Result<Vec<String>> {
     for obj in &view.orphan_records {
         let _ = s.destroy_object(*obj);
     }
+    destroy_torn(s, view);
     Ok(purged)
+}
+
+/// Destroys the unusable key objects of `view` that are torn.
+fn destroy_torn(s: &Session, view: &View) {
+    for u in &view.unusable {
+        let version = u
+            .version
+            .map_or_else(|| "untagged".into(), |v| v.to_string());
+        if !super::torn(s, u.obj) {
+            log::warn!(
+                "keystore: key `{}` version {version}: left alone a key object the token cannot use but that is not torn (its value is not known to be empty)",
+                u.name
+            );
+            continue;
+        }
+        match s.destroy_object(u.obj) {
+            Ok(()) => {
+                log::warn!(
+                    "keystore: key `{}` version {version}: destroyed a torn key object (its creation was cut short: the token holds no value for it); the key's other versions are untouched",
+                    u.name
+                );
+            }
+            Err(e) => log::warn!(
+                "keystore: key `{}` version {version}: cannot destroy a torn key object: {e}",
+                u.name
+            ),
+        }
+    }
 }

@@ -243,6 +243,20 @@ pub struct View {
     pub cmks: BTreeMap<Vec<u8>, Cmk>,
     /// State records whose key objects are gone (left by an interrupted purge).
     pub orphan_records: Vec<ObjectHandle>,
+    /// Secret key objects the token could not use (see [`load`]): no version of any CMK.
+    /// Purge destroys those that are [`torn`]; the others are left alone.
+    pub unusable: Vec<Unusable>,
+}
+
+/// A secret key object that failed the usability probe of [`load`].
+#[derive(Debug, Clone)]
+pub struct Unusable {
+    /// The object.
+    pub obj: ObjectHandle,
+    /// The CMK name it carries (label, or hex id).
+    pub name: String,
+    /// The version number in its `CKA_ID`, if tagged.
+    pub version: Option<u32>,
 }
 
 impl View {
@@ -315,6 +329,46 @@ fn usable_key(s: &Session, obj: ObjectHandle) -> bool {
     }
 }
 
+/// SHA-256 of the empty string: what `C_DigestKey` gives for a key whose value is empty.
+const SHA256_OF_NOTHING: [u8; 32] = [
+    0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24,
+    0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
+];
+
+/// Whether a secret key object is a torn one: left by a process killed while the token
+/// created it, with its attributes written but no value. Only such an object may be
+/// destroyed on the keystore's initiative, so every condition is a positive statement of
+/// the token, never an error that a healthy key could also get:
+/// - `C_DigestKey` (SHA-256) succeeds and gives the digest of zero bytes: the token says
+///   the key's value is empty (no key of any type has an empty value);
+/// - `CKA_CHECK_VALUE` reads as empty (a token computes it from the value);
+/// - `CKA_LOCAL` reads as false (generated keys get it with their value).
+///
+/// That is exactly what SoftHSM2 2.6 leaves when a `C_GenerateKey` or `C_UnwrapKey` is
+/// killed between its two writes of the object file (the template's attributes, then the
+/// value with `CKA_LOCAL`, `CKA_KEY_GEN_MECHANISM` and `CKA_CHECK_VALUE`). A token that
+/// cannot digest keys, refuses to, or fails for any reason makes the answer `false`.
+/// `s` must have no operation in progress of its own: the digest is started and finished
+/// here (a session with one refuses `C_DigestInit`, and the answer is `false`).
+pub fn torn(s: &Session, obj: ObjectHandle) -> bool {
+    use cryptoki::mechanism::Mechanism as M;
+    let Ok(attrs) = s.get_attributes(obj, &[AttributeType::CheckValue, AttributeType::Local])
+    else {
+        return false;
+    };
+    let empty_kcv = attrs
+        .iter()
+        .any(|a| matches!(a, Attribute::CheckValue(v) if v.is_empty()));
+    let not_local = attrs.iter().any(|a| *a == Attribute::Local(false));
+    if !(empty_kcv && not_local) || s.digest_init(&M::Sha256).is_err() {
+        return false;
+    }
+    let fed = s.digest_key(obj).is_ok();
+    // Always finished, so that the session is left without an operation.
+    let digest = s.digest_final();
+    fed && digest.is_ok_and(|d| d == SHA256_OF_NOTHING)
+}
+
 /// Reads every CMK and state record from the token (through a logged-in session; before
 /// login, private objects are invisible and the view is empty).
 pub fn load(s: &Session, usable: &mut std::collections::HashSet<CK_OBJECT_HANDLE>) -> Result<View> {
@@ -336,10 +390,17 @@ pub fn load(s: &Session, usable: &mut std::collections::HashSet<CK_OBJECT_HANDLE
             // A key whose creation was cut short (a process killed while the token wrote
             // its file: SoftHSM2 can leave an object whose value cannot be read back) is
             // no version: using it would fail. Each secret key is checked once per
-            // process by digesting it inside the token (the digest is discarded).
+            // process by one operation inside the token (see `usable_key`); purge
+            // destroys the failures that are `torn`.
             if class == ObjectClass::SECRET_KEY && !usable.contains(&obj.handle()) {
                 if !usable_key(s, obj) {
                     log::error!("keystore: ignoring the key object `{label}` whose value the token cannot read (left by an interrupted write?)");
+                    let (id, version) = split_id(&raw_id);
+                    view.unusable.push(Unusable {
+                        obj,
+                        name: if label.is_empty() { hex(id) } else { label },
+                        version,
+                    });
                     continue;
                 }
                 usable.insert(obj.handle());
