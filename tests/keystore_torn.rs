@@ -26,7 +26,7 @@ mod common;
 mod lifecycle_support;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-use cryptoki::error::{Error, RvError};
+use cryptoki::error::Error;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
@@ -418,7 +418,7 @@ fn tear(path: &Path) {
         i += 16;
         match kind {
             1 => {
-                if ty == CKA_LOCAL as u64 {
+                if ty == CKA_LOCAL {
                     assert_eq!(b[i], 0xff, "a generated key is local");
                     out.push(0);
                     changed.insert(ty);
@@ -428,8 +428,8 @@ fn tear(path: &Path) {
                 i += 1;
             }
             2 => {
-                if ty == CKA_KEY_GEN_MECHANISM as u64 {
-                    assert_eq!(u(i), CKM_AES_KEY_GEN as u64);
+                if ty == CKA_KEY_GEN_MECHANISM {
+                    assert_eq!(u(i), CKM_AES_KEY_GEN);
                     out.extend_from_slice(&u64::MAX.to_be_bytes());
                     changed.insert(ty);
                 } else {
@@ -439,7 +439,7 @@ fn tear(path: &Path) {
             }
             3 => {
                 let n = u(i) as usize;
-                if ty == CKA_VALUE as u64 || ty == CKA_CHECK_VALUE as u64 {
+                if ty == CKA_VALUE || ty == CKA_CHECK_VALUE {
                     assert!(n > 0, "attribute {ty:#x} is empty already");
                     out.extend_from_slice(&0u64.to_be_bytes());
                     changed.insert(ty);

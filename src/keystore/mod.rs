@@ -359,7 +359,7 @@ pub fn torn(s: &Session, obj: ObjectHandle) -> bool {
     let empty_kcv = attrs
         .iter()
         .any(|a| matches!(a, Attribute::CheckValue(v) if v.is_empty()));
-    let not_local = attrs.iter().any(|a| *a == Attribute::Local(false));
+    let not_local = attrs.contains(&Attribute::Local(false));
     if !(empty_kcv && not_local) || s.digest_init(&M::Sha256).is_err() {
         return false;
     }
