@@ -2,6 +2,9 @@
 //! token double (MAC every 1024 records) and without a token. No timed asserts.
 //!
 //! `cargo test --release --test audit_bench -- --ignored --nocapture`
+//!
+//! For profiling one variant: `AUDIT_BENCH_ONLY=1,off` (threads, token MAC `on`/`off`);
+//! `AUDIT_BENCH_N` sets the record count (default 200 000).
 
 mod audit_support;
 
@@ -41,9 +44,17 @@ fn run(threads: usize, per_thread: u64, with_mac: bool) -> f64 {
 #[test]
 #[ignore = "benchmark: run with --ignored --nocapture (release)"]
 fn records_per_second() {
-    let n = 200_000;
+    let n = std::env::var("AUDIT_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let only = std::env::var("AUDIT_BENCH_ONLY").ok();
     for with_mac in [true, false] {
         for threads in [1, 2] {
+            let name = format!("{threads},{}", if with_mac { "on" } else { "off" });
+            if only.as_ref().is_some_and(|o| *o != name) {
+                continue;
+            }
             let rate = run(threads, n / threads as u64, with_mac);
             println!(
                 "audit bench: {threads} thread(s), token MAC {}: {:>9.0} records/s ({:.2} us/record)",

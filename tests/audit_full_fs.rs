@@ -59,9 +59,10 @@ fn full_filesystem_denies_then_allows() {
         )
         .unwrap()
     };
-    // leave ~6 KiB free
-    std::fs::write(fs.join("filler"), vec![0u8; 58 * 1024]).unwrap();
+    // leave ~4 KiB free (the audit lock file takes one page of the 64)
     let deny = open("deny");
+    assert!(audit::sink::lock_path(&log).exists());
+    std::fs::write(fs.join("filler"), vec![0u8; 54 * 1024]).unwrap();
     let mut ok = 0;
     let mut refused = 0;
     for i in 0..200 {

@@ -288,7 +288,7 @@ impl Auditor {
         if cfg.file.is_none() && cfg.syslog {
             log::warn!("audit: syslog = true has no effect without audit.file");
         }
-        let pid = std::process::id();
+        let pid = crate::ffi::shm::pid();
         let syslog = cfg.syslog.then(|| sink::Syslog::new(&tuning.syslog_socket));
         let mut w = Writer {
             pid,
@@ -393,7 +393,7 @@ impl Auditor {
     pub fn checkpoint(&self) -> Result<(), u64> {
         {
             let w = self.w.lock();
-            if w.mac.is_none() || !w.unmac || w.pid != std::process::id() {
+            if w.mac.is_none() || !w.unmac || w.pid != crate::ffi::shm::pid() {
                 return Ok(());
             }
         }
@@ -409,7 +409,7 @@ impl Auditor {
             let w = self.w.lock();
             let due = w.mac.is_some()
                 && w.unmac
-                && w.pid == std::process::id()
+                && w.pid == crate::ffi::shm::pid()
                 && w.last_mac
                     .is_none_or(|t| t.elapsed() >= self.tuning.checkpoint_interval);
             if !due {
@@ -428,7 +428,7 @@ impl Auditor {
         if self.path.is_none() {
             return Ok(());
         }
-        let pid = std::process::id();
+        let pid = crate::ffi::shm::pid();
         let body = record::body(&self.ident, pid, r, bulk, SystemTime::now());
         let res = self.submit(
             pid,
@@ -574,17 +574,40 @@ impl Auditor {
     ) -> Result<Vec<(Vec<u8>, bool)>, String> {
         let mac = w.mac.clone();
         let log = w.log.as_mut().expect("opened");
+        let log_id = log.id();
         let disp = log.path().display().to_string();
         let mut locked = log.lock().map_err(|e| format!("lock {disp}: {e}"))?;
-        let len = locked.end().map_err(|e| format!("stat {disp}: {e}"))?;
-        let tail = match w.head {
-            Some((seq, hash)) if w.end == len => chain::Tail {
-                seq,
-                hash,
-                torn: None,
-            },
-            _ => chain::read_tail(locked.file(), len)
-                .map_err(|e| format!("read the end of {disp}: {e}"))?,
+        let hint = locked.hint();
+        let (len, tail) = match hint {
+            // the last append under the lock file's mutex was ours: nobody wrote since
+            Some(h) if w.head.is_some() && h.len == w.end => (
+                h.len,
+                chain::Tail {
+                    seq: h.seq,
+                    hash: h.hash,
+                    torn: None,
+                },
+            ),
+            _ => {
+                let len = locked.end().map_err(|e| format!("stat {disp}: {e}"))?;
+                let known = match (hint, w.head) {
+                    // another writer appended, and left the head there
+                    (Some(h), _) if h.len == len => Some((h.seq, h.hash)),
+                    // flock: the file is as we left it
+                    (None, Some(head)) if !locked.shared() && w.end == len => Some(head),
+                    _ => None,
+                };
+                let tail = match known {
+                    Some((seq, hash)) => chain::Tail {
+                        seq,
+                        hash,
+                        torn: None,
+                    },
+                    None => chain::read_tail(locked.file(), len)
+                        .map_err(|e| format!("read the end of {disp}: {e}"))?,
+                };
+                (len, tail)
+            }
         };
         let mut buf = Vec::with_capacity(512 * (batch.len() + 1));
         let mut out: Vec<(std::ops::Range<usize>, bool)> = Vec::with_capacity(batch.len() + 2);
@@ -676,10 +699,17 @@ impl Auditor {
             out.push((start..buf.len() - 1, ok));
             macd = m.or(macd);
         }
-        locked
-            .append(&buf, len)
-            .map_err(|e| format!("write {disp}: {e}"))?;
+        if let Err(e) = locked.append(&buf, len) {
+            locked.set_hint(None);
+            return Err(format!("write {disp}: {e}"));
+        }
         w.end = len + buf.len() as u64;
+        locked.set_hint(Some(crate::ffi::shm::Hint {
+            log_id,
+            len: w.end,
+            seq,
+            hash: prev,
+        }));
         w.head = Some((seq, prev));
         w.lost = 0;
         if let (Some(m), Some(tm)) = (macd, &mac) {

@@ -1,5 +1,8 @@
-//! Sinks: the log file (append-only, `flock`-serialized across processes) and syslog.
+//! Sinks: the log file (append-only, serialized across processes by the audit lock file or
+//! `flock`) and syslog.
 
+use super::chain;
+use crate::ffi::shm::{self, Hint, LockFile, OpenError};
 use rustix::fs::{flock, FlockOperation};
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
@@ -7,31 +10,69 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
+/// The audit lock file of the log at `log`: `.<file name>.lock` in the same directory (a
+/// hidden name, so that log tools globbing `*` leave it alone).
+pub fn lock_path(log: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(log.file_name().unwrap_or_default());
+    name.push(".lock");
+    log.with_file_name(name)
+}
+
+/// How this process serializes appends with the other writers of the log.
+#[derive(Debug)]
+enum Mode {
+    /// The robust mutex in the audit lock file (no system call when free).
+    Shared(LockFile),
+    /// `flock` on the log: the lock file could not be created. Checked again under every
+    /// `flock`: once a valid lock file exists, every writer must use it. `invalid` is the
+    /// (device, inode) of an invalid lock file that could not be replaced (a valid one
+    /// always appears under a new inode, by rename).
+    Flock { invalid: Option<(u64, u64)> },
+}
+
 /// The log file of one process. Opened `O_APPEND`, so every `write` lands at the end even
-/// if another process appended meanwhile; the exclusive `flock` makes "read the chain
-/// head, append the next records" atomic across processes and threads.
+/// if another process appended meanwhile; the lock makes "find the chain head, append the
+/// next records" atomic across processes and threads.
 #[derive(Debug)]
 pub struct LogFile {
     path: PathBuf,
+    lock_path: PathBuf,
     file: File,
     /// (device, inode) at open: a rotated or deleted log is reopened.
     id: (u64, u64),
+    mode: Mode,
+    /// The lock file's mutex was found unrecoverable: rebuild it at the next lock.
+    rebuild: std::cell::Cell<bool>,
 }
 
-/// Holds the exclusive lock on the log; released on drop.
+/// Holds the lock on the log (the lock file's mutex, or the `flock`); released on drop.
 pub struct Locked<'a> {
-    /// The locked log.
-    pub log: &'a mut LogFile,
+    log: &'a LogFile,
+    guard: Option<shm::Guard<'a>>,
 }
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
-        let _ = flock(&self.log.file, FlockOperation::Unlock);
+        if self.guard.is_none() {
+            let _ = flock(&self.log.file, FlockOperation::Unlock);
+        }
+    }
+}
+
+fn flock_ex(f: &File) -> std::io::Result<()> {
+    loop {
+        match flock(f, FlockOperation::LockExclusive) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
 impl LogFile {
-    /// Opens (creating, mode 0660 before umask) the log at `path` for appending.
+    /// Opens (creating, mode 0660 before umask) the log at `path` for appending, and its
+    /// lock file (creating it if there is none; without one, `flock` is used).
     pub fn open(path: &Path) -> std::io::Result<LogFile> {
         let file = OpenOptions::new()
             .read(true)
@@ -44,11 +85,76 @@ impl LogFile {
         if !m.is_file() {
             return Err(std::io::Error::other("not a regular file"));
         }
-        Ok(LogFile {
+        let mut log = LogFile {
             path: path.to_owned(),
+            lock_path: lock_path(path),
             file,
             id: (m.dev(), m.ino()),
-        })
+            mode: Mode::Flock { invalid: None },
+            rebuild: std::cell::Cell::new(false),
+        };
+        log.mode = log.lock_mode(false)?;
+        Ok(log)
+    }
+
+    /// Finds (or creates, or with `replace` rebuilds) the lock file. A missing one is
+    /// created under the log's `flock`, so a writer in `Flock` mode (which looks for it
+    /// under the same `flock`) never appends concurrently with one using it.
+    fn lock_mode(&self, replace: bool) -> std::io::Result<Mode> {
+        let unusable = |e: &dyn std::fmt::Display| {
+            std::io::Error::other(format!("lock file {}: {e}", self.lock_path.display()))
+        };
+        if !replace {
+            match LockFile::open(&self.lock_path) {
+                Ok(lf) => return Ok(Mode::Shared(lf)),
+                Err(OpenError::Unusable(e)) => return Err(unusable(&e)),
+                Err(OpenError::Missing | OpenError::Invalid(_)) => {}
+            }
+        }
+        flock_ex(&self.file)?;
+        let _unlock = Locked {
+            log: self,
+            guard: None,
+        };
+        // again under the flock: another writer may have made or repaired it meanwhile
+        let why = match LockFile::open(&self.lock_path) {
+            Ok(lf) if !replace => return Ok(Mode::Shared(lf)),
+            Ok(_) => "its mutex is unrecoverable".to_string(),
+            Err(OpenError::Unusable(e)) => return Err(unusable(&e)),
+            Err(OpenError::Missing) => String::new(),
+            Err(OpenError::Invalid(s)) => s,
+        };
+        if !why.is_empty() {
+            log::warn!(
+                "audit: replacing the lock file {}: {why}",
+                self.lock_path.display()
+            );
+        }
+        let len = (&self.file).seek(SeekFrom::End(0))?;
+        let hint = chain::read_tail(&self.file, len)
+            .ok()
+            .filter(|t| t.torn.is_none())
+            .map(|t| Hint {
+                log_id: self.id,
+                len,
+                seq: t.seq,
+                hash: t.hash,
+            });
+        let m = self.file.metadata()?;
+        match LockFile::create(&self.lock_path, m.mode(), Some(m.gid()), hint) {
+            Ok(lf) => Ok(Mode::Shared(lf)),
+            Err(e) => {
+                log::warn!(
+                    "audit: cannot create the lock file {}: {e}; serializing with flock \
+                     on the log (slower)",
+                    self.lock_path.display()
+                );
+                let invalid = std::fs::symlink_metadata(&self.lock_path)
+                    .ok()
+                    .map(|m| (m.dev(), m.ino()));
+                Ok(Mode::Flock { invalid })
+            }
+        }
     }
 
     /// The path this log was opened at.
@@ -56,21 +162,70 @@ impl LogFile {
         &self.path
     }
 
-    /// Whether the path still names the file we hold open (false after rotation/deletion).
-    pub fn still_current(&self) -> bool {
-        std::fs::metadata(&self.path)
-            .map(|m| (m.dev(), m.ino()) == self.id)
-            .unwrap_or(false)
+    /// (device, inode) of the open log.
+    pub fn id(&self) -> (u64, u64) {
+        self.id
     }
 
-    /// Takes the exclusive lock (blocks while another writer holds it).
+    /// Whether appends are serialized by the lock file (else by `flock`).
+    pub fn uses_lock_file(&self) -> bool {
+        matches!(self.mode, Mode::Shared(_))
+    }
+
+    /// Whether the path still names the file we hold open (false after rotation or
+    /// deletion), and the lock file's path the lock file we use.
+    pub fn still_current(&self) -> bool {
+        let log = std::fs::metadata(&self.path)
+            .map(|m| (m.dev(), m.ino()) == self.id)
+            .unwrap_or(false);
+        log && match &self.mode {
+            Mode::Shared(lf) => lf.still_current(&self.lock_path),
+            Mode::Flock { .. } => true,
+        }
+    }
+
+    /// Takes the lock (blocks while another writer holds it).
     pub fn lock(&mut self) -> std::io::Result<Locked<'_>> {
-        loop {
-            match flock(&self.file, FlockOperation::LockExclusive) {
-                Ok(()) => return Ok(Locked { log: self }),
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
+        if self.rebuild.take() {
+            self.mode = self.lock_mode(true)?;
+        }
+        while let Mode::Flock { invalid } = self.mode {
+            flock_ex(&self.file)?;
+            match std::fs::symlink_metadata(&self.lock_path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(Locked {
+                        log: self,
+                        guard: None,
+                    })
+                }
+                Ok(m) if Some((m.dev(), m.ino())) == invalid => {
+                    return Ok(Locked {
+                        log: self,
+                        guard: None,
+                    })
+                }
+                _ => {}
             }
+            // another writer made a lock file: from now on it serializes the appends
+            let _ = flock(&self.file, FlockOperation::Unlock);
+            self.mode = self.lock_mode(false)?;
+        }
+        match &self.mode {
+            Mode::Shared(lf) => match lf.lock() {
+                Ok(g) => Ok(Locked {
+                    log: self,
+                    guard: Some(g),
+                }),
+                Err(e) => {
+                    if e.raw_os_error() == Some(libc::ENOTRECOVERABLE) {
+                        // only a writer that ignores the robust protocol leaves this:
+                        // rebuild the lock file before the next append
+                        self.rebuild.set(true);
+                    }
+                    Err(e)
+                }
+            },
+            Mode::Flock { .. } => Err(std::io::Error::other("no lock mode")),
         }
     }
 }
@@ -85,6 +240,28 @@ impl Locked<'_> {
     /// The open file (for tail reads).
     pub fn file(&self) -> &File {
         &self.log.file
+    }
+
+    /// Whether the lock file serializes appends (else `flock`).
+    pub fn shared(&self) -> bool {
+        self.guard.is_some()
+    }
+
+    /// The lock file's hint about this log: `None` under `flock`, when there is none, when
+    /// it describes another file, or when its last writer died holding the lock.
+    pub fn hint(&self) -> Option<Hint> {
+        let g = self.guard.as_ref()?;
+        if g.owner_died() {
+            return None;
+        }
+        g.hint().filter(|h| h.log_id == self.log.id)
+    }
+
+    /// Stores the hint for the next writer (a no-op under `flock`).
+    pub fn set_hint(&mut self, h: Option<Hint>) {
+        if let Some(g) = &mut self.guard {
+            g.set_hint(h);
+        }
     }
 
     /// Appends `buf` with one `write` (whole lines). On failure the file is cut back to
@@ -134,7 +311,7 @@ impl Syslog {
 
     /// Sends one record; `ok` chooses severity info (6) or warning (4).
     pub fn send(&mut self, line: &[u8], ok: bool) {
-        let pid = std::process::id();
+        let pid = shm::pid();
         if self.sock.is_none() || self.pid != pid {
             self.pid = pid;
             self.sock = UnixDatagram::unbound()

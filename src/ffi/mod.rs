@@ -9,6 +9,7 @@ pub mod args;
 pub mod entry;
 pub mod exports;
 pub mod raw;
+pub mod shm;
 pub mod tables;
 
 use crate::backend::rv;
