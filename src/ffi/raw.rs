@@ -52,6 +52,37 @@ impl RawBackend {
     }
 }
 
+/// A value published to every thread with one atomic store and read with one atomic
+/// load: no lock and no reference count on the hot path. Values are leaked (`&'static`),
+/// never freed, so a reader may keep using the one it loaded after it was replaced.
+pub struct Published<T: 'static>(AtomicPtr<T>);
+
+impl<T: 'static> Published<T> {
+    /// Nothing published.
+    pub const fn new() -> Self {
+        Published(AtomicPtr::new(std::ptr::null_mut()))
+    }
+
+    /// Publishes `v` (or nothing).
+    pub fn set(&self, v: Option<&'static T>) {
+        let p = v.map_or(std::ptr::null_mut(), |r| (r as *const T).cast_mut());
+        self.0.store(p, Ordering::Release);
+    }
+
+    /// What is published.
+    pub fn get(&self) -> Option<&'static T> {
+        // SAFETY: the pointer is null or came from a `&'static T` in `set`; it is never
+        // written through (only turned back into a shared reference).
+        unsafe { self.0.load(Ordering::Acquire).as_ref() }
+    }
+}
+
+impl<T: 'static> Default for Published<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Installs (or, with `None`, removes) the table used by the entry points.
 pub fn install(raw: Option<RawBackend>) {
     let p = raw.map_or(std::ptr::null_mut(), |r| Box::into_raw(Box::new(r)));

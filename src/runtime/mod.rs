@@ -1,8 +1,12 @@
 //! Process state: `C_Initialize`/`C_Finalize`, slots, sessions and handle tables.
 //!
 //! # Locks and their order
-//! 1. [`STATE`] (global `RwLock<Option<Arc<Library>>>`): held only to clone the `Arc`, and
-//!    exclusively by `C_Initialize`, `C_Finalize` and across `fork()` (atfork handlers).
+//! 1. [`STATE`] (global `RwLock<Option<&Library>>`): taken exclusively by
+//!    `C_Initialize`, `C_Finalize` and across `fork()` (atfork handlers). Entry points do
+//!    not take it: they read the library published in [`CURRENT`] with one atomic load.
+//!    A library is never freed (`C_Finalize` closes its sessions and finalizes the
+//!    backend, then leaks the small rest), so a call still in flight on another thread
+//!    keeps valid memory without a reference count on every call.
 //! 2. `Library::sessions` (`RwLock<HashMap>`): held only to clone a session's `Arc`, or
 //!    to insert/remove one.
 //! 3. A session's own `Mutex`: held for the whole call on that session, including the
@@ -91,17 +95,19 @@ struct SlotSessions {
     idle: [Vec<cryptoki::session::Session>; 2],
 }
 
-static STATE: RwLock<Option<Arc<Library>>> = RwLock::new(None);
+static STATE: RwLock<Option<&'static Library>> = RwLock::new(None);
+/// The initialized library as entry points see it (`None` when not initialized).
+static CURRENT: crate::ffi::raw::Published<Library> = crate::ffi::raw::Published::new();
 static FORKED: AtomicBool = AtomicBool::new(false);
 
 /// The initialized library, or `CKR_CRYPTOKI_NOT_INITIALIZED` (also in a forked child
 /// that has not called `C_Initialize` yet).
-pub fn library() -> Result<Arc<Library>> {
+pub fn library() -> Result<&'static Library> {
     if FORKED.load(Ordering::Acquire) {
         return err(CKR_CRYPTOKI_NOT_INITIALIZED);
     }
-    match &*STATE.read() {
-        Some(lib) => Ok(lib.clone()),
+    match CURRENT.get() {
+        Some(lib) => Ok(lib),
         None => err(CKR_CRYPTOKI_NOT_INITIALIZED),
     }
 }
@@ -112,11 +118,10 @@ pub fn initialize() -> Result<()> {
     let mut state = STATE.write();
     let after_fork = FORKED.swap(false, Ordering::AcqRel);
     if after_fork {
-        // In a forked child: the parent's state must not be dropped (dropping would close
-        // the parent's backend sessions and finalize its module). Leak it.
-        if let Some(old) = state.take() {
-            std::mem::forget(old);
-        }
+        // In a forked child: the parent's state must not be closed (that would close the
+        // parent's backend sessions and finalize its module); it stays leaked.
+        state.take();
+        CURRENT.set(None);
     }
     if state.is_some() {
         return err(CKR_CRYPTOKI_ALREADY_INITIALIZED);
@@ -124,17 +129,22 @@ pub fn initialize() -> Result<()> {
     crate::logging::init_default();
     let cfg = Config::load().inspect_err(|e| log::error!("{e}"))?;
     crate::logging::init(&cfg.log);
-    *state = Some(Arc::new(Library::new(cfg, after_fork)?));
+    let lib: &'static Library = Box::leak(Box::new(Library::new(cfg, after_fork)?));
+    *state = Some(lib);
+    CURRENT.set(Some(lib));
     Ok(())
 }
 
-/// `C_Finalize`: closes every session and finalizes the backend (once the last call in
-/// flight has released the library).
+/// `C_Finalize`: closes every session and finalizes the backend.
 pub fn finalize() -> Result<()> {
     if FORKED.load(Ordering::Acquire) {
         return err(CKR_CRYPTOKI_NOT_INITIALIZED);
     }
-    let lib = STATE.write().take();
+    let lib = {
+        let mut state = STATE.write();
+        CURRENT.set(None);
+        state.take()
+    };
     match lib {
         None => err(CKR_CRYPTOKI_NOT_INITIALIZED),
         Some(lib) => {
@@ -344,13 +354,11 @@ impl Library {
     fn closed(&self, h: CK_SESSION_HANDLE, (slot_id, s): (CK_SLOT_ID, Arc<Mutex<Session>>)) {
         self.objects.forget_owned_by(h);
         self.audit.session_closed(h);
-        let reusable = Arc::try_unwrap(s)
-            .ok()
-            .and_then(|m| {
-                let s = m.into_inner();
-                let rw = s.rw;
-                s.into_reusable().map(|b| (rw, b))
-            });
+        let reusable = Arc::try_unwrap(s).ok().and_then(|m| {
+            let s = m.into_inner();
+            let rw = s.rw;
+            s.into_reusable().map(|b| (rw, b))
+        });
         self.session_gone(slot_id, reusable);
     }
 
@@ -359,11 +367,7 @@ impl Library {
     /// last session of the slot: then every kept session of the slot closes, and so do
     /// cmkp11's own sessions of it, so that the token logs the application out (PKCS#11
     /// §5.6); the audit log first writes its checkpoint, which needs the login.
-    fn session_gone(
-        &self,
-        slot_id: CK_SLOT_ID,
-        idle: Option<(bool, cryptoki::session::Session)>,
-    ) {
+    fn session_gone(&self, slot_id: CK_SLOT_ID, idle: Option<(bool, cryptoki::session::Session)>) {
         let (last, to_close) = {
             let mut c = self.slot_sessions[slot_id as usize].lock();
             c.open = c.open.saturating_sub(1);

@@ -12,7 +12,10 @@ use crate::ffi::{args, guard};
 use crate::runtime::session::{Kind, Session};
 use cryptoki_sys::*;
 fn backend() -> Result<&'static RawBackend> {
-    raw::get().ok_or(Error::Rv(CKR_CRYPTOKI_NOT_INITIALIZED))
+    match raw::get() {
+        Some(b) => Ok(b),
+        None => Err(Error::Rv(CKR_CRYPTOKI_NOT_INITIALIZED)),
+    }
 }
 
 /// Runs one backend call of an active operation of `kind`.
