@@ -61,7 +61,7 @@ pub struct Library {
     /// The backend module and the slots cmkp11 exposes.
     pub backend: Backend,
     /// The application's sessions, each with its slot (readable without its lock).
-    sessions: RwLock<handles::HandleMap<CK_SESSION_HANDLE, (CK_SLOT_ID, Arc<Mutex<Session>>)>>,
+    sessions: RwLock<handles::HandleMap<CK_SESSION_HANDLE, SessionEntry>>,
     /// Per slot: the application's open sessions and idle backend sessions.
     slot_sessions: Vec<Mutex<SlotSessions>>,
     next_session: AtomicU64,
@@ -82,6 +82,9 @@ pub struct Library {
     /// Mechanism parameters the backend accepted when probed (slot, operation, mechanism).
     pub probed: RwLock<std::collections::HashSet<(CK_SLOT_ID, u8, crate::backend::mech::Mech)>>,
 }
+
+/// A session in the table: its slot (readable without the session's lock) and the session.
+type SessionEntry = (CK_SLOT_ID, Arc<Mutex<Session>>);
 
 /// How many idle backend sessions a slot keeps per kind.
 const IDLE_MAX: usize = 32;
@@ -351,7 +354,7 @@ impl Library {
     /// The end of an application session removed from the table: its session objects
     /// are forgotten, its audit record written, and its backend session kept for reuse or
     /// closed (when the last call in flight on it is over, if one is).
-    fn closed(&self, h: CK_SESSION_HANDLE, (slot_id, s): (CK_SLOT_ID, Arc<Mutex<Session>>)) {
+    fn closed(&self, h: CK_SESSION_HANDLE, (slot_id, s): SessionEntry) {
         self.objects.forget_owned_by(h);
         self.audit.session_closed(h);
         let reusable = Arc::try_unwrap(s).ok().and_then(|m| {

@@ -34,5 +34,5 @@ pub(crate) fn with_session<R>(
     let lib = runtime::library()?;
     let s = lib.session(h)?;
     let mut s = s.lock();
-    f(&lib, &mut s)
+    f(lib, &mut s)
 }
