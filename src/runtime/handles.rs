@@ -65,9 +65,21 @@ struct Tables {
 #[derive(Default)]
 pub struct HandleTable {
     t: RwLock<Tables>,
+    /// Counts changes to existing entries (forgotten objects, changed facts): a decision
+    /// remembered under an older epoch is not reused.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl HandleTable {
+    /// The current epoch (see the field).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
     /// cmkp11's handle for a backend object, allocating one the first time it is seen.
     /// `owner` is the session of a session object created through cmkp11.
     pub fn ours(
@@ -163,6 +175,7 @@ impl HandleTable {
 
     /// Records the `CKA_VALUE_LEN` of an object whose backend reports none.
     pub fn set_value_len(&self, h: CK_OBJECT_HANDLE, len: CK_ULONG) {
+        self.changed();
         if let Some(e) = self.t.write().ours.get_mut(&h) {
             e.value_len = Some(len);
         }
@@ -180,6 +193,7 @@ impl HandleTable {
 
     /// Caches the policy facts of an object (`None` forgets them, e.g. after a change).
     pub fn set_info(&self, h: CK_OBJECT_HANDLE, info: Option<Arc<KeyInfo>>) {
+        self.changed();
         if let Some(e) = self.t.write().ours.get_mut(&h) {
             e.info = info;
         }
@@ -206,6 +220,7 @@ impl HandleTable {
         {
             return;
         }
+        self.changed();
         if let Some(e) = self.t.write().ours.get_mut(&h) {
             e.origin.get_or_insert(origin);
         }
@@ -213,6 +228,7 @@ impl HandleTable {
 
     /// Marks an object as imported in plaintext.
     pub fn mark_imported(&self, h: CK_OBJECT_HANDLE) {
+        self.changed();
         if let Some(e) = self.t.write().ours.get_mut(&h) {
             e.imported = true;
             e.info = None;
@@ -235,6 +251,7 @@ impl HandleTable {
 
     /// Forgets one handle (the object was destroyed).
     pub fn forget(&self, h: CK_OBJECT_HANDLE) {
+        self.changed();
         let mut t = self.t.write();
         if let Some(e) = t.ours.remove(&h) {
             t.backend.remove(&(e.slot, e.obj.handle()));
@@ -249,6 +266,7 @@ impl HandleTable {
         if !self.t.read().owned.contains_key(&s) {
             return;
         }
+        self.changed();
         let mut t = self.t.write();
         for h in t.owned.remove(&s).unwrap_or_default() {
             if let Some(e) = t.ours.remove(&h) {

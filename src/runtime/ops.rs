@@ -106,16 +106,26 @@ impl Library {
         op: Op,
         mech: CK_MECHANISM_TYPE,
     ) -> Result<Key> {
+        self.use_key_with(s, h, invalid, op, mech)
+            .map(|(k, _, _)| k)
+    }
+
+    /// [`Library::use_key`], also returning the version used and, for a CMK, the keystore
+    /// view the decision was made under.
+    #[allow(clippy::type_complexity)]
+    fn use_key_with(
+        &self,
+        s: &Session,
+        h: CK_OBJECT_HANDLE,
+        invalid: CK_RV,
+        op: Op,
+        mech: CK_MECHANISM_TYPE,
+    ) -> Result<(Key, Option<u32>, Option<Arc<View>>)> {
         let (obj, info) = s.key_info(self, h, invalid)?;
         match self.decide(s, h, obj, &info, op, mech) {
-            Ok((objects, version)) => {
-                if info.class() == Class::Cmk {
-                    // A use that cannot be recorded is refused (audit.on_failure = deny).
-                    self.audit_key(s, op.name(), Some(mech), &info, version, CKR_OK, None)?;
-                } else {
-                    self.audit.count_bulk(s.handle, op.name());
-                }
-                Ok(Key { objects, info })
+            Ok((objects, version, view)) => {
+                self.audit_use(s, op, mech, &info, version)?;
+                Ok((Key { objects, info }, version, view))
             }
             Err((rv, reason)) => {
                 log::info!("refused {} with `{}`: {reason}", op.name(), info.label);
@@ -123,6 +133,67 @@ impl Library {
                 err(rv)
             }
         }
+    }
+
+    /// Records an allowed use: an audit record for a CMK (a use that cannot be recorded is
+    /// refused under `audit.on_failure = deny`), a count for a DEK.
+    fn audit_use(
+        &self,
+        s: &Session,
+        op: Op,
+        mech: CK_MECHANISM_TYPE,
+        info: &KeyInfo,
+        version: Option<u32>,
+    ) -> Result<()> {
+        if info.class() == Class::Cmk {
+            self.audit_key(s, op.name(), Some(mech), info, version, CKR_OK, None)
+        } else {
+            self.audit.count_bulk(s.handle, op.name());
+            Ok(())
+        }
+    }
+
+    /// [`Library::use_key`] for a cryptographic `*Init`, reusing the session's last
+    /// decision when it is still valid (see [`super::session::Decided`]).
+    fn use_key_cached(
+        &self,
+        s: &mut Session,
+        h: CK_OBJECT_HANDLE,
+        op: Op,
+        mech: CK_MECHANISM_TYPE,
+    ) -> Result<Key> {
+        let epoch = self.objects.epoch();
+        if let Some(d) = &s.decided {
+            if d.key == h
+                && d.op == op
+                && d.mech == mech
+                && d.epoch == epoch
+                && d.view
+                    .as_ref()
+                    .is_none_or(|v| Arc::ptr_eq(v, &self.view(s)))
+            {
+                let key = Key {
+                    objects: d.objects.clone(),
+                    info: d.info.clone(),
+                };
+                self.audit_use(s, op, mech, &key.info, d.version)?;
+                return Ok(key);
+            }
+        }
+        let (key, version, view) = self.use_key_with(s, h, CKR_KEY_HANDLE_INVALID, op, mech)?;
+        if self.cfg.access.is_empty() {
+            s.decided = Some(super::session::Decided {
+                key: h,
+                op,
+                mech,
+                epoch,
+                view,
+                objects: key.objects.clone(),
+                version,
+                info: key.info.clone(),
+            });
+        }
+        Ok(key)
     }
 
     /// The decision behind [`Library::use_key`]: the objects to use and the version of
@@ -135,11 +206,12 @@ impl Library {
         info: &KeyInfo,
         op: Op,
         mech: CK_MECHANISM_TYPE,
-    ) -> std::result::Result<(super::session::Keys, Option<u32>), (CK_RV, String)> {
+    ) -> std::result::Result<(super::session::Keys, Option<u32>, Option<Arc<View>>), (CK_RV, String)>
+    {
         policy::check_use(op, mech, info, &self.settings)
             .map_err(|rv| (rv, format!("policy: {}", crate::backend::rv::name(rv))))?;
         if info.class() != Class::Cmk {
-            return Ok((smallvec::smallvec![obj], None));
+            return Ok((smallvec::smallvec![obj], None, None));
         }
         let view = self.view(s);
         let mut objects: super::session::Keys = smallvec::smallvec![obj];
@@ -160,7 +232,9 @@ impl Library {
                 objects = if all {
                     cmk.versions.iter().rev().map(|(_, o)| *o).collect()
                 } else {
-                    primary.map(|(_, o)| smallvec::smallvec![o]).unwrap_or(objects)
+                    primary
+                        .map(|(_, o)| smallvec::smallvec![o])
+                        .unwrap_or(objects)
                 };
                 version = primary.map(|(v, _)| v);
             } else if !matches!(op, Op::Decrypt | Op::Unwrap | Op::Verify) {
@@ -179,7 +253,7 @@ impl Library {
             policy::access::check(&self.cfg.access, &info.label, op.name(), &self.caller, now)
                 .map_err(|reason| (policy::access::DENIED, reason))?;
         }
-        Ok((objects, version))
+        Ok((objects, version, Some(view)))
     }
 
     /// Writes an audit record about a key (a no-op when the audit log is off).
@@ -246,7 +320,7 @@ impl Library {
                 return s.init(kind, mech, Default::default());
             }
         };
-        let mut k = self.use_key(s, key, CKR_KEY_HANDLE_INVALID, op, mech.ty)?;
+        let mut k = self.use_key_cached(s, key, op, mech.ty)?;
         // Only authenticated decryption may try older versions (and only single-part).
         if !(kind == Kind::Decrypt && mech.ty == CKM_AES_GCM) {
             k.objects.truncate(1);

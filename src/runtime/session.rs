@@ -166,6 +166,34 @@ pub struct Session {
     /// A session object was created in this session: closing the backend session is
     /// what destroys it, so the backend session is never reused.
     made_session_objects: bool,
+    /// The last decision of a cryptographic `*Init` in this session, reused by the next
+    /// one with the same key, operation and mechanism while nothing it depends on changed.
+    pub decided: Option<Decided>,
+}
+
+/// A decision of `Library::crypto_init` (policy, lifecycle state, versions) that can be
+/// reused: it depends only on the key's facts (valid while the handle table's epoch is
+/// unchanged), the static policy and, for a CMK, the keystore view it was made under (a
+/// new view after any reload). Decisions that depend on the time of day (access rules)
+/// are never kept; a CMK's state can change with time only once it is no longer enabled,
+/// and only allowed uses are kept.
+pub struct Decided {
+    /// cmkp11's key handle.
+    pub key: CK_OBJECT_HANDLE,
+    /// The operation.
+    pub op: crate::policy::Op,
+    /// The mechanism type.
+    pub mech: CK_MECHANISM_TYPE,
+    /// `HandleTable::epoch` before the decision was made.
+    pub epoch: u64,
+    /// For a CMK: the keystore view the decision was made under.
+    pub view: Option<Arc<crate::keystore::View>>,
+    /// The objects to use.
+    pub objects: Keys,
+    /// The CMK version used (for the audit record).
+    pub version: Option<u32>,
+    /// The key's facts.
+    pub info: Arc<KeyInfo>,
 }
 
 fn idx(k: Kind) -> usize {
@@ -189,6 +217,7 @@ impl Session {
             find: None,
             wrap: None,
             made_session_objects: false,
+            decided: None,
         }
     }
 
