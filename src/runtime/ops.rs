@@ -22,6 +22,10 @@ pub struct Key {
     pub info: Arc<KeyInfo>,
 }
 
+/// An allowed use: the objects to use, the CMK version, and for a CMK the keystore view
+/// the decision was made under.
+type Decision = (super::session::Keys, Option<u32>, Option<Arc<View>>);
+
 fn rv(r: std::result::Result<(), CK_RV>) -> Result<()> {
     r.map_err(Error::Rv)
 }
@@ -206,8 +210,7 @@ impl Library {
         info: &KeyInfo,
         op: Op,
         mech: CK_MECHANISM_TYPE,
-    ) -> std::result::Result<(super::session::Keys, Option<u32>, Option<Arc<View>>), (CK_RV, String)>
-    {
+    ) -> std::result::Result<Decision, (CK_RV, String)> {
         policy::check_use(op, mech, info, &self.settings)
             .map_err(|rv| (rv, format!("policy: {}", crate::backend::rv::name(rv))))?;
         if info.class() != Class::Cmk {
