@@ -24,7 +24,7 @@ pub struct Key {
 
 /// An allowed use: the objects to use, the CMK version, and for a CMK the keystore view
 /// the decision was made under.
-type Decision = (super::session::Keys, Option<u32>, Option<Arc<View>>);
+type Decision = (super::session::Keys, Option<u32>, Option<u64>);
 
 fn rv(r: std::result::Result<(), CK_RV>) -> Result<()> {
     r.map_err(Error::Rv)
@@ -62,6 +62,14 @@ impl Library {
     pub fn view(&self, s: &Session) -> Arc<View> {
         self.stores[s.slot_id as usize]
             .get(&self.backend.ctx, self.backend.slots[s.slot_id as usize])
+    }
+
+    /// The generation of the slot's view (see [`SlotStore::generation`]).
+    ///
+    /// [`SlotStore::generation`]: super::store::SlotStore::generation
+    pub fn view_generation(&self, s: &Session) -> u64 {
+        self.stores[s.slot_id as usize]
+            .generation(&self.backend.ctx, self.backend.slots[s.slot_id as usize])
     }
 
     /// Reloads the slot's view now.
@@ -114,8 +122,8 @@ impl Library {
             .map(|(k, _, _)| k)
     }
 
-    /// [`Library::use_key`], also returning the version used and, for a CMK, the keystore
-    /// view the decision was made under.
+    /// [`Library::use_key`], also returning the version used and, for a CMK, the
+    /// generation of the keystore view the decision was made under.
     #[allow(clippy::type_complexity)]
     fn use_key_with(
         &self,
@@ -124,7 +132,7 @@ impl Library {
         invalid: CK_RV,
         op: Op,
         mech: CK_MECHANISM_TYPE,
-    ) -> Result<(Key, Option<u32>, Option<Arc<View>>)> {
+    ) -> Result<(Key, Option<u32>, Option<u64>)> {
         let (obj, info) = s.key_info(self, h, invalid)?;
         match self.decide(s, h, obj, &info, op, mech) {
             Ok((objects, version, view)) => {
@@ -172,9 +180,7 @@ impl Library {
                 && d.op == op
                 && d.mech == mech
                 && d.epoch == epoch
-                && d.view
-                    .as_ref()
-                    .is_none_or(|v| Arc::ptr_eq(v, &self.view(s)))
+                && d.view.is_none_or(|g| g == self.view_generation(s))
             {
                 let key = Key {
                     objects: d.objects.clone(),
@@ -216,7 +222,8 @@ impl Library {
         if info.class() != Class::Cmk {
             return Ok((smallvec::smallvec![obj], None, None));
         }
-        let view = self.view(s);
+        let (generation, view) = self.stores[s.slot_id as usize]
+            .get_with_generation(&self.backend.ctx, self.backend.slots[s.slot_id as usize]);
         let mut objects: super::session::Keys = smallvec::smallvec![obj];
         let mut version = Some(split_id(&info.raw_id).1.unwrap_or(1));
         let (cmk, logical) = self.cmk_and_logical(&view, h, info);
@@ -256,7 +263,7 @@ impl Library {
             policy::access::check(&self.cfg.access, &info.label, op.name(), &self.caller, now)
                 .map_err(|reason| (policy::access::DENIED, reason))?;
         }
-        Ok((objects, version, Some(view)))
+        Ok((objects, version, Some(generation)))
     }
 
     /// Writes an audit record about a key (a no-op when the audit log is off).

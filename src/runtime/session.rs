@@ -186,8 +186,8 @@ pub struct Decided {
     pub mech: CK_MECHANISM_TYPE,
     /// `HandleTable::epoch` before the decision was made.
     pub epoch: u64,
-    /// For a CMK: the keystore view the decision was made under.
-    pub view: Option<Arc<crate::keystore::View>>,
+    /// For a CMK: the generation of the keystore view the decision was made under.
+    pub view: Option<u64>,
     /// The objects to use.
     pub objects: Keys,
     /// The CMK version used (for the audit record).

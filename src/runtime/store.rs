@@ -9,17 +9,28 @@ use cryptoki::slot::Slot;
 use parking_lot::{Mutex, RwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The longest a view is used without reading the token again.
 pub const REFRESH: Duration = Duration::from_millis(500);
 
+/// `CLOCK_MONOTONIC_COARSE` in milliseconds: read on every key use to decide whether the
+/// view is stale, and cheaper than the precise clock; its few milliseconds of resolution
+/// do not matter against [`REFRESH`].
+fn coarse_ms() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+    (t.tv_sec as u64) * 1000 + (t.tv_nsec as u64) / 1_000_000
+}
+
 /// One slot's keystore view.
 pub struct SlotStore {
-    view: RwLock<Arc<View>>,
-    /// Milliseconds since `epoch` of the last load; `u64::MAX` when stale.
+    /// The view and its generation (counts loads).
+    view: RwLock<(u64, Arc<View>)>,
+    /// The generation of the current view, readable without the lock.
+    generation: AtomicU64,
+    /// Coarse monotonic milliseconds (see [`coarse_ms`]) of the last load; `u64::MAX` when
+    /// stale.
     loaded: AtomicU64,
-    epoch: Instant,
     /// A read-only backend session of cmkp11's own for reading the keystore, so that an
     /// application's session with an operation in progress is never disturbed (SoftHSM2
     /// refuses a search while a session has an active operation).
@@ -31,9 +42,9 @@ pub struct SlotStore {
 impl Default for SlotStore {
     fn default() -> Self {
         SlotStore {
-            view: RwLock::new(Arc::new(View::default())),
+            view: RwLock::new((0, Arc::new(View::default()))),
+            generation: AtomicU64::new(0),
             loaded: AtomicU64::new(u64::MAX),
-            epoch: Instant::now(),
             loading: Mutex::new(None),
             usable: Mutex::new(std::collections::HashSet::new()),
         }
@@ -42,19 +53,35 @@ impl Default for SlotStore {
 
 impl SlotStore {
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        coarse_ms()
     }
 
     /// The current view, reloaded when older than [`REFRESH`]. A thread that finds another
     /// one loading uses the previous view rather than wait.
     pub fn get(&self, ctx: &Pkcs11, slot: Slot) -> Arc<View> {
+        self.get_with_generation(ctx, slot).1
+    }
+
+    /// [`SlotStore::get`] and the view's generation (a new one after every load).
+    pub fn get_with_generation(&self, ctx: &Pkcs11, slot: Slot) -> (u64, Arc<View>) {
+        self.refresh(ctx, slot);
+        self.view.read().clone()
+    }
+
+    /// The generation [`SlotStore::get`] would return now, without taking the view.
+    pub fn generation(&self, ctx: &Pkcs11, slot: Slot) -> u64 {
+        self.refresh(ctx, slot);
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Reloads the view if it is stale, unless another thread is loading it.
+    fn refresh(&self, ctx: &Pkcs11, slot: Slot) {
         let loaded = self.loaded.load(Ordering::Acquire);
         if loaded == u64::MAX || self.now_ms().saturating_sub(loaded) > REFRESH.as_millis() as u64 {
             if let Some(mut s) = self.loading.try_lock() {
-                return self.load(&mut s, ctx, slot);
+                self.load(&mut s, ctx, slot);
             }
         }
-        self.view.read().clone()
     }
 
     /// Reloads now (after a change made by this process).
@@ -84,7 +111,7 @@ impl SlotStore {
                 Ok(new) => *s = Some(new),
                 Err(e) => {
                     log::debug!("keystore: cannot open a session: {e}");
-                    return self.view.read().clone();
+                    return self.view.read().1.clone();
                 }
             }
         }
@@ -92,7 +119,12 @@ impl SlotStore {
         match loaded {
             Ok(v) => {
                 let v = Arc::new(v);
-                *self.view.write() = v.clone();
+                {
+                    let mut cur = self.view.write();
+                    let generation = cur.0 + 1;
+                    *cur = (generation, v.clone());
+                    self.generation.store(generation, Ordering::Release);
+                }
                 self.loaded.store(started, Ordering::Release);
                 v
             }
@@ -101,7 +133,7 @@ impl SlotStore {
                 // The session may have been closed under us (C_CloseAllSessions): reopen
                 // next time.
                 *s = None;
-                self.view.read().clone()
+                self.view.read().1.clone()
             }
         }
     }
