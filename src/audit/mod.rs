@@ -48,17 +48,58 @@
 //!
 //! # Many writers, one file
 //!
-//! The file is opened `O_APPEND`; a writer takes an exclusive `flock`, reads the chain
-//! head from the end of the file (or from its cache when the file length is what it
-//! left), appends its lines with one `write`, and unlocks. Threads of one process combine:
-//! while one thread writes, the others queue their records and the next writer appends
-//! them all in one `write` (group commit), so the file lock and the syscalls are paid per
-//! batch, not per record. A writer killed mid-`write` leaves a torn line; the next writer
-//! finds it under the lock, terminates it with a newline and writes a `torn` record
-//! (`reason` = offset, length and SHA-256 of the torn bytes) chained to the last complete
-//! record; verify reports it as a note with its exact place. A failed `write` (disk full,
-//! I/O error) is cut back with `ftruncate` so no partial line stays, and the next
-//! successful write starts with an `audit-lost` record that counts the records lost.
+//! The file is opened `O_APPEND`. Appends are serialized across processes by the *audit
+//! lock file* `.<log name>.lock` next to the log ([`sink::lock_path`]): one page, mapped
+//! shared by every writer, holding a process-shared **robust** pthread mutex and a *hint*
+//! (the log's device and inode, its length after the last append, and the `seq` and line
+//! hash of the record there). A writer takes the mutex (an atomic operation, no system call
+//! unless another writer holds it), and finds the chain head:
+//!
+//! * the hint's length is where its own last append ended: nobody appended since, the head
+//!   is the hint's (no system call);
+//! * else it reads the file's length (`lseek`): if that is the hint's length, the head is
+//!   the hint's (another writer appended last); otherwise, or without a usable hint, it
+//!   reads the end of the file ([`chain::read_tail`]).
+//!
+//! It then appends its lines with one `write`, stores the new hint, and unlocks. An
+//! uncontended record therefore costs one system call, the `write`; the process id is
+//! cached too ([`crate::ffi::shm::pid`], refreshed in a forked child by a `pthread_atfork`
+//! handler). Threads of one process combine: while one thread writes, the others queue
+//! their records and the next writer appends them all in one `write` (group commit), so
+//! the lock is taken per batch, not per record.
+//!
+//! **A writer killed holding the lock.** The kernel releases a robust mutex whose owner
+//! died; the next writer gets `EOWNERDEAD`, makes the mutex consistent, ignores the hint
+//! (it may be half-written) and reads the end of the file. A writer killed mid-`write`
+//! leaves a torn line; the next writer finds it there, terminates it with a newline and
+//! writes a `torn` record (`reason` = offset, length and SHA-256 of the torn bytes) chained
+//! to the last complete record; verify reports it as a note with its exact place. No
+//! writer ever waits for a dead one.
+//!
+//! **The lock file is a hint and a lock, never evidence.** [`verify()`] reads only the
+//! log; deleting the lock file loses nothing. It is created (complete, under a temporary
+//! name, then renamed into place) under an exclusive `flock` on the log, with the log's
+//! permission bits and group. If it cannot be created (read-only directory, full file
+//! system) the writer uses `flock` on the log for every append, as before lock files
+//! existed, and looks for a lock file under every `flock`: the first writer that manages
+//! to create one does so under the `flock`, so from then on everybody uses the mutex and
+//! the two kinds of lock never run side by side. A lock file that is not one (wrong size
+//! or magic, a symbolic link, a mutex left unrecoverable) is replaced the same way. One
+//! that exists but cannot be used (no permission, made by a build with another C
+//! library's mutex layout) fails the records (refused under `deny`) rather than
+//! guessing. Every [`RECHECK`] (100 ms) a writer checks that the log's and the lock
+//! file's paths still name the files it holds, and checks the file's length once instead
+//! of trusting the hint: a lock file deleted or replaced while writers run (never do
+//! that) can let two writers append at the same time only within that window, and verify
+//! would report the fork. All writers of one log must run a build with the lock file (an
+//! older build serializes with `flock` only). Do not truncate the lock file: writers map
+//! it, and a mapping past the end of a file raises `SIGBUS`; its hidden name keeps it out
+//! of `*` globs of log tools.
+//!
+//! **Failed writes.** A failed `write` (disk full, I/O error) is cut back with `ftruncate`
+//! so no partial line stays, the hint is cleared, and the next successful write starts
+//! with an `audit-lost` record that counts the records lost (also those lost because the
+//! log or its lock file could not be opened).
 //!
 //! # Failing closed
 //!
@@ -85,6 +126,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+
+/// How often a writer checks that the log's path and the lock file's path still name the
+/// files it holds open, and checks the log's length against the lock file's hint.
+pub const RECHECK: Duration = Duration::from_millis(100);
 
 /// How often a token that refused to MAC is asked again (a `checkpoint` always asks).
 pub const MAC_RETRY: Duration = Duration::from_millis(100);
@@ -199,6 +244,8 @@ struct Pending {
 struct Queue {
     pid: u32,
     pending: Vec<Pending>,
+    /// An empty vector with capacity, for `pending` after a leader took it.
+    spare: Vec<Pending>,
     writing: bool,
     next: u64,
     done: u64,
@@ -223,6 +270,7 @@ struct Writer {
     lost_why: String,
     last_path_check: Instant,
     syslog: Option<sink::Syslog>,
+    buf: Vec<u8>,
 }
 
 impl Writer {
@@ -304,6 +352,7 @@ impl Auditor {
             lost_why: String::new(),
             last_path_check: Instant::now(),
             syslog,
+            buf: Vec::new(),
         };
         if let Some(p) = &cfg.file {
             match sink::LogFile::open(p) {
@@ -487,6 +536,9 @@ impl Auditor {
         q.pending.push(p);
         loop {
             if q.done >= ticket {
+                if q.failed.is_empty() {
+                    return Ok(());
+                }
                 return match q.failed.remove(&ticket) {
                     Some(e) => Err(e),
                     None => Ok(()),
@@ -498,7 +550,8 @@ impl Auditor {
             }
             q.writing = true;
             // never empty: our own record is queued until its ticket is done
-            let batch = std::mem::take(&mut q.pending);
+            let spare = std::mem::take(&mut q.spare);
+            let mut batch = std::mem::replace(&mut q.pending, spare);
             drop(q);
             let last = batch.last().map_or(0, |p| p.ticket);
             let first = batch.first().map_or(0, |p| p.ticket);
@@ -507,9 +560,14 @@ impl Auditor {
                 tickets: first..=last,
                 armed: true,
             };
-            let res = self.write_batch(pid, batch);
+            let res = self.write_batch(pid, &batch);
             guard.armed = false;
+            batch.clear();
             q = self.q.lock();
+            if batch.capacity() <= 1024 {
+                // the next leader's queue, without an allocation
+                q.spare = batch;
+            }
             q.writing = false;
             q.done = q.done.max(last);
             if let Err(e) = res {
@@ -521,7 +579,7 @@ impl Auditor {
         }
     }
 
-    fn write_batch(&self, pid: u32, batch: Vec<Pending>) -> Result<(), String> {
+    fn write_batch(&self, pid: u32, batch: &[Pending]) -> Result<(), String> {
         let mut w = self.w.lock();
         let w = &mut *w;
         if w.pid != pid {
@@ -530,25 +588,39 @@ impl Auditor {
         let path = self.path.as_ref().expect("enabled");
         let now = Instant::now();
         if w.log.is_some()
-            && now.duration_since(w.last_path_check) >= self.tuning.checkpoint_interval
+            && now.duration_since(w.last_path_check) >= RECHECK.min(self.tuning.checkpoint_interval)
         {
             w.last_path_check = now;
+            // the next append checks the file's length instead of trusting the hint
+            w.head = None;
             if !w.log.as_ref().is_some_and(|l| l.still_current()) {
                 log::warn!(
-                    "audit: {} was replaced or removed; reopening",
+                    "audit: {} or its lock file was replaced or removed; reopening",
                     path.display()
                 );
                 w.log = None;
             }
         }
+        let n = batch.len() as u64;
         if w.log.is_none() {
             w.head = None;
-            w.log = Some(
-                sink::LogFile::open(path).map_err(|e| format!("open {}: {e}", path.display()))?,
-            );
+            match sink::LogFile::open(path) {
+                Ok(l) => w.log = Some(l),
+                Err(e) => {
+                    let e = format!("open {}: {e}", path.display());
+                    w.lost += n;
+                    w.lost_why = e.clone();
+                    return Err(e);
+                }
+            }
         }
-        let n = batch.len() as u64;
-        let res = self.append_locked(w, pid, &batch);
+        // the line buffer is kept from batch to batch (unless a big batch grew it)
+        let mut buf = std::mem::take(&mut w.buf);
+        buf.clear();
+        let res = self.append_locked(w, pid, batch, &mut buf);
+        if buf.capacity() <= 64 * 1024 {
+            w.buf = buf;
+        }
         if let Err(e) = &res {
             w.head = None;
             w.lost += n;
@@ -571,6 +643,7 @@ impl Auditor {
         w: &mut Writer,
         pid: u32,
         batch: &[Pending],
+        buf: &mut Vec<u8>,
     ) -> Result<Vec<(Vec<u8>, bool)>, String> {
         let mac = w.mac.clone();
         let log = w.log.as_mut().expect("opened");
@@ -609,8 +682,8 @@ impl Auditor {
                 (len, tail)
             }
         };
-        let mut buf = Vec::with_capacity(512 * (batch.len() + 1));
-        let mut out: Vec<(std::ops::Range<usize>, bool)> = Vec::with_capacity(batch.len() + 2);
+        let want_lines = w.syslog.is_some();
+        let mut out: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
         let mut markers: Vec<Body> = Vec::new();
         if let Some(t) = &tail.torn {
             if !t.terminated {
@@ -655,13 +728,13 @@ impl Auditor {
         for (i, (b, ok)) in bodies.enumerate() {
             seq += 1;
             let start = buf.len();
-            buf.extend_from_slice(b.head.as_bytes());
+            buf.extend_from_slice(b.head().as_bytes());
             buf.extend_from_slice(b"\"seq\":");
-            push_u64(&mut buf, seq);
+            push_u64(buf, seq);
             buf.push(b',');
-            buf.extend_from_slice(b.rest.as_bytes());
+            buf.extend_from_slice(b.rest().as_bytes());
             buf.extend_from_slice(b"\"prev\":\"");
-            record::push_hex(&mut buf, &prev);
+            record::push_hex(buf, &prev);
             buf.push(b'"');
             let mut m = None;
             if due && i + 1 == total {
@@ -689,17 +762,19 @@ impl Auditor {
             match &m {
                 Some(v) => {
                     buf.push(b'"');
-                    record::push_hex(&mut buf, v);
+                    record::push_hex(buf, v);
                     buf.extend_from_slice(b"\"}");
                 }
                 None => buf.extend_from_slice(b"null}"),
             }
             prev = chain::line_hash(&buf[start..]);
             buf.push(b'\n');
-            out.push((start..buf.len() - 1, ok));
+            if want_lines {
+                out.push((start..buf.len() - 1, ok));
+            }
             macd = m.or(macd);
         }
-        if let Err(e) = locked.append(&buf, len) {
+        if let Err(e) = locked.append(buf, len) {
             locked.set_hint(None);
             return Err(format!("write {disp}: {e}"));
         }
@@ -737,7 +812,7 @@ impl Auditor {
             w.unmac = true;
         }
         drop(locked);
-        if w.syslog.is_none() {
+        if !want_lines {
             return Ok(Vec::new());
         }
         Ok(out

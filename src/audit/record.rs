@@ -102,15 +102,6 @@ fn push_opt_str(out: &mut String, s: Option<&str>, max: usize) {
     }
 }
 
-fn push_opt_num<T: std::fmt::Display>(out: &mut String, n: Option<T>) {
-    match n {
-        Some(n) => {
-            let _ = write!(out, "{n}");
-        }
-        None => out.push_str("null"),
-    }
-}
-
 /// RFC 3339 UTC with microseconds (`2026-11-23T13:18:58.123456Z`) of a point in time.
 pub fn rfc3339(t: SystemTime) -> String {
     let mut out = String::with_capacity(27);
@@ -207,13 +198,46 @@ impl Ident {
     }
 }
 
-/// The lock-free part of a line: `{"time":"..",` and the fields from `pid` on.
+/// The lock-free part of a line: `{"time":"..",` and the fields from `pid` on, in one
+/// buffer; the writer puts `seq` between the two.
 #[derive(Debug, Clone)]
 pub struct Body {
+    text: String,
+    split: usize,
+}
+
+impl Body {
     /// `{"time":"...",`
-    pub head: String,
+    pub fn head(&self) -> &str {
+        &self.text[..self.split]
+    }
+
     /// `"pid":...` up to and including `reason` (and `bulk`), with a trailing comma.
-    pub rest: String,
+    pub fn rest(&self) -> &str {
+        &self.text[self.split..]
+    }
+}
+
+/// Appends the decimal digits of `v` (no formatting machinery: this is per record).
+pub fn push_u64(out: &mut String, mut v: u64) {
+    let mut d = [0u8; 20];
+    let mut i = d.len();
+    loop {
+        i -= 1;
+        d[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&d[i..]).unwrap_or("0"));
+}
+
+fn push_opt_u64(out: &mut String, n: Option<u64>) {
+    match n {
+        Some(n) => push_u64(out, n),
+        None => out.push_str("null"),
+    }
 }
 
 /// Formats the body of a record (everything but `seq`, `prev`, `mac`).
@@ -224,19 +248,23 @@ pub fn body(
     bulk: Option<&BTreeMap<String, u64>>,
     now: SystemTime,
 ) -> Body {
-    let mut head = String::with_capacity(40);
-    head.push_str("{\"time\":\"");
-    push_rfc3339(&mut head, now);
-    head.push_str("\",");
-    let mut s = String::with_capacity(384);
-    let _ = write!(s, "\"pid\":{},\"uid\":{},\"exe\":", pid, id.uid);
+    let mut s = String::with_capacity(448);
+    s.push_str("{\"time\":\"");
+    push_rfc3339(&mut s, now);
+    s.push_str("\",");
+    let split = s.len();
+    s.push_str("\"pid\":");
+    push_u64(&mut s, u64::from(pid));
+    s.push_str(",\"uid\":");
+    push_u64(&mut s, u64::from(id.uid));
+    s.push_str(",\"exe\":");
     s.push_str(&id.exe_json);
     s.push_str(",\"slot\":");
-    push_opt_num(&mut s, r.slot);
+    push_opt_u64(&mut s, r.slot);
     s.push_str(",\"token\":");
     push_opt_str(&mut s, r.token.as_deref(), 64);
     s.push_str(",\"session\":");
-    push_opt_num(&mut s, r.session);
+    push_opt_u64(&mut s, r.session);
     s.push_str(",\"op\":");
     push_json_str(&mut s, &r.op, 64);
     s.push_str(",\"mechanism\":");
@@ -251,13 +279,17 @@ pub fn body(
         Some(id) => {
             let cut = &id[..id.len().min(MAX_KEY_ID)];
             s.push('"');
-            s.push_str(&hex(cut));
+            for &b in cut {
+                const DIGITS: &[u8; 16] = b"0123456789abcdef";
+                s.push(char::from(DIGITS[usize::from(b >> 4)]));
+                s.push(char::from(DIGITS[usize::from(b & 15)]));
+            }
             s.push('"');
         }
         None => s.push_str("null"),
     }
     s.push_str(",\"version\":");
-    push_opt_num(&mut s, r.version);
+    push_opt_u64(&mut s, r.version.map(u64::from));
     s.push_str(",\"result\":");
     push_json_str(
         &mut s,
@@ -273,12 +305,13 @@ pub fn body(
                 s.push(',');
             }
             push_json_str(&mut s, op, 32);
-            let _ = write!(s, ":{n}");
+            s.push(':');
+            push_u64(&mut s, *n);
         }
         s.push('}');
     }
     s.push(',');
-    Body { head, rest: s }
+    Body { text: s, split }
 }
 
 /// The MAC-covered prefix of a line (everything before `,"mac":`) and the mac value text

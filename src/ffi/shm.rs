@@ -435,3 +435,32 @@ impl Drop for Guard<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_is_cached_and_follows_fork() {
+        let parent = pid();
+        assert_eq!(parent, std::process::id());
+        assert_eq!(pid(), parent);
+        // SAFETY: the child only calls `pid` (an atomic load, one getpid, an atomic store: no
+        // allocation, no lock) and `_exit`, which is all a child of a threaded process may do.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork failed");
+        if child == 0 {
+            // SAFETY: getpid and _exit are async-signal-safe.
+            let own = unsafe { libc::getpid() } as u32;
+            let code = if pid() == own && own != parent { 0 } else { 1 };
+            // SAFETY: as above; no destructor or atexit handler of the parent runs twice.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out pointer.
+        let r = unsafe { libc::waitpid(child, &mut status, 0) };
+        assert_eq!(r, child);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        assert_eq!(pid(), parent);
+    }
+}
