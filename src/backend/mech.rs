@@ -96,6 +96,37 @@ pub struct Mech {
     pub param: Param,
 }
 
+impl Mech {
+    /// Calls `f` with a `CK_MECHANISM` pointing into `self`, for the parameter shapes of
+    /// the data path (none, a 16-byte IV, AES-GCM), without building a cryptoki
+    /// [`Mechanism`] first; `None` for any other shape (use [`Mech::to_cryptoki`]).
+    pub fn with_raw<R>(&mut self, f: impl FnOnce(&mut CK_MECHANISM) -> R) -> Option<R> {
+        let ty = self.ty;
+        let mech = |p: *mut std::ffi::c_void, len: usize| CK_MECHANISM {
+            mechanism: ty,
+            pParameter: p,
+            ulParameterLen: len as CK_ULONG,
+        };
+        match &mut self.param {
+            Param::None => Some(f(&mut mech(std::ptr::null_mut(), 0))),
+            Param::Iv16(iv) => Some(f(&mut mech(iv.as_mut_ptr().cast(), iv.len()))),
+            Param::Gcm { iv, aad, tag_bits } => {
+                let mut g = CK_GCM_PARAMS {
+                    pIv: iv.as_mut_ptr(),
+                    ulIvLen: iv.len() as CK_ULONG,
+                    ulIvBits: (iv.len() * 8) as CK_ULONG,
+                    pAAD: aad.as_mut_ptr(),
+                    ulAADLen: aad.len() as CK_ULONG,
+                    ulTagBits: *tag_bits,
+                };
+                let p = (&mut g as *mut CK_GCM_PARAMS).cast();
+                Some(f(&mut mech(p, std::mem::size_of::<CK_GCM_PARAMS>())))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Whether the backend may refuse this mechanism's parameter values that cmkp11 cannot
 /// judge itself (which OAEP/PSS hashes, EdDSA variants it implements): such a mechanism
 /// is probed at `*Init` (see `Session::probe`).
@@ -325,6 +356,51 @@ mod tests {
                 assert_eq!(*c.mechanism_type(), ty);
             }
         }
+    }
+
+    #[test]
+    fn raw_mechanisms_match_cryptokis_conversion() {
+        let mut m = Mech {
+            ty: CKM_AES_GCM,
+            param: Param::Gcm {
+                iv: Bytes::from_slice(&[1; 12]),
+                aad: Bytes::from_slice(b"header"),
+                tag_bits: 96,
+            },
+        };
+        let mut copy = m.clone();
+        let c = copy.to_cryptoki().unwrap();
+        let want = CK_MECHANISM::from(&c);
+        let got = m
+            .with_raw(|ck| (ck.mechanism, ck.ulParameterLen, ck.pParameter.is_null()))
+            .unwrap();
+        assert_eq!(got, (want.mechanism, want.ulParameterLen, false));
+        let mut none = Mech {
+            ty: CKM_AES_KEY_WRAP_PAD,
+            param: Param::None,
+        };
+        assert_eq!(
+            none.with_raw(|ck| (ck.pParameter.is_null(), ck.ulParameterLen)),
+            Some((true, 0))
+        );
+        let mut cbc = Mech {
+            ty: CKM_AES_CBC_PAD,
+            param: Param::Iv16([3; 16]),
+        };
+        assert_eq!(cbc.with_raw(|ck| ck.ulParameterLen), Some(16));
+        let mut pss = Mech {
+            ty: CKM_RSA_PKCS_PSS,
+            param: Param::Pss {
+                hash: CKM_SHA256,
+                mgf: CKG_MGF1_SHA256,
+                salt: 32,
+            },
+        };
+        assert_eq!(
+            pss.with_raw(|_| ()),
+            None,
+            "other shapes go through cryptoki"
+        );
     }
 
     #[test]

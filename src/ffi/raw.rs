@@ -10,8 +10,8 @@
 //! one of the module instance cryptoki already loaded and initialized (`dlopen` returns
 //! the same instance), and session and object handles are the backend's, from cryptoki.
 
+use crate::backend::mech::Mech;
 use crate::runtime::session::Kind;
-use cryptoki::mechanism::Mechanism;
 use cryptoki_sys::*;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
@@ -96,35 +96,52 @@ pub fn get() -> Option<&'static RawBackend> {
 }
 
 impl RawBackend {
-    /// The backend's `C_*Init` for `kind`.
+    /// The backend's `C_*Init` for `kind`. The mechanisms of the data path (no parameter,
+    /// a 16-byte IV, AES-GCM) go to the backend as they are; others through cryptoki's
+    /// conversion.
     pub fn init(
         &self,
         kind: Kind,
         session: CK_SESSION_HANDLE,
-        mech: &Mechanism,
+        mech: &mut Mech,
         key: CK_OBJECT_HANDLE,
     ) -> CK_RV {
-        let mut m = CK_MECHANISM::from(mech);
+        if let Some(rv) = mech.with_raw(|m| self.init_raw(kind, session, m, key)) {
+            return rv;
+        }
+        match mech.to_cryptoki() {
+            Ok(c) => self.init_raw(kind, session, &mut CK_MECHANISM::from(&c), key),
+            Err(e) => e.rv(),
+        }
+    }
+
+    fn init_raw(
+        &self,
+        kind: Kind,
+        session: CK_SESSION_HANDLE,
+        m: &mut CK_MECHANISM,
+        key: CK_OBJECT_HANDLE,
+    ) -> CK_RV {
         let f = self.list;
-        // SAFETY: `m` points into `mech`, alive for the call; the handles are the
-        // backend's own (from cryptoki).
+        // SAFETY: `m` and its parameter are alive for the call (built by the caller from
+        // owned data); the handles are the backend's own (from cryptoki).
         unsafe {
             match kind {
                 Kind::Encrypt => f
                     .C_EncryptInit
-                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(session, &mut m, key)),
+                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(session, m, key)),
                 Kind::Decrypt => f
                     .C_DecryptInit
-                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(session, &mut m, key)),
+                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(session, m, key)),
                 Kind::Sign => f
                     .C_SignInit
-                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(session, &mut m, key)),
+                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(session, m, key)),
                 Kind::Verify => f
                     .C_VerifyInit
-                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(session, &mut m, key)),
+                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(session, m, key)),
                 Kind::Digest => f
                     .C_DigestInit
-                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(session, &mut m)),
+                    .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(session, m)),
             }
         }
     }

@@ -23,8 +23,7 @@ use cryptoki_sys::*;
 use std::sync::Arc;
 
 /// The backend's `C_*Init` as the FFI layer calls it: (backend session, mechanism, key).
-pub type RawInit<'a> =
-    dyn Fn(CK_SESSION_HANDLE, &cryptoki::mechanism::Mechanism, CK_OBJECT_HANDLE) -> CK_RV + 'a;
+pub type RawInit<'a> = dyn Fn(CK_SESSION_HANDLE, &mut Mech, CK_OBJECT_HANDLE) -> CK_RV + 'a;
 
 /// One backend call of an active operation, made by the FFI layer with the application's
 /// buffers: returns the code and whether the operation is still active.
@@ -372,14 +371,11 @@ impl Session {
         let op = &mut self.ops[idx(kind)];
         match std::mem::replace(&mut op.stage, Stage::Idle) {
             Stage::Ready(mut mech, keys) => {
-                let rv = {
-                    let m = mech.to_cryptoki()?;
-                    init(
-                        self.backend.handle(),
-                        &m,
-                        keys.first().map_or(CK_INVALID_HANDLE, |k| k.handle()),
-                    )
-                };
+                let rv = init(
+                    self.backend.handle(),
+                    &mut mech,
+                    keys.first().map_or(CK_INVALID_HANDLE, |k| k.handle()),
+                );
                 if rv != CKR_OK {
                     return err(rv);
                 }
@@ -430,10 +426,7 @@ impl Session {
             if rv != CKR_ENCRYPTED_DATA_INVALID || tried >= keys.len() {
                 return err(rv);
             }
-            let again = {
-                let m = mech.to_cryptoki()?;
-                init(h, &m, keys[tried].handle())
-            };
+            let again = init(h, &mut mech, keys[tried].handle());
             if again != CKR_OK {
                 return err(rv);
             }

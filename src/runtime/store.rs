@@ -9,17 +9,17 @@ use cryptoki::slot::Slot;
 use parking_lot::{Mutex, RwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The longest a view is used without reading the token again.
 pub const REFRESH: Duration = Duration::from_millis(500);
 
-/// `CLOCK_MONOTONIC_COARSE` in milliseconds: read on every key use to decide whether the
-/// view is stale, and cheaper than the precise clock; its few milliseconds of resolution
-/// do not matter against [`REFRESH`].
+/// Monotonic milliseconds since the first call in this process, read on every key use to
+/// decide whether the view is stale. (`std`'s clock, through libc: rustix's own vDSO
+/// lookup for the coarse clock crashes under valgrind.)
 fn coarse_ms() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
-    (t.tv_sec as u64) * 1000 + (t.tv_nsec as u64) / 1_000_000
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 /// One slot's keystore view.
@@ -28,8 +28,7 @@ pub struct SlotStore {
     view: RwLock<(u64, Arc<View>)>,
     /// The generation of the current view, readable without the lock.
     generation: AtomicU64,
-    /// Coarse monotonic milliseconds (see [`coarse_ms`]) of the last load; `u64::MAX` when
-    /// stale.
+    /// Monotonic milliseconds (see [`coarse_ms`]) of the last load; `u64::MAX` when stale.
     loaded: AtomicU64,
     /// A read-only backend session of cmkp11's own for reading the keystore, so that an
     /// application's session with an operation in progress is never disturbed (SoftHSM2

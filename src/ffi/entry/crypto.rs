@@ -25,7 +25,7 @@ fn step(
     call: &mut dyn FnMut(&RawBackend, CK_SESSION_HANDLE) -> (CK_RV, bool),
 ) -> Result<()> {
     let b = backend()?;
-    let init = |h, m: &cryptoki::mechanism::Mechanism, k| b.init(kind, h, m, k);
+    let init = |h, m: &mut crate::backend::mech::Mech, k| b.init(kind, h, m, k);
     s.raw_call(kind, &mut |h| call(b, h), &init)
 }
 
@@ -52,7 +52,7 @@ unsafe fn init(
             let mech = unsafe { args::mechanism(mech)? };
             lib.crypto_init(s, kind, mech, key)?;
             let b = backend()?;
-            let init = |h, m: &cryptoki::mechanism::Mechanism, k| b.init(kind, h, m, k);
+            let init = |h, m: &mut crate::backend::mech::Mech, k| b.init(kind, h, m, k);
             s.activate(kind, &init)
         })
     })
