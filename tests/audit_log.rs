@@ -741,3 +741,30 @@ fn sha256(b: &[u8]) -> [u8; 32] {
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+#[test]
+fn record_ref_writes_the_same_record_as_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l1, l2) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let open =
+        |l: &std::path::Path| Auditor::open_with(&cfg(l, "deny"), None, Tuning::default()).unwrap();
+    let (a, b) = (open(&l1), open(&l2));
+    for i in 0..5 {
+        let mut r = use_record(i);
+        r.reason = (i % 2 == 0).then(|| format!("why \"{i}\"\n"));
+        a.record(r.clone()).unwrap();
+        b.record_ref(&r.view()).unwrap();
+    }
+    let strip = |l: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+        v.as_object_mut().unwrap().remove("time");
+        v.as_object_mut().unwrap().remove("prev");
+        v
+    };
+    let (x, y) = (lines(&l1), lines(&l2));
+    assert_eq!(x.len(), 5);
+    for (p, q) in x.iter().zip(&y) {
+        assert_eq!(strip(p), strip(q));
+    }
+    assert!(audit::verify(&l2, None).ok());
+}

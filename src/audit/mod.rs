@@ -170,6 +170,48 @@ impl Record {
             ..Record::default()
         }
     }
+
+    /// The record by reference.
+    pub fn view(&self) -> RecordRef<'_> {
+        RecordRef {
+            op: &self.op,
+            mechanism: self.mechanism,
+            key: self.key.as_deref(),
+            key_id: self.key_id.as_deref(),
+            version: self.version,
+            result: self.result,
+            reason: self.reason.as_deref(),
+            slot: self.slot,
+            token: self.token.as_deref(),
+            session: self.session,
+        }
+    }
+}
+
+/// A [`Record`] made of borrowed values, for [`Auditor::record_ref`]: a caller on the hot
+/// path (a CMK use) then needs no allocation to describe it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    /// See [`Record::op`].
+    pub op: &'a str,
+    /// See [`Record::mechanism`].
+    pub mechanism: Option<u64>,
+    /// See [`Record::key`].
+    pub key: Option<&'a str>,
+    /// See [`Record::key_id`].
+    pub key_id: Option<&'a [u8]>,
+    /// See [`Record::version`].
+    pub version: Option<u32>,
+    /// See [`Record::result`].
+    pub result: u64,
+    /// See [`Record::reason`].
+    pub reason: Option<&'a str>,
+    /// See [`Record::slot`].
+    pub slot: Option<u64>,
+    /// See [`Record::token`].
+    pub token: Option<&'a str>,
+    /// See [`Record::session`].
+    pub session: Option<u64>,
 }
 
 /// The token side of the audit log: an HMAC key that never leaves the token (label
@@ -401,7 +443,13 @@ impl Auditor {
     /// `on_failure = deny`: the caller must then refuse the operation. Under `allow`, a
     /// failure is logged and `Ok` returned.
     pub fn record(&self, r: Record) -> Result<(), u64> {
-        self.record_with(&r, None, false)
+        self.record_with(&r.view(), None, false)
+    }
+
+    /// [`Auditor::record`] of a record by reference (same result, no allocation needed by
+    /// the caller).
+    pub fn record_ref(&self, r: &RecordRef<'_>) -> Result<(), u64> {
+        self.record_with(r, None, false)
     }
 
     /// Counts one DEK bulk operation (`encrypt`, `decrypt`, ...) of a session; the counts
@@ -433,7 +481,7 @@ impl Auditor {
             session: Some(session),
             ..Record::new("session-close", 0)
         };
-        let _ = self.record_with(&r, Some(&counts), false);
+        let _ = self.record_with(&r.view(), Some(&counts), false);
     }
 
     /// Makes sure every record this process wrote is covered by a token MAC and the token
@@ -446,7 +494,7 @@ impl Auditor {
                 return Ok(());
             }
         }
-        self.record_with(&Record::new("checkpoint", 0), None, true)
+        self.record_with(&Record::new("checkpoint", 0).view(), None, true)
     }
 
     /// [`Auditor::checkpoint`] if this process has records no MAC covers and the
@@ -470,7 +518,7 @@ impl Auditor {
 
     fn record_with(
         &self,
-        r: &Record,
+        r: &RecordRef<'_>,
         bulk: Option<&BTreeMap<String, u64>>,
         force_mac: bool,
     ) -> Result<(), u64> {
@@ -698,14 +746,26 @@ impl Auditor {
                 reason: Some(t.reason()),
                 ..Record::new("torn", 0)
             };
-            markers.push(record::body(&self.ident, pid, &r, None, SystemTime::now()));
+            markers.push(record::body(
+                &self.ident,
+                pid,
+                &r.view(),
+                None,
+                SystemTime::now(),
+            ));
         }
         if w.lost > 0 {
             let r = Record {
                 reason: Some(format!("{} record(s) lost: {}", w.lost, w.lost_why)),
                 ..Record::new("audit-lost", CKR_FUNCTION_FAILED)
             };
-            markers.push(record::body(&self.ident, pid, &r, None, SystemTime::now()));
+            markers.push(record::body(
+                &self.ident,
+                pid,
+                &r.view(),
+                None,
+                SystemTime::now(),
+            ));
         }
         let count = (markers.len() + batch.len()) as u32;
         let force = batch.iter().any(|p| p.force_mac);

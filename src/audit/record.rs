@@ -244,7 +244,7 @@ fn push_opt_u64(out: &mut String, n: Option<u64>) {
 pub fn body(
     id: &Ident,
     pid: u32,
-    r: &super::Record,
+    r: &super::RecordRef<'_>,
     bulk: Option<&BTreeMap<String, u64>>,
     now: SystemTime,
 ) -> Body {
@@ -262,20 +262,20 @@ pub fn body(
     s.push_str(",\"slot\":");
     push_opt_u64(&mut s, r.slot);
     s.push_str(",\"token\":");
-    push_opt_str(&mut s, r.token.as_deref(), 64);
+    push_opt_str(&mut s, r.token, 64);
     s.push_str(",\"session\":");
     push_opt_u64(&mut s, r.session);
     s.push_str(",\"op\":");
-    push_json_str(&mut s, &r.op, 64);
+    push_json_str(&mut s, r.op, 64);
     s.push_str(",\"mechanism\":");
     match r.mechanism {
         Some(m) => push_mechanism(&mut s, m),
         None => s.push_str("null"),
     }
     s.push_str(",\"key\":");
-    push_opt_str(&mut s, r.key.as_deref(), MAX_LABEL);
+    push_opt_str(&mut s, r.key, MAX_LABEL);
     s.push_str(",\"key_id\":");
-    match &r.key_id {
+    match r.key_id {
         Some(id) => {
             let cut = &id[..id.len().min(MAX_KEY_ID)];
             s.push('"');
@@ -297,7 +297,7 @@ pub fn body(
         64,
     );
     s.push_str(",\"reason\":");
-    push_opt_str(&mut s, r.reason.as_deref(), MAX_REASON);
+    push_opt_str(&mut s, r.reason, MAX_REASON);
     if let Some(b) = bulk {
         s.push_str(",\"bulk\":{");
         for (i, (op, n)) in b.iter().enumerate() {
