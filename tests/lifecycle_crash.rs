@@ -12,7 +12,10 @@
 //! Some rounds also kill the child while it purges an expired key (its record moved into
 //! the past by a SoftHSM2 child): that key must be invisible at once and completely gone
 //! after the next logged-in session. A final direct look at the token checks the objects
-//! and the state records (one newest generation per key).
+//! and the state records (one newest generation per key). A rotation killed inside
+//! SoftHSM2's two writes of the new object can leave a torn one (no value): the purge of
+//! the next read-write login destroys it (`keystore::torn`), so the object count must
+//! still equal the version count exactly: any lost or duplicated version fails.
 //!
 //! `LC_CRASH_SEED` replays a run (the seed is printed); `LC_CRASH_ROUNDS` changes the
 //! number of kills (default 50).
