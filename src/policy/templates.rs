@@ -8,23 +8,93 @@ use cryptoki_sys::*;
 
 type R<T> = Result<T, CK_RV>;
 
+/// The boolean attributes policy looks at, in the order of [`Flags`].
+const FLAG_TYPES: [AttributeType; 13] = [
+    AttributeType::Encrypt,
+    AttributeType::Decrypt,
+    AttributeType::Sign,
+    AttributeType::Verify,
+    AttributeType::Wrap,
+    AttributeType::Unwrap,
+    AttributeType::Derive,
+    AttributeType::SignRecover,
+    AttributeType::VerifyRecover,
+    AttributeType::Sensitive,
+    AttributeType::Extractable,
+    AttributeType::Token,
+    AttributeType::WrapWithTrusted,
+];
+
+/// The usage flags, in the order of the first seven [`FLAG_TYPES`].
+const USAGES: [Usage; 7] = [
+    Usage::ENCRYPT,
+    Usage::DECRYPT,
+    Usage::SIGN,
+    Usage::VERIFY,
+    Usage::WRAP,
+    Usage::UNWRAP,
+    Usage::DERIVE,
+];
+
+/// A template's boolean attributes, read in one pass (the last occurrence wins).
+#[derive(Default, Clone, Copy)]
+struct Flags([Option<bool>; 13]);
+
+impl Flags {
+    fn of(t: &[Attribute]) -> Flags {
+        let mut f = Flags::default();
+        for a in t {
+            let (i, b) = match a {
+                Attribute::Encrypt(b) => (0, b),
+                Attribute::Decrypt(b) => (1, b),
+                Attribute::Sign(b) => (2, b),
+                Attribute::Verify(b) => (3, b),
+                Attribute::Wrap(b) => (4, b),
+                Attribute::Unwrap(b) => (5, b),
+                Attribute::Derive(b) => (6, b),
+                Attribute::SignRecover(b) => (7, b),
+                Attribute::VerifyRecover(b) => (8, b),
+                Attribute::Sensitive(b) => (9, b),
+                Attribute::Extractable(b) => (10, b),
+                Attribute::Token(b) => (11, b),
+                Attribute::WrapWithTrusted(b) => (12, b),
+                _ => continue,
+            };
+            f.0[i] = Some(*b);
+        }
+        f
+    }
+
+    fn get(&self, ty: AttributeType) -> Option<bool> {
+        FLAG_TYPES
+            .iter()
+            .position(|t| *t == ty)
+            .and_then(|i| self.0[i])
+    }
+
+    /// The usage flags turned to `on`, among the first `n` usages.
+    fn usage(&self, on: bool, n: usize) -> Usage {
+        USAGES[..n]
+            .iter()
+            .zip(self.0)
+            .filter(|(_, v)| *v == Some(on))
+            .fold(Usage::default(), |u, (f, _)| u.with(*f))
+    }
+
+    /// The usage flags the template turns on.
+    fn requested(&self) -> Usage {
+        self.usage(true, 7)
+    }
+
+    /// The usage flags the template turns off explicitly (DERIVE is always off for secret
+    /// keys, so it is not counted).
+    fn refused(&self) -> Usage {
+        self.usage(false, 6)
+    }
+}
+
 fn flag(t: &[Attribute], ty: AttributeType) -> Option<bool> {
-    t.iter().rev().find_map(|a| match (a, ty) {
-        (Attribute::Encrypt(b), AttributeType::Encrypt)
-        | (Attribute::Decrypt(b), AttributeType::Decrypt)
-        | (Attribute::Sign(b), AttributeType::Sign)
-        | (Attribute::Verify(b), AttributeType::Verify)
-        | (Attribute::Wrap(b), AttributeType::Wrap)
-        | (Attribute::Unwrap(b), AttributeType::Unwrap)
-        | (Attribute::Derive(b), AttributeType::Derive)
-        | (Attribute::SignRecover(b), AttributeType::SignRecover)
-        | (Attribute::VerifyRecover(b), AttributeType::VerifyRecover)
-        | (Attribute::Sensitive(b), AttributeType::Sensitive)
-        | (Attribute::Extractable(b), AttributeType::Extractable)
-        | (Attribute::Token(b), AttributeType::Token)
-        | (Attribute::WrapWithTrusted(b), AttributeType::WrapWithTrusted) => Some(*b),
-        _ => None,
-    })
+    Flags::of(t).get(ty)
 }
 
 /// `CKA_TOKEN` of a template (default FALSE).
@@ -42,33 +112,7 @@ pub fn class_of(t: &[Attribute]) -> Option<CK_OBJECT_CLASS> {
 
 /// The usage flags a template turns on.
 fn requested(t: &[Attribute]) -> Usage {
-    [
-        (AttributeType::Encrypt, Usage::ENCRYPT),
-        (AttributeType::Decrypt, Usage::DECRYPT),
-        (AttributeType::Sign, Usage::SIGN),
-        (AttributeType::Verify, Usage::VERIFY),
-        (AttributeType::Wrap, Usage::WRAP),
-        (AttributeType::Unwrap, Usage::UNWRAP),
-        (AttributeType::Derive, Usage::DERIVE),
-    ]
-    .iter()
-    .filter(|(ty, _)| flag(t, *ty) == Some(true))
-    .fold(Usage::default(), |u, (_, f)| u.with(*f))
-}
-
-/// The usage flags a template turns off explicitly.
-fn refused(t: &[Attribute]) -> Usage {
-    [
-        (AttributeType::Encrypt, Usage::ENCRYPT),
-        (AttributeType::Decrypt, Usage::DECRYPT),
-        (AttributeType::Sign, Usage::SIGN),
-        (AttributeType::Verify, Usage::VERIFY),
-        (AttributeType::Wrap, Usage::WRAP),
-        (AttributeType::Unwrap, Usage::UNWRAP),
-    ]
-    .iter()
-    .filter(|(ty, _)| flag(t, *ty) == Some(false))
-    .fold(Usage::default(), |u, (_, f)| u.with(*f))
+    Flags::of(t).requested()
 }
 
 /// Attributes only the token sets: never accepted from an application.
@@ -140,15 +184,16 @@ pub fn secret(
     s: &Settings,
 ) -> R<Vec<Attribute>> {
     refuse_token_only(&t)?;
-    if flag(&t, AttributeType::Sensitive) == Some(false)
-        || flag(&t, AttributeType::WrapWithTrusted) == Some(false)
-        || flag(&t, AttributeType::SignRecover) == Some(true)
-        || flag(&t, AttributeType::VerifyRecover) == Some(true)
-        || (cmk && flag(&t, AttributeType::Extractable) == Some(true))
+    let f = Flags::of(&t);
+    if f.get(AttributeType::Sensitive) == Some(false)
+        || f.get(AttributeType::WrapWithTrusted) == Some(false)
+        || f.get(AttributeType::SignRecover) == Some(true)
+        || f.get(AttributeType::VerifyRecover) == Some(true)
+        || (cmk && f.get(AttributeType::Extractable) == Some(true))
     {
         return Err(CKR_TEMPLATE_INCONSISTENT);
     }
-    let asked = requested(&t);
+    let asked = f.requested();
     let role = if asked == Usage::default() {
         if cmk {
             s.default_role
@@ -161,9 +206,11 @@ pub fn secret(
     if !cmk && role == SecretRole::Wrap {
         return Err(CKR_TEMPLATE_INCONSISTENT);
     }
-    let extractable = !cmk && flag(&t, AttributeType::Extractable).unwrap_or(extractable_default);
+    let extractable = !cmk
+        && f.get(AttributeType::Extractable)
+            .unwrap_or(extractable_default);
     // The role's flags, less those the template turns off explicitly (narrowing is safe).
-    let off = refused(&t);
+    let off = f.refused();
     Ok(finish(
         t,
         Usage(role.usage().0 & !off.0),
@@ -192,14 +239,15 @@ pub fn pair_key_type(m: CK_MECHANISM_TYPE) -> R<CK_KEY_TYPE> {
 /// sign (default), decrypt and unwrap (RSA), derive (EC), several when asked.
 pub fn private_key(t: Vec<Attribute>, key_type: CK_KEY_TYPE) -> R<Vec<Attribute>> {
     refuse_token_only(&t)?;
-    if flag(&t, AttributeType::Sensitive) == Some(false)
-        || flag(&t, AttributeType::Extractable) == Some(true)
-        || flag(&t, AttributeType::SignRecover) == Some(true)
-        || flag(&t, AttributeType::WrapWithTrusted) == Some(false)
+    let f = Flags::of(&t);
+    if f.get(AttributeType::Sensitive) == Some(false)
+        || f.get(AttributeType::Extractable) == Some(true)
+        || f.get(AttributeType::SignRecover) == Some(true)
+        || f.get(AttributeType::WrapWithTrusted) == Some(false)
     {
         return Err(CKR_TEMPLATE_INCONSISTENT);
     }
-    let asked = requested(&t);
+    let asked = f.requested();
     let allowed = match key_type {
         CKK_RSA => Usage::SIGN.with(Usage::DECRYPT).with(Usage::UNWRAP),
         CKK_EC => Usage::SIGN.with(Usage::DERIVE),

@@ -173,6 +173,15 @@ impl HandleTable {
         }
     }
 
+    /// The backend object behind `h` if it is a session object created through cmkp11 in
+    /// `slot` (such an object is never a CMK).
+    pub fn session_object(&self, slot: CK_SLOT_ID, h: CK_OBJECT_HANDLE) -> Option<ObjectHandle> {
+        match self.t.read().ours.get(&h) {
+            Some(e) if e.slot == slot && e.owner.is_some() => Some(e.obj),
+            _ => None,
+        }
+    }
+
     /// Records the `CKA_VALUE_LEN` of an object whose backend reports none.
     pub fn set_value_len(&self, h: CK_OBJECT_HANDLE, len: CK_ULONG) {
         self.changed();

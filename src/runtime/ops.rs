@@ -726,6 +726,12 @@ impl Library {
     /// `C_DestroyObject`: destroying a CMK schedules its deletion `deletion_window_days`
     /// ahead (the key stays findable, disabled); other objects are destroyed.
     pub fn destroy_object(&self, s: &mut Session, h: CK_OBJECT_HANDLE) -> Result<()> {
+        // A session object made through cmkp11 needs no reading first: it is no CMK.
+        if let Some(o) = self.objects.session_object(s.slot_id, h) {
+            s.backend().destroy_object(o)?;
+            self.objects.forget(h);
+            return Ok(());
+        }
         let (o, info) = s.key_info(self, h, CKR_OBJECT_HANDLE_INVALID)?;
         if info.class() != Class::Cmk {
             s.backend().destroy_object(o)?;
