@@ -4,11 +4,12 @@
 use super::chain::{self, Checkpoint};
 use super::record::{self, hex, unhex, GENESIS};
 use super::TokenMac;
+use crate::ffi::shm::OpenError;
 use rustix::fs::{flock, FlockOperation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::fmt;
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::path::Path;
 
 /// What is wrong with a log.
@@ -199,8 +200,9 @@ fn bad(r: &mut Report, kind: Tamper, line: u64, seq: Option<u64>, detail: String
 
 /// Verifies the log at `path`: the hash chain from the first record, each record's MAC
 /// and the token checkpoint (when `mac` is given), torn regions and their markers.
-/// Reports the first bad record and why. Holds a shared `flock` while reading, so writers
-/// pause and the snapshot is consistent with the token checkpoint.
+/// Reports the first bad record and why. Holds a shared `flock` and the lock file's mutex
+/// (when there is a lock file it can use) while reading, so writers pause and the snapshot
+/// is consistent with the token checkpoint. Never needs the lock file.
 pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
     let mut report = Report {
         macs_checked: mac.is_some(),
@@ -215,9 +217,31 @@ pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
                 r => break r?,
             }
         }
+        // Writers serialize with the lock file's mutex (or, without a lock file, with the
+        // flock held now): hold it too, so no append is half done while we read.
+        let lock_path = super::sink::lock_path(path);
+        let lf = crate::ffi::shm::LockFile::open(&lock_path);
+        let guard = lf.as_ref().ok().and_then(|l| l.lock().ok());
+        let exclusive = guard.is_some() || matches!(lf, Err(OpenError::Missing));
+        // The checkpoint first: a writer stores it only after the lines it names are in
+        // the file, so even without the lock the file we read next holds them.
+        let ck = mac.map(|m| m.load_checkpoint());
         let mut data = Vec::new();
         f.read_to_end(&mut data)?;
-        let ck = mac.map(|m| m.load_checkpoint());
+        if !exclusive {
+            // a lock file we cannot take (read-only access): an unterminated last line
+            // may be an append in progress rather than a torn record; look again
+            for _ in 0..5 {
+                if data.last().is_none_or(|&b| b == b'\n') {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                data.clear();
+                f.seek(std::io::SeekFrom::Start(0))?;
+                f.read_to_end(&mut data)?;
+            }
+        }
+        drop(guard);
         Ok((data, ck))
     })();
     let (data, ck) = match read {

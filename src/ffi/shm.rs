@@ -324,8 +324,8 @@ impl LockFile {
 
     /// Takes the mutex (blocks while another thread or process holds it). No system call
     /// when it is free. If its holder died holding it, the mutex is made consistent
-    /// again and [`Guard::owner_died`] says so: the protected state (the hint, and the log's
-    /// end) may be half-updated. Fails only if the mutex is unusable (`ENOTRECOVERABLE`).
+    /// again, the hint is cleared and [`Guard::owner_died`] says so: the log's end may be
+    /// half-written. Fails only if the mutex is unusable (`ENOTRECOVERABLE`).
     pub fn lock(&self) -> io::Result<Guard<'_>> {
         let m = self.mutex();
         // SAFETY: `m` points into our live mapping at an initialized process-shared robust
@@ -339,7 +339,7 @@ impl LockFile {
             libc::EOWNERDEAD => {
                 // SAFETY: we hold the mutex (EOWNERDEAD means it was acquired).
                 let rc = unsafe { libc::pthread_mutex_consistent(m) };
-                let g = Guard {
+                let mut g = Guard {
                     lf: self,
                     owner_died: true,
                 };
@@ -347,6 +347,9 @@ impl LockFile {
                     drop(g);
                     return Err(io::Error::from_raw_os_error(rc));
                 }
+                // whatever the dead holder was changing, nobody may trust the hint now
+                // (also not a holder after us, who will not see EOWNERDEAD)
+                g.set_hint(None);
                 Ok(g)
             }
             rc => Err(io::Error::from_raw_os_error(rc)),
