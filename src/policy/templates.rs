@@ -110,11 +110,6 @@ pub fn class_of(t: &[Attribute]) -> Option<CK_OBJECT_CLASS> {
     })
 }
 
-/// The usage flags a template turns on.
-fn requested(t: &[Attribute]) -> Usage {
-    Flags::of(t).requested()
-}
-
 /// Attributes only the token sets: never accepted from an application.
 fn refuse_token_only(t: &[Attribute]) -> R<()> {
     let token_only = t.iter().any(|a| {
@@ -402,7 +397,7 @@ mod tests {
     }
 
     fn usage_of(t: &[Attribute]) -> Usage {
-        requested(t)
+        Flags::of(t).requested()
     }
 
     #[test]

@@ -32,10 +32,15 @@ fn rv(r: std::result::Result<(), CK_RV>) -> Result<()> {
 
 /// `CKA_ID` as applications see it: a version object's id without tag and number.
 pub fn presented_id(info: &KeyInfo) -> Vec<u8> {
+    presented_id_ref(info).to_vec()
+}
+
+/// [`presented_id`], borrowed.
+fn presented_id_ref(info: &KeyInfo) -> &[u8] {
     if info.class == CKO_SECRET_KEY && info.token {
-        split_id(&info.raw_id).0.to_vec()
+        split_id(&info.raw_id).0
     } else {
-        info.raw_id.clone()
+        &info.raw_id
     }
 }
 
@@ -281,19 +286,23 @@ impl Library {
         if !self.audit.enabled() {
             return Ok(());
         }
-        self.audit_record(
-            s,
-            crate::audit::Record {
-                op: op.into(),
-                mechanism: mech,
-                key: Some(info.label.clone()),
-                key_id: Some(presented_id(info)),
-                version,
-                result,
-                reason,
-                ..Default::default()
-            },
-        )
+        // Borrowed values only: no allocation per CMK use.
+        let r = crate::audit::RecordRef {
+            op,
+            mechanism: mech,
+            key: Some(&info.label),
+            key_id: Some(presented_id_ref(info)),
+            version,
+            result,
+            reason: reason.as_deref(),
+            slot: Some(s.slot_id),
+            token: self
+                .token_labels
+                .get(s.slot_id as usize)
+                .map(String::as_str),
+            session: Some(s.handle),
+        };
+        self.audit.record_ref(&r).map_err(Error::Rv)
     }
 
     /// Writes an audit record, with the session's slot, token and handle filled in.
