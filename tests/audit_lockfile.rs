@@ -328,3 +328,50 @@ fn verify_takes_the_writers_lock() {
     assert!(r.ok(), "{r}");
     assert_eq!(r.authenticated_through, Some(r.last_seq), "{r}");
 }
+
+/// Whoever may append to the log may use its lock file: it gets the log's permission bits,
+/// group and access ACL (a user granted the log by an ACL entry is not locked out).
+#[test]
+fn the_lock_file_gets_the_logs_permissions_and_acl() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.log");
+    std::fs::write(&log, b"").unwrap();
+    std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o620)).unwrap();
+    // user::rw-, user:4242:rw-, group::r--, mask::rw-, other::--- (xattr format version 2)
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (0x01u16, 6u16, u32::MAX),
+        (0x02, 6, 4242),
+        (0x04, 4, u32::MAX),
+        (0x10, 6, u32::MAX),
+        (0x20, 0, u32::MAX),
+    ] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    }
+    let with_acl = rustix::fs::setxattr(
+        &log,
+        "system.posix_acl_access",
+        &acl,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .is_ok();
+    if !with_acl {
+        eprintln!("no ACL support here: checking the mode only");
+    }
+    plain(&log).record(use_record(0)).unwrap();
+    let (lm, km) = (
+        std::fs::metadata(&log).unwrap(),
+        std::fs::metadata(lock_path(&log)).unwrap(),
+    );
+    assert_eq!(km.mode() & 0o777, lm.mode() & 0o777);
+    assert_eq!(km.gid(), lm.gid());
+    if with_acl {
+        let mut got = vec![0u8; 256];
+        let n = rustix::fs::getxattr(lock_path(&log), "system.posix_acl_access", &mut got[..])
+            .expect("the lock file has the log's ACL");
+        assert_eq!(&got[..n], &acl[..]);
+    }
+}

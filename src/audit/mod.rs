@@ -69,19 +69,21 @@
 //! the lock is taken per batch, not per record.
 //!
 //! **A writer killed holding the lock.** The kernel releases a robust mutex whose owner
-//! died; the next writer gets `EOWNERDEAD`, makes the mutex consistent, ignores the hint
-//! (it may be half-written) and reads the end of the file. A writer killed mid-`write`
+//! died; the next holder gets `EOWNERDEAD`, makes the mutex consistent and clears the hint
+//! (it may be half-written), so the next append reads the end of the file. A writer killed mid-`write`
 //! leaves a torn line; the next writer finds it there, terminates it with a newline and
 //! writes a `torn` record (`reason` = offset, length and SHA-256 of the torn bytes) chained
 //! to the last complete record; verify reports it as a note with its exact place. No
 //! writer ever waits for a dead one.
 //!
 //! **The lock file is a hint and a lock, never evidence.** [`verify()`] reads only the
-//! log; deleting the lock file loses nothing. It is created (complete, under a temporary
-//! name, then renamed into place) under an exclusive `flock` on the log, with the log's
-//! permission bits and group. If it cannot be created (read-only directory, full file
-//! system) the writer uses `flock` on the log for every append, as before lock files
-//! existed, and looks for a lock file under every `flock`: the first writer that manages
+//! log (verify takes the mutex too, so it never reads half an append); deleting the lock
+//! file loses nothing. It is created (complete, under a temporary name, then renamed into
+//! place) under an exclusive `flock` on the log, with the log's permission bits, group and
+//! access ACL, so whoever may append to the log may use it. If it cannot be created
+//! (read-only directory, full file system) the writer uses `flock` on the log for every
+//! append, as before lock files existed, and looks for a lock file under every `flock`
+//! (one `stat` more per append in that mode): the first writer that manages
 //! to create one does so under the `flock`, so from then on everybody uses the mutex and
 //! the two kinds of lock never run side by side. A lock file that is not one (wrong size
 //! or magic, a symbolic link, a mutex left unrecoverable) is replaced the same way. One

@@ -140,8 +140,7 @@ impl LogFile {
                 seq: t.seq,
                 hash: t.hash,
             });
-        let m = self.file.metadata()?;
-        match LockFile::create(&self.lock_path, m.mode(), Some(m.gid()), hint) {
+        match LockFile::create(&self.lock_path, &self.file, hint) {
             Ok(lf) => Ok(Mode::Shared(lf)),
             Err(e) => {
                 log::warn!(

@@ -29,6 +29,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 /// Size of the lock file.
 pub const LOCK_FILE_LEN: usize = 4096;
 const MAGIC: &[u8; 16] = b"cmkp11-audit-lck";
+/// The extended attribute holding a file's access ACL.
+const ACL_XATTR: &str = "system.posix_acl_access";
 
 /// The process id, without a `getpid` system call per use.
 ///
@@ -229,19 +231,22 @@ impl LockFile {
     }
 
     /// Builds a fresh lock file holding `hint` and gives it the name `path` (replacing any
-    /// file there), with permission bits `mode` and, if possible, group `gid`. The caller
-    /// serializes creation (it holds the log's `flock`).
-    pub fn create(
-        path: &Path,
-        mode: u32,
-        gid: Option<u32>,
-        hint: Option<Hint>,
-    ) -> io::Result<LockFile> {
+    /// file there), with the permission bits, and where possible the group and the access
+    /// ACL, of the file `like` (the log): whoever may append to the log may use it. The
+    /// caller serializes creation (it holds the log's `flock`).
+    pub fn create(path: &Path, like: &File, hint: Option<Hint>) -> io::Result<LockFile> {
+        let m = like.metadata()?;
+        let (mode, gid) = (m.mode(), m.gid());
+        let mut acl = vec![0u8; 4096];
+        let acl = match rustix::fs::fgetxattr(like, ACL_XATTR, &mut acl[..]) {
+            Ok(n) => Some(acl[..n].to_vec()),
+            Err(_) => None,
+        };
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(format!(".{}.tmp", std::process::id()));
         let tmp = std::path::PathBuf::from(tmp);
         let _ = std::fs::remove_file(&tmp);
-        let res = Self::build(&tmp, mode, gid, hint).and_then(|lf| {
+        let res = Self::build(&tmp, mode, Some(gid), acl.as_deref(), hint).and_then(|lf| {
             std::fs::rename(&tmp, path)?;
             Ok(lf)
         });
@@ -251,7 +256,13 @@ impl LockFile {
         res
     }
 
-    fn build(tmp: &Path, mode: u32, gid: Option<u32>, hint: Option<Hint>) -> io::Result<LockFile> {
+    fn build(
+        tmp: &Path,
+        mode: u32,
+        gid: Option<u32>,
+        acl: Option<&[u8]>,
+        hint: Option<Hint>,
+    ) -> io::Result<LockFile> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -264,6 +275,9 @@ impl LockFile {
         file.set_permissions(std::fs::Permissions::from_mode(mode & 0o666))?;
         if let Some(g) = gid {
             let _ = rustix::fs::fchown(&file, None, Some(rustix::fs::Gid::from_raw(g)));
+        }
+        if let Some(acl) = acl {
+            rustix::fs::fsetxattr(&file, ACL_XATTR, acl, rustix::fs::XattrFlags::empty())?;
         }
         // allocated blocks, not a sparse file: a store into a hole on a full disk would
         // raise SIGBUS
