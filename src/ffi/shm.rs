@@ -329,10 +329,11 @@ impl LockFile {
         self.id
     }
 
-    /// Whether `path` still names the mapped file (false once it was replaced or removed).
+    /// Whether `path` still names the mapped file, whole (false once it was replaced,
+    /// removed or truncated).
     pub fn still_current(&self, path: &Path) -> bool {
         std::fs::symlink_metadata(path)
-            .map(|m| (m.dev(), m.ino()) == self.id)
+            .map(|m| (m.dev(), m.ino()) == self.id && m.len() == LOCK_FILE_LEN as u64)
             .unwrap_or(false)
     }
 
