@@ -12,8 +12,8 @@
 //! 3. A session's own `Mutex`: held for the whole call on that session, including the
 //!    backend call. Different sessions never wait for each other.
 //! 4. `HandleTable` (`RwLock`): held only for a lookup or insert, never across a call.
-//! 5. A slot's [`SlotSessions`] (`Mutex`): held only to count sessions and to take or
-//!    return an idle backend session, never across a backend call.
+//!    The same lock guards each slot's count of sessions and its idle backend sessions
+//!    ([`SlotSessions`]), so opening or closing a session takes it once.
 //!
 //! # Idle backend sessions
 //! Opening a session costs a backend call (and, for a network HSM, a round trip), and many
@@ -60,10 +60,9 @@ pub struct Library {
     pub cfg: Config,
     /// The backend module and the slots cmkp11 exposes.
     pub backend: Backend,
-    /// The application's sessions, each with its slot (readable without its lock).
-    sessions: RwLock<handles::HandleMap<CK_SESSION_HANDLE, SessionEntry>>,
-    /// Per slot: the application's open sessions and idle backend sessions.
-    slot_sessions: Vec<Mutex<SlotSessions>>,
+    /// The application's sessions and, per slot, their count and the idle backend
+    /// sessions: one lock, taken once per `C_OpenSession` and once per `C_CloseSession`.
+    sessions: RwLock<Sessions>,
     next_session: AtomicU64,
     /// cmkp11's object handles.
     pub objects: HandleTable,
@@ -86,6 +85,62 @@ pub struct Library {
 /// A session in the table: its slot (readable without the session's lock) and the session.
 type SessionEntry = (CK_SLOT_ID, Arc<Mutex<Session>>);
 
+/// The session table.
+#[derive(Default)]
+struct Sessions {
+    map: handles::HandleMap<CK_SESSION_HANDLE, SessionEntry>,
+    slots: Vec<SlotSessions>,
+}
+
+/// What closing a session left to do outside the table's lock.
+struct Gone {
+    slot_id: CK_SLOT_ID,
+    /// It was the application's last session of the slot.
+    last: bool,
+    /// Backend sessions to close (dropped outside the lock).
+    to_close: Option<[Vec<cryptoki::session::Session>; 2]>,
+    /// The closed session when it is not kept: dropped (closing its backend session, or
+    /// releasing this reference to it) outside the lock.
+    close_later: Option<Box<dyn Send>>,
+}
+
+impl Gone {
+    /// Counts one application session of `slot_id` gone and keeps `idle` (a reusable
+    /// backend session and whether it is read-write) unless that was the application's
+    /// last session of the slot: then every kept session of the slot is to be closed.
+    fn of(
+        t: &mut Sessions,
+        slot_id: CK_SLOT_ID,
+        idle: Option<(bool, cryptoki::session::Session)>,
+    ) -> Gone {
+        let c = &mut t.slots[slot_id as usize];
+        c.open = c.open.saturating_sub(1);
+        if c.open == 0 {
+            return Gone {
+                slot_id,
+                last: true,
+                to_close: Some(std::mem::take(c.idle.get_mut())),
+                close_later: None,
+            };
+        }
+        let mut extra = None;
+        if let Some((rw, b)) = idle {
+            let kept = &mut c.idle.get_mut()[usize::from(rw)];
+            if kept.len() < IDLE_MAX {
+                kept.push(b);
+            } else {
+                extra = Some(Box::new(b) as Box<dyn Send>);
+            }
+        }
+        Gone {
+            slot_id,
+            last: false,
+            to_close: None,
+            close_later: extra,
+        }
+    }
+}
+
 /// How many idle backend sessions a slot keeps per kind.
 const IDLE_MAX: usize = 32;
 
@@ -94,8 +149,10 @@ const IDLE_MAX: usize = 32;
 struct SlotSessions {
     /// The application's open sessions on this slot.
     open: usize,
-    /// Idle backend sessions: `[read-only, read-write]`.
-    idle: [Vec<cryptoki::session::Session>; 2],
+    /// Idle backend sessions: `[read-only, read-write]`. Only ever used under the table's
+    /// write lock, through `get_mut` (this `Mutex` is never locked: it only makes the
+    /// table `Sync`, which a backend session alone is not).
+    idle: Mutex<[Vec<cryptoki::session::Session>; 2]>,
 }
 
 static STATE: RwLock<Option<&'static Library>> = RwLock::new(None);
@@ -191,9 +248,12 @@ impl Library {
             cfg.backend.module.display(),
             backend.slots.len()
         );
-        let slot_sessions = (0..backend.slots.len())
-            .map(|_| Mutex::new(SlotSessions::default()))
-            .collect();
+        let sessions = Sessions {
+            map: handles::HandleMap::default(),
+            slots: (0..backend.slots.len())
+                .map(|_| SlotSessions::default())
+                .collect(),
+        };
         let stores = (0..backend.slots.len())
             .map(|_| store::SlotStore::default())
             .collect();
@@ -236,8 +296,7 @@ impl Library {
             probed: RwLock::new(std::collections::HashSet::new()),
             cfg,
             backend,
-            sessions: RwLock::new(handles::HandleMap::default()),
-            slot_sessions,
+            sessions: RwLock::new(sessions),
             next_session: AtomicU64::new(1),
             objects: HandleTable::default(),
             settings,
@@ -250,8 +309,17 @@ impl Library {
 
     /// Closes every session and finalizes the backend (the CLI's end; `C_Finalize`).
     pub fn close(&self) {
-        let sessions = std::mem::take(&mut *self.sessions.write());
-        for h in sessions.keys() {
+        let (sessions, idle): (Vec<_>, Vec<_>) = {
+            let mut t = self.sessions.write();
+            let map = std::mem::take(&mut t.map);
+            let idle = t
+                .slots
+                .iter_mut()
+                .map(|c| std::mem::take(c.idle.get_mut()))
+                .collect();
+            (map.into_iter().collect(), idle)
+        };
+        for (h, _) in &sessions {
             self.audit.session_closed(*h);
         }
         // Before the sessions close: the token logs the application out with its last
@@ -263,10 +331,7 @@ impl Library {
             );
         }
         drop(sessions);
-        for slot in &self.slot_sessions {
-            let idle = std::mem::take(&mut slot.lock().idle);
-            drop(idle);
-        }
+        drop(idle);
         if let Err(e) = self.backend.finalize() {
             log::warn!("finalize: backend: {e}");
         }
@@ -282,7 +347,7 @@ impl Library {
 
     /// A session by handle.
     pub fn session(&self, h: CK_SESSION_HANDLE) -> Result<Arc<Mutex<Session>>> {
-        match self.sessions.read().get(&h) {
+        match self.sessions.read().map.get(&h) {
             Some((_, s)) => Ok(s.clone()),
             None => err(CKR_SESSION_HANDLE_INVALID),
         }
@@ -292,45 +357,65 @@ impl Library {
     /// cmkp11's handle for it.
     pub fn open_session(&self, slot_id: CK_SLOT_ID, rw: bool) -> Result<CK_SESSION_HANDLE> {
         let slot = self.slot(slot_id)?;
-        let counts = &self.slot_sessions[slot_id as usize];
-        let idle = {
-            let mut c = counts.lock();
+        let add = |t: &mut Sessions, backend| {
+            let h = self.next_session.fetch_add(1, Ordering::Relaxed);
+            let s = Session::new(h, slot_id, rw, backend);
+            t.map.insert(h, (slot_id, Arc::new(Mutex::new(s))));
+            h
+        };
+        {
+            let mut t = self.sessions.write();
+            let c = &mut t.slots[slot_id as usize];
             c.open += 1;
-            c.idle[usize::from(rw)].pop()
-        };
-        let backend = match idle {
-            Some(b) => b,
-            None => {
-                let opened = if rw {
-                    self.backend.ctx.open_rw_session(slot)
-                } else {
-                    self.backend.ctx.open_ro_session(slot)
-                };
-                match opened {
-                    Ok(b) => b,
-                    Err(e) => {
-                        self.session_gone(slot_id, None);
-                        return Err(e.into());
-                    }
-                }
+            if let Some(b) = c.idle.get_mut()[usize::from(rw)].pop() {
+                return Ok(add(&mut t, b));
             }
+        }
+        let opened = if rw {
+            self.backend.ctx.open_rw_session(slot)
+        } else {
+            self.backend.ctx.open_ro_session(slot)
         };
-        let h = self.next_session.fetch_add(1, Ordering::Relaxed);
-        let s = Session::new(h, slot_id, rw, backend);
-        self.sessions
-            .write()
-            .insert(h, (slot_id, Arc::new(Mutex::new(s))));
-        Ok(h)
+        match opened {
+            Ok(b) => Ok(add(&mut self.sessions.write(), b)),
+            Err(e) => {
+                self.gone(|t| Gone::of(t, slot_id, None));
+                Err(e.into())
+            }
+        }
     }
 
     /// `C_CloseSession`.
     pub fn close_session(&self, h: CK_SESSION_HANDLE) -> Result<()> {
-        let s = self
-            .sessions
-            .write()
-            .remove(&h)
-            .ok_or(crate::error::Error::Rv(CKR_SESSION_HANDLE_INVALID))?;
-        self.closed(h, s);
+        let mut made_objects = true;
+        let found = self.gone_with(|t| {
+            let (slot_id, s) = t.map.remove(&h)?;
+            // A call in flight on the session keeps it (and its backend session) alive
+            // until it returns; otherwise the backend session may serve the next one.
+            let (reusable, not) = match Arc::try_unwrap(s) {
+                Ok(m) => {
+                    let s = m.into_inner();
+                    made_objects = s.made_session_objects();
+                    match s.into_reusable() {
+                        Ok(b) => (Some(b), None),
+                        Err(s) => (None, Some(s as Box<dyn Send>)),
+                    }
+                }
+                Err(shared) => (None, Some(Box::new(shared) as Box<dyn Send>)),
+            };
+            let mut g = Gone::of(t, slot_id, reusable);
+            if not.is_some() {
+                g.close_later = not;
+            }
+            Some(g)
+        });
+        if !found {
+            return err(CKR_SESSION_HANDLE_INVALID);
+        }
+        if made_objects {
+            self.objects.forget_owned_by(h);
+        }
+        self.audit.session_closed(h);
         Ok(())
     }
 
@@ -338,79 +423,73 @@ impl Library {
     pub fn close_all_sessions(&self, slot_id: CK_SLOT_ID) -> Result<()> {
         self.slot(slot_id)?;
         let mut closed = Vec::new();
-        self.sessions.write().retain(|h, e| {
-            let keep = e.0 != slot_id;
-            if !keep {
-                closed.push((*h, e.clone()));
-            }
-            keep
-        });
+        {
+            let mut t = self.sessions.write();
+            t.map.retain(|h, e| {
+                let keep = e.0 != slot_id;
+                if !keep {
+                    closed.push((*h, e.1.clone()));
+                }
+                keep
+            });
+        }
         for (h, s) in closed {
-            self.closed(h, s);
+            self.objects.forget_owned_by(h);
+            self.audit.session_closed(h);
+            drop(s);
+            self.gone(|t| Gone::of(t, slot_id, None));
         }
         Ok(())
     }
 
-    /// The end of an application session removed from the table: its session objects
-    /// are forgotten, its audit record written, and its backend session kept for reuse or
-    /// closed (when the last call in flight on it is over, if one is).
-    fn closed(&self, h: CK_SESSION_HANDLE, (slot_id, s): SessionEntry) {
-        self.objects.forget_owned_by(h);
-        self.audit.session_closed(h);
-        let reusable = Arc::try_unwrap(s).ok().and_then(|m| {
-            let s = m.into_inner();
-            let rw = s.rw;
-            s.into_reusable().map(|b| (rw, b))
-        });
-        self.session_gone(slot_id, reusable);
+    /// Runs `f` under the session table's lock; `f` says which session of which slot is
+    /// gone ([`Gone`]). Returns whether it found one.
+    fn gone_with(&self, f: impl FnOnce(&mut Sessions) -> Option<Gone>) -> bool {
+        let gone = f(&mut self.sessions.write());
+        match gone {
+            None => false,
+            Some(g) => {
+                self.after_gone(g);
+                true
+            }
+        }
     }
 
-    /// Counts one application session of `slot_id` gone and keeps `idle` (a reusable
-    /// backend session and whether it is read-write) unless that was the application's
-    /// last session of the slot: then every kept session of the slot closes, and so do
-    /// cmkp11's own sessions of it, so that the token logs the application out (PKCS#11
-    /// §5.6); the audit log first writes its checkpoint, which needs the login.
-    fn session_gone(&self, slot_id: CK_SLOT_ID, idle: Option<(bool, cryptoki::session::Session)>) {
-        let (last, to_close) = {
-            let mut c = self.slot_sessions[slot_id as usize].lock();
-            c.open = c.open.saturating_sub(1);
-            if c.open == 0 {
-                (true, Some(std::mem::take(&mut c.idle)))
-            } else {
-                if let Some((rw, b)) = idle {
-                    let kept = &mut c.idle[usize::from(rw)];
-                    if kept.len() < IDLE_MAX {
-                        kept.push(b);
-                    }
-                }
-                (false, None)
-            }
-        };
-        // Backend sessions close here, outside the lock.
-        drop(to_close);
-        if !last {
+    fn gone(&self, f: impl FnOnce(&mut Sessions) -> Gone) {
+        self.gone_with(|t| Some(f(t)));
+    }
+
+    /// After the table counted a session gone: backend sessions close outside the lock;
+    /// when it was the application's last session of the slot, cmkp11's own sessions of
+    /// the slot close too, so that the token logs the application out (PKCS#11 §5.6); the
+    /// audit log first writes its checkpoint, which needs the login.
+    fn after_gone(&self, g: Gone) {
+        drop(g.to_close);
+        drop(g.close_later);
+        if !g.last {
             return;
         }
-        if slot_id == 0 {
+        if g.slot_id == 0 {
             if let Some(m) = &self.audit_mac {
                 let _ = self.audit.checkpoint();
                 m.disconnect();
             }
         }
-        self.stores[slot_id as usize].close_session();
+        self.stores[g.slot_id as usize].close_session();
     }
 
     /// Before an SO login on `slot_id`: closes the idle read-only backend sessions and
     /// cmkp11's own read-only session of the slot, which would make the token refuse it
     /// (`CKR_SESSION_READ_ONLY_EXISTS`) although the application has none.
     pub fn before_so_login(&self, slot_id: CK_SLOT_ID) {
-        let idle = std::mem::take(&mut self.slot_sessions[slot_id as usize].lock().idle[0]);
+        let idle =
+            std::mem::take(&mut self.sessions.write().slots[slot_id as usize].idle.get_mut()[0]);
         drop(idle);
         self.stores[slot_id as usize].close_session();
     }
 
     /// Number of open sessions (for tests and diagnostics).
     pub fn session_count(&self) -> usize {
-        self.sessions.read().len()
+        self.sessions.read().map.len()
     }
 }

@@ -220,18 +220,24 @@ impl Session {
         }
     }
 
-    /// The backend session, if it can serve another application session exactly as a
-    /// freshly opened one would: no backend operation in progress and no session object
-    /// created in it. Otherwise `None`, and dropping `self` closes the backend session.
-    pub fn into_reusable(self) -> Option<BackendSession> {
+    /// Whether a session object was created in this session.
+    pub fn made_session_objects(&self) -> bool {
+        self.made_session_objects
+    }
+
+    /// The backend session and whether it is read-write, if it can serve another
+    /// application session exactly as a freshly opened one would: no backend operation in
+    /// progress and no session object created in it. Otherwise the session itself, whose
+    /// drop closes the backend session.
+    pub fn into_reusable(self) -> std::result::Result<(bool, BackendSession), Box<Session>> {
         let busy = self
             .ops
             .iter()
             .any(|o| matches!(o.stage, Stage::Streaming | Stage::Active { .. }));
         if busy || self.made_session_objects {
-            return None;
+            return Err(Box::new(self));
         }
-        Some(self.backend)
+        Ok((self.rw, self.backend))
     }
 
     /// The backend session (for calls that need no state of cmkp11's).
