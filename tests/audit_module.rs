@@ -176,6 +176,7 @@ fn the_module_records_every_decision_and_never_a_secret() {
         .is_err());
     // A lifecycle step: C_DestroyObject schedules the CMK's deletion.
     s.destroy_object(data).unwrap();
+    s.logout().unwrap();
     s.close().unwrap();
     p.finalize().unwrap();
 
@@ -187,6 +188,19 @@ fn the_module_records_every_decision_and_never_a_secret() {
     let has = |op: &str, result: &str| lines.iter().any(|r| r["op"] == op && r["result"] == result);
     assert!(has("login", "CKR_PIN_INCORRECT"), "failed login recorded");
     assert!(has("login", "CKR_OK"), "login recorded");
+    // The logout is recorded and covered by a token MAC while the login lasts: the audit
+    // key is a private object, unusable once the user is logged out.
+    let at = lines
+        .iter()
+        .position(|r| r["op"] == "logout")
+        .expect("logout recorded");
+    assert_eq!(lines[at]["result"], "CKR_OK");
+    let next = &lines[at + 1];
+    assert_eq!(next["op"], "checkpoint", "{next}");
+    assert!(
+        next["mac"].is_string(),
+        "a MACed checkpoint follows the logout: {next}"
+    );
     assert!(
         has("wrap", "CKR_OK") && has("unwrap", "CKR_OK") && has("encrypt", "CKR_OK"),
         "CMK uses recorded"

@@ -1052,11 +1052,22 @@ impl Library {
         if matches!(state, St::RoPublic | St::RwPublic) {
             return err(CKR_USER_NOT_LOGGED_IN);
         }
+        // The token's audit key is a private object, unusable once the user is logged
+        // out: the logout is recorded first and covered by a token MAC while the login
+        // lasts (otherwise this process's last records would wait for another process's
+        // MAC). A logout the token then refuses (rare) gets a second record with its code.
+        let _ = self.audit_record(s, crate::audit::Record::new("logout", CKR_OK));
+        if let Err(rv) = self.audit.checkpoint() {
+            log::warn!(
+                "audit: no checkpoint before logout: {}",
+                crate::backend::rv::name(rv)
+            );
+        }
         let r = s.backend().logout();
-        let rv = r
-            .as_ref()
-            .map_or_else(crate::backend::rv::from_cryptoki, |_| CKR_OK);
-        let _ = self.audit_record(s, crate::audit::Record::new("logout", rv));
+        if let Err(e) = &r {
+            let rv = crate::backend::rv::from_cryptoki(e);
+            let _ = self.audit_record(s, crate::audit::Record::new("logout", rv));
+        }
         r?;
         self.stores[s.slot_id as usize].invalidate();
         Ok(())
