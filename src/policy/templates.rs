@@ -145,6 +145,8 @@ fn is_usage(ty: AttributeType) -> bool {
 
 /// Replaces every usage, SENSITIVE and EXTRACTABLE attribute of `t` by explicit values.
 fn finish(mut t: Vec<Attribute>, usage: Usage, extractable: bool, private: bool) -> Vec<Attribute> {
+    // Room for what is added below, so the vector is not reallocated on the way.
+    t.reserve(9);
     t.retain(|a| {
         let ty = a.attribute_type();
         !is_usage(ty) && ty != AttributeType::Sensitive && ty != AttributeType::Extractable

@@ -88,32 +88,60 @@ impl HandleTable {
         obj: ObjectHandle,
         owner: Option<CK_SESSION_HANDLE>,
     ) -> CK_OBJECT_HANDLE {
+        self.ours_with(slot, obj, owner, None, None)
+    }
+
+    /// [`HandleTable::ours`] for a new key whose value length and origin cmkp11 knows (an
+    /// unwrapped DEK), recorded in the same step.
+    pub fn ours_with(
+        &self,
+        slot: CK_SLOT_ID,
+        obj: ObjectHandle,
+        owner: Option<CK_SESSION_HANDLE>,
+        value_len: Option<CK_ULONG>,
+        origin: Origin,
+    ) -> CK_OBJECT_HANDLE {
         let key = (slot, obj.handle());
-        if let Some(h) = self.t.read().backend.get(&key) {
-            return *h;
-        }
-        let mut t = self.t.write();
-        if let Some(h) = t.backend.get(&key) {
-            return *h;
-        }
-        t.next += 1;
-        let h = t.next;
-        t.backend.insert(key, h);
-        t.ours.insert(
-            h,
-            Entry {
-                slot,
-                obj,
-                owner,
-                value_len: None,
-                info: None,
-                origin: None,
-                imported: false,
-                cmk: None,
-            },
-        );
-        if let Some(s) = owner {
-            t.owned.entry(s).or_default().push(h);
+        let found = self.t.read().backend.get(&key).copied();
+        let (h, new) = match found {
+            Some(h) => (h, false),
+            None => {
+                let mut t = self.t.write();
+                match t.backend.get(&key) {
+                    Some(h) => (*h, false),
+                    None => {
+                        t.next += 1;
+                        let h = t.next;
+                        t.backend.insert(key, h);
+                        t.ours.insert(
+                            h,
+                            Entry {
+                                slot,
+                                obj,
+                                owner,
+                                value_len,
+                                info: None,
+                                origin,
+                                imported: false,
+                                cmk: None,
+                            },
+                        );
+                        if let Some(s) = owner {
+                            t.owned.entry(s).or_default().push(h);
+                        }
+                        (h, true)
+                    }
+                }
+            }
+        };
+        if !new {
+            // Seen before: record the facts as changes to the existing entry.
+            if let Some(len) = value_len {
+                self.set_value_len(h, len);
+            }
+            if let Some(o) = origin {
+                self.set_origin(h, o);
+            }
         }
         h
     }

@@ -176,6 +176,7 @@ impl Library {
         &self,
         s: &mut Session,
         h: CK_OBJECT_HANDLE,
+        invalid: CK_RV,
         op: Op,
         mech: CK_MECHANISM_TYPE,
     ) -> Result<Key> {
@@ -195,7 +196,7 @@ impl Library {
                 return Ok(key);
             }
         }
-        let (key, version, view) = self.use_key_with(s, h, CKR_KEY_HANDLE_INVALID, op, mech)?;
+        let (key, version, view) = self.use_key_with(s, h, invalid, op, mech)?;
         if self.cfg.access.is_empty() {
             s.decided = Some(super::session::Decided {
                 key: h,
@@ -339,7 +340,7 @@ impl Library {
                 return s.init(kind, mech, Default::default());
             }
         };
-        let mut k = self.use_key_cached(s, key, op, mech.ty)?;
+        let mut k = self.use_key_cached(s, key, CKR_KEY_HANDLE_INVALID, op, mech.ty)?;
         // Only authenticated decryption may try older versions (and only single-part).
         if !(kind == Kind::Decrypt && mech.ty == CKM_AES_GCM) {
             k.objects.truncate(1);
@@ -629,7 +630,7 @@ impl Library {
         blob: &[u8],
         template: Vec<Attribute>,
     ) -> Result<CK_OBJECT_HANDLE> {
-        let u = self.use_key(
+        let u = self.use_key_cached(
             s,
             unwrapping,
             CKR_UNWRAPPING_KEY_HANDLE_INVALID,
@@ -642,14 +643,10 @@ impl Library {
         for obj in &u.objects {
             match s.backend().unwrap_key(&m, *obj, blob, &t) {
                 Ok(k) => {
-                    let h = s.register(self, k, true);
-                    if let Some(len) = aes_value_len_from_blob(mech.ty, blob.len(), &t) {
-                        self.objects.set_value_len(h, len);
-                    }
                     // A DEK unwrapped by X can be wrapped only by X (an RSA key never
                     // wraps, so a DEK conjured through RSA-OAEP never leaves the token).
-                    self.objects.set_origin(h, unwrapping);
-                    return Ok(h);
+                    let len = aes_value_len_from_blob(mech.ty, blob.len(), &t);
+                    return Ok(s.register_dek(self, k, len, unwrapping));
                 }
                 Err(e) => {
                     last = crate::backend::rv::unwrap_failure(Error::from(e).rv());

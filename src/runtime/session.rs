@@ -341,6 +341,25 @@ impl Session {
             .ours(self.slot_id, obj, session_object.then_some(self.handle))
     }
 
+    /// [`Session::register`] for a session key whose value length and origin cmkp11
+    /// knows (an unwrapped DEK), in one step.
+    pub fn register_dek(
+        &mut self,
+        lib: &Library,
+        obj: ObjectHandle,
+        value_len: Option<CK_ULONG>,
+        origin: CK_OBJECT_HANDLE,
+    ) -> CK_OBJECT_HANDLE {
+        self.made_session_objects = true;
+        lib.objects.ours_with(
+            self.slot_id,
+            obj,
+            Some(self.handle),
+            value_len,
+            Some(origin),
+        )
+    }
+
     /// `C_*Init`: starts an operation of `kind`.
     pub fn init(&mut self, kind: Kind, mech: Mech, keys: Keys) -> Result<()> {
         let op = &mut self.ops[idx(kind)];
