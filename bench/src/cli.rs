@@ -32,6 +32,8 @@ OPTIONS:
 CASES:
   aes-gcm-4k-encrypt, aes-gcm-4k-decrypt, aes-kwp-wrap, aes-kwp-unwrap, aes-keygen,
   rsa2048-sign, ecdsa-p256-sign, find-by-label, open-close-session
+  extra (only when named): aes-kwp-unwrap-explicit (the unwrap template states every usage
+  flag, as cmkp11's policy does for the token: the forwarding cost without the template's)
 
 ENVIRONMENT (set by the caller, inherited by every worker):
   SOFTHSM2_CONF     SoftHSM2 configuration naming the token directory (required)

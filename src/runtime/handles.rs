@@ -50,6 +50,9 @@ struct Entry {
     imported: bool,
     /// For a CMK's logical handle: the CMK's identity (operations use its primary).
     cmk: Option<Vec<u8>>,
+    /// A session may hold a decision about this object (see [`HandleTable::epoch`]):
+    /// changing or forgetting the entry then moves the epoch on.
+    decided: bool,
 }
 
 #[derive(Default)]
@@ -65,19 +68,46 @@ struct Tables {
 #[derive(Default)]
 pub struct HandleTable {
     t: RwLock<Tables>,
-    /// Counts changes to existing entries (forgotten objects, changed facts): a decision
-    /// remembered under an older epoch is not reused.
+    /// Counts changes to entries decided about (forgotten objects, changed facts): a
+    /// decision remembered under an older epoch is not reused.
     epoch: std::sync::atomic::AtomicU64,
 }
 
 impl HandleTable {
-    /// The current epoch (see the field).
+    /// The current epoch: it moves on whenever an entry that a session's remembered
+    /// decision may rest on changes or is forgotten (see [`HandleTable::mark_decided`]).
     pub fn epoch(&self) -> u64 {
         self.epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn changed(&self) {
         self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Notes that a decision about `h` may be remembered. Call it before reading the
+    /// epoch and the facts the decision rests on, so that any later change to the entry
+    /// moves the epoch on. Changes to entries never decided about leave it alone (an
+    /// application destroying the DEKs it unwraps does not void the unwrapping key's
+    /// remembered decision).
+    pub fn mark_decided(&self, h: CK_OBJECT_HANDLE) {
+        if self.t.read().ours.get(&h).is_none_or(|e| e.decided) {
+            return;
+        }
+        if let Some(e) = self.t.write().ours.get_mut(&h) {
+            e.decided = true;
+        }
+    }
+
+    /// Runs `f` on entry `h` under the write lock; moves the epoch on if the entry was
+    /// decided about.
+    fn change(&self, h: CK_OBJECT_HANDLE, f: impl FnOnce(&mut Entry)) {
+        let mut t = self.t.write();
+        if let Some(e) = t.ours.get_mut(&h) {
+            if e.decided {
+                self.changed();
+            }
+            f(e);
+        }
     }
 
     /// cmkp11's handle for a backend object, allocating one the first time it is seen.
@@ -124,6 +154,7 @@ impl HandleTable {
                                 origin,
                                 imported: false,
                                 cmk: None,
+                                decided: false,
                             },
                         );
                         if let Some(s) = owner {
@@ -171,6 +202,7 @@ impl HandleTable {
                 origin: None,
                 imported: false,
                 cmk: Some(id.to_vec()),
+                decided: false,
             },
         );
         h
@@ -212,10 +244,7 @@ impl HandleTable {
 
     /// Records the `CKA_VALUE_LEN` of an object whose backend reports none.
     pub fn set_value_len(&self, h: CK_OBJECT_HANDLE, len: CK_ULONG) {
-        self.changed();
-        if let Some(e) = self.t.write().ours.get_mut(&h) {
-            e.value_len = Some(len);
-        }
+        self.change(h, |e| e.value_len = Some(len));
     }
 
     /// The `CKA_VALUE_LEN` recorded by [`set_value_len`](Self::set_value_len).
@@ -230,10 +259,7 @@ impl HandleTable {
 
     /// Caches the policy facts of an object (`None` forgets them, e.g. after a change).
     pub fn set_info(&self, h: CK_OBJECT_HANDLE, info: Option<Arc<KeyInfo>>) {
-        self.changed();
-        if let Some(e) = self.t.write().ours.get_mut(&h) {
-            e.info = info;
-        }
+        self.change(h, |e| e.info = info);
     }
 
     /// The facts cmkp11 alone knows: (value length override, origin, imported).
@@ -257,19 +283,17 @@ impl HandleTable {
         {
             return;
         }
-        self.changed();
-        if let Some(e) = self.t.write().ours.get_mut(&h) {
+        self.change(h, |e| {
             e.origin.get_or_insert(origin);
-        }
+        });
     }
 
     /// Marks an object as imported in plaintext.
     pub fn mark_imported(&self, h: CK_OBJECT_HANDLE) {
-        self.changed();
-        if let Some(e) = self.t.write().ours.get_mut(&h) {
+        self.change(h, |e| {
             e.imported = true;
             e.info = None;
-        }
+        });
     }
 
     /// One lookup for a use: the backend object, the cached facts, and whether `h` is a
@@ -288,9 +312,11 @@ impl HandleTable {
 
     /// Forgets one handle (the object was destroyed).
     pub fn forget(&self, h: CK_OBJECT_HANDLE) {
-        self.changed();
         let mut t = self.t.write();
         if let Some(e) = t.ours.remove(&h) {
+            if e.decided {
+                self.changed();
+            }
             t.backend.remove(&(e.slot, e.obj.handle()));
             if let Some(list) = e.owner.and_then(|s| t.owned.get_mut(&s)) {
                 list.retain(|x| *x != h);
@@ -303,10 +329,12 @@ impl HandleTable {
         if !self.t.read().owned.contains_key(&s) {
             return;
         }
-        self.changed();
         let mut t = self.t.write();
         for h in t.owned.remove(&s).unwrap_or_default() {
             if let Some(e) = t.ours.remove(&h) {
+                if e.decided {
+                    self.changed();
+                }
                 t.backend.remove(&(e.slot, e.obj.handle()));
             }
         }

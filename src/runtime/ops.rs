@@ -180,6 +180,11 @@ impl Library {
         op: Op,
         mech: CK_MECHANISM_TYPE,
     ) -> Result<Key> {
+        let remember = self.cfg.access.is_empty();
+        if remember && s.decided.as_ref().is_none_or(|d| d.key != h) {
+            // Before the epoch is read: a change to the key's entry from now on voids it.
+            self.objects.mark_decided(h);
+        }
         let epoch = self.objects.epoch();
         if let Some(d) = &s.decided {
             if d.key == h
@@ -197,7 +202,7 @@ impl Library {
             }
         }
         let (key, version, view) = self.use_key_with(s, h, invalid, op, mech)?;
-        if self.cfg.access.is_empty() {
+        if remember {
             s.decided = Some(super::session::Decided {
                 key: h,
                 op,
