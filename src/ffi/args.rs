@@ -43,7 +43,10 @@ pub unsafe fn bytes_mut<'a>(p: *mut u8, len: CK_ULONG) -> Result<&'a mut [u8]> {
 /// If `p` is not NULL it must be valid for writes of a `T` for `'a`.
 pub unsafe fn out<'a, T>(p: *mut T) -> Result<&'a mut T> {
     // SAFETY: the caller guarantees a valid `T` behind a non-null pointer.
-    unsafe { p.as_mut() }.ok_or(crate::error::Error::Rv(CKR_ARGUMENTS_BAD))
+    match unsafe { p.as_mut() } {
+        Some(r) => Ok(r),
+        None => err(CKR_ARGUMENTS_BAD),
+    }
 }
 
 /// The two-call convention for a variable-length output: returns a sink for the result.
@@ -138,8 +141,12 @@ unsafe fn short(p: *const u8, len: CK_ULONG) -> Result<crate::backend::mech::Byt
 /// valid for their lengths.
 pub unsafe fn mechanism(p: *const CK_MECHANISM) -> Result<Mech> {
     // SAFETY: caller contract.
-    let m = unsafe { p.as_ref() }.ok_or(crate::error::Error::Rv(CKR_ARGUMENTS_BAD))?;
-    let kind = param_kind(m.mechanism).ok_or(crate::error::Error::Rv(CKR_MECHANISM_INVALID))?;
+    let Some(m) = (unsafe { p.as_ref() }) else {
+        return err(CKR_ARGUMENTS_BAD);
+    };
+    let Some(kind) = param_kind(m.mechanism) else {
+        return err(CKR_MECHANISM_INVALID);
+    };
     // SAFETY: `param` checks the length and non-NULL before reading the struct; the
     // pointers inside parameter structs are the application's, valid for their lengths by
     // the PKCS#11 contract, and `owned` checks them for NULL.
@@ -243,14 +250,21 @@ pub unsafe fn raw_template<'a>(
 pub unsafe fn template(p: *mut CK_ATTRIBUTE, n: CK_ULONG) -> Result<Vec<Attribute>> {
     // SAFETY: caller contract.
     let raw = unsafe { raw_template(p, n)? };
-    raw.iter()
-        .map(|a| {
-            AttributeType::try_from(a.type_).or(err(CKR_ATTRIBUTE_TYPE_INVALID))?;
-            // cryptoki reads `ulValueLen` bytes at `pValue` (NULL only with length 0),
-            // which the caller guarantees are valid.
-            Attribute::try_from(*a).or(err(CKR_ATTRIBUTE_VALUE_INVALID))
-        })
-        .collect()
+    // Room for the attributes a policy template adds (up to 9), so completing it does not
+    // reallocate.
+    let mut out = Vec::with_capacity(raw.len() + 9);
+    for a in raw {
+        if AttributeType::try_from(a.type_).is_err() {
+            return err(CKR_ATTRIBUTE_TYPE_INVALID);
+        }
+        // cryptoki reads `ulValueLen` bytes at `pValue` (NULL only with length 0), which
+        // the caller guarantees are valid.
+        match Attribute::try_from(*a) {
+            Ok(v) => out.push(v),
+            Err(_) => return err(CKR_ATTRIBUTE_VALUE_INVALID),
+        }
+    }
+    Ok(out)
 }
 
 /// Whether a template asks for a token object (`CKA_TOKEN` = TRUE).
