@@ -957,3 +957,39 @@ fn so_login_works_once_the_application_has_no_read_only_session() {
     );
     u.logout().unwrap();
 }
+
+#[test]
+#[serial]
+fn a_session_closed_by_another_thread_is_invalid_in_this_one() {
+    use cryptoki_sys::*;
+    let f = common::raw().f;
+    for _ in 0..3 {
+        let mut h: CK_SESSION_HANDLE = 0;
+        let rv = ck!(
+            f,
+            C_OpenSession,
+            slot().id(),
+            CKF_SERIAL_SESSION,
+            std::ptr::null_mut(),
+            None,
+            &mut h
+        );
+        assert_rv!(rv, CKR_OK, "C_OpenSession");
+        let mut info = CK_SESSION_INFO::default();
+        // Used by this thread (which may remember the lookup)...
+        assert_rv!(ck!(f, C_GetSessionInfo, h, &mut info), CKR_OK, "before");
+        assert_rv!(ck!(f, C_GetSessionInfo, h, &mut info), CKR_OK, "again");
+        // ... closed by another one.
+        let closer = std::thread::spawn(move || ck!(common::raw().f, C_CloseSession, h));
+        assert_rv!(
+            closer.join().unwrap(),
+            CKR_OK,
+            "C_CloseSession in the other thread"
+        );
+        assert_rv!(
+            ck!(f, C_GetSessionInfo, h, &mut info),
+            CKR_SESSION_HANDLE_INVALID,
+            "after the other thread closed it"
+        );
+    }
+}

@@ -64,6 +64,9 @@ pub struct Library {
     /// sessions: one lock, taken once per `C_OpenSession` and once per `C_CloseSession`.
     sessions: RwLock<Sessions>,
     next_session: AtomicU64,
+    /// Counts sessions removed from the table: a thread's remembered lookup (see
+    /// [`Library::session`]) made before the latest removal is not used.
+    removals: AtomicU64,
     /// cmkp11's object handles.
     pub objects: HandleTable,
     /// Policy switches.
@@ -80,6 +83,14 @@ pub struct Library {
     pub token_labels: Vec<String>,
     /// Mechanism parameters the backend accepted when probed (slot, operation, mechanism).
     pub probed: RwLock<std::collections::HashSet<(CK_SLOT_ID, u8, crate::backend::mech::Mech)>>,
+}
+
+/// A thread's last session lookup (see [`Library::session`]).
+struct LastLookup {
+    library: usize,
+    removals: u64,
+    handle: CK_SESSION_HANDLE,
+    session: std::sync::Weak<Mutex<Session>>,
 }
 
 /// A session in the table: its slot (readable without the session's lock) and the session.
@@ -298,6 +309,7 @@ impl Library {
             backend,
             sessions: RwLock::new(sessions),
             next_session: AtomicU64::new(1),
+            removals: AtomicU64::new(0),
             objects: HandleTable::default(),
             settings,
             caller: crate::policy::access::Caller {
@@ -317,6 +329,7 @@ impl Library {
                 .iter_mut()
                 .map(|c| std::mem::take(c.idle.get_mut()))
                 .collect();
+            self.removed();
             (map.into_iter().collect(), idle)
         };
         for (h, _) in &sessions {
@@ -346,11 +359,47 @@ impl Library {
     }
 
     /// A session by handle.
+    ///
+    /// Each thread remembers its last lookup (library, removal count, handle, and a weak
+    /// reference to the session), so a thread working on one session does not take the
+    /// table's shared lock on every call: with two threads on two cores, that lock's
+    /// cache line moving between them cost more than the rest of the lookup. A removal
+    /// (close) after the remembered lookup voids it; a session that is gone cannot be
+    /// upgraded to.
     pub fn session(&self, h: CK_SESSION_HANDLE) -> Result<Arc<Mutex<Session>>> {
-        match self.sessions.read().map.get(&h) {
-            Some((_, s)) => Ok(s.clone()),
-            None => err(CKR_SESSION_HANDLE_INVALID),
+        thread_local! {
+            static LAST: std::cell::RefCell<Option<LastLookup>> =
+                const { std::cell::RefCell::new(None) };
         }
+        let me = self as *const Library as usize;
+        let removals = self.removals.load(Ordering::Acquire);
+        let hit = LAST.with(|l| match &*l.borrow() {
+            Some(last) if last.library == me && last.removals == removals && last.handle == h => {
+                last.session.upgrade()
+            }
+            _ => None,
+        });
+        if let Some(s) = hit {
+            return Ok(s);
+        }
+        let s = match self.sessions.read().map.get(&h) {
+            Some((_, s)) => s.clone(),
+            None => return err(CKR_SESSION_HANDLE_INVALID),
+        };
+        LAST.with(|l| {
+            *l.borrow_mut() = Some(LastLookup {
+                library: me,
+                removals,
+                handle: h,
+                session: Arc::downgrade(&s),
+            })
+        });
+        Ok(s)
+    }
+
+    /// Counts a removal from the session table (after it, see [`Library::session`]).
+    fn removed(&self) {
+        self.removals.fetch_add(1, Ordering::AcqRel);
     }
 
     /// `C_OpenSession`: an idle backend session of the slot, else a new one; returns
@@ -390,6 +439,7 @@ impl Library {
         let mut made_objects = true;
         let found = self.gone_with(|t| {
             let (slot_id, s) = t.map.remove(&h)?;
+            self.removed();
             // A call in flight on the session keeps it (and its backend session) alive
             // until it returns; otherwise the backend session may serve the next one.
             let (reusable, not) = match Arc::try_unwrap(s) {
@@ -432,6 +482,7 @@ impl Library {
                 }
                 keep
             });
+            self.removed();
         }
         for (h, s) in closed {
             self.objects.forget_owned_by(h);
