@@ -31,7 +31,7 @@ unsafe impl Sync for RawBackend {}
 /// The installed table. Each `C_Initialize` installs a new one and the old one is leaked,
 /// never freed: a thread still in a call keeps valid function pointers, and the data path
 /// reads it with one atomic load (no lock, no reference count).
-static RAW: AtomicPtr<RawBackend> = AtomicPtr::new(std::ptr::null_mut());
+static RAW: Published<RawBackend> = Published::new();
 
 impl RawBackend {
     /// Opens `module`'s table (the same instance cryptoki loaded).
@@ -85,14 +85,12 @@ impl<T: 'static> Default for Published<T> {
 
 /// Installs (or, with `None`, removes) the table used by the entry points.
 pub fn install(raw: Option<RawBackend>) {
-    let p = raw.map_or(std::ptr::null_mut(), |r| Box::into_raw(Box::new(r)));
-    RAW.store(p, Ordering::Release);
+    RAW.set(raw.map(|r| &*Box::leak(Box::new(r))));
 }
 
 /// The installed table.
 pub fn get() -> Option<&'static RawBackend> {
-    // SAFETY: RAW is null or points to a leaked (never freed) RawBackend.
-    unsafe { RAW.load(Ordering::Acquire).as_ref() }
+    RAW.get()
 }
 
 impl RawBackend {
