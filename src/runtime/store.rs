@@ -14,22 +14,15 @@ use std::time::{Duration, Instant};
 /// The longest a view is used without reading the token again.
 pub const REFRESH: Duration = Duration::from_millis(500);
 
-/// Monotonic milliseconds since the first call in this process, read on every key use to
-/// decide whether the view is stale. (`std`'s clock, through libc: rustix's own vDSO
-/// lookup for the coarse clock crashes under valgrind.)
-fn coarse_ms() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
-
 /// One slot's keystore view.
 pub struct SlotStore {
     /// The view and its generation (counts loads).
     view: RwLock<(u64, Arc<View>)>,
     /// The generation of the current view, readable without the lock.
     generation: AtomicU64,
-    /// Monotonic milliseconds (see [`coarse_ms`]) of the last load; `u64::MAX` when stale.
+    /// Milliseconds since `epoch` of the last load; `u64::MAX` when stale.
     loaded: AtomicU64,
+    epoch: Instant,
     /// A read-only backend session of cmkp11's own for reading the keystore, so that an
     /// application's session with an operation in progress is never disturbed (SoftHSM2
     /// refuses a search while a session has an active operation).
@@ -44,6 +37,7 @@ impl Default for SlotStore {
             view: RwLock::new((0, Arc::new(View::default()))),
             generation: AtomicU64::new(0),
             loaded: AtomicU64::new(u64::MAX),
+            epoch: Instant::now(),
             loading: Mutex::new(None),
             usable: Mutex::new(std::collections::HashSet::new()),
         }
@@ -52,7 +46,7 @@ impl Default for SlotStore {
 
 impl SlotStore {
     fn now_ms(&self) -> u64 {
-        coarse_ms()
+        self.epoch.elapsed().as_millis() as u64
     }
 
     /// The current view, reloaded when older than [`REFRESH`]. A thread that finds another
