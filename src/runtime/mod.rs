@@ -7,13 +7,12 @@
 //!    A library is never freed (`C_Finalize` closes its sessions and finalizes the
 //!    backend, then leaks the small rest), so a call still in flight on another thread
 //!    keeps valid memory without a reference count on every call.
-//! 2. `Library::sessions` (`RwLock<HashMap>`): held only to clone a session's `Arc`, or
-//!    to insert/remove one.
+//! 2. `Library::sessions` (`RwLock`): held only to clone a session's `Arc`, or to insert
+//!    or remove one. The same lock guards each slot's count of sessions and its idle
+//!    backend sessions ([`SlotSessions`]), so opening or closing a session takes it once.
 //! 3. A session's own `Mutex`: held for the whole call on that session, including the
 //!    backend call. Different sessions never wait for each other.
 //! 4. `HandleTable` (`RwLock`): held only for a lookup or insert, never across a call.
-//!    The same lock guards each slot's count of sessions and its idle backend sessions
-//!    ([`SlotSessions`]), so opening or closing a session takes it once.
 //!
 //! # Idle backend sessions
 //! Opening a session costs a backend call (and, for a network HSM, a round trip), and many
@@ -361,11 +360,11 @@ impl Library {
     /// A session by handle.
     ///
     /// Each thread remembers its last lookup (library, removal count, handle, and a weak
-    /// reference to the session), so a thread working on one session does not take the
-    /// table's shared lock on every call: with two threads on two cores, that lock's
-    /// cache line moving between them cost more than the rest of the lookup. A removal
-    /// (close) after the remembered lookup voids it; a session that is gone cannot be
-    /// upgraded to.
+    /// reference to the session), so a thread working on one session does not write the
+    /// table lock's shared cache line on every call (no gain measurable on the 2-core
+    /// development VM, where SoftHSM2's own locks dominate; meant for many threads). A
+    /// removal (close) after the remembered lookup voids it; a session that is gone
+    /// cannot be upgraded to.
     pub fn session(&self, h: CK_SESSION_HANDLE) -> Result<Arc<Mutex<Session>>> {
         thread_local! {
             static LAST: std::cell::RefCell<Option<LastLookup>> =

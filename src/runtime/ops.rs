@@ -22,9 +22,12 @@ pub struct Key {
     pub info: Arc<KeyInfo>,
 }
 
-/// An allowed use: the objects to use, the CMK version, and for a CMK the keystore view
-/// the decision was made under.
+/// An allowed use: the objects to use, the CMK version, and for a CMK the generation of
+/// the keystore view the decision was made under.
 type Decision = (super::session::Keys, Option<u32>, Option<u64>);
+
+/// [`Library::use_key`]'s key with the rest of its [`Decision`].
+type KeyDecision = (Key, Option<u32>, Option<u64>);
 
 fn rv(r: std::result::Result<(), CK_RV>) -> Result<()> {
     r.map_err(Error::Rv)
@@ -129,7 +132,6 @@ impl Library {
 
     /// [`Library::use_key`], also returning the version used and, for a CMK, the
     /// generation of the keystore view the decision was made under.
-    #[allow(clippy::type_complexity)]
     fn use_key_with(
         &self,
         s: &Session,
@@ -137,7 +139,7 @@ impl Library {
         invalid: CK_RV,
         op: Op,
         mech: CK_MECHANISM_TYPE,
-    ) -> Result<(Key, Option<u32>, Option<u64>)> {
+    ) -> Result<KeyDecision> {
         let (obj, info) = s.key_info(self, h, invalid)?;
         match self.decide(s, h, obj, &info, op, mech) {
             Ok((objects, version, view)) => {
@@ -170,8 +172,8 @@ impl Library {
         }
     }
 
-    /// [`Library::use_key`] for a cryptographic `*Init`, reusing the session's last
-    /// decision when it is still valid (see [`super::session::Decided`]).
+    /// [`Library::use_key`] for a cryptographic `*Init` or `C_UnwrapKey`, reusing the
+    /// session's last decision when it is still valid (see [`super::session::Decided`]).
     fn use_key_cached(
         &self,
         s: &mut Session,
@@ -191,7 +193,8 @@ impl Library {
                 && d.op == op
                 && d.mech == mech
                 && d.epoch == epoch
-                && d.view.is_none_or(|g| g == self.view_generation(s))
+                && d.view_generation
+                    .is_none_or(|g| g == self.view_generation(s))
             {
                 let key = Key {
                     objects: d.objects.clone(),
@@ -208,7 +211,7 @@ impl Library {
                 op,
                 mech,
                 epoch,
-                view,
+                view_generation: view,
                 objects: key.objects.clone(),
                 version,
                 info: key.info.clone(),

@@ -170,10 +170,10 @@ pub struct Session {
     pub decided: Option<Decided>,
 }
 
-/// A decision of `Library::crypto_init` (policy, lifecycle state, versions) that can be
-/// reused: it depends only on the key's facts (valid while the handle table's epoch is
-/// unchanged), the static policy and, for a CMK, the keystore view it was made under (a
-/// new view after any reload). Decisions that depend on the time of day (access rules)
+/// A decision of `Library::crypto_init` or `Library::unwrap_key` (policy, lifecycle state,
+/// versions) that can be reused: it depends only on the key's facts (valid while the
+/// handle table's epoch is unchanged), the static policy and, for a CMK, the keystore
+/// view it was made under (a new generation after any reload). Decisions that depend on the time of day (access rules)
 /// are never kept; a CMK's state can change with time only once it is no longer enabled,
 /// and only allowed uses are kept.
 pub struct Decided {
@@ -186,7 +186,7 @@ pub struct Decided {
     /// `HandleTable::epoch` before the decision was made.
     pub epoch: u64,
     /// For a CMK: the generation of the keystore view the decision was made under.
-    pub view: Option<u64>,
+    pub view_generation: Option<u64>,
     /// The objects to use.
     pub objects: Keys,
     /// The CMK version used (for the audit record).
