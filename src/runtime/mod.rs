@@ -1,15 +1,15 @@
 //! Process state: `C_Initialize`/`C_Finalize`, slots, sessions and handle tables.
 //!
 //! # Locks and their order
-//! 1. [`STATE`] (global `RwLock<Option<&Library>>`): taken exclusively by
+//! 1. `STATE` (global `RwLock<Option<&Library>>`): taken exclusively by
 //!    `C_Initialize`, `C_Finalize` and across `fork()` (atfork handlers). Entry points do
-//!    not take it: they read the library published in [`CURRENT`] with one atomic load.
+//!    not take it: they read the library published in `CURRENT` with one atomic load.
 //!    A library is never freed (`C_Finalize` closes its sessions and finalizes the
 //!    backend, then leaks the small rest), so a call still in flight on another thread
 //!    keeps valid memory without a reference count on every call.
 //! 2. `Library::sessions` (`RwLock`): held only to clone a session's `Arc`, or to insert
 //!    or remove one. The same lock guards each slot's count of sessions and its idle
-//!    backend sessions ([`SlotSessions`]), so opening or closing a session takes it once.
+//!    backend sessions (`SlotSessions`), so opening or closing a session takes it once.
 //! 3. A session's own `Mutex`: held for the whole call on that session, including the
 //!    backend call. Different sessions never wait for each other.
 //! 4. `HandleTable` (`RwLock`): held only for a lookup or insert, never across a call.
