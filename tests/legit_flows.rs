@@ -477,3 +477,151 @@ fn default_role_wrap_cmk_works_for_envelopes() {
     let ct = ok(s.encrypt(&mut Mech::gcm(&iv, b""), d, b"x"), "GCM");
     assert_eq!(ok(s.decrypt(&mut Mech::gcm(&iv, b""), u, &ct), "GCM"), b"x");
 }
+
+/// The usual session-DEK templates (C_GenerateKey, C_UnwrapKey) take cmkp11's short way,
+/// which reads the application's attributes as they came; any other attribute sends the
+/// template the general way. Both must make the same key and refuse the same templates:
+/// each template is tried as it is and with a CKA_SIGN_RECOVER=FALSE added (which the
+/// policy drops from a secret key's template, and which only the general way takes).
+#[test]
+#[serial]
+fn session_dek_short_and_general_way_agree() {
+    let s = s();
+    let cmk = wrap_cmk(&s, 32);
+    let source = dek(&s, 32, true);
+    let blob = ok(
+        s.wrap(&mut Mech::new(CKM_AES_KEY_WRAP_PAD), cmk, source),
+        "wrap",
+    );
+    const READ: [CK_ATTRIBUTE_TYPE; 11] = [
+        CKA_ENCRYPT,
+        CKA_DECRYPT,
+        CKA_SIGN,
+        CKA_VERIFY,
+        CKA_WRAP,
+        CKA_UNWRAP,
+        CKA_DERIVE,
+        CKA_SENSITIVE,
+        CKA_EXTRACTABLE,
+        CKA_TOKEN,
+        CKA_PRIVATE,
+    ];
+    let facts = |k: CK_OBJECT_HANDLE| {
+        let mut v: Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)> = READ
+            .iter()
+            .map(|&t| (t, vec![u8::from(s.get_bool(k, t))]))
+            .collect();
+        for t in [CKA_CLASS, CKA_KEY_TYPE, CKA_VALUE_LEN] {
+            v.push((t, s.get_ulong(k, t).to_ne_bytes().to_vec()));
+        }
+        v.push((CKA_LABEL, s.get_attr(k, CKA_LABEL).unwrap_or_default()));
+        v
+    };
+    type Make = fn() -> Template;
+    let templates: [(&str, Make); 7] = [
+        ("class only", || {
+            Template::default().ulong(CKA_CLASS, CKO_SECRET_KEY)
+        }),
+        ("benchmark's complete data DEK", || {
+            dek_template()
+                .boolean(CKA_PRIVATE, true)
+                .boolean(CKA_SENSITIVE, true)
+                .boolean(CKA_EXTRACTABLE, false)
+                .boolean(CKA_ENCRYPT, true)
+                .boolean(CKA_DECRYPT, true)
+                .boolean(CKA_SIGN, false)
+                .boolean(CKA_VERIFY, false)
+                .boolean(CKA_WRAP, false)
+                .boolean(CKA_UNWRAP, false)
+                .boolean(CKA_DERIVE, false)
+        }),
+        ("silent on usage, labelled", || {
+            dek_template()
+                .bytes(CKA_LABEL, b"dek-label")
+                .bytes(CKA_ID, b"7")
+        }),
+        ("mac DEK", || {
+            dek_template()
+                .boolean(CKA_SIGN, true)
+                .boolean(CKA_VERIFY, true)
+        }),
+        ("encrypt only", || {
+            dek_template()
+                .boolean(CKA_ENCRYPT, true)
+                .boolean(CKA_DECRYPT, false)
+        }),
+        ("not sensitive (refused)", || {
+            dek_template().boolean(CKA_SENSITIVE, false)
+        }),
+        ("mixed roles (refused)", || {
+            dek_template()
+                .boolean(CKA_ENCRYPT, true)
+                .boolean(CKA_SIGN, true)
+        }),
+    ];
+    let mut made = 0;
+    let mut refused = Vec::new();
+    for (what, make) in templates {
+        let general = || make().boolean(CKA_SIGN_RECOVER, false);
+        // C_GenerateKey (with a length).
+        let short = s.generate_key(CKM_AES_KEY_GEN, make().ulong(CKA_VALUE_LEN, 16));
+        let long = s.generate_key(CKM_AES_KEY_GEN, general().ulong(CKA_VALUE_LEN, 16));
+        match (short, long) {
+            (Ok(a), Ok(b)) => {
+                assert_eq!(facts(a), facts(b), "C_GenerateKey, {what}");
+                made += 1;
+            }
+            (a, b) => {
+                assert_eq!(a.err(), b.err(), "C_GenerateKey, {what}");
+                refused.push(("generate", what, a.unwrap_err()));
+            }
+        }
+        // C_UnwrapKey of the same blob.
+        let mut m = Mech::new(CKM_AES_KEY_WRAP_PAD);
+        let short = s.unwrap(&mut m, cmk, &blob, make());
+        let long = s.unwrap(&mut m, cmk, &blob, general());
+        match (short, long) {
+            (Ok(a), Ok(b)) => {
+                assert_eq!(facts(a), facts(b), "C_UnwrapKey, {what}");
+                assert_eq!(s.get_ulong(a, CKA_VALUE_LEN), 32, "{what}");
+                made += 1;
+            }
+            (a, b) => {
+                assert_eq!(a.err(), b.err(), "C_UnwrapKey, {what}");
+                refused.push(("unwrap", what, a.unwrap_err()));
+            }
+        }
+    }
+    assert_eq!(made, 9, "keys made both ways");
+    assert_eq!(
+        refused,
+        [
+            // The token needs the key type to unwrap (both ways alike).
+            ("unwrap", "class only", CKR_TEMPLATE_INCOMPLETE),
+            (
+                "generate",
+                "not sensitive (refused)",
+                CKR_TEMPLATE_INCONSISTENT
+            ),
+            (
+                "unwrap",
+                "not sensitive (refused)",
+                CKR_TEMPLATE_INCONSISTENT
+            ),
+            (
+                "generate",
+                "mixed roles (refused)",
+                CKR_TEMPLATE_INCONSISTENT
+            ),
+            ("unwrap", "mixed roles (refused)", CKR_TEMPLATE_INCONSISTENT),
+        ]
+    );
+}
+
+/// A session AES key's template, silent on usage and length.
+fn dek_template() -> Template {
+    Template::default()
+        .ulong(CKA_CLASS, CKO_SECRET_KEY)
+        .ulong(CKA_KEY_TYPE, CKK_AES)
+        .boolean(CKA_TOKEN, false)
+}

@@ -23,10 +23,15 @@ pub enum Case {
     EcdsaP256Sign,
     FindByLabel,
     OpenCloseSession,
-    /// `aes-kwp-unwrap` with the complete template cmkp11's policy gives the token (every
-    /// usage flag explicit): not in the default run; it separates the forwarding cost from
-    /// the cost of the longer template.
-    AesKwpUnwrapExplicit,
+    /// `aes-kwp-unwrap` with a template silent on the usages the key must not have (SIGN,
+    /// VERIFY, WRAP, UNWRAP, DERIVE): not in the default run. SoftHSM2 then makes a key
+    /// that also wraps, unwraps, signs and verifies, while cmkp11's policy completes the
+    /// template so that it does not; the ratio includes the token's cost of those
+    /// attributes (see [`Case::AesKeygenPartial`]).
+    AesKwpUnwrapPartial,
+    /// `aes-keygen` with the template of [`Case::AesKwpUnwrapPartial`]: not in the default
+    /// run.
+    AesKeygenPartial,
 }
 
 impl Case {
@@ -55,7 +60,8 @@ impl Case {
             Case::EcdsaP256Sign => "ecdsa-p256-sign",
             Case::FindByLabel => "find-by-label",
             Case::OpenCloseSession => "open-close-session",
-            Case::AesKwpUnwrapExplicit => "aes-kwp-unwrap-explicit",
+            Case::AesKwpUnwrapPartial => "aes-kwp-unwrap-partial",
+            Case::AesKeygenPartial => "aes-keygen-partial",
         }
     }
 
@@ -63,7 +69,7 @@ impl Case {
     pub fn from_name(s: &str) -> Option<Case> {
         Case::ALL
             .iter()
-            .chain([Case::AesKwpUnwrapExplicit].iter())
+            .chain([Case::AesKwpUnwrapPartial, Case::AesKeygenPartial].iter())
             .copied()
             .find(|c| c.name() == s)
     }
@@ -84,10 +90,18 @@ pub fn find_one(session: &Session, label: &str) -> Result<ObjectHandle, BenchErr
     }
 }
 
-/// Template of an AES session key (a DEK in cmkp11's terms: sensitive, extractable only if
-/// it is to be wrapped; accepted by cmkp11's policy and by SoftHSM2 alike).
-fn session_aes_template(extractable: bool) -> Vec<Attribute> {
-    vec![
+/// Template of an AES session key for data (a DEK in cmkp11's terms: sensitive,
+/// extractable only if it is to be wrapped; accepted by cmkp11's policy and by SoftHSM2
+/// alike).
+///
+/// `complete`: every usage flag is stated, so that both modules make the same key (an
+/// encrypt/decrypt key that cannot sign, verify, wrap, unwrap or derive). Without them,
+/// SoftHSM2 used directly turns on SIGN, VERIFY, WRAP and UNWRAP by default, while
+/// cmkp11's policy sends the token the complete template: the two would then not make the
+/// same key, and the ratio would also measure the token's cost of the five attributes
+/// (the `-partial` extra cases measure exactly that).
+fn session_aes_template(extractable: bool, complete: bool) -> Vec<Attribute> {
+    let mut t = vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
         Attribute::Token(false),
@@ -96,7 +110,17 @@ fn session_aes_template(extractable: bool) -> Vec<Attribute> {
         Attribute::Extractable(extractable),
         Attribute::Encrypt(true),
         Attribute::Decrypt(true),
-    ]
+    ];
+    if complete {
+        t.extend([
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::Derive(false),
+        ]);
+    }
+    t
 }
 
 /// Runs `case` in the calling thread with its own session; returns the timed samples.
@@ -143,9 +167,9 @@ pub fn run_thread(
                 )
             }
         }
-        Case::AesKwpWrap | Case::AesKwpUnwrap | Case::AesKwpUnwrapExplicit => {
+        Case::AesKwpWrap | Case::AesKwpUnwrap | Case::AesKwpUnwrapPartial => {
             let wrap_key = find_one(s, labels::WRAP)?;
-            let mut gen_template = session_aes_template(true);
+            let mut gen_template = session_aes_template(true, true);
             gen_template.push(Attribute::ValueLen(32.into()));
             let target = s.generate_key(&Mechanism::AesKeyGen, &gen_template)?;
             let mech = Mechanism::AesKeyWrapPad;
@@ -162,16 +186,7 @@ pub fn run_thread(
                 )
             } else {
                 let wrapped = s.wrap_key(&mech, wrap_key, target)?;
-                let mut template = session_aes_template(false);
-                if case == Case::AesKwpUnwrapExplicit {
-                    template.extend([
-                        Attribute::Sign(false),
-                        Attribute::Verify(false),
-                        Attribute::Wrap(false),
-                        Attribute::Unwrap(false),
-                        Attribute::Derive(false),
-                    ]);
-                }
+                let template = session_aes_template(false, case == Case::AesKwpUnwrap);
                 drive(
                     phases,
                     || s.unwrap_key(&mech, wrap_key, &wrapped, &template),
@@ -179,8 +194,8 @@ pub fn run_thread(
                 )
             }
         }
-        Case::AesKeygen => {
-            let mut template = session_aes_template(false);
+        Case::AesKeygen | Case::AesKeygenPartial => {
+            let mut template = session_aes_template(false, case == Case::AesKeygen);
             template.push(Attribute::ValueLen(32.into()));
             drive(
                 phases,

@@ -32,8 +32,12 @@ OPTIONS:
 CASES:
   aes-gcm-4k-encrypt, aes-gcm-4k-decrypt, aes-kwp-wrap, aes-kwp-unwrap, aes-keygen,
   rsa2048-sign, ecdsa-p256-sign, find-by-label, open-close-session
-  extra (only when named): aes-kwp-unwrap-explicit (the unwrap template states every usage
-  flag, as cmkp11's policy does for the token: the forwarding cost without the template's)
+  The keys the cases create state every usage flag (encrypt/decrypt only), so that both
+  modules make the same key.
+  extra (only when named): aes-kwp-unwrap-partial, aes-keygen-partial (templates silent on
+  SIGN, VERIFY, WRAP, UNWRAP, DERIVE: SoftHSM2 directly then makes a key that can also
+  wrap, unwrap, sign and verify, cmkp11 completes the template; the ratio includes the
+  token's cost of the five attributes)
 
 ENVIRONMENT (set by the caller, inherited by every worker):
   SOFTHSM2_CONF     SoftHSM2 configuration naming the token directory (required)

@@ -177,6 +177,15 @@ pub fn from_rv_error(e: RvError) -> CK_RV {
     }
 }
 
+/// The `CK_RV` an application sees for a code the backend returned to a direct call: the
+/// same as through cryptoki ([`from_cryptoki`]).
+pub fn from_backend(rv: CK_RV) -> CK_RV {
+    match Rv::from(rv) {
+        Rv::Ok => CKR_OK,
+        Rv::Error(e) => from_rv_error(e),
+    }
+}
+
 /// The `CK_RV` an application sees for an error from the cryptoki layer.
 pub fn from_cryptoki(e: &CkError) -> CK_RV {
     match e {

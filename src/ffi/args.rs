@@ -2,6 +2,7 @@
 
 use crate::backend::mech::{param_kind, Mech, Param, ParamKind};
 use crate::error::{err, Result};
+use crate::policy::templates::RawAttr;
 use crate::runtime::session::Delivery;
 use cryptoki::object::{Attribute, AttributeType};
 use cryptoki_sys::*;
@@ -240,6 +241,26 @@ pub unsafe fn raw_template<'a>(
     }
     // SAFETY: non-null and valid for `n` elements (caller).
     Ok(unsafe { std::slice::from_raw_parts_mut(p, n as usize) })
+}
+
+/// The application's template borrowed as the policy's [`RawAttr`]s, for its short way;
+/// `None` (take the general way, [`template`], which gives the exact error) when a value
+/// is NULL with a length, or longer than any the short way accepts.
+///
+/// # Safety
+/// Each `pValue` of `raw` valid for its `ulValueLen` bytes while the result lives.
+pub unsafe fn raw_attrs(raw: &[CK_ATTRIBUTE]) -> Option<smallvec::SmallVec<[RawAttr<'_>; 16]>> {
+    raw.iter()
+        .map(|a| {
+            let value: &[u8] = match a.ulValueLen {
+                0 => &[],
+                n if n > 4096 || a.pValue.is_null() => return None,
+                // SAFETY: non-NULL and valid for `n` bytes (caller contract).
+                n => unsafe { std::slice::from_raw_parts(a.pValue as *const u8, n as usize) },
+            };
+            Some(RawAttr { ty: a.type_, value })
+        })
+        .collect()
 }
 
 /// An input template as cryptoki attributes: unknown types give

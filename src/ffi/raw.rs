@@ -11,7 +11,9 @@
 //! the same instance), and session and object handles are the backend's, from cryptoki.
 
 use crate::backend::mech::Mech;
+use crate::policy::templates::{Completion, RawAttr};
 use crate::runtime::session::Kind;
+use cryptoki::object::ObjectHandle;
 use cryptoki_sys::*;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
@@ -260,5 +262,114 @@ impl RawBackend {
                 .C_DigestKey
                 .map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| c(h, key))
         }
+    }
+}
+
+/// A creating template for the backend: the application's attributes (borrowed, as it
+/// gave them) less those the policy replaces, then the policy's explicit ones, whose
+/// values point into `bools` (FALSE, TRUE).
+fn creating_template(
+    t: &[RawAttr],
+    completion: &Completion,
+    bools: &mut [CK_BBOOL; 2],
+) -> smallvec::SmallVec<[CK_ATTRIBUTE; 24]> {
+    let (f, rest) = bools.split_at_mut(1);
+    let (f, tr) = (f.as_mut_ptr(), rest.as_mut_ptr());
+    let kept = t
+        .iter()
+        .filter(|a| !crate::policy::templates::is_replaced(a.ty))
+        .map(|a| CK_ATTRIBUTE {
+            type_: a.ty,
+            // The backend only reads a creating template (PKCS#11 passes it as input).
+            pValue: a.value.as_ptr().cast_mut().cast(),
+            ulValueLen: a.value.len() as CK_ULONG,
+        });
+    let added = completion.iter().map(|&(ty, b)| CK_ATTRIBUTE {
+        type_: ty,
+        pValue: if b { tr } else { f }.cast(),
+        ulValueLen: 1,
+    });
+    kept.chain(added).collect()
+}
+
+impl RawBackend {
+    /// `C_GenerateKey` of a key whose template the policy decided on the short way
+    /// ([`crate::policy::templates::dek_raw`]); `mech` without parameter.
+    pub fn generate_key(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mech: CK_MECHANISM_TYPE,
+        t: &[RawAttr],
+        completion: &Completion,
+    ) -> std::result::Result<ObjectHandle, CK_RV> {
+        let mut bools = [CK_FALSE, CK_TRUE];
+        let mut tmpl = creating_template(t, completion, &mut bools);
+        let mut m = CK_MECHANISM {
+            mechanism: mech,
+            pParameter: std::ptr::null_mut(),
+            ulParameterLen: 0,
+        };
+        let mut h: CK_OBJECT_HANDLE = CK_INVALID_HANDLE;
+        let Some(c) = self.list.C_GenerateKey else {
+            return Err(CKR_FUNCTION_NOT_SUPPORTED);
+        };
+        // SAFETY: the mechanism, the template (and the values it points to: the
+        // application's, alive for its call, and `bools`) and `h` outlive the call.
+        let rv = unsafe {
+            c(
+                session,
+                &mut m,
+                tmpl.as_mut_ptr(),
+                tmpl.len() as CK_ULONG,
+                &mut h,
+            )
+        };
+        if rv != CKR_OK {
+            return Err(rv);
+        }
+        // SAFETY: the handle the backend has just returned for the new object.
+        Ok(unsafe { ObjectHandle::new_from_raw(h) })
+    }
+
+    /// `C_UnwrapKey` into a key whose template the policy decided on the short way;
+    /// `mech` without parameter.
+    pub fn unwrap_key(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mech: CK_MECHANISM_TYPE,
+        unwrapping: CK_OBJECT_HANDLE,
+        blob: &[u8],
+        t: &[RawAttr],
+        completion: &Completion,
+    ) -> std::result::Result<ObjectHandle, CK_RV> {
+        let mut bools = [CK_FALSE, CK_TRUE];
+        let mut tmpl = creating_template(t, completion, &mut bools);
+        let mut m = CK_MECHANISM {
+            mechanism: mech,
+            pParameter: std::ptr::null_mut(),
+            ulParameterLen: 0,
+        };
+        let mut h: CK_OBJECT_HANDLE = CK_INVALID_HANDLE;
+        let Some(c) = self.list.C_UnwrapKey else {
+            return Err(CKR_FUNCTION_NOT_SUPPORTED);
+        };
+        // SAFETY: as in `generate_key`; the blob is only read (PKCS#11 input).
+        let rv = unsafe {
+            c(
+                session,
+                &mut m,
+                unwrapping,
+                blob.as_ptr().cast_mut(),
+                blob.len() as CK_ULONG,
+                tmpl.as_mut_ptr(),
+                tmpl.len() as CK_ULONG,
+                &mut h,
+            )
+        };
+        if rv != CKR_OK {
+            return Err(rv);
+        }
+        // SAFETY: the handle the backend has just returned for the new object.
+        Ok(unsafe { ObjectHandle::new_from_raw(h) })
     }
 }

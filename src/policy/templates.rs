@@ -128,47 +128,80 @@ fn refuse_token_only(t: &[Attribute]) -> R<()> {
     }
 }
 
-fn is_usage(ty: AttributeType) -> bool {
-    matches!(
-        ty,
-        AttributeType::Encrypt
-            | AttributeType::Decrypt
-            | AttributeType::Sign
-            | AttributeType::Verify
-            | AttributeType::Wrap
-            | AttributeType::Unwrap
-            | AttributeType::Derive
-            | AttributeType::SignRecover
-            | AttributeType::VerifyRecover
-    )
-}
-
 /// Replaces every usage, SENSITIVE and EXTRACTABLE attribute of `t` by explicit values.
 fn finish(mut t: Vec<Attribute>, usage: Usage, extractable: bool, private: bool) -> Vec<Attribute> {
     // Room for what is added below, so the vector is not reallocated on the way.
     t.reserve(9);
-    t.retain(|a| {
-        let ty = a.attribute_type();
-        !is_usage(ty) && ty != AttributeType::Sensitive && ty != AttributeType::Extractable
-    });
+    t.retain(|a| !is_replaced(CK_ATTRIBUTE_TYPE::from(a.attribute_type())));
     if private {
         t.push(Attribute::Sign(usage.any(Usage::SIGN)));
         t.push(Attribute::Decrypt(usage.any(Usage::DECRYPT)));
         t.push(Attribute::Unwrap(usage.any(Usage::UNWRAP)));
         t.push(Attribute::Derive(usage.any(Usage::DERIVE)));
         t.push(Attribute::SignRecover(false));
+        t.push(Attribute::Sensitive(true));
+        t.push(Attribute::Extractable(extractable));
     } else {
-        t.push(Attribute::Encrypt(usage.any(Usage::ENCRYPT)));
-        t.push(Attribute::Decrypt(usage.any(Usage::DECRYPT)));
-        t.push(Attribute::Sign(usage.any(Usage::SIGN)));
-        t.push(Attribute::Verify(usage.any(Usage::VERIFY)));
-        t.push(Attribute::Wrap(usage.any(Usage::WRAP)));
-        t.push(Attribute::Unwrap(usage.any(Usage::UNWRAP)));
-        t.push(Attribute::Derive(false));
+        t.extend(
+            secret_completion(usage, extractable)
+                .iter()
+                .map(|&(ty, b)| bool_attribute(ty, b)),
+        );
     }
-    t.push(Attribute::Sensitive(true));
-    t.push(Attribute::Extractable(extractable));
     t
+}
+
+/// What a secret key's template gets in place of its usage, SENSITIVE and EXTRACTABLE
+/// attributes (those [`is_replaced`] names): every one explicit.
+pub type Completion = [(CK_ATTRIBUTE_TYPE, bool); 9];
+
+/// The explicit attributes of a secret key with `usage` (DERIVE always off).
+pub fn secret_completion(usage: Usage, extractable: bool) -> Completion {
+    [
+        (CKA_ENCRYPT, usage.any(Usage::ENCRYPT)),
+        (CKA_DECRYPT, usage.any(Usage::DECRYPT)),
+        (CKA_SIGN, usage.any(Usage::SIGN)),
+        (CKA_VERIFY, usage.any(Usage::VERIFY)),
+        (CKA_WRAP, usage.any(Usage::WRAP)),
+        (CKA_UNWRAP, usage.any(Usage::UNWRAP)),
+        (CKA_DERIVE, false),
+        (CKA_SENSITIVE, true),
+        (CKA_EXTRACTABLE, extractable),
+    ]
+}
+
+/// The boolean attributes of a [`Completion`] as cryptoki attributes.
+fn bool_attribute(ty: CK_ATTRIBUTE_TYPE, b: bool) -> Attribute {
+    match ty {
+        CKA_ENCRYPT => Attribute::Encrypt(b),
+        CKA_DECRYPT => Attribute::Decrypt(b),
+        CKA_SIGN => Attribute::Sign(b),
+        CKA_VERIFY => Attribute::Verify(b),
+        CKA_WRAP => Attribute::Wrap(b),
+        CKA_UNWRAP => Attribute::Unwrap(b),
+        CKA_DERIVE => Attribute::Derive(b),
+        CKA_SENSITIVE => Attribute::Sensitive(b),
+        _ => Attribute::Extractable(b),
+    }
+}
+
+/// Whether an application's attribute of type `ty` is dropped from a creating template
+/// (the policy states it explicitly instead).
+pub fn is_replaced(ty: CK_ATTRIBUTE_TYPE) -> bool {
+    matches!(
+        ty,
+        CKA_ENCRYPT
+            | CKA_DECRYPT
+            | CKA_SIGN
+            | CKA_VERIFY
+            | CKA_WRAP
+            | CKA_UNWRAP
+            | CKA_DERIVE
+            | CKA_SIGN_RECOVER
+            | CKA_VERIFY_RECOVER
+            | CKA_SENSITIVE
+            | CKA_EXTRACTABLE
+    )
 }
 
 /// A secret key's template (generated, unwrapped or derived). `cmk` says whether the
@@ -181,7 +214,17 @@ pub fn secret(
     s: &Settings,
 ) -> R<Vec<Attribute>> {
     refuse_token_only(&t)?;
-    let f = Flags::of(&t);
+    let (usage, extractable) = secret_decision(&Flags::of(&t), cmk, extractable_default, s)?;
+    Ok(finish(t, usage, extractable, false))
+}
+
+/// The rules of [`secret`] on a template's flags: the key's usage and extractability.
+fn secret_decision(
+    f: &Flags,
+    cmk: bool,
+    extractable_default: bool,
+    s: &Settings,
+) -> R<(Usage, bool)> {
     if f.get(AttributeType::Sensitive) == Some(false)
         || f.get(AttributeType::WrapWithTrusted) == Some(false)
         || f.get(AttributeType::SignRecover) == Some(true)
@@ -208,12 +251,75 @@ pub fn secret(
             .unwrap_or(extractable_default);
     // The role's flags, less those the template turns off explicitly (narrowing is safe).
     let off = f.refused();
-    Ok(finish(
-        t,
-        Usage(role.usage().0 & !off.0),
-        extractable,
-        false,
-    ))
+    Ok((Usage(role.usage().0 & !off.0), extractable))
+}
+
+/// One attribute of an application's template, borrowed as it came: its type and the
+/// bytes of its value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawAttr<'a> {
+    /// `CKA_*`
+    pub ty: CK_ATTRIBUTE_TYPE,
+    /// The value's bytes.
+    pub value: &'a [u8],
+}
+
+/// The short way for the most common creating template, a session DEK's
+/// (`C_GenerateKey` of a session key, `C_UnwrapKey`), read from the application's
+/// attributes without converting them: `None` unless every attribute is one of CLASS
+/// (secret key), KEY_TYPE (AES), VALUE_LEN, LABEL, ID, TOKEN (false) or a boolean usage,
+/// SENSITIVE, EXTRACTABLE, PRIVATE, MODIFIABLE, COPYABLE or DESTROYABLE, each well formed;
+/// the caller then takes the general way ([`generate_key`], [`unwrapped`]), which also
+/// gives the exact error of anything else. `Some` holds the decision of exactly those
+/// functions (`secret` of a DEK; tested against them): the application's attributes less
+/// those [`is_replaced`] names, followed by the [`Completion`].
+pub fn dek_raw(t: &[RawAttr], s: &Settings) -> Option<R<Completion>> {
+    let mut f = Flags::default();
+    for a in t {
+        match a.ty {
+            CKA_CLASS | CKA_KEY_TYPE | CKA_VALUE_LEN => {
+                let v = CK_ULONG::from_ne_bytes(a.value.try_into().ok()?);
+                let ok = match a.ty {
+                    CKA_CLASS => v == CKO_SECRET_KEY,
+                    CKA_KEY_TYPE => v == CKK_AES,
+                    _ => true,
+                };
+                if !ok {
+                    return None;
+                }
+            }
+            CKA_LABEL | CKA_ID => {}
+            _ => {
+                let i = match a.ty {
+                    CKA_ENCRYPT => 0,
+                    CKA_DECRYPT => 1,
+                    CKA_SIGN => 2,
+                    CKA_VERIFY => 3,
+                    CKA_WRAP => 4,
+                    CKA_UNWRAP => 5,
+                    CKA_DERIVE => 6,
+                    CKA_SENSITIVE => 9,
+                    CKA_EXTRACTABLE => 10,
+                    CKA_TOKEN => 11,
+                    CKA_PRIVATE | CKA_MODIFIABLE | CKA_COPYABLE | CKA_DESTROYABLE => usize::MAX,
+                    _ => return None,
+                };
+                let [b] = a.value else {
+                    return None;
+                };
+                if i != usize::MAX {
+                    f.0[i] = Some(*b != 0);
+                }
+            }
+        }
+    }
+    if f.get(AttributeType::Token) == Some(true) {
+        return None;
+    }
+    Some(
+        secret_decision(&f, false, true, s)
+            .map(|(usage, extractable)| secret_completion(usage, extractable)),
+    )
 }
 
 /// `C_GenerateKey`.
@@ -400,6 +506,162 @@ mod tests {
 
     fn usage_of(t: &[Attribute]) -> Usage {
         Flags::of(t).requested()
+    }
+
+    /// A template as an application gives it: each attribute's type and value bytes.
+    fn raw_bytes(t: &[Attribute]) -> Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)> {
+        t.iter()
+            .map(|a| {
+                let v = match a {
+                    Attribute::Class(c) => CK_ULONG::from(*c).to_ne_bytes().to_vec(),
+                    Attribute::KeyType(k) => CK_ULONG::from(*k).to_ne_bytes().to_vec(),
+                    Attribute::ValueLen(l) => CK_ULONG::from(*l).to_ne_bytes().to_vec(),
+                    Attribute::Label(b) | Attribute::Value(b) => b.clone(),
+                    other => vec![u8::from(flag_value(other).expect("a boolean"))],
+                };
+                (CK_ATTRIBUTE_TYPE::from(a.attribute_type()), v)
+            })
+            .collect()
+    }
+
+    fn flag_value(a: &Attribute) -> Option<bool> {
+        Some(match a {
+            Attribute::Encrypt(b)
+            | Attribute::Decrypt(b)
+            | Attribute::Sign(b)
+            | Attribute::Verify(b)
+            | Attribute::Wrap(b)
+            | Attribute::Unwrap(b)
+            | Attribute::Derive(b)
+            | Attribute::SignRecover(b)
+            | Attribute::VerifyRecover(b)
+            | Attribute::Sensitive(b)
+            | Attribute::Extractable(b)
+            | Attribute::Token(b)
+            | Attribute::WrapWithTrusted(b)
+            | Attribute::Local(b)
+            | Attribute::AlwaysSensitive(b)
+            | Attribute::Trusted(b) => *b,
+            _ => return None,
+        })
+    }
+
+    /// What the short way gives the token, as cryptoki attributes.
+    fn dek_raw_template(t: &[Attribute]) -> Option<R<Vec<Attribute>>> {
+        let bytes = raw_bytes(t);
+        let raw: Vec<RawAttr> = bytes
+            .iter()
+            .map(|(ty, v)| RawAttr { ty: *ty, value: v })
+            .collect();
+        let decided = dek_raw(&raw, &s())?;
+        Some(decided.map(|completion| {
+            let mut out: Vec<Attribute> = t
+                .iter()
+                .filter(|a| !is_replaced(CK_ATTRIBUTE_TYPE::from(a.attribute_type())))
+                .cloned()
+                .collect();
+            out.extend(completion.iter().map(|&(ty, b)| bool_attribute(ty, b)));
+            out
+        }))
+    }
+
+    #[test]
+    fn dek_short_way_decides_as_the_general_way() {
+        // Every combination of absent/false/true for the flags the rules read, on the
+        // templates of C_GenerateKey and C_UnwrapKey of a session AES key.
+        let flags: [fn(bool) -> Attribute; 8] = [
+            Attribute::Encrypt,
+            Attribute::Decrypt,
+            Attribute::Sign,
+            Attribute::Verify,
+            Attribute::Wrap,
+            Attribute::Unwrap,
+            Attribute::Sensitive,
+            Attribute::Extractable,
+        ];
+        let mut compared = 0;
+        for combo in 0..3usize.pow(flags.len() as u32) {
+            let mut t = vec![
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::Token(false),
+                Attribute::Label(b"dek".to_vec()),
+            ];
+            let mut c = combo;
+            for f in flags {
+                match c % 3 {
+                    1 => t.push(f(false)),
+                    2 => t.push(f(true)),
+                    _ => {}
+                }
+                c /= 3;
+            }
+            t.push(Attribute::Derive(combo % 2 == 0));
+            let short = dek_raw_template(&t).expect("a simple template takes the short way");
+            assert_eq!(short, unwrapped(t.clone(), &s()), "unwrap {t:?}");
+            let mut g = t.clone();
+            g.push(Attribute::ValueLen(32.into()));
+            let short = dek_raw_template(&g).expect("a simple template takes the short way");
+            assert_eq!(short, generate_key(g.clone(), &s()), "generate {g:?}");
+            compared += 1;
+        }
+        assert_eq!(compared, 6561);
+    }
+
+    #[test]
+    fn dek_short_way_leaves_everything_else_to_the_general_way() {
+        let base = vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+        ];
+        let others = [
+            Attribute::Token(true),
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::SignRecover(false),
+            Attribute::VerifyRecover(false),
+            Attribute::WrapWithTrusted(true),
+            Attribute::Local(true),
+            Attribute::AlwaysSensitive(true),
+            Attribute::Trusted(false),
+            Attribute::Value(vec![0; 32]),
+        ];
+        for o in others {
+            let mut t = base.clone();
+            t.push(o.clone());
+            assert_eq!(dek_raw_template(&t), None, "{o:?}");
+        }
+        // Malformed values: a boolean of 4 bytes, a class of 2.
+        let odd = [
+            RawAttr {
+                ty: CKA_ENCRYPT,
+                value: &[1, 0, 0, 0],
+            },
+            RawAttr {
+                ty: CKA_CLASS,
+                value: &[4, 0],
+            },
+        ];
+        for a in odd {
+            assert_eq!(dek_raw(&[a], &s()), None, "{a:?}");
+        }
+        // A refusal is the general way's: SENSITIVE=FALSE, mixed roles.
+        let weak = [RawAttr {
+            ty: CKA_SENSITIVE,
+            value: &[0],
+        }];
+        assert_eq!(dek_raw(&weak, &s()), Some(Err(CKR_TEMPLATE_INCONSISTENT)));
+        let mixed = [
+            RawAttr {
+                ty: CKA_ENCRYPT,
+                value: &[1],
+            },
+            RawAttr {
+                ty: CKA_SIGN,
+                value: &[1],
+            },
+        ];
+        assert_eq!(dek_raw(&mixed, &s()), Some(Err(CKR_TEMPLATE_INCONSISTENT)));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use super::session::{AttrValue, Delivery, Kind, Session};
 use super::Library;
-use crate::backend::mech::Mech;
+use crate::backend::mech::{Mech, Param};
 use crate::error::{err, Error, Result};
 use crate::keystore::{self, identity, lifecycle, split_id, Cmk, State, View, RESERVED_PREFIX};
 use crate::policy::{self, templates, Class, KeyInfo, Op, SecretRole, Usage};
@@ -653,7 +653,10 @@ impl Library {
                 Ok(k) => {
                     // A DEK unwrapped by X can be wrapped only by X (an RSA key never
                     // wraps, so a DEK conjured through RSA-OAEP never leaves the token).
-                    let len = aes_value_len_from_blob(mech.ty, blob.len(), &t);
+                    let aes = t.iter().any(
+                        |a| matches!(a, Attribute::KeyType(t) if *t == cryptoki::object::KeyType::AES),
+                    );
+                    let len = aes_value_len_from_blob(mech.ty, blob.len(), aes);
                     return Ok(s.register_dek(self, k, len, unwrapping));
                 }
                 Err(e) => {
@@ -665,6 +668,81 @@ impl Library {
             }
         }
         err(last)
+    }
+
+    /// [`Library::generate_key`] of a session DEK on the short way: the policy reads the
+    /// application's attributes as they came ([`templates::dek_raw`]) and `backend` makes
+    /// the key with them and the policy's [`templates::Completion`]. `None` (nothing
+    /// done) when the mechanism or the template needs the general way.
+    pub fn generate_dek_short(
+        &self,
+        s: &mut Session,
+        mech: &Mech,
+        t: &[templates::RawAttr],
+        backend: impl FnOnce(CK_SESSION_HANDLE, &templates::Completion) -> RawMade,
+    ) -> Option<Result<CK_OBJECT_HANDLE>> {
+        if !matches!(mech.param, Param::None)
+            || !policy::mechanisms::is_generation(mech.ty)
+            || templates::pair_key_type(mech.ty).is_ok()
+        {
+            return None;
+        }
+        let completion = match templates::dek_raw(t, &self.settings)? {
+            Ok(c) => c,
+            Err(rv) => return Some(err(rv)),
+        };
+        Some(match backend(s.backend().handle(), &completion) {
+            Ok(obj) => Ok(s.register(self, obj, true)),
+            Err(rv) => err(crate::backend::rv::from_backend(rv)),
+        })
+    }
+
+    /// [`Library::unwrap_key`] on the short way (see [`Library::generate_dek_short`]):
+    /// the same decisions in the same order; `backend` unwraps with one version's object.
+    pub fn unwrap_dek_short(
+        &self,
+        s: &mut Session,
+        mech: &Mech,
+        unwrapping: CK_OBJECT_HANDLE,
+        blob_len: usize,
+        t: &[templates::RawAttr],
+        backend: impl Fn(CK_SESSION_HANDLE, CK_OBJECT_HANDLE, &templates::Completion) -> RawMade,
+    ) -> Option<Result<CK_OBJECT_HANDLE>> {
+        if !matches!(mech.param, Param::None) {
+            return None;
+        }
+        // Decided first, without side effects, so that `None` leaves everything (the
+        // audit record of the key's use included) to the general way.
+        let decided = templates::dek_raw(t, &self.settings)?;
+        Some((|| {
+            let u = self.use_key_cached(
+                s,
+                unwrapping,
+                CKR_UNWRAPPING_KEY_HANDLE_INVALID,
+                Op::Unwrap,
+                mech.ty,
+            )?;
+            let completion = rv_t(decided)?;
+            let aes = t.iter().any(|a| a.ty == CKA_KEY_TYPE);
+            let mut last = CKR_WRAPPED_KEY_INVALID;
+            for obj in &u.objects {
+                match backend(s.backend().handle(), obj.handle(), &completion) {
+                    Ok(k) => {
+                        let len = aes_value_len_from_blob(mech.ty, blob_len, aes);
+                        return Ok(s.register_dek(self, k, len, unwrapping));
+                    }
+                    Err(rv) => {
+                        last = crate::backend::rv::unwrap_failure(
+                            crate::backend::rv::from_backend(rv),
+                        );
+                        if last != CKR_WRAPPED_KEY_INVALID {
+                            break;
+                        }
+                    }
+                }
+            }
+            err(last)
+        })())
     }
 
     /// `C_DeriveKey`: ECDH1 from an EC private key with the derive role only.
@@ -1079,6 +1157,9 @@ impl Library {
     }
 }
 
+/// What a backend call that makes an object returns: the new object or the backend's code.
+pub type RawMade = std::result::Result<ObjectHandle, CK_RV>;
+
 fn rv_t<T>(r: std::result::Result<T, CK_RV>) -> Result<T> {
     r.map_err(Error::Rv)
 }
@@ -1112,11 +1193,8 @@ pub fn role_bits(info: &KeyInfo) -> CK_ULONG {
 fn aes_value_len_from_blob(
     mech: CK_MECHANISM_TYPE,
     blob_len: usize,
-    attrs: &[Attribute],
+    aes: bool,
 ) -> Option<CK_ULONG> {
-    let aes = attrs
-        .iter()
-        .any(|a| matches!(a, Attribute::KeyType(t) if *t == cryptoki::object::KeyType::AES));
     (matches!(mech, CKM_AES_KEY_WRAP | CKM_AES_KEY_WRAP_PAD) && aes && blob_len > 8)
         .then(|| (blob_len - 8) as CK_ULONG)
 }

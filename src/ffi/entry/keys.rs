@@ -18,13 +18,26 @@ pub unsafe extern "C" fn C_GenerateKey(
     guard("C_GenerateKey", || {
         with_session(h, |lib, s| {
             // SAFETY: application arguments (contract); NULLs checked.
-            let (mech, attrs, key) = unsafe {
-                (
-                    args::mechanism(mech)?,
-                    args::template(template, count)?,
-                    args::out(key)?,
-                )
-            };
+            let mech = unsafe { args::mechanism(mech)? };
+            // SAFETY: as above.
+            let raw = unsafe { args::raw_template(template, count)? };
+            if !key.is_null() {
+                // SAFETY: the template's values are valid for their lengths (contract).
+                let view = unsafe { args::raw_attrs(raw) };
+                if let (Some(b), Some(t)) = (crate::ffi::raw::get(), view) {
+                    let ty = mech.ty;
+                    let short = lib.generate_dek_short(s, &mech, &t, |bh, completion| {
+                        b.generate_key(bh, ty, &t, completion)
+                    });
+                    if let Some(made) = short {
+                        // SAFETY: checked non-NULL above; the application's output.
+                        unsafe { *key = made? };
+                        return Ok(());
+                    }
+                }
+            }
+            // SAFETY: application arguments (contract); NULLs checked.
+            let (attrs, key) = unsafe { (args::template(template, count)?, args::out(key)?) };
             *key = lib.generate_key(s, mech, attrs)?;
             Ok(())
         })
@@ -103,14 +116,35 @@ pub unsafe extern "C" fn C_UnwrapKey(
     guard("C_UnwrapKey", || {
         with_session(h, |lib, s| {
             // SAFETY: application arguments (contract); NULLs checked.
-            let (mech, wrapped, attrs, key) = unsafe {
+            let (mech, wrapped, raw) = unsafe {
                 (
                     args::mechanism(mech)?,
                     args::bytes(wrapped, wrapped_len)?,
-                    args::template(template, count)?,
-                    args::out(key)?,
+                    args::raw_template(template, count)?,
                 )
             };
+            if !key.is_null() {
+                // SAFETY: the template's values are valid for their lengths (contract).
+                let view = unsafe { args::raw_attrs(raw) };
+                if let (Some(b), Some(t)) = (crate::ffi::raw::get(), view) {
+                    let ty = mech.ty;
+                    let short = lib.unwrap_dek_short(
+                        s,
+                        &mech,
+                        unwrapping,
+                        wrapped.len(),
+                        &t,
+                        |bh, obj, completion| b.unwrap_key(bh, ty, obj, wrapped, &t, completion),
+                    );
+                    if let Some(made) = short {
+                        // SAFETY: checked non-NULL above; the application's output.
+                        unsafe { *key = made? };
+                        return Ok(());
+                    }
+                }
+            }
+            // SAFETY: application arguments (contract); NULLs checked.
+            let (attrs, key) = unsafe { (args::template(template, count)?, args::out(key)?) };
             *key = lib.unwrap_key(s, mech, unwrapping, wrapped, attrs)?;
             Ok(())
         })
