@@ -293,14 +293,19 @@ fn creating_template(
 }
 
 impl RawBackend {
-    /// `C_GenerateKey` of a key whose template the policy decided on the short way
-    /// ([`crate::policy::templates::dek_raw`]); `mech` without parameter.
-    pub fn generate_key(
+    /// A backend call that makes one object from a short-way template: builds the
+    /// mechanism (without parameter) and the template, and returns the new object.
+    fn make(
         &self,
-        session: CK_SESSION_HANDLE,
         mech: CK_MECHANISM_TYPE,
         t: &[RawAttr],
         completion: &Completion,
+        call: impl FnOnce(
+            &CK_FUNCTION_LIST,
+            &mut CK_MECHANISM,
+            &mut [CK_ATTRIBUTE],
+            &mut CK_OBJECT_HANDLE,
+        ) -> CK_RV,
     ) -> std::result::Result<ObjectHandle, CK_RV> {
         let mut bools = [CK_FALSE, CK_TRUE];
         let mut tmpl = creating_template(t, completion, &mut bools);
@@ -310,25 +315,31 @@ impl RawBackend {
             ulParameterLen: 0,
         };
         let mut h: CK_OBJECT_HANDLE = CK_INVALID_HANDLE;
-        let Some(c) = self.list.C_GenerateKey else {
-            return Err(CKR_FUNCTION_NOT_SUPPORTED);
-        };
-        // SAFETY: the mechanism, the template (and the values it points to: the
-        // application's, alive for its call, and `bools`) and `h` outlive the call.
-        let rv = unsafe {
-            c(
-                session,
-                &mut m,
-                tmpl.as_mut_ptr(),
-                tmpl.len() as CK_ULONG,
-                &mut h,
-            )
-        };
+        let rv = call(self.list, &mut m, &mut tmpl, &mut h);
         if rv != CKR_OK {
             return Err(rv);
         }
         // SAFETY: the handle the backend has just returned for the new object.
         Ok(unsafe { ObjectHandle::new_from_raw(h) })
+    }
+
+    /// `C_GenerateKey` of a key whose template the policy decided on the short way
+    /// ([`crate::policy::templates::dek_raw`]); `mech` without parameter.
+    pub fn generate_key(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mech: CK_MECHANISM_TYPE,
+        t: &[RawAttr],
+        completion: &Completion,
+    ) -> std::result::Result<ObjectHandle, CK_RV> {
+        self.make(mech, t, completion, |f, m, tmpl, h| {
+            let Some(c) = f.C_GenerateKey else {
+                return CKR_FUNCTION_NOT_SUPPORTED;
+            };
+            // SAFETY: the mechanism, the template (and the values it points to: the
+            // application's, alive for its call, and `make`'s) and `h` outlive the call.
+            unsafe { c(session, m, tmpl.as_mut_ptr(), tmpl.len() as CK_ULONG, h) }
+        })
     }
 
     /// `C_UnwrapKey` into a key whose template the policy decided on the short way;
@@ -342,34 +353,23 @@ impl RawBackend {
         t: &[RawAttr],
         completion: &Completion,
     ) -> std::result::Result<ObjectHandle, CK_RV> {
-        let mut bools = [CK_FALSE, CK_TRUE];
-        let mut tmpl = creating_template(t, completion, &mut bools);
-        let mut m = CK_MECHANISM {
-            mechanism: mech,
-            pParameter: std::ptr::null_mut(),
-            ulParameterLen: 0,
-        };
-        let mut h: CK_OBJECT_HANDLE = CK_INVALID_HANDLE;
-        let Some(c) = self.list.C_UnwrapKey else {
-            return Err(CKR_FUNCTION_NOT_SUPPORTED);
-        };
-        // SAFETY: as in `generate_key`; the blob is only read (PKCS#11 input).
-        let rv = unsafe {
-            c(
-                session,
-                &mut m,
-                unwrapping,
-                blob.as_ptr().cast_mut(),
-                blob.len() as CK_ULONG,
-                tmpl.as_mut_ptr(),
-                tmpl.len() as CK_ULONG,
-                &mut h,
-            )
-        };
-        if rv != CKR_OK {
-            return Err(rv);
-        }
-        // SAFETY: the handle the backend has just returned for the new object.
-        Ok(unsafe { ObjectHandle::new_from_raw(h) })
+        self.make(mech, t, completion, |f, m, tmpl, h| {
+            let Some(c) = f.C_UnwrapKey else {
+                return CKR_FUNCTION_NOT_SUPPORTED;
+            };
+            // SAFETY: as in `generate_key`; the blob is only read (PKCS#11 input).
+            unsafe {
+                c(
+                    session,
+                    m,
+                    unwrapping,
+                    blob.as_ptr().cast_mut(),
+                    blob.len() as CK_ULONG,
+                    tmpl.as_mut_ptr(),
+                    tmpl.len() as CK_ULONG,
+                    h,
+                )
+            }
+        })
     }
 }

@@ -638,29 +638,59 @@ impl Library {
         blob: &[u8],
         template: Vec<Attribute>,
     ) -> Result<CK_OBJECT_HANDLE> {
-        let u = self.use_key_cached(
+        let u = self.use_unwrapping_key(s, unwrapping, mech.ty)?;
+        let t = rv_t(templates::unwrapped(template, &self.settings))?;
+        let ty = mech.ty;
+        let m = mech.to_cryptoki()?;
+        let aes = t
+            .iter()
+            .any(|a| matches!(a, Attribute::KeyType(k) if *k == cryptoki::object::KeyType::AES));
+        let len = aes_value_len_from_blob(ty, blob.len(), aes);
+        self.unwrap_versions(s, &u, unwrapping, len, |s, obj| {
+            s.backend()
+                .unwrap_key(&m, obj, blob, &t)
+                .map_err(|e| Error::from(e).rv())
+        })
+    }
+
+    /// The unwrapping key's use (policy, lifecycle, audit), as `C_UnwrapKey` decides it
+    /// first.
+    fn use_unwrapping_key(
+        &self,
+        s: &mut Session,
+        unwrapping: CK_OBJECT_HANDLE,
+        mech: CK_MECHANISM_TYPE,
+    ) -> Result<Key> {
+        self.use_key_cached(
             s,
             unwrapping,
             CKR_UNWRAPPING_KEY_HANDLE_INVALID,
             Op::Unwrap,
-            mech.ty,
-        )?;
-        let t = rv_t(templates::unwrapped(template, &self.settings))?;
-        let m = mech.to_cryptoki()?;
+            mech,
+        )
+    }
+
+    /// Tries `unwrap` with every enabled version of the unwrapping key, newest first; the
+    /// first success is registered as a DEK (of `len` bytes when known); every failure
+    /// that depends on the blob is `CKR_WRAPPED_KEY_INVALID`.
+    fn unwrap_versions(
+        &self,
+        s: &mut Session,
+        u: &Key,
+        unwrapping: CK_OBJECT_HANDLE,
+        len: Option<CK_ULONG>,
+        mut unwrap: impl FnMut(&Session, ObjectHandle) -> std::result::Result<ObjectHandle, CK_RV>,
+    ) -> Result<CK_OBJECT_HANDLE> {
         let mut last = CKR_WRAPPED_KEY_INVALID;
         for obj in &u.objects {
-            match s.backend().unwrap_key(&m, *obj, blob, &t) {
+            match unwrap(s, *obj) {
                 Ok(k) => {
                     // A DEK unwrapped by X can be wrapped only by X (an RSA key never
                     // wraps, so a DEK conjured through RSA-OAEP never leaves the token).
-                    let aes = t.iter().any(
-                        |a| matches!(a, Attribute::KeyType(t) if *t == cryptoki::object::KeyType::AES),
-                    );
-                    let len = aes_value_len_from_blob(mech.ty, blob.len(), aes);
                     return Ok(s.register_dek(self, k, len, unwrapping));
                 }
-                Err(e) => {
-                    last = crate::backend::rv::unwrap_failure(Error::from(e).rv());
+                Err(rv) => {
+                    last = crate::backend::rv::unwrap_failure(rv);
                     if last != CKR_WRAPPED_KEY_INVALID {
                         break;
                     }
@@ -715,33 +745,14 @@ impl Library {
         // audit record of the key's use included) to the general way.
         let decided = templates::dek_raw(t, &self.settings)?;
         Some((|| {
-            let u = self.use_key_cached(
-                s,
-                unwrapping,
-                CKR_UNWRAPPING_KEY_HANDLE_INVALID,
-                Op::Unwrap,
-                mech.ty,
-            )?;
+            let u = self.use_unwrapping_key(s, unwrapping, mech.ty)?;
             let completion = rv_t(decided)?;
             let aes = t.iter().any(|a| a.ty == CKA_KEY_TYPE);
-            let mut last = CKR_WRAPPED_KEY_INVALID;
-            for obj in &u.objects {
-                match backend(s.backend().handle(), obj.handle(), &completion) {
-                    Ok(k) => {
-                        let len = aes_value_len_from_blob(mech.ty, blob_len, aes);
-                        return Ok(s.register_dek(self, k, len, unwrapping));
-                    }
-                    Err(rv) => {
-                        last = crate::backend::rv::unwrap_failure(
-                            crate::backend::rv::from_backend(rv),
-                        );
-                        if last != CKR_WRAPPED_KEY_INVALID {
-                            break;
-                        }
-                    }
-                }
-            }
-            err(last)
+            let len = aes_value_len_from_blob(mech.ty, blob_len, aes);
+            self.unwrap_versions(s, &u, unwrapping, len, |s, obj| {
+                backend(s.backend().handle(), obj.handle(), &completion)
+                    .map_err(crate::backend::rv::from_backend)
+            })
         })())
     }
 
