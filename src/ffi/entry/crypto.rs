@@ -75,6 +75,20 @@ fn data(
     })
 }
 
+/// The NULL checks of a data call with output: the input, and the length the output's
+/// size is written to (the output itself may be NULL: a length query).
+///
+/// # Safety
+/// `data` NULL or valid for `len` bytes; `out_len` NULL or valid.
+unsafe fn check_output(data: *mut u8, len: CK_ULONG, out_len: *mut CK_ULONG) -> Result<()> {
+    // SAFETY: caller contract.
+    unsafe {
+        args::bytes(data, len)?;
+        args::out(out_len)?;
+    }
+    Ok(())
+}
+
 /// A single-part operation with output (`C_Encrypt`, `C_Decrypt`, `C_Digest`, `C_Sign`).
 ///
 /// # Safety
@@ -92,14 +106,8 @@ unsafe fn single(
         name,
         kind,
         h,
-        || {
-            // SAFETY: NULL checks only; the pointers go to the backend unchanged.
-            unsafe {
-                args::bytes(data_p, len)?;
-                args::out(out_len)?;
-            }
-            Ok(())
-        },
+        // SAFETY: NULL checks only; the pointers go to the backend unchanged.
+        || unsafe { check_output(data_p, len, out_len) },
         |b, bh| {
             // SAFETY: the application's buffers, checked above, passed on (contract).
             let rv = unsafe { b.single(kind, bh, data_p, len, out, out_len) };
@@ -125,14 +133,8 @@ unsafe fn update_out(
         name,
         kind,
         h,
-        || {
-            // SAFETY: NULL checks only; the pointers go to the backend unchanged.
-            unsafe {
-                args::bytes(data_p, len)?;
-                args::out(out_len)?;
-            }
-            Ok(())
-        },
+        // SAFETY: NULL checks only; the pointers go to the backend unchanged.
+        || unsafe { check_output(data_p, len, out_len) },
         |b, bh| {
             // SAFETY: the application's buffers, checked above, passed on (contract).
             let rv = unsafe { b.update(kind, bh, data_p, len, out, out_len) };
