@@ -76,21 +76,21 @@ fn kill_9_during_import_leaves_no_partial_key() {
             ],
         );
         let name = format!("byok-{i}");
+        let import = [
+            "key",
+            "import",
+            &name,
+            "--import-key",
+            "ik",
+            "--wrapped",
+            &blob,
+            "--oaep-hash",
+            "sha1",
+            "--role",
+            "wrap",
+        ];
         let mut child = env
-            .command(&[
-                "-v",
-                "key",
-                "import",
-                &name,
-                "--import-key",
-                "ik",
-                "--wrapped",
-                &blob,
-                "--oaep-hash",
-                "sha1",
-                "--role",
-                "wrap",
-            ])
+            .command(&[&["-v"][..], &import[..]].concat())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -132,19 +132,7 @@ fn kill_9_during_import_leaves_no_partial_key() {
             None => {
                 absent += 1;
                 // Absent: the name is free and the same import now completes.
-                env.ok(&[
-                    "key",
-                    "import",
-                    &name,
-                    "--import-key",
-                    "ik",
-                    "--wrapped",
-                    &blob,
-                    "--oaep-hash",
-                    "sha1",
-                    "--role",
-                    "wrap",
-                ]);
+                env.ok(&import);
             }
         }
         // Either way the key now protects data.
