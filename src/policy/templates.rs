@@ -93,6 +93,13 @@ impl Flags {
     }
 }
 
+/// The position of `CKA_*` type `ty` in [`FLAG_TYPES`] (and so in [`Flags`]).
+fn flag_index(ty: CK_ATTRIBUTE_TYPE) -> Option<usize> {
+    FLAG_TYPES
+        .iter()
+        .position(|t| CK_ATTRIBUTE_TYPE::from(*t) == ty)
+}
+
 fn flag(t: &[Attribute], ty: AttributeType) -> Option<bool> {
     Flags::of(t).get(ty)
 }
@@ -289,26 +296,15 @@ pub fn dek_raw(t: &[RawAttr], s: &Settings) -> Option<R<Completion>> {
                 }
             }
             CKA_LABEL | CKA_ID => {}
-            _ => {
-                let i = match a.ty {
-                    CKA_ENCRYPT => 0,
-                    CKA_DECRYPT => 1,
-                    CKA_SIGN => 2,
-                    CKA_VERIFY => 3,
-                    CKA_WRAP => 4,
-                    CKA_UNWRAP => 5,
-                    CKA_DERIVE => 6,
-                    CKA_SENSITIVE => 9,
-                    CKA_EXTRACTABLE => 10,
-                    CKA_TOKEN => 11,
-                    CKA_PRIVATE | CKA_MODIFIABLE | CKA_COPYABLE | CKA_DESTROYABLE => usize::MAX,
-                    _ => return None,
-                };
+            // Attributes the general way refuses or checks further.
+            CKA_SIGN_RECOVER | CKA_VERIFY_RECOVER | CKA_WRAP_WITH_TRUSTED => return None,
+            ty => {
                 let [b] = a.value else {
                     return None;
                 };
-                if i != usize::MAX {
-                    f.0[i] = Some(*b != 0);
+                match ty {
+                    CKA_PRIVATE | CKA_MODIFIABLE | CKA_COPYABLE | CKA_DESTROYABLE => {}
+                    _ => f.0[flag_index(ty)?] = Some(*b != 0),
                 }
             }
         }
