@@ -182,28 +182,54 @@ impl Library {
         op: Op,
         mech: CK_MECHANISM_TYPE,
     ) -> Result<Key> {
+        if let Some(d) = self.reusable(s, h, op, mech) {
+            self.audit_use(s, op, mech, &d.info, d.version)?;
+            return Ok(Key {
+                objects: d.objects.clone(),
+                info: d.info.clone(),
+            });
+        }
+        self.decide_and_remember(s, h, invalid, op, mech)
+    }
+
+    /// The session's remembered decision, if it holds for this use of `h`: same key,
+    /// operation and mechanism, and nothing it rests on changed since.
+    #[inline]
+    fn reusable<'s>(
+        &self,
+        s: &'s Session,
+        h: CK_OBJECT_HANDLE,
+        op: Op,
+        mech: CK_MECHANISM_TYPE,
+    ) -> Option<&'s super::session::Decided> {
+        let d = s.decided.as_ref()?;
+        let holds = d.key == h
+            && d.op == op
+            && d.mech == mech
+            && d.epoch == self.objects.epoch()
+            && d.view_generation
+                .is_none_or(|g| g == self.view_generation(s));
+        holds.then_some(d)
+    }
+
+    /// [`Library::use_key`], remembering the decision in the session when it may be
+    /// reused (no access rules: those depend on the time of day). Out of line: the
+    /// repeated `*Init` of the hot path reuses a decision and never runs it.
+    #[inline(never)]
+    fn decide_and_remember(
+        &self,
+        s: &mut Session,
+        h: CK_OBJECT_HANDLE,
+        invalid: CK_RV,
+        op: Op,
+        mech: CK_MECHANISM_TYPE,
+    ) -> Result<Key> {
         let remember = self.cfg.access.is_empty();
         if remember && s.decided.as_ref().is_none_or(|d| d.key != h) {
             // Before the epoch is read: a change to the key's entry from now on voids it.
             self.objects.mark_decided(h);
         }
         let epoch = self.objects.epoch();
-        if let Some(d) = &s.decided {
-            if d.key == h
-                && d.op == op
-                && d.mech == mech
-                && d.epoch == epoch
-                && d.view_generation
-                    .is_none_or(|g| g == self.view_generation(s))
-            {
-                let key = Key {
-                    objects: d.objects.clone(),
-                    info: d.info.clone(),
-                };
-                self.audit_use(s, op, mech, &key.info, d.version)?;
-                return Ok(key);
-            }
-        }
         let (key, version, view) = self.use_key_with(s, h, invalid, op, mech)?;
         if remember {
             s.decided = Some(super::session::Decided {
@@ -325,14 +351,29 @@ impl Library {
         self.audit.record(r).map_err(Error::Rv)
     }
 
-    /// `C_*Init`.
+    /// `C_*Init` for the runtime's own callers (the CLI): the decision, then the operation
+    /// made ready in the session (the backend is told at the first data call).
     pub fn crypto_init(
         &self,
         s: &mut Session,
         kind: Kind,
-        mech: Mech,
+        mut mech: Mech,
         key: CK_OBJECT_HANDLE,
     ) -> Result<()> {
+        let keys = self.crypto_decide(s, kind, &mut mech, key)?;
+        s.init(kind, mech, keys)
+    }
+
+    /// The decision of a `C_*Init`: the backend objects to use, the first one first (the
+    /// mechanism is probed when its parameters need it). The mechanism is borrowed, not
+    /// moved: it is the largest value of the hot path.
+    pub fn crypto_decide(
+        &self,
+        s: &mut Session,
+        kind: Kind,
+        mech: &mut Mech,
+        key: CK_OBJECT_HANDLE,
+    ) -> Result<super::session::Keys> {
         if s.active(kind) {
             return err(CKR_OPERATION_ACTIVE);
         }
@@ -345,23 +386,51 @@ impl Library {
                 if !policy::mechanisms::offered(mech.ty) {
                     return err(CKR_MECHANISM_INVALID);
                 }
-                return s.init(kind, mech, Default::default());
+                return Ok(Default::default());
             }
         };
-        let mut k = self.use_key_cached(s, key, CKR_KEY_HANDLE_INVALID, op, mech.ty)?;
         // Only authenticated decryption may try older versions (and only single-part).
-        if !(kind == Kind::Decrypt && mech.ty == CKM_AES_GCM) {
-            k.objects.truncate(1);
-        }
-        let mut mech = mech;
-        if crate::backend::mech::needs_probe(&mech) {
-            let probed = (s.slot_id, kind as u8, mech.clone());
-            if !self.probed.read().contains(&probed) {
-                self.probe(s.slot_id, kind, &mut mech, k.objects[0])?;
-                self.probed.write().insert(probed);
+        let all = kind == Kind::Decrypt && mech.ty == CKM_AES_GCM;
+        let keys = match self.reusable(s, key, op, mech.ty) {
+            // The hot path: a repeated `*Init`, in a few instructions.
+            Some(d) => {
+                self.audit_use(s, op, mech.ty, &d.info, d.version)?;
+                match d.objects.first() {
+                    Some(first) if !all => smallvec::smallvec![*first],
+                    _ => d.objects.clone(),
+                }
             }
+            None => {
+                let mut k =
+                    self.decide_and_remember(s, key, CKR_KEY_HANDLE_INVALID, op, mech.ty)?;
+                if !all {
+                    k.objects.truncate(1);
+                }
+                k.objects
+            }
+        };
+        if crate::backend::mech::needs_probe(mech) {
+            self.probe_once(s.slot_id, kind, mech, &keys)?;
         }
-        s.init(kind, mech, k.objects)
+        Ok(keys)
+    }
+
+    /// [`Library::probe`] unless the same parameters were accepted before.
+    #[inline(never)]
+    fn probe_once(
+        &self,
+        slot: CK_SLOT_ID,
+        kind: Kind,
+        mech: &mut Mech,
+        keys: &[ObjectHandle],
+    ) -> Result<()> {
+        let probed = (slot, kind as u8, mech.clone());
+        if !self.probed.read().contains(&probed) {
+            let key = keys.first().copied().ok_or(Error::Rv(CKR_GENERAL_ERROR))?;
+            self.probe(slot, kind, mech, key)?;
+            self.probed.write().insert(probed);
+        }
+        Ok(())
     }
 
     /// Asks the backend whether it accepts `mech` with `key` for `kind`, in a session of

@@ -390,32 +390,29 @@ impl Session {
         }
     }
 
-    /// Starts the backend's operation now, through `init` (the backend's own `C_*Init`,
-    /// called by the FFI layer), for an operation that `*Init` made ready.
-    pub fn activate(&mut self, kind: Kind, init: &RawInit) -> Result<()> {
+    /// Starts an operation of `kind` in the backend now, through `init` (the backend's own
+    /// `C_*Init`, called by the FFI layer with `keys[0]`): `C_*Init` of an application.
+    pub fn start(&mut self, kind: Kind, mut mech: Mech, keys: Keys, init: &RawInit) -> Result<()> {
+        let h = self.backend.handle();
         let op = &mut self.ops[idx(kind)];
-        match std::mem::replace(&mut op.stage, Stage::Idle) {
-            Stage::Ready(mut mech, keys) => {
-                let rv = init(
-                    self.backend.handle(),
-                    &mut mech,
-                    keys.first().map_or(CK_INVALID_HANDLE, |k| k.handle()),
-                );
-                if rv != CKR_OK {
-                    return err(rv);
-                }
-                self.ops[idx(kind)].stage = Stage::Active {
-                    mech,
-                    keys,
-                    tried: 1,
-                };
-                Ok(())
-            }
-            other => {
-                op.stage = other;
-                Ok(())
-            }
+        if !matches!(op.stage, Stage::Idle) {
+            return err(CKR_OPERATION_ACTIVE);
         }
+        let rv = init(
+            h,
+            &mut mech,
+            keys.first().map_or(CK_INVALID_HANDLE, |k| k.handle()),
+        );
+        if rv != CKR_OK {
+            return err(rv);
+        }
+        op.pending = None;
+        op.stage = Stage::Active {
+            mech,
+            keys,
+            tried: 1,
+        };
+        Ok(())
     }
 
     /// A call of an active backend operation, made by `call` with the application's

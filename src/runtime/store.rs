@@ -9,7 +9,7 @@ use cryptoki::slot::Slot;
 use parking_lot::{Mutex, RwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The longest a view is used without reading the token again.
 pub const REFRESH: Duration = Duration::from_millis(500);
@@ -20,9 +20,8 @@ pub struct SlotStore {
     view: RwLock<(u64, Arc<View>)>,
     /// The generation of the current view, readable without the lock.
     generation: AtomicU64,
-    /// Milliseconds since `epoch` of the last load; `u64::MAX` when stale.
+    /// [`now_ms`] of the last load; `u64::MAX` when stale.
     loaded: AtomicU64,
-    epoch: Instant,
     /// A read-only backend session of cmkp11's own for reading the keystore, so that an
     /// application's session with an operation in progress is never disturbed (SoftHSM2
     /// refuses a search while a session has an active operation).
@@ -37,7 +36,6 @@ impl Default for SlotStore {
             view: RwLock::new((0, Arc::new(View::default()))),
             generation: AtomicU64::new(0),
             loaded: AtomicU64::new(u64::MAX),
-            epoch: Instant::now(),
             loading: Mutex::new(None),
             usable: Mutex::new(std::collections::HashSet::new()),
         }
@@ -45,10 +43,6 @@ impl Default for SlotStore {
 }
 
 impl SlotStore {
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
     /// The current view, reloaded when older than [`REFRESH`]. A thread that finds another
     /// one loading uses the previous view rather than wait.
     pub fn get(&self, ctx: &Pkcs11, slot: Slot) -> Arc<View> {
@@ -70,7 +64,9 @@ impl SlotStore {
     /// Reloads the view if it is stale, unless another thread is loading it.
     fn refresh(&self, ctx: &Pkcs11, slot: Slot) {
         let loaded = self.loaded.load(Ordering::Acquire);
-        if loaded == u64::MAX || self.now_ms().saturating_sub(loaded) > REFRESH.as_millis() as u64 {
+        if loaded == u64::MAX
+            || crate::ffi::coarse_ms().saturating_sub(loaded) > REFRESH.as_millis() as u64
+        {
             if let Some(mut s) = self.loading.try_lock() {
                 self.load(&mut s, ctx, slot);
             }
@@ -98,7 +94,7 @@ impl SlotStore {
     }
 
     fn load(&self, s: &mut Option<BackendSession>, ctx: &Pkcs11, slot: Slot) -> Arc<View> {
-        let started = self.now_ms();
+        let started = crate::ffi::coarse_ms();
         if s.is_none() {
             match ctx.open_ro_session(slot) {
                 Ok(new) => *s = Some(new),

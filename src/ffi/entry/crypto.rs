@@ -49,11 +49,11 @@ unsafe fn init(
     guard(name, || {
         with_session(h, |lib, s| {
             // SAFETY: forwarded caller contract.
-            let mech = unsafe { args::mechanism(mech)? };
-            lib.crypto_init(s, kind, mech, key)?;
+            let mut mech = unsafe { args::mechanism(mech)? };
+            let keys = lib.crypto_decide(s, kind, &mut mech, key)?;
             let b = backend()?;
             let init = |h, m: &mut crate::backend::mech::Mech, k| b.init(kind, h, m, k);
-            s.activate(kind, &init)
+            s.start(kind, mech, keys, &init)
         })
     })
 }
