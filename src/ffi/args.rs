@@ -1,6 +1,6 @@
 //! Raw arguments into safe values, with every NULL and length checked first.
 
-use crate::backend::mech::{param_kind, Mech, Param, ParamKind};
+use crate::backend::mech::{param_kind, Bytes, Mech, Param, ParamKind};
 use crate::error::{err, Result};
 use crate::policy::templates::RawAttr;
 use crate::runtime::session::Delivery;
@@ -122,15 +122,56 @@ unsafe fn owned(p: *const u8, len: CK_ULONG) -> Result<Vec<u8>> {
         .map_err(|_| crate::error::Error::Rv(CKR_MECHANISM_PARAM_INVALID))
 }
 
-/// [`owned`], inline when short (no allocation for the usual IV and AAD).
+/// The application's mechanism as it is, for the shapes of the data path (no parameter,
+/// a 16-byte IV, `CK_GCM_PARAMS`), after exactly the checks [`mechanism`] makes: the
+/// backend's `*Init` then reads the parameter where the application put it, during the
+/// application's own call (as a forwarding layer should), and the hot path copies and
+/// converts nothing. `None` for the other shapes: parse them with [`mechanism`].
 ///
 /// # Safety
-/// As for [`bytes`].
-unsafe fn short(p: *const u8, len: CK_ULONG) -> Result<crate::backend::mech::Bytes> {
+/// As for [`mechanism`].
+pub unsafe fn direct_mechanism(p: *const CK_MECHANISM) -> Result<Option<CK_MECHANISM>> {
+    // SAFETY: caller contract.
+    let Some(m) = (unsafe { p.as_ref() }) else {
+        return err(CKR_ARGUMENTS_BAD);
+    };
+    // SAFETY: the checks read the parameter only as `mechanism` does (caller contract).
+    unsafe {
+        match param_kind(m.mechanism) {
+            None => return err(CKR_MECHANISM_INVALID),
+            Some(ParamKind::None) => no_param(m)?,
+            Some(ParamKind::Iv16) => drop(param::<[u8; 16]>(m)?),
+            Some(ParamKind::Gcm) => drop(gcm(m)?),
+            Some(_) => return Ok(None),
+        }
+    }
+    Ok(Some(*m))
+}
+
+/// The check of a mechanism that takes no parameter.
+fn no_param(m: &CK_MECHANISM) -> Result<()> {
+    if m.ulParameterLen != 0 {
+        return err(CKR_MECHANISM_PARAM_INVALID);
+    }
+    Ok(())
+}
+
+/// A `CK_GCM_PARAMS`, checked: its length, an IV, a tag of whole bytes up to 128 bits,
+/// and no NULL where a length is given.
+///
+/// # Safety
+/// As for [`param`]; the IV and AAD pointers valid for their lengths (contract).
+unsafe fn gcm(m: &CK_MECHANISM) -> Result<(CK_GCM_PARAMS, &[u8], &[u8])> {
     // SAFETY: forwarded contract.
-    unsafe { bytes(p, len) }
-        .map(crate::backend::mech::Bytes::from_slice)
-        .map_err(|_| crate::error::Error::Rv(CKR_MECHANISM_PARAM_INVALID))
+    let g: CK_GCM_PARAMS = unsafe { param(m)? };
+    if g.ulIvLen == 0 || g.ulTagBits > 128 || g.ulTagBits % 8 != 0 {
+        return err(CKR_MECHANISM_PARAM_INVALID);
+    }
+    let part = |p: *const u8, len| {
+        // SAFETY: forwarded contract.
+        unsafe { bytes(p, len) }.map_err(|_| crate::error::Error::Rv(CKR_MECHANISM_PARAM_INVALID))
+    };
+    Ok((g, part(g.pIv, g.ulIvLen)?, part(g.pAAD, g.ulAADLen)?))
 }
 
 /// The application's mechanism, parsed into owned data. Parameter lengths are checked
@@ -154,21 +195,16 @@ pub unsafe fn mechanism(p: *const CK_MECHANISM) -> Result<Mech> {
     let param = unsafe {
         match kind {
             ParamKind::None => {
-                if m.ulParameterLen != 0 {
-                    return err(CKR_MECHANISM_PARAM_INVALID);
-                }
+                no_param(m)?;
                 Param::None
             }
             ParamKind::Iv16 => Param::Iv16(param::<[u8; 16]>(m)?),
             ParamKind::Iv8 => Param::Iv8(param::<[u8; 8]>(m)?),
             ParamKind::Gcm => {
-                let g: CK_GCM_PARAMS = param(m)?;
-                if g.ulIvLen == 0 || g.ulTagBits > 128 || g.ulTagBits % 8 != 0 {
-                    return err(CKR_MECHANISM_PARAM_INVALID);
-                }
+                let (g, iv, aad) = gcm(m)?;
                 Param::Gcm {
-                    iv: short(g.pIv, g.ulIvLen)?,
-                    aad: short(g.pAAD, g.ulAADLen)?,
+                    iv: Bytes::from_slice(iv),
+                    aad: Bytes::from_slice(aad),
                     tag_bits: g.ulTagBits,
                 }
             }

@@ -115,7 +115,8 @@ impl RawBackend {
         }
     }
 
-    fn init_raw(
+    /// The backend's `C_*Init` with a mechanism as the application passed it.
+    pub fn init_raw(
         &self,
         kind: Kind,
         session: CK_SESSION_HANDLE,
@@ -123,8 +124,9 @@ impl RawBackend {
         key: CK_OBJECT_HANDLE,
     ) -> CK_RV {
         let f = self.list;
-        // SAFETY: `m` and its parameter are alive for the call (built by the caller from
-        // owned data); the handles are the backend's own (from cryptoki).
+        // SAFETY: `m` and its parameter are alive for the call (the caller's owned data,
+        // or the application's own mechanism during its `*Init`); the handles are the
+        // backend's own (from cryptoki).
         unsafe {
             match kind {
                 Kind::Encrypt => f

@@ -360,18 +360,20 @@ impl Library {
         mut mech: Mech,
         key: CK_OBJECT_HANDLE,
     ) -> Result<()> {
-        let keys = self.crypto_decide(s, kind, &mut mech, key)?;
+        let keys = self.crypto_decide(s, kind, mech.ty, key)?;
+        self.probe_if_needed(s, kind, &mut mech, &keys)?;
         s.init(kind, mech, keys)
     }
 
-    /// The decision of a `C_*Init`: the backend objects to use, the first one first (the
-    /// mechanism is probed when its parameters need it). The mechanism is borrowed, not
-    /// moved: it is the largest value of the hot path.
+    /// The decision of a `C_*Init` with mechanism `ty`: the backend objects to use, the
+    /// first one first. It needs only the mechanism's type (what a mechanism's
+    /// parameters may be was checked when they were read; what the backend accepts of
+    /// them is [`Library::probe_if_needed`]).
     pub fn crypto_decide(
         &self,
         s: &mut Session,
         kind: Kind,
-        mech: &mut Mech,
+        ty: CK_MECHANISM_TYPE,
         key: CK_OBJECT_HANDLE,
     ) -> Result<super::session::Keys> {
         if s.active(kind) {
@@ -383,36 +385,46 @@ impl Library {
             Kind::Sign => Op::Sign,
             Kind::Verify => Op::Verify,
             Kind::Digest => {
-                if !policy::mechanisms::offered(mech.ty) {
+                if !policy::mechanisms::offered(ty) {
                     return err(CKR_MECHANISM_INVALID);
                 }
                 return Ok(Default::default());
             }
         };
         // Only authenticated decryption may try older versions (and only single-part).
-        let all = kind == Kind::Decrypt && mech.ty == CKM_AES_GCM;
-        let keys = match self.reusable(s, key, op, mech.ty) {
+        let all = kind == Kind::Decrypt && ty == CKM_AES_GCM;
+        Ok(match self.reusable(s, key, op, ty) {
             // The hot path: a repeated `*Init`, in a few instructions.
             Some(d) => {
-                self.audit_use(s, op, mech.ty, &d.info, d.version)?;
+                self.audit_use(s, op, ty, &d.info, d.version)?;
                 match d.objects.first() {
                     Some(first) if !all => smallvec::smallvec![*first],
                     _ => d.objects.clone(),
                 }
             }
             None => {
-                let mut k =
-                    self.decide_and_remember(s, key, CKR_KEY_HANDLE_INVALID, op, mech.ty)?;
+                let mut k = self.decide_and_remember(s, key, CKR_KEY_HANDLE_INVALID, op, ty)?;
                 if !all {
                     k.objects.truncate(1);
                 }
                 k.objects
             }
-        };
+        })
+    }
+
+    /// Asks the backend, once per slot, operation and parameter values, whether it
+    /// accepts a mechanism whose parameters only it can judge (see [`Library::probe`]).
+    pub fn probe_if_needed(
+        &self,
+        s: &Session,
+        kind: Kind,
+        mech: &mut Mech,
+        keys: &[ObjectHandle],
+    ) -> Result<()> {
         if crate::backend::mech::needs_probe(mech) {
-            self.probe_once(s.slot_id, kind, mech, &keys)?;
+            self.probe_once(s.slot_id, kind, mech, keys)?;
         }
-        Ok(keys)
+        Ok(())
     }
 
     /// [`Library::probe`] unless the same parameters were accepted before.

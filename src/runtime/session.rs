@@ -95,17 +95,22 @@ pub fn wipe(b: &mut [u8]) {
 
 enum Stage {
     Idle,
-    /// `*Init` done; the backend has not been told yet. The keys: the one to use first,
-    /// then older versions of a CMK that an authenticated decryption may also try.
-    Ready(Mech, Keys),
+    /// `*Init` done; the backend has not been told yet (the CLI's way). The keys: the one
+    /// to use first, then older versions of a CMK that an authenticated decryption may
+    /// also try. (The mechanism is boxed, as in `Active`, to keep every `Stage` small:
+    /// stages are moved on the hot path.)
+    Ready(Box<Mech>, Keys),
     /// The backend has a multi-part operation in progress.
     Streaming,
     /// The final result, waiting for the application to collect it.
     Done(Output),
     /// The backend's operation is active and the FFI layer calls the backend directly
-    /// with the application's buffers. `tried`: how many of `keys` were initialized.
+    /// with the application's buffers. `tried`: how many of `keys` were initialized;
+    /// `retry`: the mechanism again, kept only when there are other keys to try (an
+    /// AES-GCM decryption under a CMK with older versions).
     Active {
-        mech: Mech,
+        ty: CK_MECHANISM_TYPE,
+        retry: Option<Box<Mech>>,
         keys: Keys,
         tried: usize,
     },
@@ -366,7 +371,7 @@ impl Session {
         if !matches!(op.stage, Stage::Idle) {
             return err(CKR_OPERATION_ACTIVE);
         }
-        op.stage = Stage::Ready(mech, keys);
+        op.stage = Stage::Ready(Box::new(mech), keys);
         op.pending = None;
         Ok(())
     }
@@ -390,25 +395,29 @@ impl Session {
         }
     }
 
-    /// Starts an operation of `kind` in the backend now, through `init` (the backend's own
-    /// `C_*Init`, called by the FFI layer with `keys[0]`): `C_*Init` of an application.
-    pub fn start(&mut self, kind: Kind, mut mech: Mech, keys: Keys, init: &RawInit) -> Result<()> {
-        let h = self.backend.handle();
+    /// Records that the FFI layer started an operation of `kind` in the backend (its
+    /// `C_*Init` succeeded with `keys[0]`), after [`Library::crypto_decide`] found none
+    /// active: the application's `C_*Init`. `mech` is kept only when `keys` has others
+    /// to try.
+    ///
+    /// [`Library::crypto_decide`]: super::Library::crypto_decide
+    pub fn started(
+        &mut self,
+        kind: Kind,
+        ty: CK_MECHANISM_TYPE,
+        keys: Keys,
+        mech: impl FnOnce() -> Result<Mech>,
+    ) -> Result<()> {
+        let retry = if keys.len() > 1 {
+            Some(Box::new(mech()?))
+        } else {
+            None
+        };
         let op = &mut self.ops[idx(kind)];
-        if !matches!(op.stage, Stage::Idle) {
-            return err(CKR_OPERATION_ACTIVE);
-        }
-        let rv = init(
-            h,
-            &mut mech,
-            keys.first().map_or(CK_INVALID_HANDLE, |k| k.handle()),
-        );
-        if rv != CKR_OK {
-            return err(rv);
-        }
         op.pending = None;
         op.stage = Stage::Active {
-            mech,
+            ty,
+            retry,
             keys,
             tried: 1,
         };
@@ -430,7 +439,8 @@ impl Session {
                 return if rv == CKR_OK { Ok(()) } else { err(rv) };
             }
             let Stage::Active {
-                mut mech,
+                ty,
+                retry,
                 keys,
                 tried,
             } = std::mem::replace(&mut self.ops[idx(kind)].stage, Stage::Idle)
@@ -440,11 +450,14 @@ impl Session {
             if rv == CKR_OK {
                 return Ok(());
             }
-            let aead = kind == Kind::Decrypt && mech.ty == CKM_AES_GCM;
+            let aead = kind == Kind::Decrypt && ty == CKM_AES_GCM;
             if !aead {
                 return err(rv);
             }
             let rv = rv::aead_failure(rv);
+            let Some(mut mech) = retry else {
+                return err(rv);
+            };
             if rv != CKR_ENCRYPTED_DATA_INVALID || tried >= keys.len() {
                 return err(rv);
             }
@@ -453,7 +466,8 @@ impl Session {
                 return err(rv);
             }
             self.ops[idx(kind)].stage = Stage::Active {
-                mech,
+                ty,
+                retry: Some(mech),
                 keys,
                 tried: tried + 1,
             };

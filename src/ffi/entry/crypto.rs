@@ -48,12 +48,33 @@ unsafe fn init(
 ) -> CK_RV {
     guard(name, || {
         with_session(h, |lib, s| {
-            // SAFETY: forwarded caller contract.
-            let mut mech = unsafe { args::mechanism(mech)? };
-            let keys = lib.crypto_decide(s, kind, &mut mech, key)?;
             let b = backend()?;
-            let init = |h, m: &mut crate::backend::mech::Mech, k| b.init(kind, h, m, k);
-            s.start(kind, mech, keys, &init)
+            // SAFETY: forwarded caller contract.
+            let (rv, ty, keys) = match unsafe { args::direct_mechanism(mech)? } {
+                // The data path's mechanisms: decided by type, given to the backend as
+                // the application passed them.
+                Some(mut m) => {
+                    let keys = lib.crypto_decide(s, kind, m.mechanism, key)?;
+                    let first = keys.first().map_or(CK_INVALID_HANDLE, |k| k.handle());
+                    let rv = b.init_raw(kind, s.backend().handle(), &mut m, first);
+                    (rv, m.mechanism, keys)
+                }
+                None => {
+                    // SAFETY: forwarded caller contract.
+                    let mut m = unsafe { args::mechanism(mech)? };
+                    let keys = lib.crypto_decide(s, kind, m.ty, key)?;
+                    lib.probe_if_needed(s, kind, &mut m, &keys)?;
+                    let first = keys.first().map_or(CK_INVALID_HANDLE, |k| k.handle());
+                    let rv = b.init(kind, s.backend().handle(), &mut m, first);
+                    (rv, m.ty, keys)
+                }
+            };
+            if rv != CKR_OK {
+                return Err(Error::Rv(rv));
+            }
+            // SAFETY: forwarded caller contract (read again only for a retry under an
+            // older CMK version, while the application's call lasts).
+            s.started(kind, ty, keys, || unsafe { args::mechanism(mech) })
         })
     })
 }
