@@ -164,6 +164,10 @@ impl Library {
         info: &KeyInfo,
         version: Option<u32>,
     ) -> Result<()> {
+        // Checked here, inline: without an audit log a use records nothing.
+        if !self.audit.enabled() {
+            return Ok(());
+        }
         if info.class() == Class::Cmk {
             self.audit_key(s, op.name(), Some(mech), info, version, CKR_OK, None)
         } else {

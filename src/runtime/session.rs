@@ -438,40 +438,56 @@ impl Session {
             if still {
                 return if rv == CKR_OK { Ok(()) } else { err(rv) };
             }
-            let Stage::Active {
-                ty,
-                retry,
-                keys,
-                tried,
-            } = std::mem::replace(&mut self.ops[idx(kind)].stage, Stage::Idle)
-            else {
-                unreachable!("checked above");
-            };
             if rv == CKR_OK {
+                self.ops[idx(kind)].stage = Stage::Idle;
                 return Ok(());
             }
-            let aead = kind == Kind::Decrypt && ty == CKM_AES_GCM;
-            if !aead {
-                return err(rv);
-            }
-            let rv = rv::aead_failure(rv);
-            let Some(mut mech) = retry else {
-                return err(rv);
-            };
-            if rv != CKR_ENCRYPTED_DATA_INVALID || tried >= keys.len() {
-                return err(rv);
-            }
-            let again = init(h, &mut mech, keys[tried].handle());
-            if again != CKR_OK {
-                return err(rv);
-            }
-            self.ops[idx(kind)].stage = Stage::Active {
-                ty,
-                retry: Some(mech),
-                keys,
-                tried: tried + 1,
-            };
+            self.failed(kind, h, rv, init)?;
         }
+    }
+
+    /// After an active operation's final call failed with `rv`: the operation ends, unless
+    /// an AES-GCM decryption has another version of its CMK to try (then it is started
+    /// again with it and `Ok` says to repeat the call). Out of line: not the hot path.
+    #[inline(never)]
+    fn failed(
+        &mut self,
+        kind: Kind,
+        h: CK_SESSION_HANDLE,
+        rv: CK_RV,
+        init: &RawInit,
+    ) -> Result<()> {
+        let Stage::Active {
+            ty,
+            retry,
+            keys,
+            tried,
+        } = std::mem::replace(&mut self.ops[idx(kind)].stage, Stage::Idle)
+        else {
+            return err(rv);
+        };
+        let aead = kind == Kind::Decrypt && ty == CKM_AES_GCM;
+        if !aead {
+            return err(rv);
+        }
+        let rv = rv::aead_failure(rv);
+        let Some(mut mech) = retry else {
+            return err(rv);
+        };
+        if rv != CKR_ENCRYPTED_DATA_INVALID || tried >= keys.len() {
+            return err(rv);
+        }
+        let again = init(h, &mut mech, keys[tried].handle());
+        if again != CKR_OK {
+            return err(rv);
+        }
+        self.ops[idx(kind)].stage = Stage::Active {
+            ty,
+            retry: Some(mech),
+            keys,
+            tried: tried + 1,
+        };
+        Ok(())
     }
 
     /// Whether an operation of `kind` is active.
