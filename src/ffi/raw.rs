@@ -115,6 +115,41 @@ impl RawBackend {
         }
     }
 
+    /// The backend's `C_WrapKey` of `key` under `wrapping` into `out` (cmkp11's buffer):
+    /// the length written, or the backend's code (`CKR_BUFFER_TOO_SMALL` when `out` is).
+    pub fn wrap_key(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mech: &mut Mech,
+        wrapping: CK_OBJECT_HANDLE,
+        key: CK_OBJECT_HANDLE,
+        out: &mut [u8],
+    ) -> Result<usize, CK_RV> {
+        let f = self.list;
+        let mut call = |m: &mut CK_MECHANISM| {
+            let mut len = out.len() as CK_ULONG;
+            // SAFETY: `m` and its parameter live for the call (the caller's owned data);
+            // `out` is valid for `len` bytes; the handles are the backend's own.
+            let rv = unsafe {
+                f.C_WrapKey.map_or(CKR_FUNCTION_NOT_SUPPORTED, |c| {
+                    c(session, m, wrapping, key, out.as_mut_ptr(), &mut len)
+                })
+            };
+            match rv {
+                CKR_OK if len as usize <= out.len() => Ok(len as usize),
+                CKR_OK => Err(CKR_GENERAL_ERROR),
+                rv => Err(rv),
+            }
+        };
+        if let Some(r) = mech.with_raw(&mut call) {
+            return r;
+        }
+        match mech.to_cryptoki() {
+            Ok(c) => call(&mut CK_MECHANISM::from(&c)),
+            Err(e) => Err(e.rv()),
+        }
+    }
+
     /// The backend's `C_*Init` with a mechanism as the application passed it.
     pub fn init_raw(
         &self,

@@ -664,6 +664,7 @@ impl Library {
         wrapping: CK_OBJECT_HANDLE,
         key: CK_OBJECT_HANDLE,
         sink: impl FnOnce(&[u8]) -> Delivery,
+        raw: Option<&super::session::RawWrap>,
     ) -> Result<()> {
         if let Some(blob) = s.pending_wrap(&mech, wrapping, key) {
             return s.deliver_wrap_pending(mech, wrapping, key, blob, sink);
@@ -707,7 +708,7 @@ impl Library {
             &self.settings,
         ))
         .inspect_err(|e| log::info!("refused wrap under `{}`: {e}", w.info.label))?;
-        s.wrap(mech, (wrapping, w.objects[0]), (key, k), sink)?;
+        s.wrap(mech, (wrapping, w.objects[0]), (key, k), sink, raw)?;
         // A DEK first wrapped by X can from now on be wrapped only by X.
         self.objects.set_origin(key, wrapping);
         Ok(())

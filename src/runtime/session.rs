@@ -29,6 +29,22 @@ pub type RawInit<'a> = dyn Fn(CK_SESSION_HANDLE, &mut Mech, CK_OBJECT_HANDLE) ->
 /// buffers: returns the code and whether the operation is still active.
 pub type RawStep<'a> = dyn FnMut(CK_SESSION_HANDLE) -> (CK_RV, bool) + 'a;
 
+/// The backend's `C_WrapKey` as the FFI layer calls it, into a buffer of cmkp11's:
+/// (backend session, mechanism, wrapping key, key, buffer) -> the length written, or the
+/// backend's code.
+pub type RawWrap<'a> = dyn Fn(
+        CK_SESSION_HANDLE,
+        &mut Mech,
+        CK_OBJECT_HANDLE,
+        CK_OBJECT_HANDLE,
+        &mut [u8],
+    ) -> std::result::Result<usize, CK_RV>
+    + 'a;
+
+/// The buffer a wrap through [`RawWrap`] is first tried with: a DEK's blob is at most its
+/// length plus 16 bytes (AES-KWP); a larger one takes the two-call way.
+const WRAP_BUFFER: usize = 512;
+
 /// The key objects of an operation: the one to use, then older versions of a CMK that an
 /// authenticated decryption or an unwrap may also try. Inline up to four: the data path
 /// allocates nothing (an allocation per operation measurably slows the backend's own
@@ -758,16 +774,34 @@ impl Session {
 
     /// `C_WrapKey` through the backend, with the two-call convention: a blob the
     /// application did not take is kept for its next call (see [`Session::pending_wrap`]).
+    /// With `raw` (the FFI layer's direct call) the token wraps once, into a buffer large
+    /// enough for any DEK; cryptoki's way asks the token twice (the length, then the
+    /// blob), and a token computes the whole wrap for the length too.
     pub fn wrap(
         &mut self,
         mut mech: Mech,
         wrapping: (CK_OBJECT_HANDLE, ObjectHandle),
         key: (CK_OBJECT_HANDLE, ObjectHandle),
         sink: impl FnOnce(&[u8]) -> Delivery,
+        raw: Option<&RawWrap>,
     ) -> Result<()> {
-        let blob = {
-            let m = mech.to_cryptoki()?;
-            self.backend.wrap_key(&m, wrapping.1, key.1)?
+        let mut buf = [0u8; WRAP_BUFFER];
+        let once = raw.map(|raw| {
+            raw(
+                self.backend.handle(),
+                &mut mech,
+                wrapping.1.handle(),
+                key.1.handle(),
+                &mut buf,
+            )
+        });
+        let blob = match once {
+            Some(Ok(n)) => buf.get(..n).ok_or(Error::Rv(CKR_GENERAL_ERROR))?.to_vec(),
+            Some(Err(rv)) if rv != CKR_BUFFER_TOO_SMALL => return err(rv),
+            _ => {
+                let m = mech.to_cryptoki()?;
+                self.backend.wrap_key(&m, wrapping.1, key.1)?
+            }
         };
         let call = WrapCall {
             mech,

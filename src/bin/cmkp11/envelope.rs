@@ -426,10 +426,17 @@ pub fn encrypt(g: &Global, a: EncryptArgs) -> R<()> {
         )
         .map_err(e("generate the data key"))?;
     let mut wrapped = Vec::new();
-    lib.wrap_key(s, Mech::plain(CKM_AES_KEY_WRAP_PAD), cmk_h, dek, |b| {
-        wrapped = b.to_vec();
-        Delivery::Delivered
-    })
+    lib.wrap_key(
+        s,
+        Mech::plain(CKM_AES_KEY_WRAP_PAD),
+        cmk_h,
+        dek,
+        |b| {
+            wrapped = b.to_vec();
+            Delivery::Delivered
+        },
+        None,
+    )
     .map_err(e("wrap the data key"))?;
     let mut prefix = [0u8; 4];
     s.backend()

@@ -93,7 +93,11 @@ pub unsafe extern "C" fn C_WrapKey(
         with_session(h, |lib, s| {
             // SAFETY: application arguments (contract); NULLs checked.
             let (mech, sink) = unsafe { (args::mechanism(mech)?, args::sink(out, out_len)?) };
-            lib.wrap_key(s, mech, wrapping, key, sink)
+            let b = crate::ffi::raw::get().ok_or(crate::error::Error::Rv(CKR_GENERAL_ERROR))?;
+            let raw = |h, m: &mut crate::backend::mech::Mech, w, k, out: &mut [u8]| {
+                b.wrap_key(h, m, w, k, out)
+            };
+            lib.wrap_key(s, mech, wrapping, key, sink, Some(&raw))
         })
     })
 }
