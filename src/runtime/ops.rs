@@ -177,7 +177,11 @@ impl Library {
     }
 
     /// [`Library::use_key`] for a cryptographic `*Init` or `C_UnwrapKey`, reusing the
-    /// session's last decision when it is still valid (see [`super::session::Decided`]).
+    /// session's last decision when it is still valid (see [`super::session::Decided`]),
+    /// else remembering the new one when it may be reused (no access rules: those depend
+    /// on the time of day). Out of line: the repeated `*Init` of the hot path checks
+    /// [`Library::reusable`] itself and comes here only for a new decision.
+    #[inline(never)]
     fn use_key_cached(
         &self,
         s: &mut Session,
@@ -193,41 +197,6 @@ impl Library {
                 info: d.info.clone(),
             });
         }
-        self.decide_and_remember(s, h, invalid, op, mech)
-    }
-
-    /// The session's remembered decision, if it holds for this use of `h`: same key,
-    /// operation and mechanism, and nothing it rests on changed since.
-    #[inline]
-    fn reusable<'s>(
-        &self,
-        s: &'s Session,
-        h: CK_OBJECT_HANDLE,
-        op: Op,
-        mech: CK_MECHANISM_TYPE,
-    ) -> Option<&'s super::session::Decided> {
-        let d = s.decided.as_ref()?;
-        let holds = d.key == h
-            && d.op == op
-            && d.mech == mech
-            && d.epoch == self.objects.epoch()
-            && d.view_generation
-                .is_none_or(|g| g == self.view_generation(s));
-        holds.then_some(d)
-    }
-
-    /// [`Library::use_key`], remembering the decision in the session when it may be
-    /// reused (no access rules: those depend on the time of day). Out of line: the
-    /// repeated `*Init` of the hot path reuses a decision and never runs it.
-    #[inline(never)]
-    fn decide_and_remember(
-        &self,
-        s: &mut Session,
-        h: CK_OBJECT_HANDLE,
-        invalid: CK_RV,
-        op: Op,
-        mech: CK_MECHANISM_TYPE,
-    ) -> Result<Key> {
         let remember = self.cfg.access.is_empty();
         if remember && s.decided.as_ref().is_none_or(|d| d.key != h) {
             // Before the epoch is read: a change to the key's entry from now on voids it.
@@ -248,6 +217,26 @@ impl Library {
             });
         }
         Ok(key)
+    }
+
+    /// The session's remembered decision, if it holds for this use of `h`: same key,
+    /// operation and mechanism, and nothing it rests on changed since.
+    #[inline]
+    fn reusable<'s>(
+        &self,
+        s: &'s Session,
+        h: CK_OBJECT_HANDLE,
+        op: Op,
+        mech: CK_MECHANISM_TYPE,
+    ) -> Option<&'s super::session::Decided> {
+        let d = s.decided.as_ref()?;
+        let holds = d.key == h
+            && d.op == op
+            && d.mech == mech
+            && d.epoch == self.objects.epoch()
+            && d.view_generation
+                .is_none_or(|g| g == self.view_generation(s));
+        holds.then_some(d)
     }
 
     /// The decision behind [`Library::use_key`]: the objects to use and the version of
@@ -407,7 +396,7 @@ impl Library {
                 }
             }
             None => {
-                let mut k = self.decide_and_remember(s, key, CKR_KEY_HANDLE_INVALID, op, ty)?;
+                let mut k = self.use_key_cached(s, key, CKR_KEY_HANDLE_INVALID, op, ty)?;
                 if !all {
                     k.objects.truncate(1);
                 }
@@ -417,7 +406,9 @@ impl Library {
     }
 
     /// Asks the backend, once per slot, operation and parameter values, whether it
-    /// accepts a mechanism whose parameters only it can judge (see [`Library::probe`]).
+    /// accepts a mechanism whose parameters only it can judge (an OAEP or PSS hash, an
+    /// EdDSA variant), in a session of its own, at `*Init` where the specification puts
+    /// the refusal.
     pub fn probe_if_needed(
         &self,
         s: &Session,

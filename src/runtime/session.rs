@@ -1,16 +1,17 @@
 //! One application session: its backend session, the operations in progress, and the
 //! results the backend produced that the application has not collected yet.
 //!
-//! cryptoki finishes a backend operation in one call (it asks the backend for the length
-//! itself), so a result is computed on the application's first call and kept here until
-//! the application collects it with a large enough buffer: the two-call convention
-//! (NULL buffer -> length; too small -> `CKR_BUFFER_TOO_SMALL`, operation still active).
+//! Applications (through the FFI layer): `C_*Init` starts the backend's operation at once
+//! (`Session::started`), and every data call goes to the backend's function table with
+//! the application's own buffers, so the two-call convention and its codes are the
+//! backend's. Only an AES-GCM decryption under a CMK with older versions keeps its
+//! mechanism, to start again with the next version when the tag does not match.
 //!
-//! The backend's `*Init` is deferred to the first data call: cryptoki has no single-part
-//! call that does not also initialize, so initializing eagerly would leave the backend
-//! with an operation that a single-part call could not continue. `*Init` still checks
-//! everything cmkp11 can check without the backend (handles, mechanism parameters,
-//! operation state).
+//! The runtime's own callers (the CLI) go through cryptoki, which finishes an operation
+//! in one call (it asks the backend for the length itself): there `*Init` only makes the
+//! operation ready (`Session::init`), the backend is told at the first data call, and a
+//! result is kept here until it is collected with a large enough buffer. A wrapped key's
+//! blob is kept the same way for the application's collecting `C_WrapKey`.
 
 use super::Library;
 use crate::backend::mech::Mech;
