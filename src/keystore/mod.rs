@@ -179,7 +179,7 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 /// One CMK as found in the token.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cmk {
     /// Identity (CMK id).
     pub id: Vec<u8>,
@@ -237,7 +237,7 @@ impl Cmk {
 }
 
 /// The token's CMKs at one moment.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct View {
     /// CMKs by identity.
     pub cmks: BTreeMap<Vec<u8>, Cmk>,
@@ -249,7 +249,7 @@ pub struct View {
 }
 
 /// A secret key object that failed the usability probe of [`load`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unusable {
     /// The object.
     pub obj: ObjectHandle,
