@@ -41,7 +41,7 @@ fi
 module_a=${BENCH_MODULE_A:-$target/release/libcmkp11.so}
 [ -f "$module_a" ] || { echo "bench.sh: module A $module_a not found" >&2; exit 1; }
 if [ -z "${BENCH_MODULE_A:-}" ] && command -v nm >/dev/null \
-    && ! nm -D "$module_a" | grep -q ' T C_GetFunctionList$'; then
+    && ! nm -D "$module_a" | grep ' T C_GetFunctionList$' >/dev/null; then
     echo "bench.sh: $module_a does not export C_GetFunctionList" >&2
     exit 1
 fi

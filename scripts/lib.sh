@@ -59,7 +59,7 @@ cmk_find_module() {
 
 # cmk_module_ready MODULE: true when MODULE exports C_GetFunctionList.
 cmk_module_ready() {
-    [ -f "$1" ] && nm -D --defined-only "$1" 2>/dev/null | grep -qw C_GetFunctionList
+    [ -f "$1" ] && nm -D --defined-only "$1" 2>/dev/null | grep -w C_GetFunctionList >/dev/null
 }
 
 # cmk_softhsm_module: path of SoftHSM2's PKCS#11 module.

@@ -68,7 +68,7 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 if command -v rustup >/dev/null 2>&1; then
     for c in rustfmt clippy; do
-        if ! rustup component list --installed 2>/dev/null | grep -q "^$c"; then
+        if ! rustup component list --installed 2>/dev/null | grep "^$c" >/dev/null; then
             cmk_info "setup: adding rustup component $c"
             rustup component add "$c"
         fi
