@@ -482,8 +482,26 @@ fn refresher_thread_lives_from_initialize_to_finalize_unless_forbidden() {
     assert_eq!(refresher_threads(), 0, "before C_Initialize");
     let mut args = init_args(false, CKF_OS_LOCKING_OK);
     assert_rv!(initialize_with(&mut args), CKR_OK, "C_Initialize");
+    // The thread names itself once it runs: wait for that (a few ms at most).
+    let started = std::time::Instant::now();
+    while refresher_threads() == 0 && started.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     assert_eq!(refresher_threads(), 1, "after C_Initialize");
+    // A second C_Initialize does not start a second one.
+    let mut again = init_args(false, CKF_OS_LOCKING_OK);
+    assert_rv!(
+        initialize_with(&mut again),
+        CKR_CRYPTOKI_ALREADY_INITIALIZED,
+        "second C_Initialize"
+    );
+    assert_eq!(refresher_threads(), 1, "after a second C_Initialize");
     finalize_ok("C_Finalize");
+    // Joined; the kernel may list the exiting task a moment longer.
+    let stopped = std::time::Instant::now();
+    while refresher_threads() != 0 && stopped.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     assert_eq!(refresher_threads(), 0, "C_Finalize stops and joins it");
     let mut args = init_args(
         false,
