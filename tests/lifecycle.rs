@@ -17,8 +17,9 @@ use lifecycle_support::*;
 use serial_test::serial;
 use std::time::Duration;
 
-/// Longer than the module's view refresh interval (0.5 s).
-const REFRESH_WAIT: Duration = Duration::from_millis(700);
+/// Longer than the module's view refresh interval (0.4 s), and than the age at which a
+/// call reloads a view the refresher left alone (0.9 s).
+const REFRESH_WAIT: Duration = Duration::from_millis(1100);
 
 fn session() -> S {
     S::user(cmk())
@@ -512,6 +513,37 @@ fn disable_refuses_every_use_and_enable_restores() {
     }
     assert_all_ok(&s, &t, "after enable");
     ok(open(&s, t.wrap, &t.env), "old blob after disable/enable");
+}
+
+/// This process's own changes apply at its very next call, even when the keystore
+/// refresher thread was reading the token at that moment: a reload begun before the change
+/// must not mark its older view fresh (a race the kill -9 suite once hit). Hundreds of
+/// changes, each checked at once, with a refresher reading every 0.4 s.
+#[test]
+#[serial]
+fn own_changes_apply_at_once_beside_the_refresher() {
+    let s = session();
+    let label = unique_label("lc-own");
+    let k = new_cmk(&s, Role::Data, &label, None);
+    let iv = [3u8; 12];
+    let started = std::time::Instant::now();
+    let mut cycles = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        ok(s.disable(k), "CMKP11_Disable");
+        expect_rv(
+            s.encrypt(&mut Mech::gcm(&iv, b""), k, b"payload"),
+            CKR_KEY_FUNCTION_NOT_PERMITTED,
+            &format!("C_Encrypt right after disable (cycle {cycles})"),
+        );
+        ok(s.enable(k), "CMKP11_Enable");
+        ok(
+            s.encrypt(&mut Mech::gcm(&iv, b""), k, b"payload"),
+            &format!("C_Encrypt right after enable (cycle {cycles})"),
+        );
+        cycles += 1;
+    }
+    assert!(cycles > 20, "only {cycles} cycles in 3 s");
+    println!("{cycles} disable/enable cycles, each applied at the next call");
 }
 
 #[test]

@@ -36,6 +36,9 @@ pub struct SlotStore {
     loading: Mutex<Option<BackendSession>>,
     /// Secret keys already known to be usable (see `keystore::load`).
     usable: Mutex<std::collections::HashSet<cryptoki_sys::CK_OBJECT_HANDLE>>,
+    /// Counts [`SlotStore::invalidate`] calls; a load marks its view fresh only if none
+    /// came while it read the token (the lock orders the two).
+    changes: Mutex<u64>,
     /// The view was used since the refresher's last visit.
     used: AtomicBool,
     /// A refresher keeps this view fresh.
@@ -50,6 +53,7 @@ impl Default for SlotStore {
             loaded: AtomicU64::new(u64::MAX),
             loading: Mutex::new(None),
             usable: Mutex::new(std::collections::HashSet::new()),
+            changes: Mutex::new(0),
             used: AtomicBool::new(false),
             background: AtomicBool::new(false),
         }
@@ -81,7 +85,17 @@ impl SlotStore {
     /// login or a change made by this process) or one the refresher left alone.
     fn refresh(&self, ctx: &Pkcs11, slot: Slot) {
         let loaded = self.loaded.load(Ordering::Acquire);
-        if loaded != u64::MAX {
+        if loaded == u64::MAX {
+            // Marked stale (a login, a change made by this process): the caller must see
+            // a view read after that, so it waits for a load in progress and loads again
+            // unless that load began after the mark.
+            let mut s = self.loading.lock();
+            if self.loaded.load(Ordering::Acquire) == u64::MAX {
+                self.load(&mut s, ctx, slot);
+            }
+            return;
+        }
+        {
             if !self.used.load(Ordering::Relaxed) {
                 self.used.store(true, Ordering::Relaxed);
             }
@@ -94,6 +108,7 @@ impl SlotStore {
                 return;
             }
         }
+        // Only old: a thread that finds another one loading uses the current view.
         if let Some(mut s) = self.loading.try_lock() {
             self.load(&mut s, ctx, slot);
         }
@@ -137,6 +152,7 @@ impl SlotStore {
 
     fn load(&self, s: &mut Option<BackendSession>, ctx: &Pkcs11, slot: Slot) -> Arc<View> {
         let started = crate::ffi::coarse_ms();
+        let seen = *self.changes.lock();
         if s.is_none() {
             match ctx.open_ro_session(slot) {
                 Ok(new) => *s = Some(new),
@@ -149,27 +165,30 @@ impl SlotStore {
         let loaded = keystore::load(s.as_ref().expect("opened above"), &mut self.usable.lock());
         match loaded {
             Ok(v) => {
-                {
+                let kept = {
                     let cur = self.view.read();
-                    if *cur.1 == v {
-                        // Nothing changed (the usual case): the current view stays, with
-                        // its generation and every decision remembered under it, and the
-                        // new one is dropped at once. A view replaced every refresh would
-                        // leave its allocations among the calling thread's per-operation
-                        // buffers: measured, 5-8 % fewer AES-GCM operations per second with
-                        // two threads, every operation slower, not only the reloading one.
-                        self.loaded.store(started, Ordering::Release);
-                        return cur.1.clone();
+                    // Nothing changed (the usual case): the current view stays, with its
+                    // generation, so the decisions remembered under it stay valid.
+                    (*cur.1 == v).then(|| cur.1.clone())
+                };
+                let v = match kept {
+                    Some(v) => v,
+                    None => {
+                        let v = Arc::new(v);
+                        let mut cur = self.view.write();
+                        let generation = cur.0 + 1;
+                        *cur = (generation, v.clone());
+                        self.generation.store(generation, Ordering::Release);
+                        v
                     }
+                };
+                // Fresh only if no change of this process's was announced while the token
+                // was read: a load that began before it would otherwise hide it until the
+                // next refresh (the view it installed may predate the change).
+                let changes = self.changes.lock();
+                if *changes == seen {
+                    self.loaded.store(started, Ordering::Release);
                 }
-                let v = Arc::new(v);
-                {
-                    let mut cur = self.view.write();
-                    let generation = cur.0 + 1;
-                    *cur = (generation, v.clone());
-                    self.generation.store(generation, Ordering::Release);
-                }
-                self.loaded.store(started, Ordering::Release);
                 v
             }
             Err(e) => {
@@ -191,6 +210,8 @@ impl SlotStore {
 
     /// Marks the view stale (login state changed, or this process changed a key).
     pub fn invalidate(&self) {
+        let mut changes = self.changes.lock();
+        *changes += 1;
         self.loaded.store(u64::MAX, Ordering::Release);
     }
 }
