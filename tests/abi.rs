@@ -465,61 +465,6 @@ fn initialize_arguments() {
     assert_not_initialized("after C_Finalize");
 }
 
-/// Threads of this process named like cmkp11's keystore refresher.
-fn refresher_threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .expect("/proc/self/task")
-        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
-        .filter(|name| name.trim_end() == "cmkp11-refresh")
-        .count()
-}
-
-#[test]
-#[serial]
-fn refresher_thread_lives_from_initialize_to_finalize_unless_forbidden() {
-    reset();
-    let _reset = ResetOnDrop;
-    assert_eq!(refresher_threads(), 0, "before C_Initialize");
-    let mut args = init_args(false, CKF_OS_LOCKING_OK);
-    assert_rv!(initialize_with(&mut args), CKR_OK, "C_Initialize");
-    // The thread names itself once it runs: wait for that (a few ms at most).
-    let started = std::time::Instant::now();
-    while refresher_threads() == 0 && started.elapsed() < std::time::Duration::from_secs(5) {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    assert_eq!(refresher_threads(), 1, "after C_Initialize");
-    // A second C_Initialize does not start a second one.
-    let mut again = init_args(false, CKF_OS_LOCKING_OK);
-    assert_rv!(
-        initialize_with(&mut again),
-        CKR_CRYPTOKI_ALREADY_INITIALIZED,
-        "second C_Initialize"
-    );
-    assert_eq!(refresher_threads(), 1, "after a second C_Initialize");
-    finalize_ok("C_Finalize");
-    // Joined; the kernel may list the exiting task a moment longer.
-    let stopped = std::time::Instant::now();
-    while refresher_threads() != 0 && stopped.elapsed() < std::time::Duration::from_secs(5) {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    assert_eq!(refresher_threads(), 0, "C_Finalize stops and joins it");
-    let mut args = init_args(
-        false,
-        CKF_OS_LOCKING_OK | CKF_LIBRARY_CANT_CREATE_OS_THREADS,
-    );
-    assert_rv!(
-        initialize_with(&mut args),
-        CKR_OK,
-        "C_Initialize, no threads"
-    );
-    assert_eq!(
-        refresher_threads(),
-        0,
-        "with CKF_LIBRARY_CANT_CREATE_OS_THREADS"
-    );
-    finalize_ok("C_Finalize, no threads");
-}
-
 #[test]
 #[serial]
 fn finalize_arguments() {

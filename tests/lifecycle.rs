@@ -17,9 +17,8 @@ use lifecycle_support::*;
 use serial_test::serial;
 use std::time::Duration;
 
-/// Longer than the module's view refresh interval (0.4 s), and than the age at which a
-/// call reloads a view the refresher left alone (0.9 s).
-const REFRESH_WAIT: Duration = Duration::from_millis(1100);
+/// Longer than the module's view refresh interval (0.5 s).
+const REFRESH_WAIT: Duration = Duration::from_millis(700);
 
 fn session() -> S {
     S::user(cmk())
@@ -515,20 +514,36 @@ fn disable_refuses_every_use_and_enable_restores() {
     ok(open(&s, t.wrap, &t.env), "old blob after disable/enable");
 }
 
-/// This process's own changes apply at its very next call, even when the keystore
-/// refresher thread was reading the token at that moment: a reload begun before the change
+/// This process's own changes apply at its very next call, even when another of its
+/// threads was reloading the keystore at that moment: a reload begun before the change
 /// must not mark its older view fresh (a race the kill -9 suite once hit). Hundreds of
-/// changes, each checked at once, with a refresher reading every 0.4 s.
+/// changes, each checked at once, while a second thread keeps using the key (and so
+/// reloads the view every 0.5 s).
 #[test]
 #[serial]
-fn own_changes_apply_at_once_beside_the_refresher() {
+fn own_changes_apply_at_once_beside_another_threads_reloads() {
     let s = session();
     let label = unique_label("lc-own");
     let k = new_cmk(&s, Role::Data, &label, None);
     let iv = [3u8; 12];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let user = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let s = session();
+            let iv = [4u8; 12];
+            let mut uses = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Refused while disabled, allowed while enabled: either is fine here.
+                let _ = s.encrypt(&mut Mech::gcm(&iv, b""), k, b"other thread");
+                uses += 1;
+            }
+            uses
+        })
+    };
     let started = std::time::Instant::now();
     let mut cycles = 0;
-    while started.elapsed() < Duration::from_secs(3) {
+    while started.elapsed() < Duration::from_secs(4) {
         ok(s.disable(k), "CMKP11_Disable");
         expect_rv(
             s.encrypt(&mut Mech::gcm(&iv, b""), k, b"payload"),
@@ -542,8 +557,14 @@ fn own_changes_apply_at_once_beside_the_refresher() {
         );
         cycles += 1;
     }
-    assert!(cycles > 20, "only {cycles} cycles in 3 s");
-    println!("{cycles} disable/enable cycles, each applied at the next call");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let uses = user.join().expect("the other thread");
+    assert!(cycles > 20, "only {cycles} cycles in 4 s");
+    assert!(
+        uses > 100,
+        "the other thread used the key only {uses} times"
+    );
+    println!("{cycles} disable/enable cycles, each applied at the next call; {uses} uses beside");
 }
 
 #[test]

@@ -28,13 +28,6 @@ fn child_entry() {
     if direct_child(&role) {
         return;
     }
-    if role == "no-threads" {
-        // This process forbade cmkp11 threads (LC_NO_THREADS=1): no refresher, the
-        // calls themselves keep the view fresh, within the same second.
-        disable_and_enable(&session());
-        say("measured");
-        return;
-    }
     assert_eq!(role, "admin", "unknown child role");
     // Another process on the same token: find the key by label, apply one step.
     let s = S::user(cmk());
@@ -125,31 +118,18 @@ fn session() -> S {
 #[test]
 #[serial]
 fn disable_and_enable_in_another_process_apply_within_one_second() {
-    disable_and_enable(&session());
-}
-
-/// The same in a process that initialized cmkp11 with `CKF_LIBRARY_CANT_CREATE_OS_THREADS`.
-#[test]
-#[serial]
-fn without_module_threads_changes_apply_within_one_second() {
-    let (mut child, mut out) = spawn_child("no-threads", &[("LC_NO_THREADS", "1".into())]);
-    wait_line(&mut out, "measured");
-    let status = child.wait().expect("wait child");
-    assert!(status.success(), "child without threads failed: {status}");
-}
-
-fn disable_and_enable(s: &S) {
+    let s = session();
     let label = unique_label("lc-x-dis");
-    let k = new_cmk(s, Role::Data, &label, None);
+    let k = new_cmk(&s, Role::Data, &label, None);
     let iv = [1u8; 12];
     let refused = |s: &S| match s.encrypt(&mut Mech::gcm(&iv, b""), k, b"payload") {
         Ok(_) => false,
         Err(CKR_KEY_FUNCTION_NOT_PERMITTED) => true,
         Err(e) => panic!("C_Encrypt: unexpected {}", common::rv_name(e)),
     };
-    measure(&label, "disable", || refused(s));
+    measure(&label, "disable", || refused(&s));
     assert_eq!(s.ulong(k, CKA_CMKP11_STATE), STATE_DISABLED);
-    measure(&label, "enable", || !refused(s));
+    measure(&label, "enable", || !refused(&s));
     assert_eq!(s.ulong(k, CKA_CMKP11_STATE), STATE_ENABLED);
 }
 

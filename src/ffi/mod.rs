@@ -67,13 +67,6 @@ pub(crate) fn force_unlock_write<T>(lock: &parking_lot::RwLock<T>) {
     unsafe { lock.force_unlock_write() }
 }
 
-/// Releases a mutex taken by `fork_prepare` (used only by the atfork handlers).
-pub(crate) fn force_unlock<T>(lock: &parking_lot::Mutex<T>) {
-    // SAFETY: called only from the atfork parent/child handlers, after the prepare handler
-    // (same thread, before fork) locked this mutex and forgot its guard.
-    unsafe { lock.force_unlock() }
-}
-
 /// Installs the `pthread_atfork` handlers once per process.
 pub(crate) fn install_atfork() {
     static ONCE: std::sync::Once = std::sync::Once::new();

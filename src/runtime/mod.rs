@@ -74,8 +74,6 @@ pub struct Library {
     pub caller: crate::policy::access::Caller,
     /// Each slot's keystore view.
     pub stores: Vec<store::SlotStore>,
-    /// The thread that keeps the views fresh (started by `C_Initialize` only).
-    pub refresher: store::Refresher,
     /// The audit log.
     pub audit: crate::audit::Auditor,
     /// The audit log's token side, when the log is on.
@@ -186,9 +184,7 @@ pub fn library() -> Result<&'static Library> {
 
 /// `C_Initialize` once the arguments are checked: reads the configuration, loads and
 /// initializes the backend.
-/// `threads`: whether cmkp11 may start a thread of its own (the keystore refresher); an
-/// application says no with `CKF_LIBRARY_CANT_CREATE_OS_THREADS`.
-pub fn initialize(threads: bool) -> Result<()> {
+pub fn initialize() -> Result<()> {
     let mut state = STATE.write();
     let after_fork = FORKED.swap(false, Ordering::AcqRel);
     if after_fork {
@@ -204,10 +200,6 @@ pub fn initialize(threads: bool) -> Result<()> {
     let cfg = Config::load().inspect_err(|e| log::error!("{e}"))?;
     crate::logging::init(&cfg.log);
     let lib: &'static Library = Box::leak(Box::new(Library::new(cfg, after_fork)?));
-    if threads {
-        lib.refresher
-            .start(&lib.backend.ctx, &lib.stores, &lib.backend.slots);
-    }
     *state = Some(lib);
     CURRENT.set(Some(lib));
     Ok(())
@@ -226,7 +218,6 @@ pub fn finalize() -> Result<()> {
     match lib {
         None => err(CKR_CRYPTOKI_NOT_INITIALIZED),
         Some(lib) => {
-            lib.refresher.stop(&lib.stores);
             lib.close();
             Ok(())
         }
@@ -236,11 +227,6 @@ pub fn finalize() -> Result<()> {
 /// atfork "prepare": take the state lock so that no thread holds it across `fork()`.
 pub fn fork_prepare() {
     std::mem::forget(STATE.write());
-    // With the state locked, the library cannot change until the parent and child
-    // handlers; a keystore reload in progress (inside the token) finishes first.
-    if let Some(lib) = CURRENT.get() {
-        std::mem::forget(lib.refresher.busy.lock());
-    }
 }
 
 /// atfork "parent": release what [`fork_prepare`] took.
@@ -257,9 +243,6 @@ pub fn fork_child() {
 }
 
 fn unlock_state() {
-    if let Some(lib) = CURRENT.get() {
-        crate::ffi::force_unlock(&lib.refresher.busy);
-    }
     crate::ffi::force_unlock_write(&STATE);
 }
 
@@ -317,7 +300,6 @@ impl Library {
             })?;
         Ok(Library {
             stores,
-            refresher: store::Refresher::default(),
             audit,
             audit_mac,
             token_labels,

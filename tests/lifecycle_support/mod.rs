@@ -159,19 +159,12 @@ impl Module {
             );
             t
         });
-        // LC_NO_THREADS=1: the application forbids the module threads of its own (cmkp11
-        // then runs no keystore refresher; calls reload the keystore themselves).
-        let no_threads = std::env::var("LC_NO_THREADS").is_ok_and(|v| v == "1");
         let mut args = CK_C_INITIALIZE_ARGS {
             CreateMutex: None,
             DestroyMutex: None,
             LockMutex: None,
             UnlockMutex: None,
-            flags: if no_threads {
-                CKF_OS_LOCKING_OK | CKF_LIBRARY_CANT_CREATE_OS_THREADS
-            } else {
-                CKF_OS_LOCKING_OK
-            },
+            flags: CKF_OS_LOCKING_OK,
             pReserved: ptr::null_mut(),
         };
         check(

@@ -15,10 +15,8 @@ pub const LIBRARY_VERSION: CK_VERSION = CK_VERSION { major: 0, minor: 1 };
 /// `init_args` is NULL or points to a valid `CK_C_INITIALIZE_ARGS`.
 pub unsafe extern "C" fn C_Initialize(init_args: *mut c_void) -> CK_RV {
     guard("C_Initialize", || {
-        let mut threads = true;
         // SAFETY: NULL or a valid CK_C_INITIALIZE_ARGS (PKCS#11 contract).
         if let Some(a) = unsafe { (init_args as *const CK_C_INITIALIZE_ARGS).as_ref() } {
-            threads = a.flags & CKF_LIBRARY_CANT_CREATE_OS_THREADS == 0;
             if !a.pReserved.is_null() {
                 return err(CKR_ARGUMENTS_BAD);
             }
@@ -39,7 +37,7 @@ pub unsafe extern "C" fn C_Initialize(init_args: *mut c_void) -> CK_RV {
             }
         }
         install_atfork();
-        crate::ffi::preserving_openssl_errors(|| runtime::initialize(threads))?;
+        crate::ffi::preserving_openssl_errors(runtime::initialize)?;
         let module = runtime::library()?.cfg.backend.module.clone();
         let table = crate::ffi::raw::RawBackend::open(&module);
         if table.is_none() {
