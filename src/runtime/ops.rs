@@ -390,8 +390,10 @@ impl Library {
             // The hot path: a repeated `*Init`, in a few instructions.
             Some(d) => {
                 self.audit_use(s, op, ty, &d.info, d.version)?;
-                match d.objects.first() {
-                    Some(first) if !all => smallvec::smallvec![*first],
+                match d.objects.as_slice() {
+                    // One object to use (a key of one version, or a use that takes only
+                    // the primary): no copy of the list.
+                    [one, ..] if !all || d.objects.len() == 1 => smallvec::smallvec![*one],
                     _ => d.objects.clone(),
                 }
             }
