@@ -766,6 +766,63 @@ fn close_all_sessions_closes_every_session() {
     std::mem::forget(s2);
 }
 
+/// A session object lives as long as its session: when the session closes (alone, or
+/// with every session of the slot), its handle is refused everywhere, while the objects of
+/// the sessions still open keep working; a token key is untouched.
+#[test]
+#[serial]
+fn session_objects_go_with_their_session() {
+    let a = user_session();
+    let b = user_session();
+    let c = user_session();
+    let iv = [0x21u8; 16];
+    let mech = Mechanism::AesCbcPad(iv);
+    let of_a = [
+        session_data_key(&a, "fwd-owned-a1", false),
+        session_data_key(&a, "fwd-owned-a2", false),
+    ];
+    let of_b = session_data_key(&b, "fwd-owned-b", false);
+    let token = token_data_key(&c, "fwd-owned-token");
+    for k in of_a.iter().chain([&of_b, &token]) {
+        c.encrypt(&mech, *k, &data(16)).expect("usable before");
+    }
+    a.close().expect("C_CloseSession");
+    // SoftHSM2 2.6 itself says CKR_OBJECT_HANDLE_INVALID (as in
+    // `destroy_object_invalidates_handle`).
+    let gone = if common::testing_cmkp11() {
+        RvError::KeyHandleInvalid
+    } else {
+        RvError::ObjectHandleInvalid
+    };
+    for k in of_a {
+        assert_eq!(
+            expect_rv(c.encrypt_init(&mech, k)),
+            gone,
+            "an object of the closed session"
+        );
+    }
+    c.encrypt(&mech, of_b, &data(16))
+        .expect("an object of a session still open");
+    c.encrypt(&mech, token, &data(16)).expect("a token key");
+
+    close_all_sessions();
+    let d = user_session();
+    assert_eq!(
+        expect_rv(d.encrypt_init(&mech, of_b)),
+        gone,
+        "after C_CloseAllSessions"
+    );
+    // The token key stays (its handle may change once every session is closed: SoftHSM2
+    // itself gives a new one, cmkp11 keeps it).
+    let found = d.find_objects(&[label("fwd-owned-token")]).unwrap();
+    assert_eq!(found.len(), 1, "the token key");
+    d.encrypt(&mech, found[0], &data(16))
+        .expect("the token key");
+    d.destroy_object(found[0]).unwrap();
+    std::mem::forget(b);
+    std::mem::forget(c);
+}
+
 #[test]
 #[serial]
 fn object_handles_are_stable_and_nonzero() {

@@ -2,7 +2,7 @@
 
 use crate::backend::mech::{param_kind, Bytes, Mech, Param, ParamKind};
 use crate::error::{err, Result};
-use crate::policy::templates::RawAttr;
+use crate::policy::templates::{RawAttr, ShortTemplate};
 use crate::runtime::session::Delivery;
 use cryptoki::object::{Attribute, AttributeType};
 use cryptoki_sys::*;
@@ -285,18 +285,17 @@ pub unsafe fn raw_template<'a>(
 ///
 /// # Safety
 /// Each `pValue` of `raw` valid for its `ulValueLen` bytes while the result lives.
-pub unsafe fn raw_attrs(raw: &[CK_ATTRIBUTE]) -> Option<smallvec::SmallVec<[RawAttr<'_>; 16]>> {
-    raw.iter()
-        .map(|a| {
-            let value: &[u8] = match a.ulValueLen {
-                0 => &[],
-                n if n > 4096 || a.pValue.is_null() => return None,
-                // SAFETY: non-NULL and valid for `n` bytes (caller contract).
-                n => unsafe { std::slice::from_raw_parts(a.pValue as *const u8, n as usize) },
-            };
-            Some(RawAttr { ty: a.type_, value })
-        })
-        .collect()
+pub unsafe fn raw_attrs(raw: &[CK_ATTRIBUTE]) -> Option<ShortTemplate<'_>> {
+    ShortTemplate::build(raw.len(), |i| {
+        let a = &raw[i];
+        let value: &[u8] = match a.ulValueLen {
+            0 => &[],
+            n if n > 4096 || a.pValue.is_null() => return None,
+            // SAFETY: non-NULL and valid for `n` bytes (caller contract).
+            n => unsafe { std::slice::from_raw_parts(a.pValue as *const u8, n as usize) },
+        };
+        Some(RawAttr { ty: a.type_, value })
+    })
 }
 
 /// An input template as cryptoki attributes: unknown types give

@@ -11,7 +11,7 @@
 //! the same instance), and session and object handles are the backend's, from cryptoki.
 
 use crate::backend::mech::Mech;
-use crate::policy::templates::{Completion, RawAttr};
+use crate::policy::templates::{Completion, ShortTemplate, SHORT_MAX};
 use crate::runtime::session::Kind;
 use cryptoki::object::ObjectHandle;
 use cryptoki_sys::*;
@@ -304,29 +304,39 @@ impl RawBackend {
 
 /// A creating template for the backend: the application's attributes (borrowed, as it
 /// gave them) less those the policy replaces, then the policy's explicit ones, whose
-/// values point into `bools` (FALSE, TRUE).
+/// values point into `bools` (FALSE, TRUE). Returns the array and how many of it are used.
 fn creating_template(
-    t: &[RawAttr],
+    t: &ShortTemplate,
     completion: &Completion,
     bools: &mut [CK_BBOOL; 2],
-) -> smallvec::SmallVec<[CK_ATTRIBUTE; 24]> {
+) -> ([CK_ATTRIBUTE; SHORT_MAX + 9], usize) {
     let (f, rest) = bools.split_at_mut(1);
     let (f, tr) = (f.as_mut_ptr(), rest.as_mut_ptr());
-    let kept = t
-        .iter()
-        .filter(|a| !crate::policy::templates::is_replaced(a.ty))
-        .map(|a| CK_ATTRIBUTE {
-            type_: a.ty,
-            // The backend only reads a creating template (PKCS#11 passes it as input).
-            pValue: a.value.as_ptr().cast_mut().cast(),
-            ulValueLen: a.value.len() as CK_ULONG,
-        });
-    let added = completion.iter().map(|&(ty, b)| CK_ATTRIBUTE {
-        type_: ty,
-        pValue: if b { tr } else { f }.cast(),
-        ulValueLen: 1,
-    });
-    kept.chain(added).collect()
+    let mut out = [CK_ATTRIBUTE {
+        type_: 0,
+        pValue: std::ptr::null_mut(),
+        ulValueLen: 0,
+    }; SHORT_MAX + 9];
+    let mut n = 0;
+    for a in t.iter() {
+        if !crate::policy::templates::is_replaced(a.ty) {
+            out[n] = CK_ATTRIBUTE {
+                type_: a.ty,
+                // The backend only reads a creating template (PKCS#11 passes it as input).
+                pValue: a.value.as_ptr().cast_mut().cast(),
+                ulValueLen: a.value.len() as CK_ULONG,
+            };
+            n += 1;
+        }
+    }
+    for (slot, &(ty, b)) in out[n..].iter_mut().zip(completion) {
+        *slot = CK_ATTRIBUTE {
+            type_: ty,
+            pValue: if b { tr } else { f }.cast(),
+            ulValueLen: 1,
+        };
+    }
+    (out, n + completion.len())
 }
 
 impl RawBackend {
@@ -335,7 +345,7 @@ impl RawBackend {
     fn make(
         &self,
         mech: CK_MECHANISM_TYPE,
-        t: &[RawAttr],
+        t: &ShortTemplate,
         completion: &Completion,
         call: impl FnOnce(
             &CK_FUNCTION_LIST,
@@ -345,14 +355,14 @@ impl RawBackend {
         ) -> CK_RV,
     ) -> std::result::Result<ObjectHandle, CK_RV> {
         let mut bools = [CK_FALSE, CK_TRUE];
-        let mut tmpl = creating_template(t, completion, &mut bools);
+        let (mut tmpl, n) = creating_template(t, completion, &mut bools);
         let mut m = CK_MECHANISM {
             mechanism: mech,
             pParameter: std::ptr::null_mut(),
             ulParameterLen: 0,
         };
         let mut h: CK_OBJECT_HANDLE = CK_INVALID_HANDLE;
-        let rv = call(self.list, &mut m, &mut tmpl, &mut h);
+        let rv = call(self.list, &mut m, &mut tmpl[..n], &mut h);
         if rv != CKR_OK {
             return Err(rv);
         }
@@ -366,7 +376,7 @@ impl RawBackend {
         &self,
         session: CK_SESSION_HANDLE,
         mech: CK_MECHANISM_TYPE,
-        t: &[RawAttr],
+        t: &ShortTemplate,
         completion: &Completion,
     ) -> std::result::Result<ObjectHandle, CK_RV> {
         self.make(mech, t, completion, |f, m, tmpl, h| {
@@ -387,7 +397,7 @@ impl RawBackend {
         mech: CK_MECHANISM_TYPE,
         unwrapping: CK_OBJECT_HANDLE,
         blob: &[u8],
-        t: &[RawAttr],
+        t: &ShortTemplate,
         completion: &Completion,
     ) -> std::result::Result<ObjectHandle, CK_RV> {
         self.make(mech, t, completion, |f, m, tmpl, h| {

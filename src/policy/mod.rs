@@ -89,13 +89,16 @@ impl SecretRole {
     /// The role a set of usage flags amounts to: `None` when it is empty, or mixes roles,
     /// or holds DERIVE (a secret key is never a derivation base).
     pub fn of(u: Usage) -> Option<SecretRole> {
-        let roles = [SecretRole::Wrap, SecretRole::Data, SecretRole::Mac];
-        if u.any(Usage::DERIVE) {
-            return None;
-        }
-        let mut it = roles.iter().filter(|r| u.any(r.usage()));
-        match (it.next(), it.next()) {
-            (Some(r), None) => Some(*r),
+        let any = |r: SecretRole| u.any(r.usage());
+        match (
+            u.any(Usage::DERIVE),
+            any(Self::Wrap),
+            any(Self::Data),
+            any(Self::Mac),
+        ) {
+            (false, true, false, false) => Some(SecretRole::Wrap),
+            (false, false, true, false) => Some(SecretRole::Data),
+            (false, false, false, true) => Some(SecretRole::Mac),
             _ => None,
         }
     }

@@ -9,6 +9,7 @@ use cryptoki_sys::*;
 type R<T> = Result<T, CK_RV>;
 
 /// The boolean attributes policy looks at, in the order of [`Flags`].
+#[cfg_attr(not(test), allow(dead_code))]
 const FLAG_TYPES: [AttributeType; 13] = [
     AttributeType::Encrypt,
     AttributeType::Decrypt,
@@ -26,6 +27,7 @@ const FLAG_TYPES: [AttributeType; 13] = [
 ];
 
 /// The usage flags, in the order of the first seven [`FLAG_TYPES`].
+#[cfg(test)]
 const USAGES: [Usage; 7] = [
     Usage::ENCRYPT,
     Usage::DECRYPT,
@@ -36,9 +38,14 @@ const USAGES: [Usage; 7] = [
     Usage::DERIVE,
 ];
 
-/// A template's boolean attributes, read in one pass (the last occurrence wins).
+/// A template's boolean attributes, read in one pass (the last occurrence wins): bit `i`
+/// of `on` (of `off`) says that flag `i` of [`FLAG_TYPES`] is given as TRUE (as FALSE).
+/// The first seven bits are those of [`Usage`].
 #[derive(Default, Clone, Copy)]
-struct Flags([Option<bool>; 13]);
+struct Flags {
+    on: u16,
+    off: u16,
+}
 
 impl Flags {
     fn of(t: &[Attribute]) -> Flags {
@@ -60,44 +67,83 @@ impl Flags {
                 Attribute::WrapWithTrusted(b) => (12, b),
                 _ => continue,
             };
-            f.0[i] = Some(*b);
+            f.set(i, *b);
         }
         f
     }
 
-    fn get(&self, ty: AttributeType) -> Option<bool> {
-        FLAG_TYPES
-            .iter()
-            .position(|t| *t == ty)
-            .and_then(|i| self.0[i])
+    /// Flag `i` given as `b`.
+    #[inline]
+    fn set(&mut self, i: usize, b: bool) {
+        let bit = 1u16 << i;
+        self.on &= !bit;
+        self.off &= !bit;
+        if b {
+            self.on |= bit;
+        } else {
+            self.off |= bit;
+        }
     }
 
-    /// The usage flags turned to `on`, among the first `n` usages.
-    fn usage(&self, on: bool, n: usize) -> Usage {
-        USAGES[..n]
-            .iter()
-            .zip(self.0)
-            .filter(|(_, v)| *v == Some(on))
-            .fold(Usage::default(), |u, (f, _)| u.with(*f))
+    /// The flag of `ty` (inlined: with a constant `ty`, two bit tests).
+    #[inline(always)]
+    fn get(&self, ty: AttributeType) -> Option<bool> {
+        let i = match ty {
+            AttributeType::Encrypt => 0,
+            AttributeType::Decrypt => 1,
+            AttributeType::Sign => 2,
+            AttributeType::Verify => 3,
+            AttributeType::Wrap => 4,
+            AttributeType::Unwrap => 5,
+            AttributeType::Derive => 6,
+            AttributeType::SignRecover => 7,
+            AttributeType::VerifyRecover => 8,
+            AttributeType::Sensitive => 9,
+            AttributeType::Extractable => 10,
+            AttributeType::Token => 11,
+            AttributeType::WrapWithTrusted => 12,
+            _ => return None,
+        };
+        let bit = 1u16 << i;
+        if self.on & bit != 0 {
+            Some(true)
+        } else if self.off & bit != 0 {
+            Some(false)
+        } else {
+            None
+        }
     }
 
     /// The usage flags the template turns on.
     fn requested(&self) -> Usage {
-        self.usage(true, 7)
+        Usage((self.on & 0x7f) as u8)
     }
 
     /// The usage flags the template turns off explicitly (DERIVE is always off for secret
     /// keys, so it is not counted).
     fn refused(&self) -> Usage {
-        self.usage(false, 6)
+        Usage((self.off & 0x3f) as u8)
     }
 }
 
 /// The position of `CKA_*` type `ty` in [`FLAG_TYPES`] (and so in [`Flags`]).
 fn flag_index(ty: CK_ATTRIBUTE_TYPE) -> Option<usize> {
-    FLAG_TYPES
-        .iter()
-        .position(|t| CK_ATTRIBUTE_TYPE::from(*t) == ty)
+    Some(match ty {
+        CKA_ENCRYPT => 0,
+        CKA_DECRYPT => 1,
+        CKA_SIGN => 2,
+        CKA_VERIFY => 3,
+        CKA_WRAP => 4,
+        CKA_UNWRAP => 5,
+        CKA_DERIVE => 6,
+        CKA_SIGN_RECOVER => 7,
+        CKA_VERIFY_RECOVER => 8,
+        CKA_SENSITIVE => 9,
+        CKA_EXTRACTABLE => 10,
+        CKA_TOKEN => 11,
+        CKA_WRAP_WITH_TRUSTED => 12,
+        _ => return None,
+    })
 }
 
 fn flag(t: &[Attribute], ty: AttributeType) -> Option<bool> {
@@ -271,6 +317,44 @@ pub struct RawAttr<'a> {
     pub value: &'a [u8],
 }
 
+/// The most attributes a template on the short way may have (a longer one takes the
+/// general way): what a DEK's template states, with room to spare.
+pub const SHORT_MAX: usize = 16;
+
+/// An application's template on the short way: up to [`SHORT_MAX`] [`RawAttr`]s, kept in
+/// place (no allocation, and no general collection code on the hot path).
+#[derive(Clone, Copy, Debug)]
+pub struct ShortTemplate<'a> {
+    attrs: [RawAttr<'a>; SHORT_MAX],
+    len: usize,
+}
+
+impl<'a> ShortTemplate<'a> {
+    /// The template of `n` attributes, the `i`-th given by `at(i)`; `None` when `n` is
+    /// over [`SHORT_MAX`] or `at` gives `None`.
+    pub fn build(n: usize, mut at: impl FnMut(usize) -> Option<RawAttr<'a>>) -> Option<Self> {
+        if n > SHORT_MAX {
+            return None;
+        }
+        let mut t = ShortTemplate {
+            attrs: [RawAttr { ty: 0, value: &[] }; SHORT_MAX],
+            len: n,
+        };
+        for (i, slot) in t.attrs[..n].iter_mut().enumerate() {
+            *slot = at(i)?;
+        }
+        Some(t)
+    }
+}
+
+impl<'a> std::ops::Deref for ShortTemplate<'a> {
+    type Target = [RawAttr<'a>];
+
+    fn deref(&self) -> &[RawAttr<'a>] {
+        &self.attrs[..self.len]
+    }
+}
+
 /// The short way for the most common creating template, a session DEK's
 /// (`C_GenerateKey` of a session key, `C_UnwrapKey`), read from the application's
 /// attributes without converting them: `None` unless every attribute is one of CLASS
@@ -304,7 +388,7 @@ pub fn dek_raw(t: &[RawAttr], s: &Settings) -> Option<R<Completion>> {
                 };
                 match ty {
                     CKA_PRIVATE | CKA_MODIFIABLE | CKA_COPYABLE | CKA_DESTROYABLE => {}
-                    _ => f.0[flag_index(ty)?] = Some(*b != 0),
+                    _ => f.set(flag_index(ty)?, *b != 0),
                 }
             }
         }
@@ -495,6 +579,36 @@ pub fn aes_key_type() -> Attribute {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flag_positions_follow_flag_types() {
+        for (i, ty) in FLAG_TYPES.iter().enumerate() {
+            assert_eq!(flag_index(CK_ATTRIBUTE_TYPE::from(*ty)), Some(i), "{ty:?}");
+            let mut f = Flags::default();
+            f.set(i, true);
+            assert_eq!(f.get(*ty), Some(true), "{ty:?}");
+            f.set(i, false);
+            assert_eq!(f.get(*ty), Some(false), "{ty:?}");
+        }
+        for (i, u) in USAGES.iter().enumerate() {
+            let mut f = Flags::default();
+            f.set(i, true);
+            assert_eq!(f.requested(), *u);
+            f.set(i, false);
+            assert_eq!(f.requested(), Usage::default());
+            assert_eq!(
+                f.refused(),
+                if *u == Usage::DERIVE {
+                    Usage::default()
+                } else {
+                    *u
+                }
+            );
+        }
+        assert_eq!(flag_index(CKA_LABEL), None);
+        let all = Flags { on: 0x1fff, off: 0 };
+        assert_eq!(all.get(AttributeType::Label), None);
+    }
 
     fn s() -> Settings {
         Settings::default()

@@ -60,7 +60,6 @@ struct Tables {
     next: CK_OBJECT_HANDLE,
     ours: HandleMap<CK_OBJECT_HANDLE, Entry>,
     backend: HandleMap<(CK_SLOT_ID, CK_OBJECT_HANDLE), CK_OBJECT_HANDLE>,
-    owned: HandleMap<CK_SESSION_HANDLE, Vec<CK_OBJECT_HANDLE>>,
     logical: HandleMap<(CK_SLOT_ID, Vec<u8>), CK_OBJECT_HANDLE>,
 }
 
@@ -118,11 +117,14 @@ impl HandleTable {
         obj: ObjectHandle,
         owner: Option<CK_SESSION_HANDLE>,
     ) -> CK_OBJECT_HANDLE {
-        self.ours_with(slot, obj, owner, None, None)
+        self.ours_found(slot, obj, owner)
     }
 
     /// [`HandleTable::ours`] for a new key whose value length and origin cmkp11 knows (an
     /// unwrapped DEK), recorded in the same step.
+    ///
+    /// One write lock and no lookup beforehand: the object is nearly always new (it was
+    /// just made), so a read-locked lookup first would only add a second lock.
     pub fn ours_with(
         &self,
         slot: CK_SLOT_ID,
@@ -131,50 +133,53 @@ impl HandleTable {
         value_len: Option<CK_ULONG>,
         origin: Origin,
     ) -> CK_OBJECT_HANDLE {
-        let key = (slot, obj.handle());
-        let found = self.t.read().backend.get(&key).copied();
-        let (h, new) = match found {
-            Some(h) => (h, false),
-            None => {
-                let mut t = self.t.write();
-                match t.backend.get(&key) {
-                    Some(h) => (*h, false),
-                    None => {
-                        t.next += 1;
-                        let h = t.next;
-                        t.backend.insert(key, h);
-                        t.ours.insert(
-                            h,
-                            Entry {
-                                slot,
-                                obj,
-                                owner,
-                                value_len,
-                                info: None,
-                                origin,
-                                imported: false,
-                                cmk: None,
-                                decided: false,
-                            },
-                        );
-                        if let Some(s) = owner {
-                            t.owned.entry(s).or_default().push(h);
-                        }
-                        (h, true)
-                    }
-                }
+        let mut t = self.t.write();
+        let t = &mut *t;
+        let next = t.next + 1;
+        let h = *t.backend.entry((slot, obj.handle())).or_insert(next);
+        if h == next {
+            t.next = next;
+            t.ours.insert(
+                h,
+                Entry {
+                    slot,
+                    obj,
+                    owner,
+                    value_len,
+                    info: None,
+                    origin,
+                    imported: false,
+                    cmk: None,
+                    decided: false,
+                },
+            );
+        } else if let Some(e) = t.ours.get_mut(&h) {
+            // Seen before (a backend that reuses the handle of an object cmkp11 was not
+            // told is gone, or a token object found again): record the facts as changes.
+            let before = (e.value_len, e.origin);
+            if value_len.is_some() {
+                e.value_len = value_len;
             }
-        };
-        if !new {
-            // Seen before: record the facts as changes to the existing entry.
-            if let Some(len) = value_len {
-                self.set_value_len(h, len);
-            }
-            if let Some(o) = origin {
-                self.set_origin(h, o);
+            e.origin = e.origin.or(origin);
+            if e.decided && before != (e.value_len, e.origin) {
+                self.changed();
             }
         }
         h
+    }
+
+    /// [`HandleTable::ours`] without taking the write lock when the object has a handle
+    /// already (objects found, or read from the keystore, again and again).
+    fn ours_found(
+        &self,
+        slot: CK_SLOT_ID,
+        obj: ObjectHandle,
+        owner: Option<CK_SESSION_HANDLE>,
+    ) -> CK_OBJECT_HANDLE {
+        if let Some(h) = self.t.read().backend.get(&(slot, obj.handle())) {
+            return *h;
+        }
+        self.ours_with(slot, obj, owner, None, None)
     }
 
     /// The logical handle of CMK `id` (one per CMK, whatever its versions); `obj` is a
@@ -318,25 +323,26 @@ impl HandleTable {
                 self.changed();
             }
             t.backend.remove(&(e.slot, e.obj.handle()));
-            if let Some(list) = e.owner.and_then(|s| t.owned.get_mut(&s)) {
-                list.retain(|x| *x != h);
-            }
         }
     }
 
-    /// Forgets the session objects created in session `s` (it closed).
-    pub fn forget_owned_by(&self, s: CK_SESSION_HANDLE) {
-        if !self.t.read().owned.contains_key(&s) {
-            return;
-        }
+    /// Forgets the session objects created in the sessions `closed` (they closed): one
+    /// pass over the table, so that making and destroying an object needs no per-session
+    /// list (which a destroy would have to search).
+    pub fn forget_owned_by(&self, closed: &[CK_SESSION_HANDLE]) {
         let mut t = self.t.write();
-        for h in t.owned.remove(&s).unwrap_or_default() {
-            if let Some(e) = t.ours.remove(&h) {
-                if e.decided {
-                    self.changed();
-                }
+        let t = &mut *t;
+        let mut decided = false;
+        t.ours.retain(|_, e| {
+            let gone = e.owner.is_some_and(|o| closed.contains(&o));
+            if gone {
+                decided |= e.decided;
                 t.backend.remove(&(e.slot, e.obj.handle()));
             }
+            !gone
+        });
+        if decided {
+            self.changed();
         }
     }
 }

@@ -462,7 +462,7 @@ impl Library {
             return err(CKR_SESSION_HANDLE_INVALID);
         }
         if made_objects {
-            self.objects.forget_owned_by(h);
+            self.objects.forget_owned_by(&[h]);
         }
         self.audit.session_closed(h);
         Ok(())
@@ -483,8 +483,9 @@ impl Library {
             });
             self.removed();
         }
+        let handles: Vec<CK_SESSION_HANDLE> = closed.iter().map(|(h, _)| *h).collect();
+        self.objects.forget_owned_by(&handles);
         for (h, s) in closed {
-            self.objects.forget_owned_by(h);
             self.audit.session_closed(h);
             drop(s);
             self.gone(|t| Gone::of(t, slot_id, None));

@@ -189,13 +189,10 @@ impl Library {
         invalid: CK_RV,
         op: Op,
         mech: CK_MECHANISM_TYPE,
-    ) -> Result<Key> {
+    ) -> Result<super::session::Keys> {
         if let Some(d) = self.reusable(s, h, op, mech) {
             self.audit_use(s, op, mech, &d.info, d.version)?;
-            return Ok(Key {
-                objects: d.objects.clone(),
-                info: d.info.clone(),
-            });
+            return Ok(super::session::Keys::from_slice(&d.objects));
         }
         let remember = self.cfg.access.is_empty();
         if remember && s.decided.as_ref().is_none_or(|d| d.key != h) {
@@ -213,10 +210,10 @@ impl Library {
                 view_generation: view,
                 objects: key.objects.clone(),
                 version,
-                info: key.info.clone(),
+                info: key.info,
             });
         }
-        Ok(key)
+        Ok(key.objects)
     }
 
     /// The session's remembered decision, if it holds for this use of `h`: same key,
@@ -394,15 +391,15 @@ impl Library {
                     // One object to use (a key of one version, or a use that takes only
                     // the primary): no copy of the list.
                     [one, ..] if !all || d.objects.len() == 1 => smallvec::smallvec![*one],
-                    _ => d.objects.clone(),
+                    _ => super::session::Keys::from_slice(&d.objects),
                 }
             }
             None => {
                 let mut k = self.use_key_cached(s, key, CKR_KEY_HANDLE_INVALID, op, ty)?;
                 if !all {
-                    k.objects.truncate(1);
+                    k.truncate(1);
                 }
-                k.objects
+                k
             }
         })
     }
@@ -739,7 +736,7 @@ impl Library {
         s: &mut Session,
         unwrapping: CK_OBJECT_HANDLE,
         mech: CK_MECHANISM_TYPE,
-    ) -> Result<Key> {
+    ) -> Result<super::session::Keys> {
         self.use_key_cached(
             s,
             unwrapping,
@@ -755,13 +752,13 @@ impl Library {
     fn unwrap_versions(
         &self,
         s: &mut Session,
-        u: &Key,
+        u: &[ObjectHandle],
         unwrapping: CK_OBJECT_HANDLE,
         len: Option<CK_ULONG>,
         mut unwrap: impl FnMut(&Session, ObjectHandle) -> std::result::Result<ObjectHandle, CK_RV>,
     ) -> Result<CK_OBJECT_HANDLE> {
         let mut last = CKR_WRAPPED_KEY_INVALID;
-        for obj in &u.objects {
+        for obj in u {
             match unwrap(s, *obj) {
                 Ok(k) => {
                     // A DEK unwrapped by X can be wrapped only by X (an RSA key never

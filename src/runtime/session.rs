@@ -359,8 +359,14 @@ impl Session {
         session_object: bool,
     ) -> CK_OBJECT_HANDLE {
         self.made_session_objects |= session_object;
-        lib.objects
-            .ours(self.slot_id, obj, session_object.then_some(self.handle))
+        // A new object: straight to the table's write lock.
+        lib.objects.ours_with(
+            self.slot_id,
+            obj,
+            session_object.then_some(self.handle),
+            None,
+            None,
+        )
     }
 
     /// [`Session::register`] for a session key whose value length and origin cmkp11
