@@ -281,7 +281,8 @@ pub unsafe fn raw_template<'a>(
 
 /// The application's template borrowed as the policy's [`RawAttr`]s, for its short way;
 /// `None` (take the general way, [`template`], which gives the exact error) when a value
-/// is NULL with a length, or longer than any the short way accepts.
+/// is NULL with a length or longer than any the short way accepts, or when there are more
+/// than [`crate::policy::templates::SHORT_MAX`] attributes.
 ///
 /// # Safety
 /// Each `pValue` of `raw` valid for its `ulValueLen` bytes while the result lives.
