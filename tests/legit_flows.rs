@@ -518,7 +518,7 @@ fn session_dek_short_and_general_way_agree() {
         v
     };
     type Make = fn() -> Template;
-    let templates: [(&str, Make); 7] = [
+    let templates: [(&str, Make); 8] = [
         ("class only", || {
             Template::default().ulong(CKA_CLASS, CKO_SECRET_KEY)
         }),
@@ -534,6 +534,24 @@ fn session_dek_short_and_general_way_agree() {
                 .boolean(CKA_WRAP, false)
                 .boolean(CKA_UNWRAP, false)
                 .boolean(CKA_DERIVE, false)
+        }),
+        ("over the short way's 16 attributes", || {
+            dek_template()
+                .boolean(CKA_PRIVATE, true)
+                .boolean(CKA_SENSITIVE, true)
+                .boolean(CKA_EXTRACTABLE, false)
+                .boolean(CKA_ENCRYPT, true)
+                .boolean(CKA_DECRYPT, true)
+                .boolean(CKA_SIGN, false)
+                .boolean(CKA_VERIFY, false)
+                .boolean(CKA_WRAP, false)
+                .boolean(CKA_UNWRAP, false)
+                .boolean(CKA_DERIVE, false)
+                .bytes(CKA_LABEL, b"dek-many")
+                .bytes(CKA_ID, b"8")
+                .boolean(CKA_MODIFIABLE, true)
+                .boolean(CKA_COPYABLE, true)
+                .boolean(CKA_DESTROYABLE, true)
         }),
         ("silent on usage, labelled", || {
             dek_template()
@@ -592,7 +610,7 @@ fn session_dek_short_and_general_way_agree() {
             }
         }
     }
-    assert_eq!(made, 9, "keys made both ways");
+    assert_eq!(made, 11, "keys made both ways");
     assert_eq!(
         refused,
         [
