@@ -1132,6 +1132,153 @@ fn encrypt_two_call_convention() {
     assert_eq!(back, pt);
 }
 
+/// AES-GCM length queries, which cmkp11 answers itself while the backend has seen no data
+/// (the ciphertext is the plaintext and the tag): the answer is the token's own, for
+/// several tag lengths, and the operation stays active; a ciphertext shorter than the tag,
+/// and a query after a multi-part update, get the token's answer (the same codes run
+/// against SoftHSM2 directly, `CMKP11_TEST_MODULE`).
+#[test]
+#[serial]
+fn gcm_length_queries() {
+    let (_init, _slot, s) = setup();
+    let key = aes_key(s, "abi-gcm-len");
+    let pt: Vec<u8> = (0..100u8).collect();
+    let mut iv = [3u8; 12];
+    for tag_bits in [128, 96, 64] {
+        let tag = tag_bits / 8;
+        let mut p = CK_GCM_PARAMS {
+            pIv: iv.as_mut_ptr(),
+            ulIvLen: 12,
+            ulIvBits: 96,
+            pAAD: ptr::null_mut(),
+            ulAADLen: 0,
+            ulTagBits: tag_bits,
+        };
+        let mut m = mech_with(CKM_AES_GCM, &mut p, size_of::<CK_GCM_PARAMS>());
+        assert_rv!(encrypt_init(s, &mut m, key), CKR_OK);
+        let mut n: CK_ULONG = 0;
+        assert_rv!(encrypt(s, &pt, ptr::null_mut(), &mut n), CKR_OK, "query");
+        assert_eq!(n, 100 + tag, "ciphertext length, tag of {tag_bits} bits");
+        // Asked twice: the same answer, the operation still active.
+        assert_rv!(encrypt(s, &pt, ptr::null_mut(), &mut n), CKR_OK, "again");
+        assert_eq!(n, 100 + tag);
+        let mut ct = vec![0u8; n as usize];
+        assert_rv!(encrypt(s, &pt, ct.as_mut_ptr(), &mut n), CKR_OK, "encrypt");
+        assert_eq!(n, 100 + tag);
+
+        assert_rv!(ck!(f(), C_DecryptInit, s, &mut m, key), CKR_OK);
+        let mut q: CK_ULONG = 0;
+        assert_rv!(
+            ck!(
+                f(),
+                C_Decrypt,
+                s,
+                ct.as_mut_ptr(),
+                n,
+                ptr::null_mut(),
+                &mut q
+            ),
+            CKR_OK,
+            "decrypt query"
+        );
+        // The token's own answer: a buffer of the ciphertext's length (SoftHSM2).
+        assert_eq!(q, 100 + tag, "decryption's buffer, tag of {tag_bits} bits");
+        let mut back = vec![0u8; q as usize];
+        assert_rv!(
+            ck!(
+                f(),
+                C_Decrypt,
+                s,
+                ct.as_mut_ptr(),
+                n,
+                back.as_mut_ptr(),
+                &mut q
+            ),
+            CKR_OK,
+            "decrypt"
+        );
+        assert_eq!(q, 100, "plaintext length");
+        back.truncate(100);
+        assert_eq!(back, pt);
+    }
+
+    // A ciphertext shorter than the tag: the token answers the query, then refuses.
+    let mut p = CK_GCM_PARAMS {
+        pIv: iv.as_mut_ptr(),
+        ulIvLen: 12,
+        ulIvBits: 96,
+        pAAD: ptr::null_mut(),
+        ulAADLen: 0,
+        ulTagBits: 128,
+    };
+    let mut m = mech_with(CKM_AES_GCM, &mut p, size_of::<CK_GCM_PARAMS>());
+    assert_rv!(ck!(f(), C_DecryptInit, s, &mut m, key), CKR_OK);
+    let mut short = [0u8; 8];
+    let mut q: CK_ULONG = 0;
+    let rv = ck!(
+        f(),
+        C_Decrypt,
+        s,
+        short.as_mut_ptr(),
+        8,
+        ptr::null_mut(),
+        &mut q
+    );
+    assert_rv!(
+        rv,
+        CKR_OK,
+        "ciphertext shorter than the tag: the token's answer"
+    );
+    assert_eq!(
+        q, 8,
+        "the token's answer (SoftHSM2: the ciphertext's length)"
+    );
+    let mut out = [0u8; 64];
+    let mut n: CK_ULONG = 64;
+    assert_rv!(
+        ck!(
+            f(),
+            C_Decrypt,
+            s,
+            short.as_mut_ptr(),
+            8,
+            out.as_mut_ptr(),
+            &mut n
+        ),
+        // cmkp11 names a failed authenticated decryption CKR_ENCRYPTED_DATA_INVALID
+        // (SoftHSM2 2.6 itself says CKR_GENERAL_ERROR).
+        if common::testing_cmkp11() {
+            CKR_ENCRYPTED_DATA_INVALID
+        } else {
+            CKR_GENERAL_ERROR
+        },
+        "the decryption"
+    );
+
+    // After a multi-part update, the single-part query goes to the token.
+    assert_rv!(encrypt_init(s, &mut m, key), CKR_OK);
+    let mut part = pt.clone();
+    let mut pn: CK_ULONG = 256;
+    let mut pout = vec![0u8; 256];
+    assert_rv!(
+        ck!(
+            f(),
+            C_EncryptUpdate,
+            s,
+            part.as_mut_ptr(),
+            100,
+            pout.as_mut_ptr(),
+            &mut pn
+        ),
+        CKR_OK,
+        "update"
+    );
+    let mut n: CK_ULONG = 0;
+    let rv = encrypt(s, &pt[..40], ptr::null_mut(), &mut n);
+    assert_rv!(rv, CKR_OK, "single-part query after an update");
+    assert_eq!(n, 56, "the token's answer");
+}
+
 #[test]
 #[serial]
 fn operation_state_errors() {

@@ -130,22 +130,32 @@ unsafe fn owned(p: *const u8, len: CK_ULONG) -> Result<Vec<u8>> {
 ///
 /// # Safety
 /// As for [`mechanism`].
-pub unsafe fn direct_mechanism(p: *const CK_MECHANISM) -> Result<Option<CK_MECHANISM>> {
+pub unsafe fn direct_mechanism(p: *const CK_MECHANISM) -> Result<Option<Direct>> {
     // SAFETY: caller contract.
     let Some(m) = (unsafe { p.as_ref() }) else {
         return err(CKR_ARGUMENTS_BAD);
     };
+    let mut tag = 0;
     // SAFETY: the checks read the parameter only as `mechanism` does (caller contract).
     unsafe {
         match param_kind(m.mechanism) {
             None => return err(CKR_MECHANISM_INVALID),
             Some(ParamKind::None) => no_param(m)?,
             Some(ParamKind::Iv16) => drop(param::<[u8; 16]>(m)?),
-            Some(ParamKind::Gcm) => drop(gcm(m)?),
+            // At most 128 bits, whole bytes (checked).
+            Some(ParamKind::Gcm) => tag = (gcm(m)?.0.ulTagBits / 8) as u8,
             Some(_) => return Ok(None),
         }
     }
-    Ok(Some(*m))
+    Ok(Some(Direct { mech: *m, tag }))
+}
+
+/// A data-path mechanism as the application passed it ([`direct_mechanism`]).
+pub struct Direct {
+    /// The application's `CK_MECHANISM`, parameter pointer included.
+    pub mech: CK_MECHANISM,
+    /// For `CK_GCM_PARAMS`, the tag's length in bytes; else 0.
+    pub tag: u8,
 }
 
 /// The check of a mechanism that takes no parameter.

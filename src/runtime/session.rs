@@ -124,12 +124,15 @@ enum Stage {
     /// The backend's operation is active and the FFI layer calls the backend directly
     /// with the application's buffers. `tried`: how many of `keys` were initialized;
     /// `retry`: the mechanism again, kept only when there are other keys to try (an
-    /// AES-GCM decryption under a CMK with older versions).
+    /// AES-GCM decryption under a CMK with older versions). `tag`: for AES-GCM that no
+    /// data call has reached yet, the tag's length in bytes (the output's length is then
+    /// known without asking the backend, see [`Session::single_output_len`]); else 0.
     Active {
         ty: CK_MECHANISM_TYPE,
         retry: Option<Box<Mech>>,
         keys: Keys,
         tried: usize,
+        tag: u8,
     },
 }
 
@@ -424,11 +427,13 @@ impl Session {
     /// to try.
     ///
     /// [`Library::crypto_decide`]: super::Library::crypto_decide
+    /// `tag`: an AES-GCM tag's length in bytes (0 for other mechanisms).
     pub fn started(
         &mut self,
         kind: Kind,
         ty: CK_MECHANISM_TYPE,
         keys: Keys,
+        tag: u8,
         mech: impl FnOnce() -> Result<Mech>,
     ) -> Result<()> {
         let retry = if keys.len() > 1 {
@@ -443,8 +448,31 @@ impl Session {
             retry,
             keys,
             tried: 1,
+            tag: if ty == CKM_AES_GCM { tag } else { 0 },
         };
         Ok(())
+    }
+
+    /// The answer to a length query (NULL output) of a single-part `C_Encrypt`/`C_Decrypt`
+    /// of `len` bytes, when cmkp11 knows it without asking the backend: AES-GCM before any
+    /// data call. Encryption: the plaintext and the tag, exactly. Decryption: the
+    /// ciphertext's length, the bound the token itself gives (SoftHSM2 asks for a buffer
+    /// that large; the plaintext is `len - tag`, and PKCS#11 lets a length query answer a
+    /// little more than needed); a ciphertext shorter than the tag is left to the token,
+    /// which refuses it. A length query answered here saves a backend call (a round trip
+    /// to a network HSM).
+    #[inline]
+    pub fn single_output_len(&self, kind: Kind, len: CK_ULONG) -> Option<CK_ULONG> {
+        let Stage::Active { tag, .. } = self.ops[idx(kind)].stage else {
+            return None;
+        };
+        let tag = CK_ULONG::from(tag);
+        match kind {
+            _ if tag == 0 => None,
+            Kind::Encrypt => len.checked_add(tag),
+            Kind::Decrypt => (len >= tag).then_some(len),
+            _ => None,
+        }
     }
 
     /// A call of an active backend operation, made by `call` with the application's
@@ -459,6 +487,11 @@ impl Session {
             }
             let (rv, still) = call(h);
             if still {
+                // The backend has seen data (an update) or answered itself: from now on
+                // it alone knows the output's length.
+                if let Stage::Active { tag, .. } = &mut self.ops[idx(kind)].stage {
+                    *tag = 0;
+                }
                 return if rv == CKR_OK { Ok(()) } else { err(rv) };
             }
             if rv == CKR_OK {
@@ -485,6 +518,7 @@ impl Session {
             retry,
             keys,
             tried,
+            tag,
         } = std::mem::replace(&mut self.ops[idx(kind)].stage, Stage::Idle)
         else {
             return err(rv);
@@ -509,6 +543,7 @@ impl Session {
             retry: Some(mech),
             keys,
             tried: tried + 1,
+            tag,
         };
         Ok(())
     }

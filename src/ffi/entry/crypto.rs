@@ -3,7 +3,9 @@
 //! `*Init` lets the runtime decide (policy, lifecycle state, access rules, audit) and then
 //! starts the backend's operation; the data calls go straight to the backend's function
 //! table with the application's buffers ([`crate::ffi::raw`]), so the two-call convention
-//! and every code are the backend's own, and nothing is copied on the hot path.
+//! and every code are the backend's own, and nothing is copied on the hot path. One
+//! exception: the length query of a single-part AES-GCM call, which cmkp11 answers itself
+//! as the token does (see `Session::single_output_len`), saving a backend call.
 
 use super::with_session;
 use crate::error::{Error, Result};
@@ -50,14 +52,14 @@ unsafe fn init(
         with_session(h, |lib, s| {
             let b = backend()?;
             // SAFETY: forwarded caller contract.
-            let (rv, ty, keys) = match unsafe { args::direct_mechanism(mech)? } {
+            let (rv, ty, keys, tag) = match unsafe { args::direct_mechanism(mech)? } {
                 // The data path's mechanisms: decided by type, given to the backend as
                 // the application passed them.
-                Some(mut m) => {
+                Some(args::Direct { mech: mut m, tag }) => {
                     let keys = lib.crypto_decide(s, kind, m.mechanism, key)?;
                     let first = keys.first().map_or(CK_INVALID_HANDLE, |k| k.handle());
                     let rv = b.init_raw(kind, s.backend().handle(), &mut m, first);
-                    (rv, m.mechanism, keys)
+                    (rv, m.mechanism, keys, tag)
                 }
                 None => {
                     // SAFETY: forwarded caller contract.
@@ -66,7 +68,7 @@ unsafe fn init(
                     lib.probe_if_needed(s, kind, &mut m, &keys)?;
                     let first = keys.first().map_or(CK_INVALID_HANDLE, |k| k.handle());
                     let rv = b.init(kind, s.backend().handle(), &mut m, first);
-                    (rv, m.ty, keys)
+                    (rv, m.ty, keys, 0)
                 }
             };
             if rv != CKR_OK {
@@ -74,7 +76,7 @@ unsafe fn init(
             }
             // SAFETY: forwarded caller contract (read again only for a retry under an
             // older CMK version, while the application's call lasts).
-            s.started(kind, ty, keys, || unsafe { args::mechanism(mech) })
+            s.started(kind, ty, keys, tag, || unsafe { args::mechanism(mech) })
         })
     })
 }
@@ -123,18 +125,25 @@ unsafe fn single(
     out: *mut u8,
     out_len: *mut CK_ULONG,
 ) -> CK_RV {
-    data(
-        name,
-        kind,
-        h,
-        // SAFETY: NULL checks only; the pointers go to the backend unchanged.
-        || unsafe { check_output(data_p, len, out_len) },
-        |b, bh| {
-            // SAFETY: the application's buffers, checked above, passed on (contract).
-            let rv = unsafe { b.single(kind, bh, data_p, len, out, out_len) };
-            (rv, keeps(rv, out))
-        },
-    )
+    guard(name, || {
+        with_session(h, |_, s| {
+            // SAFETY: NULL checks only; the pointers go to the backend unchanged.
+            unsafe { check_output(data_p, len, out_len)? };
+            if out.is_null() {
+                // A length query cmkp11 can answer exactly: the backend is not asked.
+                if let Some(n) = s.single_output_len(kind, len) {
+                    // SAFETY: checked non-NULL above; the application's output.
+                    unsafe { *out_len = n };
+                    return Ok(());
+                }
+            }
+            step(s, kind, &mut |b, bh| {
+                // SAFETY: the application's buffers, checked above, passed on (contract).
+                let rv = unsafe { b.single(kind, bh, data_p, len, out, out_len) };
+                (rv, keeps(rv, out))
+            })
+        })
+    })
 }
 
 /// A multi-part update with output (`C_EncryptUpdate`, `C_DecryptUpdate`).
