@@ -3,7 +3,7 @@
 
 use crate::config::Config;
 use crate::error::Result;
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::context::Pkcs11;
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::MechanismType;
 use cryptoki::slot::{Limit, Slot};
@@ -42,12 +42,16 @@ impl Backend {
             key: "backend.module".into(),
             problem: format!("cannot load {}: {e}", cfg.backend.module.display()),
         })?;
-        let args = || CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK);
-        let owns_init = match ctx.initialize(args()) {
+        // With cmkp11's mutexes (`crate::ffi::locks`) and CKF_OS_LOCKING_OK.
+        let initialize = || {
+            cryptoki::error::Rv::from(crate::ffi::locks::initialize_module(&cfg.backend.module))
+                .into_result(cryptoki::context::Function::Initialize)
+        };
+        let owns_init = match initialize() {
             Ok(()) => true,
             Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) if after_fork => {
                 ctx.clone().finalize()?;
-                ctx.initialize(args())?;
+                initialize()?;
                 true
             }
             // Another user of the same module in this process initialized it already.

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod args;
 pub mod entry;
 pub mod exports;
+pub mod locks;
 pub mod raw;
 pub mod shm;
 pub mod tables;
