@@ -18,6 +18,9 @@
 #   CARGO_TARGET_DIR honoured
 #   KEEP=1           keep the temp dir (token, configs) and print its path
 #   BENCH_AUDIT=1    the "audit on" variant: cmkp11 writes its audit log (goal >= 0.85)
+#   BENCH_APP_MUTEXES=1  every worker initializes its module with application-supplied
+#                    mutexes (the ones cmkp11 gives its backend): B is then SoftHSM2 with
+#                    cmkp11's locking, which isolates the cost of forwarding and policy
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)

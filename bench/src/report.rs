@@ -392,7 +392,7 @@ fn print_report(o: &ParentOpts, cells: &[Cell], took: Duration, conditions: &str
          over threads); the table gives medians over rounds; ratio = median A ops/s / median B \
          ops/s; \"95% CI\" = bootstrap interval of that ratio over the rounds (its width is the \
          noise of this run); \"p50 ratio\" = B p50 / A p50, the same comparison from median \
-         latencies, which load from other processes disturbs far less than throughput. \
+         latencies, which load from other processes disturbs far less than throughput.{} \
          {conditions}",
         o.module_a.display(),
         o.module_b.display(),
@@ -402,7 +402,13 @@ fn print_report(o: &ParentOpts, cells: &[Cell], took: Duration, conditions: &str
         o.warmup,
         cpus,
         took.as_secs_f64(),
-        crate::timing::SLICES
+        crate::timing::SLICES,
+        if crate::worker::app_mutexes() {
+            " Every module was initialized with application-supplied mutexes (cmkp11's, \
+             `BENCH_APP_MUTEXES`): B is SoftHSM2 directly with the locking cmkp11 gives it."
+        } else {
+            ""
+        }
     );
     println!();
     println!(

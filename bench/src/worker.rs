@@ -12,11 +12,34 @@ use cryptoki::types::AuthPin;
 use std::sync::Barrier;
 use std::time::Duration;
 
+/// The environment variable that makes every worker initialize its module with mutexes of
+/// its own (the ones cmkp11 gives its backend, `cmkp11::ffi::locks`) instead of the
+/// module's: with it, B is SoftHSM2 used directly by an application that supplies
+/// cmkp11's locking, which separates the cost of forwarding from the effect of the
+/// mutexes. (cmkp11 as A accepts the callbacks and keeps its own locking.)
+pub const APP_MUTEXES_ENV: &str = "BENCH_APP_MUTEXES";
+
+/// Whether [`APP_MUTEXES_ENV`] is set (to anything but empty or 0).
+pub fn app_mutexes() -> bool {
+    std::env::var(APP_MUTEXES_ENV).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
 /// Loads `module`, initializes it and returns the slot whose token has label `token`.
 pub fn open_token(module: &std::path::Path, token: &str) -> Result<(Pkcs11, Slot), BenchError> {
     let ctx = Pkcs11::new(module)
         .map_err(|e| BenchError::msg(format!("loading {}: {e}", module.display())))?;
-    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))?;
+    if app_mutexes() {
+        let rv = cmkp11::ffi::locks::initialize_module(module);
+        // 0 is CKR_OK.
+        if rv != 0 {
+            return Err(BenchError::msg(format!(
+                "C_Initialize of {} with application mutexes: 0x{rv:x}",
+                module.display()
+            )));
+        }
+    } else {
+        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))?;
+    }
     for slot in ctx.get_slots_with_token()? {
         if ctx.get_token_info(slot)?.label().trim_end() == token {
             return Ok((ctx, slot));

@@ -104,10 +104,22 @@ pub fn initialize_module(module: &std::path::Path) -> CK_RV {
     let Ok(lib) = (unsafe { cryptoki_sys::Pkcs11::new(module) }) else {
         return CKR_GENERAL_ERROR;
     };
+    // Through the function table, as cryptoki calls it: a module need export nothing else.
+    let mut list: *mut CK_FUNCTION_LIST = std::ptr::null_mut();
+    // SAFETY: C_GetFunctionList writes one pointer to the module's static table.
+    let rv = unsafe { lib.C_GetFunctionList(&mut list) };
+    if rv != CKR_OK {
+        return rv;
+    }
+    // SAFETY: on success, a table that lives as long as the module stays loaded (cryptoki
+    // holds it loaded; `lib` too, during this call).
+    let Some(initialize) = (unsafe { list.as_ref() }).and_then(|l| l.C_Initialize) else {
+        return CKR_GENERAL_ERROR;
+    };
     let mut args = init_args();
     // SAFETY: the arguments live through the call; the callbacks are functions of this
     // library, which stays loaded while the backend it initializes is in use.
-    unsafe { lib.C_Initialize((&mut args as *mut CK_C_INITIALIZE_ARGS).cast()) }
+    unsafe { initialize((&mut args as *mut CK_C_INITIALIZE_ARGS).cast()) }
 }
 
 #[cfg(test)]
