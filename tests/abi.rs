@@ -12,7 +12,7 @@ use std::mem::size_of;
 use std::ptr;
 
 use common::{
-    mech, mech_with, padded, raw, raw_aes_key as aes_key, raw_login as login,
+    gcm_params, mech, mech_with, padded, raw, raw_aes_key as aes_key, raw_login as login,
     raw_open_session as open_session, raw_token_slot as token_slot, testing_cmkp11, Template,
     TOKEN_LABEL, USER_PIN,
 };
@@ -1103,14 +1103,7 @@ fn encrypt_two_call_convention() {
     // GCM: 4096 bytes -> 4112; the size query, too small, then right-sized.
     let pt = vec![0x5Au8; 4096];
     let mut gcm_iv = [1u8; 12];
-    let mut p = CK_GCM_PARAMS {
-        pIv: gcm_iv.as_mut_ptr(),
-        ulIvLen: 12,
-        ulIvBits: 96,
-        pAAD: ptr::null_mut(),
-        ulAADLen: 0,
-        ulTagBits: 128,
-    };
+    let mut p = gcm_params(&mut gcm_iv, 128);
     let mut m = mech_with(CKM_AES_GCM, &mut p, size_of::<CK_GCM_PARAMS>());
     assert_rv!(encrypt_init(s, &mut m, key), CKR_OK);
     let mut n: CK_ULONG = 0;
@@ -1146,14 +1139,7 @@ fn gcm_length_queries() {
     let mut iv = [3u8; 12];
     for tag_bits in [128, 96, 64] {
         let tag = tag_bits / 8;
-        let mut p = CK_GCM_PARAMS {
-            pIv: iv.as_mut_ptr(),
-            ulIvLen: 12,
-            ulIvBits: 96,
-            pAAD: ptr::null_mut(),
-            ulAADLen: 0,
-            ulTagBits: tag_bits,
-        };
+        let mut p = gcm_params(&mut iv, tag_bits);
         let mut m = mech_with(CKM_AES_GCM, &mut p, size_of::<CK_GCM_PARAMS>());
         assert_rv!(encrypt_init(s, &mut m, key), CKR_OK);
         let mut n: CK_ULONG = 0;
@@ -1203,14 +1189,7 @@ fn gcm_length_queries() {
     }
 
     // A ciphertext shorter than the tag: the token answers the query, then refuses.
-    let mut p = CK_GCM_PARAMS {
-        pIv: iv.as_mut_ptr(),
-        ulIvLen: 12,
-        ulIvBits: 96,
-        pAAD: ptr::null_mut(),
-        ulAADLen: 0,
-        ulTagBits: 128,
-    };
+    let mut p = gcm_params(&mut iv, 128);
     let mut m = mech_with(CKM_AES_GCM, &mut p, size_of::<CK_GCM_PARAMS>());
     assert_rv!(ck!(f(), C_DecryptInit, s, &mut m, key), CKR_OK);
     let mut short = [0u8; 8];

@@ -13,7 +13,9 @@ mod common;
 
 use std::ptr;
 
-use common::{mech_with, raw, raw_login, raw_open_session, raw_token_slot, Template, USER_PIN};
+use common::{
+    gcm_params, mech_with, raw, raw_login, raw_open_session, raw_token_slot, Template, USER_PIN,
+};
 use cryptoki_sys::*;
 
 const KEY_LABEL: &str = "fork-key";
@@ -60,22 +62,11 @@ impl ChildStep {
     }
 }
 
-fn gcm_params(iv: &mut [u8; 12]) -> CK_GCM_PARAMS {
-    CK_GCM_PARAMS {
-        pIv: iv.as_mut_ptr(),
-        ulIvLen: 12,
-        ulIvBits: 96,
-        pAAD: ptr::null_mut(),
-        ulAADLen: 0,
-        ulTagBits: 128,
-    }
-}
-
 /// AES-GCM encryption of [`PLAINTEXT`] under [`IV`]; `Err(rv)` on failure.
 fn encrypt(s: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> Result<Vec<u8>, CK_RV> {
     let f = raw().f;
     let mut iv = IV;
-    let mut p = gcm_params(&mut iv);
+    let mut p = gcm_params(&mut iv, 128);
     let mut m = mech_with(CKM_AES_GCM, &mut p, std::mem::size_of::<CK_GCM_PARAMS>());
     let rv = ck!(f, C_EncryptInit, s, &mut m, key);
     if rv != CKR_OK {
@@ -103,7 +94,7 @@ fn encrypt(s: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> Result<Vec<u8>, CK_RV
 fn decrypt(s: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE, ct: &[u8]) -> Result<Vec<u8>, CK_RV> {
     let f = raw().f;
     let mut iv = IV;
-    let mut p = gcm_params(&mut iv);
+    let mut p = gcm_params(&mut iv, 128);
     let mut m = mech_with(CKM_AES_GCM, &mut p, std::mem::size_of::<CK_GCM_PARAMS>());
     let rv = ck!(f, C_DecryptInit, s, &mut m, key);
     if rv != CKR_OK {

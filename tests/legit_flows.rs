@@ -522,31 +522,9 @@ fn session_dek_short_and_general_way_agree() {
         ("class only", || {
             Template::default().ulong(CKA_CLASS, CKO_SECRET_KEY)
         }),
-        ("benchmark's complete data DEK", || {
-            dek_template()
-                .boolean(CKA_PRIVATE, true)
-                .boolean(CKA_SENSITIVE, true)
-                .boolean(CKA_EXTRACTABLE, false)
-                .boolean(CKA_ENCRYPT, true)
-                .boolean(CKA_DECRYPT, true)
-                .boolean(CKA_SIGN, false)
-                .boolean(CKA_VERIFY, false)
-                .boolean(CKA_WRAP, false)
-                .boolean(CKA_UNWRAP, false)
-                .boolean(CKA_DERIVE, false)
-        }),
+        ("benchmark's complete data DEK", complete_dek),
         ("over the short way's 16 attributes", || {
-            dek_template()
-                .boolean(CKA_PRIVATE, true)
-                .boolean(CKA_SENSITIVE, true)
-                .boolean(CKA_EXTRACTABLE, false)
-                .boolean(CKA_ENCRYPT, true)
-                .boolean(CKA_DECRYPT, true)
-                .boolean(CKA_SIGN, false)
-                .boolean(CKA_VERIFY, false)
-                .boolean(CKA_WRAP, false)
-                .boolean(CKA_UNWRAP, false)
-                .boolean(CKA_DERIVE, false)
+            complete_dek()
                 .bytes(CKA_LABEL, b"dek-many")
                 .bytes(CKA_ID, b"8")
                 .boolean(CKA_MODIFIABLE, true)
@@ -637,6 +615,21 @@ fn session_dek_short_and_general_way_agree() {
 }
 
 /// A session AES key's template, silent on usage and length.
+/// The benchmark's data DEK template: every usage flag stated (13 attributes).
+fn complete_dek() -> Template {
+    dek_template()
+        .boolean(CKA_PRIVATE, true)
+        .boolean(CKA_SENSITIVE, true)
+        .boolean(CKA_EXTRACTABLE, false)
+        .boolean(CKA_ENCRYPT, true)
+        .boolean(CKA_DECRYPT, true)
+        .boolean(CKA_SIGN, false)
+        .boolean(CKA_VERIFY, false)
+        .boolean(CKA_WRAP, false)
+        .boolean(CKA_UNWRAP, false)
+        .boolean(CKA_DERIVE, false)
+}
+
 fn dek_template() -> Template {
     Template::default()
         .ulong(CKA_CLASS, CKO_SECRET_KEY)

@@ -363,6 +363,18 @@ pub fn mech(m: CK_MECHANISM_TYPE) -> CK_MECHANISM {
     }
 }
 
+/// `CK_GCM_PARAMS` with a 96-bit IV at `iv`, no AAD and a tag of `tag_bits`.
+pub fn gcm_params(iv: &mut [u8; 12], tag_bits: CK_ULONG) -> CK_GCM_PARAMS {
+    CK_GCM_PARAMS {
+        pIv: iv.as_mut_ptr(),
+        ulIvLen: 12,
+        ulIvBits: 96,
+        pAAD: ptr::null_mut(),
+        ulAADLen: 0,
+        ulTagBits: tag_bits,
+    }
+}
+
 pub fn mech_with<T>(m: CK_MECHANISM_TYPE, p: &mut T, len: usize) -> CK_MECHANISM {
     CK_MECHANISM {
         mechanism: m,
