@@ -18,6 +18,17 @@
 use cryptoki_sys::*;
 use parking_lot::lock_api::RawMutex as _;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Mutexes created and not destroyed yet (counted only at creation and destruction, never
+/// on the lock path).
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// How many of cmkp11's mutexes a module holds now: each one it created and has not
+/// destroyed.
+pub fn live_mutexes() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
 
 /// One mutex, alone on its cache line.
 #[repr(align(64))]
@@ -34,6 +45,7 @@ unsafe extern "C" fn create_mutex(out: *mut *mut c_void) -> CK_RV {
     let m = Box::into_raw(Box::new(Mutex(parking_lot::RawMutex::INIT)));
     // SAFETY: checked non-NULL; the module passes a pointer it can receive the mutex in.
     unsafe { *out = m.cast() };
+    LIVE.fetch_add(1, Ordering::Relaxed);
     CKR_OK
 }
 
@@ -48,6 +60,7 @@ unsafe extern "C" fn destroy_mutex(m: *mut c_void) -> CK_RV {
     }
     // SAFETY: made by `create_mutex` with `Box::into_raw` and destroyed once (contract).
     drop(unsafe { Box::from_raw(m.cast::<Mutex>()) });
+    LIVE.fetch_sub(1, Ordering::Relaxed);
     CKR_OK
 }
 
