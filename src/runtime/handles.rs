@@ -133,36 +133,39 @@ impl HandleTable {
         value_len: Option<CK_ULONG>,
         origin: Origin,
     ) -> CK_OBJECT_HANDLE {
-        let mut t = self.t.write();
-        let t = &mut *t;
-        let next = t.next + 1;
-        let h = *t.backend.entry((slot, obj.handle())).or_insert(next);
-        if h == next {
-            t.next = next;
-            t.ours.insert(
-                h,
-                Entry {
-                    slot,
-                    obj,
-                    owner,
-                    value_len,
-                    info: None,
-                    origin,
-                    imported: false,
-                    cmk: None,
-                    decided: false,
-                },
-            );
-        } else if let Some(e) = t.ours.get_mut(&h) {
-            // Seen before (a backend that reuses the handle of an object cmkp11 was not
-            // told is gone, or a token object found again): record the facts as changes.
-            let before = (e.value_len, e.origin);
-            if value_len.is_some() {
-                e.value_len = value_len;
+        let (h, new) = {
+            let mut t = self.t.write();
+            let t = &mut *t;
+            let next = t.next + 1;
+            let h = *t.backend.entry((slot, obj.handle())).or_insert(next);
+            if h == next {
+                t.next = next;
+                t.ours.insert(
+                    h,
+                    Entry {
+                        slot,
+                        obj,
+                        owner,
+                        value_len,
+                        info: None,
+                        origin,
+                        imported: false,
+                        cmk: None,
+                        decided: false,
+                    },
+                );
             }
-            e.origin = e.origin.or(origin);
-            if e.decided && before != (e.value_len, e.origin) {
-                self.changed();
+            (h, h == next)
+        };
+        if !new {
+            // Seen before (a token object found again, or a backend that reuses the handle
+            // of an object cmkp11 was not told is gone): record the facts as changes to the
+            // existing entry (rare: two more locks).
+            if let Some(len) = value_len {
+                self.set_value_len(h, len);
+            }
+            if let Some(o) = origin {
+                self.set_origin(h, o);
             }
         }
         h
