@@ -165,27 +165,19 @@ pub struct Policy {
     pub allow_import: bool,
 }
 
-/// One `[[access]]` rule.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Access {
-    /// Key label glob (`payments-*`).
-    pub keys: String,
-    /// Allowed process uids (empty: any).
-    #[serde(default)]
-    pub uids: Vec<u32>,
-    /// Allowed executables (empty: any).
-    #[serde(default)]
-    pub executables: Vec<PathBuf>,
-    /// Allowed operations (empty: any).
-    #[serde(default)]
-    pub operations: Vec<String>,
-    /// `HH:MM-HH:MM` in UTC.
-    #[serde(default)]
-    pub hours_utc: Option<String>,
-}
+pub use crate::policy::access::Access;
 
 impl Config {
+    /// The policy's settings from this configuration.
+    pub fn policy_settings(&self) -> crate::policy::Settings {
+        crate::policy::Settings {
+            allow_plaintext_import: self.policy.allow_plaintext_import,
+            allow_rsa_pkcs1_decrypt: self.policy.allow_rsa_pkcs1_decrypt,
+            default_role: crate::policy::SecretRole::parse(&self.keys.default_role)
+                .unwrap_or(crate::policy::SecretRole::Wrap),
+        }
+    }
+
     /// Loads the configuration the way the module does: `CMKP11_CONFIG`, else the system
     /// file if it exists, else the defaults.
     pub fn load() -> Result<Config> {

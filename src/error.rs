@@ -1,5 +1,7 @@
 //! The one error type of cmkp11 and its mapping to `CK_RV`.
 
+pub mod rv;
+
 use cryptoki_sys::*;
 
 /// Everything that can go wrong inside cmkp11. Each variant maps to exactly one `CK_RV`
@@ -8,7 +10,7 @@ use cryptoki_sys::*;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A PKCS#11 return code decided by cmkp11 itself (argument checks, session state...).
-    #[error("{}", crate::backend::rv::name(*.0))]
+    #[error("{}", rv::name(*.0))]
     Rv(CK_RV),
     /// An error returned by the backend token, with the backend function that failed.
     #[error("backend: {0}")]
@@ -30,7 +32,7 @@ impl Error {
     pub fn rv(&self) -> CK_RV {
         match self {
             Error::Rv(rv) => *rv,
-            Error::Backend(e) => crate::backend::rv::from_cryptoki(e),
+            Error::Backend(e) => rv::from_cryptoki(e),
             Error::Config { .. } => CKR_GENERAL_ERROR,
         }
     }

@@ -10,7 +10,7 @@ mod audit_support;
 
 use audit_support::*;
 use cmkp11::audit::{self, sink::lock_path, Auditor};
-use cmkp11::ffi::shm::{LockFile, LOCK_FILE_LEN};
+use cmkp11::sys::shm::{LockFile, LOCK_FILE_LEN};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -13,9 +13,9 @@ use cryptoki::types::AuthPin;
 fn the_token_takes_cmkp11s_mutexes() {
     let env = common::test_env();
     let cfg = cmkp11::config::Config::from_file(&env.cmkp11_conf).expect("config");
-    let before = cmkp11::ffi::locks::live_mutexes();
+    let before = cmkp11::sys::locks::live_mutexes();
     let backend = cmkp11::backend::token::Backend::open(&cfg, false).expect("open backend");
-    let after_init = cmkp11::ffi::locks::live_mutexes();
+    let after_init = cmkp11::sys::locks::live_mutexes();
     assert!(
         after_init > before,
         "SoftHSM2 made no mutex through cmkp11's callbacks ({before} -> {after_init})"
@@ -61,11 +61,11 @@ fn the_token_takes_cmkp11s_mutexes() {
             });
         }
     });
-    assert!(cmkp11::ffi::locks::live_mutexes() >= after_init);
+    assert!(cmkp11::sys::locks::live_mutexes() >= after_init);
 
     backend.finalize().expect("C_Finalize");
     assert_eq!(
-        cmkp11::ffi::locks::live_mutexes(),
+        cmkp11::sys::locks::live_mutexes(),
         before,
         "every mutex destroyed at C_Finalize"
     );

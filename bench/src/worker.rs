@@ -13,7 +13,7 @@ use std::sync::Barrier;
 use std::time::Duration;
 
 /// The environment variable that makes every worker initialize its module with mutexes of
-/// its own (the ones cmkp11 gives its backend, `cmkp11::ffi::locks`) instead of the
+/// its own (the ones cmkp11 gives its backend, `cmkp11::sys::locks`) instead of the
 /// module's: with it, B is SoftHSM2 used directly by an application that supplies
 /// cmkp11's locking, which separates the cost of forwarding from the effect of the
 /// mutexes. (cmkp11 as A accepts the callbacks and keeps its own locking.)
@@ -29,7 +29,7 @@ pub fn open_token(module: &std::path::Path, token: &str) -> Result<(Pkcs11, Slot
     let ctx = Pkcs11::new(module)
         .map_err(|e| BenchError::msg(format!("loading {}: {e}", module.display())))?;
     if app_mutexes() {
-        let rv = cmkp11::ffi::locks::initialize_module(module);
+        let rv = cmkp11::sys::locks::initialize_module(module);
         // 0 is CKR_OK.
         if rv != 0 {
             return Err(BenchError::msg(format!(

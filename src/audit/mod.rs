@@ -63,7 +63,7 @@
 //!
 //! It then appends its lines with one `write`, stores the new hint, and unlocks. An
 //! uncontended record therefore costs one system call, the `write`; the process id is
-//! cached too ([`crate::ffi::shm::pid`], refreshed in a forked child by a `pthread_atfork`
+//! cached too ([`crate::sys::shm::pid`], refreshed in a forked child by a `pthread_atfork`
 //! handler). Threads of one process combine: while one thread writes, the others queue
 //! their records and the next writer appends them all in one `write` (group commit), so
 //! the lock is taken per batch, not per record.
@@ -380,7 +380,7 @@ impl Auditor {
         if cfg.file.is_none() && cfg.syslog {
             log::warn!("audit: syslog = true has no effect without audit.file");
         }
-        let pid = crate::ffi::shm::pid();
+        let pid = crate::sys::shm::pid();
         let syslog = cfg.syslog.then(|| sink::Syslog::new(&tuning.syslog_socket));
         let mut w = Writer {
             pid,
@@ -492,7 +492,7 @@ impl Auditor {
     pub fn checkpoint(&self) -> Result<(), u64> {
         {
             let w = self.w.lock();
-            if w.mac.is_none() || !w.unmac || w.pid != crate::ffi::shm::pid() {
+            if w.mac.is_none() || !w.unmac || w.pid != crate::sys::shm::pid() {
                 return Ok(());
             }
         }
@@ -508,7 +508,7 @@ impl Auditor {
             let w = self.w.lock();
             let due = w.mac.is_some()
                 && w.unmac
-                && w.pid == crate::ffi::shm::pid()
+                && w.pid == crate::sys::shm::pid()
                 && w.last_mac
                     .is_none_or(|t| t.elapsed() >= self.tuning.checkpoint_interval);
             if !due {
@@ -527,7 +527,7 @@ impl Auditor {
         if self.path.is_none() {
             return Ok(());
         }
-        let pid = crate::ffi::shm::pid();
+        let pid = crate::sys::shm::pid();
         let body = record::body(&self.ident, pid, r, bulk, SystemTime::now());
         let res = self.submit(
             pid,
@@ -841,7 +841,7 @@ impl Auditor {
             return Err(format!("write {disp}: {e}"));
         }
         w.end = len + buf.len() as u64;
-        locked.set_hint(Some(crate::ffi::shm::Hint {
+        locked.set_hint(Some(crate::sys::shm::Hint {
             log_id,
             len: w.end,
             seq,

@@ -2,7 +2,7 @@
 //! `flock`) and syslog.
 
 use super::chain;
-use crate::ffi::shm::{self, Hint, LockFile, OpenError};
+use crate::sys::shm::{self, Hint, LockFile, OpenError};
 use rustix::fs::{flock, FlockOperation};
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};

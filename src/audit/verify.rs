@@ -4,7 +4,7 @@
 use super::chain::{self, Checkpoint};
 use super::record::{self, hex, unhex, GENESIS};
 use super::TokenMac;
-use crate::ffi::shm::OpenError;
+use crate::sys::shm::OpenError;
 use rustix::fs::{flock, FlockOperation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -220,7 +220,7 @@ pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
         // Writers serialize with the lock file's mutex (or, without a lock file, with the
         // flock held now): hold it too, so no append is half done while we read.
         let lock_path = super::sink::lock_path(path);
-        let lf = crate::ffi::shm::LockFile::open(&lock_path);
+        let lf = crate::sys::shm::LockFile::open(&lock_path);
         let guard = lf.as_ref().ok().and_then(|l| l.lock().ok());
         let exclusive = guard.is_some() || matches!(lf, Err(OpenError::Missing));
         // The checkpoint first: a writer stores it only after the lines it names are in

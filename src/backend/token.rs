@@ -42,9 +42,9 @@ impl Backend {
             key: "backend.module".into(),
             problem: format!("cannot load {}: {e}", cfg.backend.module.display()),
         })?;
-        // With cmkp11's mutexes (`crate::ffi::locks`) and CKF_OS_LOCKING_OK.
+        // With cmkp11's mutexes (`crate::sys::locks`) and CKF_OS_LOCKING_OK.
         let initialize = || {
-            cryptoki::error::Rv::from(crate::ffi::locks::initialize_module(&cfg.backend.module))
+            cryptoki::error::Rv::from(crate::sys::locks::initialize_module(&cfg.backend.module))
                 .into_result(cryptoki::context::Function::Initialize)
         };
         let owns_init = match initialize() {

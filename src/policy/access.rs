@@ -1,8 +1,28 @@
 //! Access rules (`[[access]]`): which processes may use which CMKs, for what, when.
 
-use crate::config::Access;
 use cryptoki_sys::*;
+use serde::Deserialize;
 use std::path::{Path, PathBuf};
+
+/// One `[[access]]` rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Access {
+    /// Key label glob (`payments-*`).
+    pub keys: String,
+    /// Allowed process uids (empty: any).
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    /// Allowed executables (empty: any).
+    #[serde(default)]
+    pub executables: Vec<PathBuf>,
+    /// Allowed operations (empty: any).
+    #[serde(default)]
+    pub operations: Vec<String>,
+    /// `HH:MM-HH:MM` in UTC.
+    #[serde(default)]
+    pub hours_utc: Option<String>,
+}
 
 /// Who is calling: fixed for the life of a process.
 #[derive(Debug, Clone)]

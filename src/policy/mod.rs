@@ -202,17 +202,6 @@ impl Default for Settings {
     }
 }
 
-impl Settings {
-    /// From the configuration.
-    pub fn from_config(c: &crate::config::Config) -> Settings {
-        Settings {
-            allow_plaintext_import: c.policy.allow_plaintext_import,
-            allow_rsa_pkcs1_decrypt: c.policy.allow_rsa_pkcs1_decrypt,
-            default_role: SecretRole::parse(&c.keys.default_role).unwrap_or(SecretRole::Wrap),
-        }
-    }
-}
-
 /// May `key` be used for `op` with mechanism `mech`?
 pub fn check_use(
     op: Op,

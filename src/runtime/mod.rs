@@ -167,7 +167,7 @@ struct SlotSessions {
 
 static STATE: RwLock<Option<&'static Library>> = RwLock::new(None);
 /// The initialized library as entry points see it (`None` when not initialized).
-static CURRENT: crate::ffi::raw::Published<Library> = crate::ffi::raw::Published::new();
+static CURRENT: crate::sys::Published<Library> = crate::sys::Published::new();
 static FORKED: AtomicBool = AtomicBool::new(false);
 
 /// The initialized library, or `CKR_CRYPTOKI_NOT_INITIALIZED` (also in a forked child
@@ -243,14 +243,14 @@ pub fn fork_child() {
 }
 
 fn unlock_state() {
-    crate::ffi::force_unlock_write(&STATE);
+    crate::sys::force_unlock_write(&STATE);
 }
 
 impl Library {
     /// Opens the configured backend: the library behind `C_Initialize`, and the one the
     /// `cmkp11` command uses directly (never through raw pointers).
     pub fn new(cfg: Config, after_fork: bool) -> Result<Library> {
-        let settings = crate::policy::Settings::from_config(&cfg);
+        let settings = cfg.policy_settings();
         let backend =
             Backend::open(&cfg, after_fork).inspect_err(|e| log::error!("C_Initialize: {e}"))?;
         log::info!(
@@ -312,7 +312,7 @@ impl Library {
             objects: HandleTable::default(),
             settings,
             caller: crate::policy::access::Caller {
-                uid: crate::ffi::uid(),
+                uid: crate::sys::uid(),
                 exe: std::fs::read_link("/proc/self/exe").unwrap_or_default(),
             },
         })

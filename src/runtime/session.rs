@@ -63,20 +63,7 @@ pub enum Delivery {
     TooSmall,
 }
 
-/// The kinds of cryptographic operation a session can have active at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// `C_Encrypt*`
-    Encrypt,
-    /// `C_Decrypt*`
-    Decrypt,
-    /// `C_Digest*`
-    Digest,
-    /// `C_Sign*`
-    Sign,
-    /// `C_Verify*`
-    Verify,
-}
+pub use crate::backend::raw::Kind;
 
 /// A result kept for the application. Decrypted data may be key material (a database's
 /// table keys): it is wiped when dropped. Ciphertexts, signatures and digests are not

@@ -79,7 +79,7 @@ impl SlotStore {
             }
             return;
         }
-        if crate::ffi::coarse_ms().saturating_sub(loaded) <= REFRESH.as_millis() as u64 {
+        if crate::sys::coarse_ms().saturating_sub(loaded) <= REFRESH.as_millis() as u64 {
             return;
         }
         if let Some(mut s) = self.loading.try_lock() {
@@ -108,7 +108,7 @@ impl SlotStore {
     }
 
     fn load(&self, s: &mut Option<BackendSession>, ctx: &Pkcs11, slot: Slot) -> Arc<View> {
-        let started = crate::ffi::coarse_ms();
+        let started = crate::sys::coarse_ms();
         let seen = *self.changes.lock();
         if s.is_none() {
             match ctx.open_ro_session(slot) {

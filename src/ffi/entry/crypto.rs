@@ -2,14 +2,14 @@
 //!
 //! `*Init` lets the runtime decide (policy, lifecycle state, access rules, audit) and then
 //! starts the backend's operation; the data calls go straight to the backend's function
-//! table with the application's buffers ([`crate::ffi::raw`]), so the two-call convention
+//! table with the application's buffers ([`crate::backend::raw`]), so the two-call convention
 //! and every code are the backend's own, and nothing is copied on the hot path. One
 //! exception: the length query of a single-part AES-GCM call, which cmkp11 answers itself
 //! as the token does (see `Session::single_output_len`), saving a backend call.
 
 use super::with_session;
+use crate::backend::raw::{self, RawBackend};
 use crate::error::{Error, Result};
-use crate::ffi::raw::{self, RawBackend};
 use crate::ffi::{args, guard};
 use crate::runtime::session::{Kind, Session};
 use cryptoki_sys::*;

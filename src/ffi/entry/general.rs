@@ -37,9 +37,9 @@ pub unsafe extern "C" fn C_Initialize(init_args: *mut c_void) -> CK_RV {
             }
         }
         install_atfork();
-        crate::ffi::preserving_openssl_errors(runtime::initialize)?;
+        crate::sys::preserving_openssl_errors(runtime::initialize)?;
         let module = runtime::library()?.cfg.backend.module.clone();
-        let table = crate::ffi::raw::RawBackend::open(&module);
+        let table = crate::backend::raw::RawBackend::open(&module);
         if table.is_none() {
             log::error!(
                 "C_Initialize: cannot open the function table of {}",
@@ -48,7 +48,7 @@ pub unsafe extern "C" fn C_Initialize(init_args: *mut c_void) -> CK_RV {
             let _ = runtime::finalize();
             return err(CKR_GENERAL_ERROR);
         }
-        crate::ffi::raw::install(table);
+        crate::backend::raw::install(table);
         Ok(())
     })
 }
@@ -63,8 +63,8 @@ pub unsafe extern "C" fn C_Finalize(reserved: *mut c_void) -> CK_RV {
             runtime::library()?;
             return err(CKR_ARGUMENTS_BAD);
         }
-        crate::ffi::preserving_openssl_errors(runtime::finalize)?;
-        crate::ffi::raw::install(None);
+        crate::sys::preserving_openssl_errors(runtime::finalize)?;
+        crate::backend::raw::install(None);
         Ok(())
     })
 }

@@ -24,7 +24,7 @@ pub unsafe extern "C" fn C_GenerateKey(
             if !key.is_null() {
                 // SAFETY: the template's values are valid for their lengths (contract).
                 let view = unsafe { args::raw_attrs(raw) };
-                if let (Some(b), Some(t)) = (crate::ffi::raw::get(), view) {
+                if let (Some(b), Some(t)) = (crate::backend::raw::get(), view) {
                     let ty = mech.ty;
                     let short = lib.generate_dek_short(s, &mech, &t, |bh, completion| {
                         b.generate_key(bh, ty, &t, completion)
@@ -93,7 +93,7 @@ pub unsafe extern "C" fn C_WrapKey(
         with_session(h, |lib, s| {
             // SAFETY: application arguments (contract); NULLs checked.
             let (mech, sink) = unsafe { (args::mechanism(mech)?, args::sink(out, out_len)?) };
-            let b = crate::ffi::raw::get().ok_or(crate::error::Error::Rv(CKR_GENERAL_ERROR))?;
+            let b = crate::backend::raw::get().ok_or(crate::error::Error::Rv(CKR_GENERAL_ERROR))?;
             let raw = |h, m: &mut crate::backend::mech::Mech, w, k, out: &mut [u8]| {
                 b.wrap_key(h, m, w, k, out)
             };
@@ -130,7 +130,7 @@ pub unsafe extern "C" fn C_UnwrapKey(
             if !key.is_null() {
                 // SAFETY: the template's values are valid for their lengths (contract).
                 let view = unsafe { args::raw_attrs(raw) };
-                if let (Some(b), Some(t)) = (crate::ffi::raw::get(), view) {
+                if let (Some(b), Some(t)) = (crate::backend::raw::get(), view) {
                     let ty = mech.ty;
                     let short = lib.unwrap_dek_short(
                         s,

@@ -12,10 +12,24 @@
 
 use crate::backend::mech::Mech;
 use crate::policy::templates::{Completion, ShortTemplate, SHORT_MAX};
-use crate::runtime::session::Kind;
+use crate::sys::Published;
 use cryptoki::object::ObjectHandle;
 use cryptoki_sys::*;
-use std::sync::atomic::{AtomicPtr, Ordering};
+
+/// The kinds of cryptographic operation a session can have active at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `C_Encrypt*`
+    Encrypt,
+    /// `C_Decrypt*`
+    Decrypt,
+    /// `C_Digest*`
+    Digest,
+    /// `C_Sign*`
+    Sign,
+    /// `C_Verify*`
+    Verify,
+}
 
 /// A loaded backend's function table.
 pub struct RawBackend {
@@ -51,37 +65,6 @@ impl RawBackend {
         // as the module stays loaded, which `_lib` guarantees.
         let list = unsafe { list.as_ref() }?;
         Some(RawBackend { _lib: lib, list })
-    }
-}
-
-/// A value published to every thread with one atomic store and read with one atomic
-/// load: no lock and no reference count on the hot path. Values are leaked (`&'static`),
-/// never freed, so a reader may keep using the one it loaded after it was replaced.
-pub struct Published<T: 'static>(AtomicPtr<T>);
-
-impl<T: 'static> Published<T> {
-    /// Nothing published.
-    pub const fn new() -> Self {
-        Published(AtomicPtr::new(std::ptr::null_mut()))
-    }
-
-    /// Publishes `v` (or nothing).
-    pub fn set(&self, v: Option<&'static T>) {
-        let p = v.map_or(std::ptr::null_mut(), |r| (r as *const T).cast_mut());
-        self.0.store(p, Ordering::Release);
-    }
-
-    /// What is published.
-    pub fn get(&self) -> Option<&'static T> {
-        // SAFETY: the pointer is null or came from a `&'static T` in `set`; it is never
-        // written through (only turned back into a shared reference).
-        unsafe { self.0.load(Ordering::Acquire).as_ref() }
-    }
-}
-
-impl<T: 'static> Default for Published<T> {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
