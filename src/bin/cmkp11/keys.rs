@@ -1,6 +1,7 @@
 //! `cmkp11 key ...`: list, show, create, the lifecycle steps, purge, import.
 
 use crate::ctx::{describe, lib_err, Ctx};
+use crate::signing::{self, SigningType};
 use crate::{fail, import, output, CliError, Global, R};
 use clap::{Subcommand, ValueEnum};
 use cmkp11::backend::mech::Mech;
@@ -23,16 +24,36 @@ pub enum KeyCmd {
         /// The key's name.
         name: String,
     },
-    /// Create an AES CMK in the token.
+    /// Create a CMK in the token: an AES key (`--role`), or a signing key pair (`--type`).
     Create {
         /// The key's name (unique on the token).
         name: String,
-        /// What the key is for (default: `[keys] default_role` of the configuration).
-        #[arg(long, value_enum)]
+        /// What an AES key is for (default: `[keys] default_role` of the configuration).
+        #[arg(long, value_enum, conflicts_with = "key_type")]
         role: Option<Role>,
-        /// Key length in bits.
+        /// AES key length in bits.
         #[arg(long, default_value = "256", value_parser = ["128", "256"])]
         bits: String,
+        /// Make a signing key pair of this type instead of an AES key (TLS, SSH, CSRs).
+        #[arg(long = "type", value_enum, value_name = "TYPE")]
+        key_type: Option<SigningType>,
+        /// The key pair's CKA_ID, in hex (default: 16 random bytes).
+        #[arg(long, value_name = "HEX", requires = "key_type", value_parser = signing::parse_id)]
+        id: Option<signing::KeyId>,
+    },
+    /// Write a PKCS#10 certificate request signed in the token by a signing key.
+    Csr {
+        /// The signing key's name.
+        name: String,
+        /// The subject: `CN=web.example.com,O=Example` or `/O=Example/CN=web.example.com`.
+        #[arg(long, value_parser = signing::parse_subject)]
+        subject: x509_cert::name::Name,
+        /// A subject alternative name, `DNS:NAME` or `IP:ADDRESS` (repeatable).
+        #[arg(long, value_parser = signing::parse_san)]
+        san: Vec<x509_cert::ext::pkix::name::GeneralName>,
+        /// Where to write the request (PEM; default: standard output).
+        #[arg(long, short, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
     },
     /// Give a secret CMK a new primary version (older versions keep decrypting).
     Rotate {
@@ -262,9 +283,21 @@ pub fn run(g: &Global, cmd: KeyCmd) -> R<()> {
             let cmk = ctx.cmk(&name)?;
             print_key(&ctx, &key_info(&ctx, &cmk)?)
         }
-        KeyCmd::Create { name, role, bits } => {
-            create(&ctx, &name, role, bits.parse().unwrap_or(256))
-        }
+        KeyCmd::Create {
+            name,
+            key_type: Some(ty),
+            id,
+            ..
+        } => signing::create(&ctx, &name, ty, id),
+        KeyCmd::Create {
+            name, role, bits, ..
+        } => create(&ctx, &name, role, bits.parse().unwrap_or(256)),
+        KeyCmd::Csr {
+            name,
+            subject,
+            san,
+            out,
+        } => signing::csr(&ctx, &name, subject, san, out),
         KeyCmd::Rotate { name: Some(n), .. } => rotate(&ctx, &n),
         KeyCmd::Rotate { name: None, .. } => rotate_due(&ctx),
         KeyCmd::Disable { name } => disable(&ctx, &name),

@@ -34,6 +34,7 @@ mod init;
 mod keys;
 mod output;
 mod progress;
+mod signing;
 
 // The `audit` subcommand (audit issue): its own module, parsed and dispatched here.
 mod audit;
