@@ -836,6 +836,12 @@ impl Auditor {
             }
             macd = m.or(macd);
         }
+        if due && macd.is_none() && markers.is_empty() && batch.iter().all(|p| p.force_mac) {
+            // Only `checkpoint` records, and the token cannot MAC (logged out already): an
+            // unauthenticated checkpoint would say nothing; the records stay uncovered.
+            buf.clear();
+            return Ok(Vec::new());
+        }
         if let Err(e) = locked.append(buf, len) {
             locked.set_hint(None);
             return Err(format!("write {disp}: {e}"));

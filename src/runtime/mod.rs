@@ -436,7 +436,8 @@ impl Library {
     /// `C_CloseSession`.
     pub fn close_session(&self, h: CK_SESSION_HANDLE) -> Result<()> {
         let mut made_objects = true;
-        let found = self.gone_with(|t| {
+        let gone = (|| {
+            let t = &mut *self.sessions.write();
             let (slot_id, s) = t.map.remove(&h)?;
             self.removed();
             // A call in flight on the session keeps it (and its backend session) alive
@@ -457,14 +458,17 @@ impl Library {
                 g.close_later = not;
             }
             Some(g)
-        });
-        if !found {
+        })();
+        let Some(gone) = gone else {
             return err(CKR_SESSION_HANDLE_INVALID);
-        }
+        };
         if made_objects {
             self.objects.forget_owned_by(&[h]);
         }
+        // Before `after_gone`: closing the application's last session logs it out, and
+        // the record belongs before the checkpoint written then (which needs the login).
         self.audit.session_closed(h);
+        self.after_gone(gone);
         Ok(())
     }
 
@@ -493,21 +497,11 @@ impl Library {
         Ok(())
     }
 
-    /// Runs `f` under the session table's lock; `f` says which session of which slot is
-    /// gone ([`Gone`]). Returns whether it found one.
-    fn gone_with(&self, f: impl FnOnce(&mut Sessions) -> Option<Gone>) -> bool {
-        let gone = f(&mut self.sessions.write());
-        match gone {
-            None => false,
-            Some(g) => {
-                self.after_gone(g);
-                true
-            }
-        }
-    }
-
+    /// Runs `f` under the session table's lock (`f` counts a session of a slot gone, see
+    /// [`Gone`]), then what is left to do outside it.
     fn gone(&self, f: impl FnOnce(&mut Sessions) -> Gone) {
-        self.gone_with(|t| Some(f(t)));
+        let g = f(&mut self.sessions.write());
+        self.after_gone(g);
     }
 
     /// After the table counted a session gone: backend sessions close outside the lock;
