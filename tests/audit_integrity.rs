@@ -83,3 +83,271 @@ fn every_successful_command_is_quiet_and_leaves_the_log_authenticated() {
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["authenticated_through"], v["last_seq"], "{v}");
 }
+
+/// `audit verify --json` as (exit status, report).
+fn verify(env: &Env) -> (i32, serde_json::Value) {
+    let out = env.run(&["--json", "audit", "verify"]);
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify output: {e}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap(), v)
+}
+
+/// Deletes the token's audit checkpoint object with SoftHSM2 directly (an insider with the
+/// PIN and the token's own module).
+fn destroy_checkpoint(env: &Env) {
+    let out = std::process::Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &env.softhsm_conf)
+        .args(["--module", SOFTHSM, "--login", "--pin", PIN])
+        .args(["--delete-object", "--type", "data", "--label"])
+        .arg("cmkp11:audit-checkpoint")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pkcs11-tool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A token with a key and some audited history.
+fn with_history() -> (Env, PathBuf) {
+    let (env, log) = audited();
+    env.ok(&["key", "create", "k1", "--role", "wrap"]);
+    std::fs::write(env.path("plain"), b"data").unwrap();
+    for i in 0..3 {
+        env.ok(&["encrypt", "--key", "k1", "plain", &format!("c{i}")]);
+    }
+    (env, log)
+}
+
+#[test]
+fn verify_is_read_only_and_says_when_it_could_not_use_the_token() {
+    let (env, log) = with_history();
+    let before = std::fs::read(&log).unwrap();
+    let (code, v) = verify(&env);
+    assert_eq!((code, &v["ok"]), (0, &serde_json::json!(true)), "{v}");
+    assert_eq!(v["authenticated_through"], v["last_seq"], "{v}");
+    assert_eq!(
+        std::fs::read(&log).unwrap(),
+        before,
+        "verify appended to the log it verifies"
+    );
+    // no PIN: the chain is checked, the token side is not, and the status says so
+    std::fs::rename(&env.pin_file, env.path("pin.away")).unwrap();
+    let out = env.run(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    contains(&text, "NOT checked");
+    contains(&text, "exit status 3");
+    contains(
+        &String::from_utf8_lossy(&out.stderr),
+        "checking without the token",
+    );
+    std::fs::rename(env.path("pin.away"), &env.pin_file).unwrap();
+    assert_eq!(std::fs::read(&log).unwrap(), before);
+}
+
+fn cut_last_lines(log: &Path, n: usize) {
+    let text = std::fs::read_to_string(log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let keep = &lines[..lines.len() - n];
+    std::fs::write(log, format!("{}\n", keep.join("\n"))).unwrap();
+}
+
+#[test]
+fn a_cut_log_stays_bad_after_later_writers() {
+    let (env, log) = with_history();
+    cut_last_lines(&log, 4);
+    let (code, v) = verify(&env);
+    assert_eq!(
+        (code, v["problem"]["kind"].as_str()),
+        (1, Some("truncated")),
+        "{v}"
+    );
+    // a later writer finds the checkpointed record gone: it records the gap and never
+    // moves the checkpoint over it silently
+    env.ok(&["key", "list"]);
+    env.ok(&["encrypt", "--key", "k1", "plain", "later"]);
+    let gaps: Vec<_> = records(&log)
+        .into_iter()
+        .filter(|r| r["op"] == "audit-gap")
+        .collect();
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    contains(gaps[0]["reason"].as_str().unwrap(), "records were cut");
+    let (code, v) = verify(&env);
+    assert_eq!(
+        (code, v["problem"]["kind"].as_str()),
+        (1, Some("gap")),
+        "{v}"
+    );
+    // ... also when the gap record itself is cut away with everything after it: the
+    // token checkpoint keeps the gap
+    let text = std::fs::read_to_string(&log).unwrap();
+    let at = text.find("\"op\":\"audit-gap\"").unwrap();
+    let line_start = text[..at].rfind('\n').map_or(0, |p| p + 1);
+    std::fs::write(&log, &text[..line_start]).unwrap();
+    env.ok(&["key", "list"]);
+    let (code, v) = verify(&env);
+    assert_eq!(
+        (code, v["problem"]["kind"].as_str()),
+        (1, Some("gap")),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_replayed_older_log_is_caught() {
+    let (env, log) = with_history();
+    let old = std::fs::read(&log).unwrap();
+    env.ok(&["key", "disable", "k1"]);
+    env.ok(&["key", "enable", "k1"]);
+    std::fs::write(&log, &old).unwrap();
+    let (code, v) = verify(&env);
+    assert_eq!(
+        (code, v["problem"]["kind"].as_str()),
+        (1, Some("truncated")),
+        "{v}"
+    );
+    env.ok(&["key", "list"]);
+    let (code, v) = verify(&env);
+    assert_eq!(
+        (code, v["problem"]["kind"].as_str()),
+        (1, Some("gap")),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_destroyed_checkpoint_is_caught_also_with_macs_stripped() {
+    let (env, log) = with_history();
+    let original = std::fs::read_to_string(&log).unwrap();
+    destroy_checkpoint(&env);
+    let (code, v) = verify(&env);
+    assert_eq!(
+        (code, v["problem"]["kind"].as_str()),
+        (1, Some("checkpoint")),
+        "{v}"
+    );
+    // the attacker also rewrites the log without MACs (recomputing the chain)
+    let mut prev = "0".repeat(64);
+    let mut out = String::new();
+    for l in original.lines() {
+        let mut r: serde_json::Value = serde_json::from_str(l).unwrap();
+        r["prev"] = serde_json::Value::String(prev.clone());
+        r["mac"] = serde_json::Value::Null;
+        // serde_json keeps the field order of the record (preserve_order is not needed:
+        // re-serializing sorts keys, which is still a line the chain can hash)
+        let line = serde_json::to_string(&r).unwrap();
+        use sha2::Digest;
+        prev = sha2::Sha256::digest(line.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        out.push_str(&line);
+        out.push('\n');
+    }
+    std::fs::write(&log, out).unwrap();
+    let (code, v) = verify(&env);
+    assert_eq!(code, 1, "{v}");
+    // a writer after the destruction records it
+    std::fs::write(&log, &original).unwrap();
+    env.ok(&["key", "list"]);
+    let (code, v) = verify(&env);
+    assert_eq!(
+        (code, v["problem"]["kind"].as_str()),
+        (1, Some("gap")),
+        "{v}"
+    );
+    contains(v["problem"]["detail"].as_str().unwrap(), "was destroyed");
+}
+
+#[test]
+fn a_checkpointed_record_cut_by_one_byte_is_a_gap_for_the_next_writer() {
+    let (env, log) = with_history();
+    let data = std::fs::read(&log).unwrap();
+    std::fs::write(&log, &data[..data.len() - 1]).unwrap();
+    env.ok(&["key", "list"]);
+    let (code, v) = verify(&env);
+    assert_eq!(
+        (code, v["problem"]["kind"].as_str()),
+        (1, Some("gap")),
+        "{v}"
+    );
+}
+
+/// Hidden files of the directory (temporary files of `encrypt`/`decrypt`).
+fn hidden(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+#[test]
+fn a_killed_encrypt_leaves_no_temporary_file() {
+    let (env, _log) = audited();
+    env.ok(&["key", "create", "k1", "--role", "wrap"]);
+    let out_dir = env.path("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    // big enough that the kill lands while chunks are written
+    let big = env.path("big");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(256 << 20).unwrap();
+    let mut killed = 0;
+    for round in 0..3 {
+        let dest = out_dir.join(format!("big{round}.cmk"));
+        let mut child = env
+            .command(&["encrypt", "--key", "k1", "big"])
+            .arg(&dest)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // wait until output is being written, then kill
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < std::time::Duration::from_secs(20) {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if writes_into(child.id(), &out_dir) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100 * (round + 1)));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            killed += 1;
+        }
+        child.wait().unwrap();
+        assert!(!dest.exists(), "a killed encrypt left its output");
+        assert_eq!(hidden(&out_dir), Vec::<String>::new());
+    }
+    assert!(killed > 0, "no encrypt was killed mid-way");
+    // a hidden temporary file left by an older build (a process that is gone) is removed
+    // by the next output to the same name; one of a live process is left alone
+    let stale = out_dir.join(".x.cmk.cmkp11-999999999-0000abcd.tmp");
+    let live = out_dir.join(format!(".x.cmk.cmkp11-{}-0000abcd.tmp", std::process::id()));
+    std::fs::write(&stale, b"partial").unwrap();
+    std::fs::write(&live, b"partial").unwrap();
+    std::fs::write(env.path("small"), b"small").unwrap();
+    env.ok(&["encrypt", "--key", "k1", "small", "out/x.cmk"]);
+    assert!(!stale.exists() && live.exists());
+    env.ok(&["decrypt", "--force", "out/x.cmk", "small"]);
+    assert_eq!(std::fs::read(env.path("small")).unwrap(), b"small");
+}
+
+/// Whether process `pid` has a file of `dir` open (its output being written).
+fn writes_into(pid: u32, dir: &Path) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(dir)))
+}

@@ -26,7 +26,8 @@ pub fn mac_input(prefix: &[u8]) -> Vec<u8> {
 }
 
 /// The content of the token's checkpoint object: the latest MACed record's seq, the hash
-/// of its line, and its MAC (so the checkpoint names one exact line).
+/// of its line, and its MAC (so the checkpoint names one exact line); since v2 also where
+/// that line ends in the file, and the first gap a writer ever found (sticky).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
     /// `seq` of the record.
@@ -35,34 +36,149 @@ pub struct Checkpoint {
     pub hash: [u8; 32],
     /// Its `mac` value.
     pub mac: Vec<u8>,
+    /// Offset just past its newline in the file it is in (`None` for a v1 checkpoint).
+    pub end: Option<u64>,
+    /// `seq` of the `audit-gap` record of the first gap a writer found (0: none). Kept by
+    /// every later checkpoint: cutting or replacing the log is never forgotten.
+    pub gap: u64,
 }
 
 impl Checkpoint {
-    /// `cmkp11-audit-checkpoint v1 <seq> <hash hex> <mac hex>`
+    /// `cmkp11-audit-checkpoint v2 <seq> <hash hex> <mac hex> <end> <gap>`
     pub fn encode(&self) -> Vec<u8> {
         format!(
-            "cmkp11-audit-checkpoint v1 {} {} {}",
+            "cmkp11-audit-checkpoint v2 {} {} {} {} {}",
             self.seq,
             hex(&self.hash),
-            hex(&self.mac)
+            hex(&self.mac),
+            self.end.unwrap_or(0),
+            self.gap
         )
         .into_bytes()
     }
 
-    /// The inverse of [`Checkpoint::encode`].
+    /// The inverse of [`Checkpoint::encode`] (v1 too: `... v1 <seq> <hash> <mac>`).
     pub fn decode(b: &[u8]) -> Option<Checkpoint> {
         let s = std::str::from_utf8(b).ok()?;
         let mut it = s.split(' ');
-        if it.next()? != "cmkp11-audit-checkpoint" || it.next()? != "v1" {
+        if it.next()? != "cmkp11-audit-checkpoint" {
             return None;
         }
+        let v2 = match it.next()? {
+            "v1" => false,
+            "v2" => true,
+            _ => return None,
+        };
         let seq = it.next()?.parse().ok()?;
         let hash = unhex(it.next()?)?.try_into().ok()?;
         let mac = unhex(it.next()?)?;
+        let (end, gap) = if v2 {
+            let end: u64 = it.next()?.parse().ok()?;
+            (Some(end).filter(|e| *e > 0), it.next()?.parse().ok()?)
+        } else {
+            (None, 0)
+        };
         if it.next().is_some() {
             return None;
         }
-        Some(Checkpoint { seq, hash, mac })
+        Some(Checkpoint {
+            seq,
+            hash,
+            mac,
+            end,
+            gap,
+        })
+    }
+}
+
+/// Where a token checkpoint's record is, as a writer checks it before moving the
+/// checkpoint ([`find_checkpointed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Anchor {
+    /// The record is in the file, unchanged.
+    Found,
+    /// It belongs to an earlier file of the series (this file starts after it).
+    Earlier,
+    /// It is not in the file as the token knows it: why.
+    Missing(String),
+}
+
+/// `seq` of the first record of the file (`None` if it has no complete first line).
+pub fn first_seq(f: &File, len: u64) -> std::io::Result<Option<u64>> {
+    let mut buf = vec![0u8; (MAX_LINE as u64 + 1).min(len) as usize];
+    f.read_exact_at(&mut buf, 0)?;
+    Ok(buf
+        .iter()
+        .position(|&b| b == b'\n')
+        .and_then(|p| record::quick_seq(&buf[..p])))
+}
+
+/// Whether the record the token checkpoint `c` names is in the log `f` of `len` bytes
+/// (whose first record has seq `base`): the line ending at `c.end` (v2), or, for a v1
+/// checkpoint, the line with seq `c.seq` found by reading the file once.
+pub fn find_checkpointed(
+    f: &File,
+    len: u64,
+    base: Option<u64>,
+    c: &Checkpoint,
+) -> std::io::Result<Anchor> {
+    if base.is_some_and(|b| c.seq < b) {
+        return Ok(Anchor::Earlier);
+    }
+    let missing = |what: String| {
+        Ok(Anchor::Missing(format!(
+            "the token checkpoint names seq {} (hash {}{}) but {what}: records were cut or \
+             the file was replaced",
+            c.seq,
+            &hex(&c.hash)[..16],
+            c.end
+                .map(|e| format!(", ending at offset {e}"))
+                .unwrap_or_default()
+        )))
+    };
+    let Some(end) = c.end else {
+        // v1: read the file once
+        let (mut pos, mut carry) = (0u64, Vec::new());
+        let mut chunk = vec![0u8; 1 << 16];
+        while pos < len {
+            let n = ((len - pos) as usize).min(chunk.len());
+            f.read_exact_at(&mut chunk[..n], pos)?;
+            pos += n as u64;
+            carry.extend_from_slice(&chunk[..n]);
+            let mut from = 0;
+            while let Some(p) = carry[from..].iter().position(|&b| b == b'\n') {
+                let line = &carry[from..from + p];
+                if record::quick_seq(line) == Some(c.seq) {
+                    return if line_hash(line) == c.hash {
+                        Ok(Anchor::Found)
+                    } else {
+                        missing("the file's record of that seq differs".into())
+                    };
+                }
+                from += p + 1;
+            }
+            carry.drain(..from);
+        }
+        return missing("the file has no such record".into());
+    };
+    if end > len {
+        return missing(format!("the file is only {len} bytes long"));
+    }
+    let start = end.saturating_sub(MAX_LINE as u64 + 1);
+    let mut buf = vec![0u8; (end - start) as usize];
+    f.read_exact_at(&mut buf, start)?;
+    if buf.pop() != Some(b'\n') {
+        return missing("no record ends there".into());
+    }
+    let line = match buf.iter().rposition(|&b| b == b'\n') {
+        Some(p) => &buf[p + 1..],
+        None if start == 0 => &buf[..],
+        None => return missing("no record ends there".into()),
+    };
+    if line_hash(line) == c.hash {
+        Ok(Anchor::Found)
+    } else {
+        missing("the record there differs".into())
     }
 }
 
@@ -223,12 +339,17 @@ mod tests {
         assert!(scan_tail(&A.as_bytes()[3..], 100).is_none());
         let log = format!("{}\n{A}\n", &B[4..]);
         assert_eq!(scan_tail(log.as_bytes(), 100).unwrap().seq, 1);
-        let c = Checkpoint {
+        let mut c = Checkpoint {
             seq: 9,
             hash: [7; 32],
             mac: vec![1, 2],
+            end: Some(300),
+            gap: 4,
         };
-        assert_eq!(Checkpoint::decode(&c.encode()), Some(c));
+        assert_eq!(Checkpoint::decode(&c.encode()), Some(c.clone()));
+        let v1 = format!("cmkp11-audit-checkpoint v1 9 {} 0102", hex(&[7; 32]));
+        (c.end, c.gap) = (None, 0);
+        assert_eq!(Checkpoint::decode(v1.as_bytes()), Some(c));
         let torn = Torn::of(b"abc", 5);
         assert_eq!(parse_torn_reason(&torn.reason()), Some((5, 4, torn.hash)));
     }

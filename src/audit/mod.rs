@@ -229,6 +229,11 @@ pub trait TokenMac: Send + Sync {
     fn load_checkpoint(&self) -> Result<Option<Vec<u8>>, u64>;
     /// Replaces the checkpoint object's value (creating the object if needed).
     fn store_checkpoint(&self, data: &[u8]) -> Result<(), u64>;
+    /// Whether the audit key was in the token before this object first reached it (it did
+    /// not make it): MACs were made with it, so a token without a checkpoint lost one.
+    fn key_existed(&self) -> Result<bool, u64> {
+        Ok(false)
+    }
 }
 
 /// Knobs of the writer; [`Tuning::default`] is what production uses.
@@ -769,7 +774,6 @@ impl Auditor {
                 SystemTime::now(),
             ));
         }
-        let count = (markers.len() + batch.len()) as u32;
         let force = batch.iter().any(|p| p.force_mac);
         let may_retry = force || w.mac_failed_at.is_none_or(|t| t.elapsed() >= MAC_RETRY);
         let due = mac.is_some()
@@ -777,9 +781,73 @@ impl Auditor {
             && (w.mac_failed_at.is_some()
                 || w.last_mac.is_none()
                 || force
-                || w.since_mac + count >= self.tuning.checkpoint_records
+                || w.since_mac + (markers.len() + batch.len()) as u32
+                    >= self.tuning.checkpoint_records
                 || w.last_mac
                     .is_some_and(|t| t.elapsed() >= self.tuning.checkpoint_interval));
+        // Before a MAC moves the token checkpoint, the record the checkpoint names now
+        // must be in this file as the token knows it; if not, the gap is recorded first
+        // (and kept by every later checkpoint), never silently stepped over.
+        let mut store_ok = false;
+        let mut sticky_gap = 0;
+        let mut gap_at = None;
+        if due {
+            let tm = mac.as_ref().expect("due implies mac");
+            let mut gap = |why: String| {
+                log::error!("audit: {disp}: {why}; recorded in the log (audit-gap)");
+                gap_at = Some(markers.len());
+                let r = Record {
+                    reason: Some(why),
+                    ..Record::new("audit-gap", cryptoki_sys::CKR_GENERAL_ERROR)
+                };
+                markers.push(record::body(
+                    &self.ident,
+                    pid,
+                    &r.view(),
+                    None,
+                    SystemTime::now(),
+                ));
+            };
+            match tm.load_checkpoint() {
+                Ok(None) => {
+                    store_ok = true;
+                    if tm.key_existed().unwrap_or(false) {
+                        gap(
+                            "the token holds no audit checkpoint although its audit key made \
+                             MACs before: the checkpoint object was destroyed"
+                                .into(),
+                        );
+                    }
+                }
+                Ok(Some(b)) => match chain::Checkpoint::decode(&b) {
+                    None => {
+                        store_ok = true;
+                        gap(
+                            "the token's audit checkpoint object is not a cmkp11 checkpoint".into(),
+                        );
+                    }
+                    Some(c) => {
+                        sticky_gap = c.gap;
+                        let f = locked.file();
+                        let found = chain::first_seq(f, len)
+                            .and_then(|base| chain::find_checkpointed(f, len, base, &c));
+                        match found {
+                            Ok(chain::Anchor::Found | chain::Anchor::Earlier) => store_ok = true,
+                            Ok(chain::Anchor::Missing(why)) => {
+                                store_ok = true;
+                                gap(why);
+                            }
+                            Err(e) => log::error!(
+                                "audit: cannot check the token checkpoint against {disp}: {e}; \
+                                 it is not moved"
+                            ),
+                        }
+                    }
+                },
+                Err(_) => {} // the MAC fails the same way; nothing is moved
+            }
+        }
+        let count = (markers.len() + batch.len()) as u32;
         let bodies = markers
             .iter()
             .map(|b| (b, false))
@@ -860,11 +928,17 @@ impl Auditor {
             w.last_mac = Some(Instant::now());
             w.unmac = false;
             match locked.sync() {
+                Ok(()) if !store_ok => {
+                    log::error!("audit: token checkpoint not moved (not checked against {disp})")
+                }
                 Ok(()) => {
+                    let gap = gap_at.map_or(0, |i| tail.seq + 1 + i as u64);
                     let c = chain::Checkpoint {
                         seq,
                         hash: prev,
                         mac: m,
+                        end: Some(w.end),
+                        gap: if sticky_gap != 0 { sticky_gap } else { gap },
                     };
                     if let Err(rv) = tm.store_checkpoint(&c.encode()) {
                         log::error!(

@@ -30,6 +30,10 @@ pub enum Tamper {
     Torn,
     /// The token's checkpoint is missing or unreadable while the log holds MACed records.
     Checkpoint,
+    /// A writer found records missing or replaced when it opened the log (an `audit-gap`
+    /// record, or the gap the token checkpoint keeps): the log was cut, replaced by an
+    /// older copy, or the checkpoint destroyed, and records were appended after that.
+    Gap,
     /// The file cannot be read.
     Unreadable,
 }
@@ -44,6 +48,7 @@ impl fmt::Display for Tamper {
             Tamper::Truncated => "truncated",
             Tamper::Torn => "torn",
             Tamper::Checkpoint => "checkpoint",
+            Tamper::Gap => "gap",
             Tamper::Unreadable => "unreadable",
         })
     }
@@ -79,6 +84,9 @@ pub struct Report {
     pub authenticated_through: Option<u64>,
     /// The token checkpoint's `seq`, when one was read.
     pub token_checkpoint: Option<u64>,
+    /// Whether the log was checked against the token's checkpoint (cut tail, destroyed
+    /// checkpoint, recorded gaps): false without a token or when it could not be read.
+    pub checkpoint_checked: bool,
     /// Remarks that do not make the log bad (repaired torn records, unauthenticated tail).
     pub notes: Vec<String>,
     /// The first problem, `None` if the log is good.
@@ -126,6 +134,8 @@ impl fmt::Display for Report {
         }
         if let Some(s) = self.token_checkpoint {
             writeln!(f, "  token checkpoint: seq {s}")?;
+        } else if self.macs_checked && !self.checkpoint_checked {
+            writeln!(f, "  token checkpoint: NOT checked")?;
         }
         for n in &self.notes {
             writeln!(f, "  note: {n}")?;
@@ -308,6 +318,7 @@ pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
     let mut garbage: Option<usize> = None; // index of the first unparsable line pending
     let mut last_mac_ok: Option<(u64, u64)> = None; // seq, line
     let mut mac_failed_note = false;
+    let mut first_gap: Option<(u64, u64, String)> = None; // line, seq, reason
     for (i, l) in lines.iter().enumerate() {
         if !l.terminated {
             let complete = record::is_complete(&data[l.start..l.end]);
@@ -439,6 +450,9 @@ pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
                 }
             }
         }
+        if p.op == "audit-gap" && first_gap.is_none() {
+            first_gap = Some((p.no, p.seq, p.reason.clone().unwrap_or_default()));
+        }
         report.records += 1;
         before_last = last.1;
         last = (p.seq, p.hash, p.no);
@@ -461,13 +475,26 @@ pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
         );
         return report;
     }
+    let gap_problem = |report: &mut Report| {
+        if let (None, Some((line, seq, why))) = (&report.problem, &first_gap) {
+            bad(
+                report,
+                Tamper::Gap,
+                *line,
+                Some(*seq),
+                format!("a writer found the log cut or replaced before appending: {why}"),
+            );
+        }
+    };
     if !report.macs_checked {
         report.authenticated_through = None;
+        gap_problem(&mut report);
         return report;
     }
 
     // The token checkpoint: catches a cut tail.
     let end_line = report.lines + 1;
+    let mut ck_gap = 0;
     match ck {
         Some(Ok(Some(bytes))) => match Checkpoint::decode(&bytes) {
             None => bad(
@@ -479,6 +506,8 @@ pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
             ),
             Some(c) => {
                 report.token_checkpoint = Some(c.seq);
+                report.checkpoint_checked = true;
+                ck_gap = c.gap;
                 let at = recs
                     .iter()
                     .flatten()
@@ -532,15 +561,24 @@ pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
             }
         },
         Some(Ok(None)) => {
-            if report.macs > 0 {
+            let key_existed = mac.is_some_and(|m| m.key_existed().unwrap_or(false));
+            report.checkpoint_checked = true;
+            let macs = report.macs;
+            if macs > 0 || key_existed {
                 bad(
                     &mut report,
                     Tamper::Checkpoint,
                     end_line,
                     None,
-                    "the log holds token MACs but the token holds no checkpoint (wrong token, \
-                     or the checkpoint object was deleted)"
-                        .into(),
+                    if macs > 0 {
+                        "the log holds token MACs but the token holds no checkpoint (wrong \
+                         token, or the checkpoint object was destroyed)"
+                    } else {
+                        "the token's audit key made MACs but the token holds no checkpoint and \
+                         the log no MAC: the checkpoint was destroyed and the log rewritten \
+                         without MACs (or this is not the log of this token)"
+                    }
+                    .into(),
                 );
             } else if report.records > 0 {
                 report
@@ -555,6 +593,19 @@ pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
             ));
         }
         None => {}
+    }
+    gap_problem(&mut report);
+    if report.problem.is_none() && ck_gap != 0 {
+        bad(
+            &mut report,
+            Tamper::Gap,
+            end_line,
+            Some(ck_gap),
+            format!(
+                "the token checkpoint keeps a gap that a writer recorded at seq {ck_gap}, and \
+                 that record is not in this log: the log was cut or replaced"
+            ),
+        );
     }
     report
 }

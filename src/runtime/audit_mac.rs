@@ -19,7 +19,8 @@ pub const CHECKPOINT_LABEL: &str = "cmkp11:audit-checkpoint";
 
 struct Open {
     s: Session,
-    key: ObjectHandle,
+    /// `None` only for a read-only verifier on a token without the key.
+    key: Option<ObjectHandle>,
 }
 
 /// [`TokenMac`] over a dedicated backend session.
@@ -27,6 +28,10 @@ pub struct TokenAuditMac {
     ctx: Pkcs11,
     slot: Slot,
     open: Mutex<Option<Open>>,
+    /// Never generate the key (a verifier must not change the token).
+    read_only: bool,
+    /// Whether the key was found at the first connection (not made by this object).
+    existed: Mutex<Option<bool>>,
 }
 
 fn rv(e: cryptoki::error::Error) -> u64 {
@@ -40,6 +45,17 @@ impl TokenAuditMac {
             ctx,
             slot,
             open: Mutex::new(None),
+            read_only: false,
+            existed: Mutex::new(None),
+        }
+    }
+
+    /// The audit key of `slot`'s token for a verifier: never made when missing (a MAC
+    /// then fails with `CKR_KEY_HANDLE_INVALID`).
+    pub fn read_only(ctx: Pkcs11, slot: Slot) -> TokenAuditMac {
+        TokenAuditMac {
+            read_only: true,
+            ..TokenAuditMac::new(ctx, slot)
         }
     }
 
@@ -56,8 +72,10 @@ impl TokenAuditMac {
             Attribute::Token(true),
             label.clone(),
         ])?;
+        self.existed.lock().get_or_insert(!found.is_empty());
         let key = match found.first() {
             Some(k) => *k,
+            None if self.read_only => return Ok(Open { s, key: None }),
             // Needs a logged-in application (login state is shared by its sessions);
             // before that the auditor keeps records chained and asks again later.
             None => s.generate_key(
@@ -81,7 +99,7 @@ impl TokenAuditMac {
                 ],
             )?,
         };
-        Ok(Open { s, key })
+        Ok(Open { s, key: Some(key) })
     }
 
     fn with<R>(&self, f: impl FnOnce(&Open) -> cryptoki::error::Result<R>) -> Result<R, u64> {
@@ -130,11 +148,25 @@ impl TokenAuditMac {
 
 impl TokenMac for TokenAuditMac {
     fn mac(&self, data: &[u8]) -> Result<Vec<u8>, u64> {
-        self.with(|o| o.s.sign(&Mechanism::Sha256Hmac, o.key, data))
+        self.with(|o| match o.key {
+            Some(k) => o.s.sign(&Mechanism::Sha256Hmac, k, data),
+            None => Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::KeyHandleInvalid,
+                cryptoki::context::Function::Sign,
+            )),
+        })
     }
 
     fn load_checkpoint(&self) -> Result<Option<Vec<u8>>, u64> {
         self.with(|o| Ok(Self::checkpoints(&o.s)?.pop().map(|(_, _, v)| v)))
+    }
+
+    fn key_existed(&self) -> Result<bool, u64> {
+        if let Some(e) = *self.existed.lock() {
+            return Ok(e);
+        }
+        self.with(|_| Ok(()))?;
+        Ok(self.existed.lock().unwrap_or(false))
     }
 
     fn store_checkpoint(&self, data: &[u8]) -> Result<(), u64> {

@@ -21,8 +21,11 @@ pub struct AuditArgs {
 #[derive(Debug, clap::Subcommand)]
 pub enum AuditCmd {
     /// Check the hash chain, the token MACs and the token checkpoint; print the first bad
-    /// record and why (modified, inserted, deleted, reordered, truncated, torn).
-    /// Exit status 0: the log verifies; 1: it does not.
+    /// record and why (modified, inserted, deleted, reordered, truncated, torn, gap,
+    /// checkpoint). Read-only: appends nothing to the log.
+    /// Exit status 0: the log verifies; 1: it does not; 3: the chain is intact but the
+    /// token could not be used (no PIN, token unavailable), so the MACs or the token
+    /// checkpoint were not checked.
     Verify {
         /// The log (default: `[audit] file` of the configuration).
         #[arg(long)]
@@ -65,6 +68,10 @@ pub enum AuditCmd {
         json: bool,
     },
 }
+
+/// Exit status of `audit verify` when the chain is intact but the token side (MACs,
+/// checkpoint) could not be checked.
+pub const NOT_AUTHENTICATED: i32 = 3;
 
 fn log_file(file: Option<PathBuf>, cfg: &Config) -> Result<PathBuf, String> {
     file.or_else(|| cfg.audit.file.clone()).ok_or_else(|| {
@@ -110,20 +117,31 @@ pub fn run_to(
                     "macs": report.macs, "macs_checked": report.macs_checked,
                     "authenticated_through": report.authenticated_through,
                     "token_checkpoint": report.token_checkpoint, "notes": report.notes,
+                    "checkpoint_checked": report.checkpoint_checked,
                     "problem": p,
                 });
                 let _ = writeln!(out, "{v}");
             } else {
                 let _ = write!(out, "{}: {report}", path.display());
             }
-            if mac.is_none() && !json {
+            let unchecked = !report.macs_checked || !report.checkpoint_checked;
+            if report.ok() && unchecked && !json {
                 let _ = writeln!(
                     out,
-                    "  warning: no token: MACs and truncation were not checked; anyone who can \
-                     write the file could have rewritten it"
+                    "  warning: {}: MACs and truncation were not checked; anyone who can \
+                     write the file could have rewritten it (exit status 3)",
+                    if mac.is_none() {
+                        "no token"
+                    } else {
+                        "the token could not check them"
+                    }
                 );
             }
-            Ok(if report.ok() { 0 } else { 1 })
+            Ok(match (report.ok(), unchecked) {
+                (false, _) => 1,
+                (true, true) => NOT_AUTHENTICATED,
+                (true, false) => 0,
+            })
         }
         AuditCmd::Tail {
             follow,

@@ -141,7 +141,18 @@ pub struct Ctx {
 impl Ctx {
     /// Loads the configuration, opens the library, picks the token, logs in.
     pub fn open(g: &Global) -> R<Ctx> {
-        let cfg = load_config()?;
+        Ctx::open_with(g, load_config()?)
+    }
+
+    /// [`Ctx::open`] with the audit log off: for `audit verify`, which must not append
+    /// to the log it checks (its login would be a record).
+    pub fn open_unaudited(g: &Global) -> R<Ctx> {
+        let mut cfg = load_config()?;
+        cfg.audit.file = None;
+        Ctx::open_with(g, cfg)
+    }
+
+    fn open_with(g: &Global, cfg: Config) -> R<Ctx> {
         let lib = open_library(cfg, g.verbose)?;
         let (slot, token) = pick_token(&lib, g.token.as_deref())?;
         let pin = user_pin(g, &token)?;

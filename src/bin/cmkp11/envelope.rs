@@ -23,8 +23,9 @@
 //! The DEK is generated in the token as a session key (AES-256, or AES-128 under a 128-bit
 //! CMK: a DEK is never stronger than its wrapping key) and never leaves it unwrapped; the
 //! chunks are encrypted and decrypted inside the token. Memory use is a few chunks
-//! whatever the file size. Output goes to a temporary file in the destination directory,
-//! renamed into place only when everything succeeded.
+//! whatever the file size. Output goes to an unnamed temporary file in the destination
+//! directory (`O_TMPFILE`), linked into place only when everything succeeded: a killed
+//! command leaves nothing behind.
 
 use crate::ctx::{describe, Ctx};
 use crate::keys::key_info;
@@ -245,11 +246,47 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// The output file, written under a temporary name and renamed into place on success.
+/// The output file, written to an unnamed temporary file (`O_TMPFILE`) in the destination
+/// directory and given its name only on success, so that a killed command leaves nothing
+/// behind. Where the file system has no `O_TMPFILE`, a hidden named temporary file
+/// (`.NAME.cmkp11-PID-STAMP.tmp`) is used, and those left by processes that no longer run
+/// are removed when the next output goes to the same directory.
 struct Staged {
-    tmp: PathBuf,
+    /// The named temporary file, when `O_TMPFILE` was not available.
+    tmp: Option<PathBuf>,
+    dir: PathBuf,
+    name: std::ffi::OsString,
     dest: PathBuf,
+    force: bool,
     file: Option<std::io::BufWriter<File>>,
+}
+
+/// Prefix and suffix of the named temporary files of output `name`.
+fn tmp_pattern(name: &std::ffi::OsStr) -> (String, &'static str) {
+    (format!(".{}.cmkp11-", name.to_string_lossy()), ".tmp")
+}
+
+/// Removes the named temporary files of output `name` in `dir` whose process is gone.
+fn remove_stale(dir: &Path, name: &std::ffi::OsStr) {
+    let (prefix, suffix) = tmp_pattern(name);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        let Some(rest) = n.strip_prefix(&prefix).and_then(|r| r.strip_suffix(suffix)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let alive = rustix::process::Pid::from_raw(pid)
+            .is_some_and(|p| rustix::process::test_kill_process(p).is_ok());
+        if !alive && e.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 impl Staged {
@@ -263,63 +300,132 @@ impl Staged {
         }
         let name = dest
             .file_name()
-            .ok_or_else(|| CliError::new(format!("{} is not a file name", dest.display())))?;
+            .ok_or_else(|| CliError::new(format!("{} is not a file name", dest.display())))?
+            .to_owned();
         let dir = match dest.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let tmp = dir.join(format!(
-            ".{}.cmkp11-{}-{stamp:08x}.tmp",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| CliError::new(format!("cannot create {}: {e}", tmp.display())))?;
-        Ok(Staged {
-            tmp,
+        remove_stale(&dir, &name);
+        let mut staged = Staged {
+            tmp: None,
+            dir,
+            name,
             dest: dest.to_path_buf(),
-            file: Some(std::io::BufWriter::with_capacity(1 << 16, file)),
-        })
+            force,
+            file: None,
+        };
+        use rustix::fs::{Mode, OFlags, CWD};
+        let unnamed = rustix::fs::openat(
+            CWD,
+            &staged.dir,
+            OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        );
+        let file = match unnamed {
+            Ok(fd) if Path::new("/proc/self/fd").is_dir() => File::from(fd),
+            _ => {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos())
+                    .unwrap_or(0);
+                let (prefix, suffix) = tmp_pattern(&staged.name);
+                let tmp = staged.dir.join(format!(
+                    "{prefix}{}-{stamp:08x}{suffix}",
+                    std::process::id()
+                ));
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(|e| CliError::new(format!("cannot create {}: {e}", tmp.display())))?;
+                staged.tmp = Some(tmp);
+                f
+            }
+        };
+        staged.file = Some(std::io::BufWriter::with_capacity(1 << 16, file));
+        Ok(staged)
+    }
+
+    fn shown(&self) -> String {
+        match &self.tmp {
+            Some(t) => t.display().to_string(),
+            None => format!("{} (unnamed until complete)", self.dest.display()),
+        }
     }
 
     fn write(&mut self, data: &[u8]) -> R<()> {
         let f = self.file.as_mut().expect("open until commit");
         f.write_all(data)
-            .map_err(|e| CliError::new(format!("cannot write {}: {e}", self.tmp.display())))
+            .map_err(|e| CliError::new(format!("cannot write {}: {e}", self.shown())))
     }
 
     fn commit(mut self) -> R<()> {
         let w = self.file.take().expect("open until commit");
-        let bad =
-            |e: std::io::Error| CliError::new(format!("cannot write {}: {e}", self.tmp.display()));
+        let shown = self.shown();
+        let bad = |e: std::io::Error| CliError::new(format!("cannot write {shown}: {e}"));
         let f = w.into_inner().map_err(|e| bad(e.into_error()))?;
         f.sync_all().map_err(bad)?;
-        drop(f);
-        std::fs::rename(&self.tmp, &self.dest).map_err(|e| {
-            CliError::new(format!(
-                "cannot rename {} to {}: {e}",
-                self.tmp.display(),
-                self.dest.display()
-            ))
-        })?;
-        self.tmp = PathBuf::new();
-        Ok(())
+        let renamed = |from: &Path| {
+            std::fs::rename(from, &self.dest).map_err(|e| {
+                CliError::new(format!(
+                    "cannot rename {} to {}: {e}",
+                    from.display(),
+                    self.dest.display()
+                ))
+            })
+        };
+        if let Some(tmp) = self.tmp.take() {
+            drop(f);
+            let r = renamed(&tmp);
+            if r.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            return r;
+        }
+        // Give the unnamed file a name: directly the destination when it must not be
+        // replaced (linkat never replaces), else a hidden name renamed over it.
+        use std::os::fd::AsRawFd;
+        let proc_path = format!("/proc/self/fd/{}", f.as_raw_fd());
+        let link = |to: &Path| {
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                proc_path.as_str(),
+                rustix::fs::CWD,
+                to,
+                rustix::fs::AtFlags::SYMLINK_FOLLOW,
+            )
+            .map_err(|e| {
+                CliError::new(format!(
+                    "cannot create {}: {}",
+                    to.display(),
+                    std::io::Error::from(e)
+                ))
+            })
+        };
+        if !self.force {
+            return link(&self.dest);
+        }
+        let (prefix, suffix) = tmp_pattern(&self.name);
+        let tmp = self
+            .dir
+            .join(format!("{prefix}{}-link{suffix}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        link(&tmp)?;
+        let r = renamed(&tmp);
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r
     }
 }
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        if !self.tmp.as_os_str().is_empty() {
-            self.file.take();
-            let _ = std::fs::remove_file(&self.tmp);
+        self.file.take();
+        if let Some(tmp) = self.tmp.take() {
+            let _ = std::fs::remove_file(&tmp);
         }
     }
 }

@@ -140,20 +140,26 @@ fn run_audit(g: &Global, a: audit::AuditArgs) -> R<u8> {
     if g.verbose {
         cmkp11::logging::init(&cfg.log);
     }
-    // The token's audit key checks the MACs and the checkpoint (truncation); it needs a
-    // login. Without one (no PIN available), the hash chain alone is checked and the
-    // report says what was not.
-    let ctx = match ctx::Ctx::open(g) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            eprintln!("cmkp11: {}; checking without the token", e.msg);
-            None
+    // Only verify needs the token: its audit key checks the MACs and its checkpoint the
+    // end of the log; that needs a login. The library is opened with the audit log off,
+    // so that verify appends nothing (no login record) to the log it checks. Without a
+    // login (no PIN available), the hash chain alone is checked, the report says what was
+    // not, and the exit status is 3.
+    let ctx = if matches!(a.cmd, audit::AuditCmd::Verify { .. }) {
+        match ctx::Ctx::open_unaudited(g) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("cmkp11: {}; checking without the token", e.msg);
+                None
+            }
         }
+    } else {
+        None
     };
     let mac = ctx.as_ref().and_then(|c| {
         let lib = c.lib();
         lib.backend.slots.first().map(|slot| {
-            std::sync::Arc::new(cmkp11::runtime::audit_mac::TokenAuditMac::new(
+            std::sync::Arc::new(cmkp11::runtime::audit_mac::TokenAuditMac::read_only(
                 lib.backend.ctx.clone(),
                 *slot,
             )) as std::sync::Arc<dyn cmkp11::audit::TokenMac>
