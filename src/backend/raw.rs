@@ -274,6 +274,38 @@ impl RawBackend {
         }
     }
 
+    /// Ends the backend's operation of `kind` in session `h`, if it has one. True when the
+    /// backend answered that it has none (`CKR_OPERATION_NOT_INITIALIZED`), the only proof
+    /// that it is idle. Tried in turn: the final call (which ends a multi-part operation
+    /// whatever it answers, except `CKR_BUFFER_TOO_SMALL`), then a single-part call on one
+    /// block of zeros (for an operation no data reached, whose final call a backend may
+    /// refuse without ending it: SoftHSM2 answers an AES-CBC-PAD decryption's with
+    /// `CKR_BUFFER_TOO_SMALL` and a length of 2^64-1), each followed by a final call to
+    /// learn the outcome.
+    pub fn end_operation(&self, kind: Kind, h: CK_SESSION_HANDLE) -> bool {
+        let mut buf = [0u8; 1024];
+        let mut block = [0u8; 16];
+        let mut last = || {
+            let mut len = buf.len() as CK_ULONG;
+            // SAFETY: `buf` is valid for `len` bytes and `len` for one write; a
+            // verification reads `len` bytes of `buf` as its signature.
+            unsafe { self.finish(kind, h, buf.as_mut_ptr(), &mut len) }
+        };
+        if last() == CKR_OPERATION_NOT_INITIALIZED || last() == CKR_OPERATION_NOT_INITIALIZED {
+            return true;
+        }
+        let mut out = [0u8; 1024];
+        let mut len = if kind == Kind::Verify {
+            1
+        } else {
+            out.len() as CK_ULONG
+        };
+        // SAFETY: `block` valid for 16 bytes, `out` for `len` (1 for a verification's
+        // signature, which the backend only reads), `len` for one write.
+        unsafe { self.single(kind, h, block.as_mut_ptr(), 16, out.as_mut_ptr(), &mut len) };
+        last() == CKR_OPERATION_NOT_INITIALIZED
+    }
+
     /// `C_DigestKey`.
     pub fn digest_key(&self, h: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> CK_RV {
         // SAFETY: plain handles, no pointers.

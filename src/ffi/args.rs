@@ -8,6 +8,54 @@ use cryptoki::object::{Attribute, AttributeType};
 use cryptoki_sys::*;
 use std::mem::size_of;
 
+/// The largest length any buffer of this process can have: a user address space on
+/// 64-bit Linux is at most 2^47 bytes (2^56 with 5-level paging, never handed out unless
+/// asked for), so a longer "buffer" is an application error, refused before anything is
+/// read or allocated.
+pub const MAX_BUFFER: u64 = 1 << 47;
+
+/// The most attributes cmkp11 accepts in one template (real templates have a few dozen).
+pub const MAX_TEMPLATE: CK_ULONG = 4096;
+
+/// The longest attribute value cmkp11 copies out of a template.
+pub const MAX_VALUE: CK_ULONG = 64 << 20;
+
+/// The longest PIN cmkp11 copies (SoftHSM2 accepts up to 255 bytes).
+pub const MAX_PIN: CK_ULONG = 4096;
+
+/// Whether `len` elements of `size` bytes at `p` cannot be a buffer of this process:
+/// longer than [`MAX_BUFFER`], or past the end of the address space.
+#[inline]
+pub fn absurd(p: *const u8, len: CK_ULONG, size: usize) -> bool {
+    let bytes = u128::from(len) * size as u128;
+    bytes > u128::from(MAX_BUFFER) || p as usize as u128 + bytes > usize::MAX as u128
+}
+
+/// An input buffer of a data call (`C_Encrypt`, `C_SignUpdate`, a signature...): NULL is
+/// refused whatever the length, as the backend would (SoftHSM2 answers
+/// `CKR_ARGUMENTS_BAD` and keeps its operation: cmkp11 answers first, so that it knows
+/// what the backend's state is), and so is an absurd length. Returns nothing: the
+/// pointer goes to the backend unchanged.
+#[inline]
+pub fn input(p: *const u8, len: CK_ULONG) -> Result<()> {
+    if p.is_null() || absurd(p, len, 1) {
+        return err(CKR_ARGUMENTS_BAD);
+    }
+    Ok(())
+}
+
+/// [`bytes`] for a buffer cmkp11 copies: at most `max` bytes, else `CKR_ARGUMENTS_BAD`.
+///
+/// # Safety
+/// As for [`bytes`].
+pub unsafe fn bytes_max<'a>(p: *const u8, len: CK_ULONG, max: CK_ULONG) -> Result<&'a [u8]> {
+    if len > max {
+        return err(CKR_ARGUMENTS_BAD);
+    }
+    // SAFETY: forwarded contract.
+    unsafe { bytes(p, len) }
+}
+
 /// A read-only byte buffer from the application (NULL allowed only with length 0).
 ///
 /// # Safety
@@ -16,7 +64,7 @@ pub unsafe fn bytes<'a>(p: *const u8, len: CK_ULONG) -> Result<&'a [u8]> {
     if len == 0 {
         return Ok(&[]);
     }
-    if p.is_null() {
+    if p.is_null() || absurd(p, len, 1) {
         return err(CKR_ARGUMENTS_BAD);
     }
     // SAFETY: non-null, and the caller guarantees `len` readable bytes.
@@ -31,7 +79,7 @@ pub unsafe fn bytes_mut<'a>(p: *mut u8, len: CK_ULONG) -> Result<&'a mut [u8]> {
     if len == 0 {
         return Ok(&mut []);
     }
-    if p.is_null() {
+    if p.is_null() || absurd(p, len, 1) {
         return err(CKR_ARGUMENTS_BAD);
     }
     // SAFETY: non-null, and the caller guarantees `len` writable bytes.
@@ -111,13 +159,17 @@ unsafe fn param<T: Copy>(m: &CK_MECHANISM) -> Result<T> {
     Ok(unsafe { std::ptr::read_unaligned(m.pParameter as *const T) })
 }
 
+/// The longest byte string cmkp11 copies out of a mechanism parameter (an OAEP label, an
+/// ECDH public value, an EdDSA context).
+const MAX_PARAM: CK_ULONG = 1 << 20;
+
 /// Copies `len` bytes at `p` (a pointer inside a parameter struct).
 ///
 /// # Safety
 /// As for [`bytes`].
 unsafe fn owned(p: *const u8, len: CK_ULONG) -> Result<Vec<u8>> {
     // SAFETY: forwarded contract.
-    unsafe { bytes(p, len) }
+    unsafe { bytes_max(p, len, MAX_PARAM) }
         .map(<[u8]>::to_vec)
         .map_err(|_| crate::error::Error::Rv(CKR_MECHANISM_PARAM_INVALID))
 }
@@ -282,7 +334,7 @@ pub unsafe fn raw_template<'a>(
     if n == 0 {
         return Ok(&mut []);
     }
-    if p.is_null() {
+    if p.is_null() || n > MAX_TEMPLATE {
         return err(CKR_ARGUMENTS_BAD);
     }
     // SAFETY: non-null and valid for `n` elements (caller).
@@ -323,6 +375,10 @@ pub unsafe fn template(p: *mut CK_ATTRIBUTE, n: CK_ULONG) -> Result<Vec<Attribut
     for a in raw {
         if AttributeType::try_from(a.type_).is_err() {
             return err(CKR_ATTRIBUTE_TYPE_INVALID);
+        }
+        // Refused before cryptoki copies the value.
+        if a.ulValueLen > MAX_VALUE {
+            return err(CKR_ARGUMENTS_BAD);
         }
         // cryptoki reads `ulValueLen` bytes at `pValue` (NULL only with length 0), which
         // the caller guarantees are valid.

@@ -177,6 +177,10 @@ pub struct Session {
     /// A session object was created in this session: closing the backend session is
     /// what destroys it, so the backend session is never reused.
     made_session_objects: bool,
+    /// The backend may hold an operation cmkp11 does not know of (an error after which
+    /// the backend's state could not be confirmed idle): the backend session is never
+    /// reused for another application session.
+    uncertain: bool,
     /// The last decision of a cryptographic `*Init` in this session, reused by the next
     /// one with the same key, operation and mechanism while nothing it depends on changed.
     pub decided: Option<Decided>,
@@ -228,6 +232,7 @@ impl Session {
             find: None,
             wrap: None,
             made_session_objects: false,
+            uncertain: false,
             decided: None,
         }
     }
@@ -246,7 +251,7 @@ impl Session {
             .ops
             .iter()
             .any(|o| matches!(o.stage, Stage::Streaming | Stage::Active { .. }));
-        if busy || self.made_session_objects {
+        if busy || self.made_session_objects || self.uncertain {
             return Err(Box::new(self));
         }
         Ok((self.rw, self.backend))
@@ -397,15 +402,47 @@ impl Session {
         if let Stage::Streaming | Stage::Active { .. } =
             std::mem::replace(&mut op.stage, Stage::Idle)
         {
-            let b = &self.backend;
-            let _ = match kind {
-                Kind::Encrypt => b.encrypt_final().map(drop),
-                Kind::Decrypt => b.decrypt_final().map(drop),
-                Kind::Digest => b.digest_final().map(drop),
-                Kind::Sign => b.sign_final().map(drop),
-                Kind::Verify => b.verify_final(&[]),
-            };
+            self.settle(kind);
         }
+    }
+
+    /// Ends an active operation of `kind` after an error cmkp11 returns for it (PKCS#11:
+    /// a data call that fails with anything but `CKR_BUFFER_TOO_SMALL` ends the
+    /// operation), in cmkp11 and in the backend. Out of line: only error paths call it.
+    #[cold]
+    #[inline(never)]
+    pub fn abort(&mut self, kind: Kind) {
+        let op = &mut self.ops[idx(kind)];
+        op.pending = None;
+        if !matches!(std::mem::replace(&mut op.stage, Stage::Idle), Stage::Idle) {
+            self.settle(kind);
+        }
+    }
+
+    /// Makes sure the backend has no operation of `kind` left, after cmkp11 ended its own
+    /// on an error: a backend may keep its operation after an error (SoftHSM2 does after
+    /// `CKR_ARGUMENTS_BAD`), and the next `*Init` in this session, or in the next
+    /// application session given this backend session, would then fail with
+    /// `CKR_OPERATION_ACTIVE`. The backend's final call ends an operation whatever its
+    /// result (PKCS#11), and answers `CKR_OPERATION_NOT_INITIALIZED` when there is none:
+    /// only that answer proves the backend idle. Otherwise the session is marked
+    /// uncertain and its backend session is closed, never reused.
+    #[cold]
+    #[inline(never)]
+    fn settle(&mut self, kind: Kind) {
+        // Through the backend's table with a buffer of cmkp11's (cryptoki's final calls
+        // trust the length the backend answers a query with, whatever it is). Without the
+        // table (the runtime used directly, not through C_Initialize) nothing is tried.
+        if let Some(b) = crate::ffi::raw::get() {
+            if b.end_operation(kind, self.backend.handle()) {
+                return;
+            }
+        }
+        log::debug!(
+            "session {}: the backend's {kind:?} operation may still be active; its backend session will not be reused",
+            self.handle
+        );
+        self.uncertain = true;
     }
 
     /// Records that the FFI layer started an operation of `kind` in the backend (its
@@ -485,7 +522,10 @@ impl Session {
                 self.ops[idx(kind)].stage = Stage::Idle;
                 return Ok(());
             }
-            self.failed(kind, h, rv, init)?;
+            if let Err(e) = self.failed(kind, h, rv, init) {
+                self.settle(kind);
+                return Err(e);
+            }
         }
     }
 
@@ -553,9 +593,15 @@ impl Session {
                 self.ops[idx(kind)].stage = other;
                 return err(CKR_OPERATION_ACTIVE);
             }
-            Stage::Ready(mut mech, keys) => {
-                Output::of(kind, self.backend_single(kind, &mut mech, &keys, data)?)
-            }
+            Stage::Ready(mut mech, keys) => match self.backend_single(kind, &mut mech, &keys, data)
+            {
+                Ok(v) => Output::of(kind, v),
+                Err(e) => {
+                    // cryptoki's one call is several backend calls: make sure none is left.
+                    self.settle(kind);
+                    return Err(e);
+                }
+            },
             Stage::Done(out) => out,
         };
         self.deliver_final(kind, out, sink)
@@ -663,7 +709,7 @@ impl Session {
                 match r {
                     Ok(v) => Output::of(kind, v),
                     Err(e) => {
-                        self.ops[idx(kind)].stage = Stage::Idle;
+                        self.abort(kind);
                         return Err(e.into());
                     }
                 }
@@ -690,8 +736,7 @@ impl Session {
             Kind::Sign => self.backend.sign_update(data),
             _ => self.backend.verify_update(data),
         };
-        r.inspect_err(|_| self.ops[idx(kind)].stage = Stage::Idle)
-            .map_err(Into::into)
+        r.inspect_err(|_| self.abort(kind)).map_err(Into::into)
     }
 
     /// `C_DigestKey`.

@@ -92,23 +92,24 @@ fn data(
 ) -> CK_RV {
     guard(name, || {
         with_session(h, |_, s| {
-            check()?;
+            if let Err(e) = check() {
+                s.abort(kind);
+                return Err(e);
+            }
             step(s, kind, &mut call)
         })
     })
 }
 
-/// The NULL checks of a data call with output: the input, and the length the output's
-/// size is written to (the output itself may be NULL: a length query).
+/// The checks of a data call with output: the input ([`args::input`]), and the length
+/// the output's size is written to (the output itself may be NULL: a length query).
 ///
 /// # Safety
-/// `data` NULL or valid for `len` bytes; `out_len` NULL or valid.
+/// `out_len` NULL or valid.
 unsafe fn check_output(data: *mut u8, len: CK_ULONG, out_len: *mut CK_ULONG) -> Result<()> {
+    args::input(data, len)?;
     // SAFETY: caller contract.
-    unsafe {
-        args::bytes(data, len)?;
-        args::out(out_len)?;
-    }
+    unsafe { args::out(out_len)? };
     Ok(())
 }
 
@@ -128,7 +129,10 @@ unsafe fn single(
     guard(name, || {
         with_session(h, |_, s| {
             // SAFETY: NULL checks only; the pointers go to the backend unchanged.
-            unsafe { check_output(data_p, len, out_len)? };
+            if let Err(e) = unsafe { check_output(data_p, len, out_len) } {
+                s.abort(kind);
+                return Err(e);
+            }
             if out.is_null() {
                 // A length query cmkp11 can answer exactly: the backend is not asked.
                 if let Some(n) = s.single_output_len(kind, len) {
@@ -188,10 +192,7 @@ unsafe fn update(
         name,
         kind,
         h,
-        || {
-            // SAFETY: NULL check only; the pointer goes to the backend unchanged.
-            unsafe { args::bytes(data_p, len) }.map(drop)
-        },
+        || args::input(data_p, len),
         |b, bh| {
             // SAFETY: the application's buffer, checked above, passed on (contract).
             let rv = unsafe {
@@ -454,12 +455,8 @@ pub unsafe extern "C" fn C_Verify(
         Kind::Verify,
         h,
         || {
-            // SAFETY: NULL checks only; the pointers go to the backend unchanged.
-            unsafe {
-                args::bytes(data_p, len)?;
-                args::bytes(sig, sig_len)?;
-            }
-            Ok(())
+            args::input(data_p, len)?;
+            args::input(sig, sig_len)
         },
         |b, bh| {
             // SAFETY: the application's buffers, checked above, passed on (contract).
@@ -496,10 +493,7 @@ pub unsafe extern "C" fn C_VerifyFinal(
         "C_VerifyFinal",
         Kind::Verify,
         h,
-        || {
-            // SAFETY: NULL check only; the pointer goes to the backend unchanged.
-            unsafe { args::bytes(sig, sig_len) }.map(drop)
-        },
+        || args::input(sig, sig_len),
         |b, bh| {
             // SAFETY: the application's buffer, checked above, passed on (contract).
             let rv = unsafe { b.finish(Kind::Verify, bh, sig, &mut sig_len_io) };

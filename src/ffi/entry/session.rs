@@ -98,7 +98,7 @@ pub unsafe extern "C" fn C_Login(
                 return lib.login(s, user, None);
             }
             // SAFETY: application buffer of the given length (contract).
-            let pin = unsafe { args::bytes(pin, pin_len)? };
+            let pin = unsafe { args::bytes_max(pin, pin_len, args::MAX_PIN)? };
             let pin = RawAuthPin::new(Box::new(pin.to_vec()));
             lib.login(s, user, Some(&pin))
         })

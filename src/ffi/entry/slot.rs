@@ -124,7 +124,12 @@ pub unsafe extern "C" fn C_InitToken(
         let lib = runtime::library()?;
         let s = lib.slot(slot)?;
         // SAFETY: application buffers of the given lengths (contract).
-        let (pin, label) = unsafe { (args::bytes(pin, pin_len)?, args::bytes(label, 32)?) };
+        let (pin, label) = unsafe {
+            (
+                args::bytes_max(pin, pin_len, args::MAX_PIN)?,
+                args::bytes(label, 32)?,
+            )
+        };
         let label = std::str::from_utf8(label)
             .or(err(CKR_ARGUMENTS_BAD))?
             .trim_end();
@@ -144,7 +149,7 @@ pub unsafe extern "C" fn C_InitPIN(
     guard("C_InitPIN", || {
         with_session(h, |_, s| {
             // SAFETY: application buffer of the given length (contract).
-            let pin = unsafe { args::bytes(pin, pin_len)? };
+            let pin = unsafe { args::bytes_max(pin, pin_len, args::MAX_PIN)? };
             Ok(s.backend().init_pin(&auth_pin(pin)?)?)
         })
     })
@@ -164,7 +169,12 @@ pub unsafe extern "C" fn C_SetPIN(
     guard("C_SetPIN", || {
         with_session(h, |_, s| {
             // SAFETY: application buffers of the given lengths (contract).
-            let (old, new) = unsafe { (args::bytes(old, old_len)?, args::bytes(new, new_len)?) };
+            let (old, new) = unsafe {
+                (
+                    args::bytes_max(old, old_len, args::MAX_PIN)?,
+                    args::bytes_max(new, new_len, args::MAX_PIN)?,
+                )
+            };
             Ok(s.backend().set_pin(&auth_pin(old)?, &auth_pin(new)?)?)
         })
     })
