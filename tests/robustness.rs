@@ -98,9 +98,12 @@ fn op_complete(h: CK_SESSION_HANDLE, kind: Kind) -> CK_RV {
 
 /// The bad calls of `kind`: a NULL pointer with length 0 where data goes in, a NULL
 /// length pointer where one comes out. Each returns its code.
-fn bad_calls(kind: Kind) -> Vec<(&'static str, Box<dyn Fn(CK_SESSION_HANDLE) -> CK_RV>)> {
+/// A named bad call.
+type BadCall = (&'static str, Box<dyn Fn(CK_SESSION_HANDLE) -> CK_RV>);
+
+fn bad_calls(kind: Kind) -> Vec<BadCall> {
     let null = ptr::null_mut::<u8>();
-    let mut v: Vec<(&'static str, Box<dyn Fn(CK_SESSION_HANDLE) -> CK_RV>)> = Vec::new();
+    let mut v: Vec<BadCall> = Vec::new();
     macro_rules! with_out {
         ($single:ident, $update:ident, $final:ident) => {
             v.push((
