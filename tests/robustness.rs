@@ -301,3 +301,341 @@ fn backend_errors_end_the_operation_everywhere() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// 13.9: exact codes; absurd lengths; panics logged, not printed
+// ---------------------------------------------------------------------------------------
+
+/// A mechanism given to a function it is not made for is `CKR_MECHANISM_INVALID`,
+/// whatever its parameter (valid, NULL or garbage), never `CKR_GENERAL_ERROR`.
+#[test]
+#[serial]
+fn mechanism_for_the_wrong_function_is_mechanism_invalid() {
+    let k = keys();
+    let a = s();
+    let not_digests = [
+        Mech::oaep(),
+        Mech::pss(CKM_RSA_PKCS_PSS),
+        Mech::pss(CKM_SHA256_RSA_PKCS_PSS),
+        Mech::new(CKM_RSA_PKCS_OAEP),
+        Mech::new(CKM_SHA256_RSA_PKCS_PSS),
+        Mech::gcm(&[1u8; 12], b""),
+        Mech::new(CKM_ECDSA),
+        Mech::new(CKM_SHA256_HMAC),
+        Mech::new(CKM_AES_KEY_WRAP_PAD),
+        Mech::new(CKM_AES_KEY_GEN),
+        Mech::new(CKM_ECDH1_DERIVE),
+    ];
+    for mut m in not_digests {
+        let ty = m.ty;
+        assert_rv!(
+            ck!(f(), C_DigestInit, a.h, &mut m.raw()),
+            CKR_MECHANISM_INVALID,
+            "C_DigestInit with {ty:#x}"
+        );
+    }
+    // The session is still fine.
+    assert_rv!(op_init(a.h, Kind::Digest), CKR_OK);
+    op_complete(a.h, Kind::Digest);
+    for (kind, mut m, key) in [
+        (Kind::Encrypt, Mech::new(CKM_SHA256), k.data),
+        (Kind::Decrypt, Mech::new(CKM_SHA256_HMAC), k.data),
+        (Kind::Sign, Mech::bytes(CKM_AES_CBC_PAD, &[0u8; 16]), k.mac),
+        (Kind::Verify, Mech::new(CKM_SHA256), k.mac),
+        (Kind::Encrypt, Mech::new(CKM_AES_KEY_WRAP_PAD), k.data),
+    ] {
+        let ty = m.ty;
+        let mut cm = m.raw();
+        let rv = match kind {
+            Kind::Encrypt => ck!(f(), C_EncryptInit, a.h, &mut cm, key),
+            Kind::Decrypt => ck!(f(), C_DecryptInit, a.h, &mut cm, key),
+            Kind::Sign => ck!(f(), C_SignInit, a.h, &mut cm, key),
+            _ => ck!(f(), C_VerifyInit, a.h, &mut cm, key),
+        };
+        assert_rv!(rv, CKR_MECHANISM_INVALID, "{kind:?}Init with {ty:#x}");
+    }
+}
+
+/// Lengths no buffer can have, with a real pointer: refused with `CKR_ARGUMENTS_BAD` by
+/// every entry point that takes one, before anything is read or allocated (the process
+/// survives to assert it).
+#[test]
+#[serial]
+fn absurd_lengths_are_refused_before_anything_is_read() {
+    let k = keys();
+    let a = s();
+    let mut buf = [0u8; 64];
+    let p = buf.as_mut_ptr();
+    let mut out = [0u8; 64];
+    let o = out.as_mut_ptr();
+    for huge in [CK_ULONG::MAX, CK_ULONG::MAX / 2, 1 << 60] {
+        for kind in KINDS {
+            assert_rv!(op_init(a.h, kind), CKR_OK);
+            let mut n: CK_ULONG = 64;
+            let rv = match kind {
+                Kind::Encrypt => ck!(f(), C_Encrypt, a.h, p, huge, o, &mut n),
+                Kind::Decrypt => ck!(f(), C_DecryptUpdate, a.h, p, huge, o, &mut n),
+                Kind::Sign => ck!(f(), C_SignUpdate, a.h, p, huge),
+                Kind::Verify => ck!(f(), C_Verify, a.h, p, 32, o, huge),
+                Kind::Digest => ck!(f(), C_Digest, a.h, p, huge, o, &mut n),
+            };
+            assert_rv!(rv, CKR_ARGUMENTS_BAD, "{kind:?} data of {huge:#x} bytes");
+            // The failed call ended the operation: a new one starts.
+            assert_rv!(op_init(a.h, kind), CKR_OK, "{kind:?} after the refusal");
+            op_complete(a.h, kind);
+        }
+        assert_rv!(op_init(a.h, Kind::Verify), CKR_OK);
+        assert_rv!(
+            ck!(f(), C_VerifyFinal, a.h, p, huge),
+            CKR_ARGUMENTS_BAD,
+            "C_VerifyFinal"
+        );
+        assert_rv!(
+            ck!(f(), C_Login, a.h, CKU_USER, p, huge),
+            CKR_ARGUMENTS_BAD,
+            "C_Login"
+        );
+        assert_rv!(
+            ck!(f(), C_SetPIN, a.h, p, huge, p, 4),
+            CKR_ARGUMENTS_BAD,
+            "C_SetPIN"
+        );
+        assert_rv!(
+            ck!(f(), C_SeedRandom, a.h, p, huge),
+            CKR_ARGUMENTS_BAD,
+            "C_SeedRandom"
+        );
+        assert_rv!(
+            ck!(f(), C_GenerateRandom, a.h, p, huge),
+            CKR_ARGUMENTS_BAD,
+            "C_GenerateRandom"
+        );
+        // Templates: an absurd count, and an absurd value length.
+        let mut t = aes(false, 32).boolean(CKA_ENCRYPT, true);
+        let mut attrs = t.raw();
+        let mut m = Mech::new(CKM_AES_KEY_GEN).raw();
+        let mut h: H = 0;
+        assert_rv!(
+            ck!(
+                f(),
+                C_GenerateKey,
+                a.h,
+                &mut m,
+                attrs.as_mut_ptr(),
+                huge,
+                &mut h
+            ),
+            CKR_ARGUMENTS_BAD,
+            "C_GenerateKey count"
+        );
+        let mut long = attrs.clone();
+        long.push(CK_ATTRIBUTE {
+            type_: CKA_LABEL,
+            pValue: p.cast(),
+            ulValueLen: huge,
+        });
+        assert_rv!(
+            ck!(
+                f(),
+                C_GenerateKey,
+                a.h,
+                &mut m,
+                long.as_mut_ptr(),
+                long.len() as CK_ULONG,
+                &mut h
+            ),
+            CKR_ARGUMENTS_BAD,
+            "C_GenerateKey value length"
+        );
+        assert_rv!(
+            ck!(
+                f(),
+                C_CreateObject,
+                a.h,
+                long.as_mut_ptr(),
+                long.len() as CK_ULONG,
+                &mut h
+            ),
+            CKR_ARGUMENTS_BAD,
+            "C_CreateObject value length"
+        );
+        assert_rv!(
+            ck!(f(), C_FindObjectsInit, a.h, attrs.as_mut_ptr(), huge),
+            CKR_ARGUMENTS_BAD,
+            "C_FindObjectsInit count"
+        );
+        assert_rv!(
+            ck!(
+                f(),
+                C_GetAttributeValue,
+                a.h,
+                k.data,
+                attrs.as_mut_ptr(),
+                huge
+            ),
+            CKR_ARGUMENTS_BAD,
+            "C_GetAttributeValue count"
+        );
+        let mut kwp = Mech::new(CKM_AES_KEY_WRAP_PAD).raw();
+        assert_rv!(
+            ck!(
+                f(),
+                C_UnwrapKey,
+                a.h,
+                &mut kwp,
+                k.data,
+                p,
+                huge,
+                attrs.as_mut_ptr(),
+                attrs.len() as CK_ULONG,
+                &mut h
+            ),
+            CKR_ARGUMENTS_BAD,
+            "C_UnwrapKey blob length"
+        );
+    }
+    // And the legitimate calls still work.
+    assert_rv!(ck!(f(), C_GenerateRandom, a.h, p, 64), CKR_OK);
+}
+
+// ---------------------------------------------------------------------------------------
+// 17.13: C_FindObjects with a huge maximum, AES-GCM tag lengths
+// ---------------------------------------------------------------------------------------
+
+/// `ulMaxObjectCount` near `CK_ULONG`'s maximum after a partial read: the rest of the
+/// objects, no panic (`CKR_GENERAL_ERROR`).
+#[test]
+#[serial]
+fn find_objects_with_a_huge_maximum_after_a_partial_read() {
+    keys();
+    let a = s();
+    assert_rv!(ck!(f(), C_FindObjectsInit, a.h, ptr::null_mut(), 0), CKR_OK);
+    let mut hs = [0 as H; 4096];
+    let mut n: CK_ULONG = 0;
+    assert_rv!(
+        ck!(f(), C_FindObjects, a.h, hs.as_mut_ptr(), 1, &mut n),
+        CKR_OK
+    );
+    assert_eq!(n, 1, "the test token holds at least two objects");
+    for max in [CK_ULONG::MAX, CK_ULONG::MAX - 1, (CK_ULONG::MAX >> 1) + 1] {
+        assert_rv!(
+            ck!(f(), C_FindObjects, a.h, hs.as_mut_ptr(), max, &mut n),
+            CKR_OK,
+            "C_FindObjects max {max:#x}"
+        );
+    }
+    assert_rv!(ck!(f(), C_FindObjectsFinal, a.h), CKR_OK);
+}
+
+fn gcm_tag(tag_bits: CK_ULONG) -> Mech {
+    let mut m = Mech::gcm(&[9u8; 12], b"aad");
+    // The parameter is a CK_GCM_PARAMS; patch its tag length.
+    let mut raw = m.raw();
+    // SAFETY: `raw.pParameter` points at the CK_GCM_PARAMS `m` owns.
+    unsafe { (*(raw.pParameter as *mut CK_GCM_PARAMS)).ulTagBits = tag_bits };
+    let _ = &mut raw;
+    m
+}
+
+/// AES-GCM tags: whole bytes from 32 to 128 bits; anything else (0 included, which the
+/// specification allows) is `CKR_MECHANISM_PARAM_INVALID` at `*Init`, for encryption and
+/// decryption.
+#[test]
+#[serial]
+fn gcm_tag_lengths() {
+    let k = keys();
+    let a = s();
+    for bits in [0, 8, 24, 31, 33, 100, 127, 136, 256, CK_ULONG::MAX] {
+        let mut m = gcm_tag(bits);
+        assert_rv!(
+            ck!(f(), C_EncryptInit, a.h, &mut m.raw(), k.data),
+            CKR_MECHANISM_PARAM_INVALID,
+            "encrypt, tag of {bits} bits"
+        );
+        assert_rv!(
+            ck!(f(), C_DecryptInit, a.h, &mut m.raw(), k.data),
+            CKR_MECHANISM_PARAM_INVALID,
+            "decrypt, tag of {bits} bits"
+        );
+    }
+    for bits in [32, 64, 96, 104, 112, 120, 128] {
+        let mut m = gcm_tag(bits);
+        let ct = a
+            .encrypt(&mut m, k.data, b"attack at dawn")
+            .unwrap_or_else(|rv| {
+                panic!("encrypt, tag of {bits} bits: {}", rv_name(rv));
+            });
+        assert_eq!(ct.len(), 14 + bits as usize / 8);
+        let pt = ok(a.decrypt(&mut m, k.data, &ct), "decrypt");
+        assert_eq!(pt, b"attack at dawn");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests that need a process of their own: the test binary runs itself with one test
+// selected and ROBUSTNESS_CHILD naming it.
+// ---------------------------------------------------------------------------------------
+
+const CHILD_ENV: &str = "ROBUSTNESS_CHILD";
+
+/// Whether this process is the child running test `name`.
+fn child_of(name: &str) -> bool {
+    std::env::var(CHILD_ENV).is_ok_and(|v| v == name)
+}
+
+/// Runs test `name` of this binary in a child process; its output.
+fn run_child(name: &str, extra_env: &[(&str, &str)]) -> std::process::Output {
+    let mut c = std::process::Command::new(std::env::current_exe().expect("current_exe"));
+    c.args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, name)
+        .env_remove("SOFTHSM2_CONF")
+        .env_remove("CMKP11_CONFIG");
+    for (k, v) in extra_env {
+        c.env(k, v);
+    }
+    c.output().expect("run the child test")
+}
+
+/// `C_Initialize(NULL)` through the raw table, asserting `CKR_OK`.
+fn raw_initialize() {
+    common::test_env();
+    assert_rv!(
+        ck!(f(), C_Initialize, ptr::null_mut()),
+        CKR_OK,
+        "C_Initialize"
+    );
+}
+
+#[test]
+fn child_panic_in_get_info() {
+    if !child_of("child_panic_in_get_info") {
+        return;
+    }
+    raw_initialize();
+    let mut info: CK_INFO = unsafe { std::mem::zeroed() };
+    std::env::set_var("CMKP11_FAULT", "panic-in-get-info");
+    assert_rv!(ck!(f(), C_GetInfo, &mut info), CKR_GENERAL_ERROR);
+    std::env::remove_var("CMKP11_FAULT");
+    assert_rv!(ck!(f(), C_GetInfo, &mut info), CKR_OK);
+    assert_rv!(ck!(f(), C_Finalize, ptr::null_mut()), CKR_OK);
+}
+
+/// A panic caught at the C boundary does not print its text on the application's
+/// stderr: it is logged (the location at error level, which names no data).
+#[test]
+fn caught_panic_is_logged_not_printed() {
+    if !cfg!(debug_assertions) {
+        return; // the fault hook exists in debug builds only
+    }
+    let out = run_child("child_panic_in_get_info", &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child failed: {err}");
+    assert!(
+        !err.contains("fault injected") && !err.contains("panicked at"),
+        "the panic's text reached stderr:\n{err}"
+    );
+    assert!(
+        err.contains("internal error") && err.contains("C_GetInfo"),
+        "the panic was not logged:\n{err}"
+    );
+}

@@ -218,7 +218,7 @@ fn no_param(m: &CK_MECHANISM) -> Result<()> {
     Ok(())
 }
 
-/// A `CK_GCM_PARAMS`, checked: its length, an IV, a tag of whole bytes up to 128 bits,
+/// A `CK_GCM_PARAMS`, checked: its length, an IV, a tag of whole bytes from 32 to 128 bits,
 /// and no NULL where a length is given.
 ///
 /// # Safety
@@ -226,7 +226,10 @@ fn no_param(m: &CK_MECHANISM) -> Result<()> {
 unsafe fn gcm(m: &CK_MECHANISM) -> Result<(CK_GCM_PARAMS, &[u8], &[u8])> {
     // SAFETY: forwarded contract.
     let g: CK_GCM_PARAMS = unsafe { param(m)? };
-    if g.ulIvLen == 0 || g.ulTagBits > 128 || g.ulTagBits % 8 != 0 {
+    // Tags of whole bytes from 32 to 128 bits: the specification allows 0 to 128, but a
+    // tag shorter than 32 bits authenticates nothing worth the name (NIST SP 800-38D
+    // allows 32 and 64 only with strict limits, 96 to 128 in general).
+    if g.ulIvLen == 0 || !(32..=128).contains(&g.ulTagBits) || g.ulTagBits % 8 != 0 {
         return err(CKR_MECHANISM_PARAM_INVALID);
     }
     let part = |p: *const u8, len| {

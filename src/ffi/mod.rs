@@ -71,6 +71,7 @@ pub(crate) fn install_atfork() {
         crate::runtime::fork_child();
     }
     ONCE.call_once(|| {
+        install_panic_hook();
         // SAFETY: the handlers are plain functions that live as long as the process; they
         // only touch a lock and an atomic flag.
         let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
@@ -78,4 +79,27 @@ pub(crate) fn install_atfork() {
             log::warn!("pthread_atfork failed ({rc}): fork detection is off");
         }
     });
+}
+
+/// Replaces the standard library's panic hook (which prints the panic's text on stderr,
+/// the application's) with one that logs it: the location at error level, the text at
+/// debug level only (a message could quote data). The hook is this library's own: a
+/// `cdylib` carries its own copy of the standard library, so the application's panics
+/// (if it is written in Rust) keep their own hook. Every panic caught at the C boundary
+/// also gives an error line naming the entry point ([`guard`]).
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_else(|| "an unknown place".into());
+        log::error!("internal error: panic at {at}");
+        let text = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        log::debug!("panic at {at}: {text}");
+    }));
 }

@@ -88,6 +88,26 @@ pub fn is_generation(m: CK_MECHANISM_TYPE) -> bool {
     )
 }
 
+/// Digest mechanisms (`C_DigestInit`).
+pub fn is_digest(m: CK_MECHANISM_TYPE) -> bool {
+    matches!(
+        m,
+        CKM_SHA_1 | CKM_SHA224 | CKM_SHA256 | CKM_SHA384 | CKM_SHA512
+    )
+}
+
+/// Whether mechanism `m` can serve a `C_*Init` of kind `op` (`None`: digest) at all, by
+/// its type alone: checked before its parameter is read, so that a mechanism given to
+/// the wrong function is `CKR_MECHANISM_INVALID` whatever its parameter (never a
+/// backend's answer to a call it was not made for).
+#[inline]
+pub fn fits_init(op: Option<super::Op>, m: CK_MECHANISM_TYPE) -> bool {
+    match op {
+        None => is_digest(m),
+        Some(op) => fits_op(op, m),
+    }
+}
+
 /// Whether mechanism `m` can do `op` at all under the policy (AES key wrap never
 /// encrypts; a MAC never wraps; CBC/ECB/GCM never unwrap...).
 pub fn fits_op(op: super::Op, m: CK_MECHANISM_TYPE) -> bool {
@@ -138,17 +158,8 @@ pub fn offered(m: CK_MECHANISM_TYPE) -> bool {
         || is_rsa_signature(m)
         || is_ecdsa(m)
         || is_generation(m)
-        || matches!(
-            m,
-            CKM_RSA_PKCS_OAEP
-                | CKM_ECDH1_DERIVE
-                | CKM_EDDSA
-                | CKM_SHA_1
-                | CKM_SHA224
-                | CKM_SHA256
-                | CKM_SHA384
-                | CKM_SHA512
-        )
+        || matches!(m, CKM_RSA_PKCS_OAEP | CKM_ECDH1_DERIVE | CKM_EDDSA)
+        || is_digest(m)
 }
 
 /// The mechanism-info flags cmkp11 reports: the backend's, less what the policy refuses.

@@ -375,7 +375,7 @@ impl Library {
             Kind::Sign => Op::Sign,
             Kind::Verify => Op::Verify,
             Kind::Digest => {
-                if !policy::mechanisms::offered(ty) {
+                if !policy::mechanisms::is_digest(ty) {
                     return err(CKR_MECHANISM_INVALID);
                 }
                 return Ok(Default::default());

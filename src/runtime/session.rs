@@ -211,6 +211,21 @@ pub struct Decided {
     pub info: Arc<KeyInfo>,
 }
 
+impl Kind {
+    /// The policy's operation of this kind (`None` for a digest, which uses no key).
+    #[inline]
+    pub fn op(self) -> Option<crate::policy::Op> {
+        use crate::policy::Op;
+        match self {
+            Kind::Encrypt => Some(Op::Encrypt),
+            Kind::Decrypt => Some(Op::Decrypt),
+            Kind::Sign => Some(Op::Sign),
+            Kind::Verify => Some(Op::Verify),
+            Kind::Digest => None,
+        }
+    }
+}
+
 fn idx(k: Kind) -> usize {
     k as usize
 }
@@ -433,7 +448,7 @@ impl Session {
         // Through the backend's table with a buffer of cmkp11's (cryptoki's final calls
         // trust the length the backend answers a query with, whatever it is). Without the
         // table (the runtime used directly, not through C_Initialize) nothing is tried.
-        if let Some(b) = crate::ffi::raw::get() {
+        if let Some(b) = crate::backend::raw::get() {
             if b.end_operation(kind, self.backend.handle()) {
                 return;
             }
@@ -817,7 +832,8 @@ impl Session {
             .as_mut()
             .ok_or(Error::Rv(CKR_OPERATION_NOT_INITIALIZED))?;
         let start = f.pos;
-        f.pos = (start + max).min(f.found.len());
+        // `max` is the application's (up to CK_ULONG's maximum): never an overflow.
+        f.pos = start.saturating_add(max).min(f.found.len());
         Ok(&f.found[start..f.pos])
     }
 

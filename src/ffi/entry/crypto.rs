@@ -51,6 +51,11 @@ unsafe fn init(
     guard(name, || {
         with_session(h, |lib, s| {
             let b = backend()?;
+            // SAFETY: NULL or a valid CK_MECHANISM (contract); only its type is read here.
+            let ty = unsafe { mech.as_ref() }.map_or(0, |m| m.mechanism);
+            if !mech.is_null() && !crate::policy::mechanisms::fits_init(kind.op(), ty) {
+                return Err(Error::Rv(CKR_MECHANISM_INVALID));
+            }
             // SAFETY: forwarded caller contract.
             let (rv, ty, keys, tag) = match unsafe { args::direct_mechanism(mech)? } {
                 // The data path's mechanisms: decided by type, given to the backend as
