@@ -15,6 +15,11 @@ pub enum Error {
     /// An error returned by the backend token, with the backend function that failed.
     #[error("backend: {0}")]
     Backend(#[from] cryptoki::error::Error),
+    /// The audit log cannot be written and `on_failure = "deny"` refuses the step (a
+    /// lifecycle change or a key use); the text says why (the write error). Nothing was
+    /// changed.
+    #[error("the audit log cannot be written ({0}); on_failure = \"deny\" refuses the step: nothing was changed")]
+    Audit(String),
     /// The configuration is unusable. `file` and `key` name where, `problem` says what.
     #[error("config {file}: {key}: {problem}")]
     Config {
@@ -34,6 +39,7 @@ impl Error {
             Error::Rv(rv) => *rv,
             Error::Backend(e) => rv::from_cryptoki(e),
             Error::Config { .. } => CKR_GENERAL_ERROR,
+            Error::Audit(_) => CKR_FUNCTION_FAILED,
         }
     }
 }

@@ -351,3 +351,232 @@ fn writes_into(pid: u32, dir: &Path) -> bool {
     fds.flatten()
         .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(dir)))
 }
+
+/// A 64 KiB tmpfs, unmounted on drop.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn tiny_tmpfs(dir: &Path) -> Option<Mount> {
+    std::fs::create_dir_all(dir).unwrap();
+    let out = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(dir)
+        .output()
+        .ok()?;
+    if out.status.success() {
+        Some(Mount(dir.to_owned()))
+    } else {
+        eprintln!(
+            "SKIP: cannot mount a tmpfs (needs root): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        None
+    }
+}
+
+/// Fills the file system of `dir` completely (the file `dir/filler`), then lets `env`'s
+/// logins use up the room left in the last page of the log until no record fits.
+fn fill(env: &Env, dir: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(dir.join("filler")).unwrap();
+    let block = [0u8; 1024];
+    while f.write_all(&block).is_ok() {}
+    let _ = f.sync_all();
+    let log = dir.join("audit.log");
+    let len = || std::fs::metadata(&log).unwrap().len();
+    for _ in 0..40 {
+        let before = len();
+        env.ok(&["key", "list"]);
+        if len() == before {
+            return;
+        }
+    }
+    panic!("the audit log still grows on a full file system");
+}
+
+/// A token whose audit log is on a tiny file system; the key `k1` exists.
+fn audited_on_tmpfs() -> Option<(Env, PathBuf, Mount)> {
+    let env = Env::new();
+    let fs = env.path("fs");
+    let m = tiny_tmpfs(&fs)?;
+    let log = fs.join("audit.log");
+    env.set_config(&format!(
+        "[audit]\nfile = \"{}\"\non_failure = \"deny\"\n",
+        log.display()
+    ));
+    env.ok(&["key", "create", "k1", "--role", "wrap"]);
+    Some((env, log, m))
+}
+
+#[test]
+fn lifecycle_steps_fail_closed_when_the_audit_log_is_full() {
+    let Some((env, log, _m)) = audited_on_tmpfs() else {
+        return;
+    };
+    let fs = log.parent().unwrap().to_owned();
+    fill(&env, &fs);
+    let records_before = records(&log).len();
+    let refused = |args: &[&str]| {
+        let out = env.run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let text = String::from_utf8(out.stderr).unwrap();
+        // the library's log line says it too; the command's own message comes last
+        let err = text.lines().last().unwrap_or_default();
+        assert!(err.starts_with("cmkp11: token `cli-test`: "), "{text}");
+        contains(err, "the audit log cannot be written");
+        contains(err, "No space left on device");
+        contains(err, "nothing was changed");
+    };
+    refused(&["key", "create", "k2", "--role", "data"]);
+    refused(&["key", "create", "s1", "--type", "ec-p256"]);
+    refused(&["key", "rotate", "k1"]);
+    refused(&["key", "disable", "k1"]);
+    refused(&["key", "schedule-deletion", "k1", "--days", "3"]);
+    // nothing happened
+    let list = env.json(&["key", "list"]);
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["k1"], "{list}");
+    let k1 = env.show("k1");
+    assert_eq!(
+        (&k1["state"], &k1["primary"]),
+        (&"enabled".into(), &1.into()),
+        "{k1}"
+    );
+    assert_eq!(records(&log).len(), records_before);
+
+    // space is back: the same steps are made, each after its intent
+    std::fs::remove_file(fs.join("filler")).unwrap();
+    env.ok(&["key", "rotate", "k1"]);
+    env.ok(&["key", "disable", "k1"]);
+    let recs = records(&log);
+    let ops: Vec<(&str, &str)> = recs
+        .iter()
+        .skip(records_before)
+        .map(|r| {
+            (
+                r["op"].as_str().unwrap(),
+                r["reason"].as_str().unwrap_or(""),
+            )
+        })
+        .filter(|(op, _)| !matches!(*op, "login" | "checkpoint" | "audit-lost"))
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("intent", "rotate"),
+            ("rotate", ""),
+            ("intent", "disable"),
+            ("disable", "")
+        ]
+    );
+    let (code, v) = verify(&env);
+    assert_eq!(code, 0, "{v}");
+}
+
+/// The PKCS#11 side of the same: a child process (this test binary again) loads the
+/// module with the audit log on a full file system.
+#[test]
+fn pkcs11_lifecycle_calls_fail_closed_when_the_audit_log_is_full() {
+    if std::env::var_os("CMKP11_TEST_CHILD").is_some() {
+        return pkcs11_child();
+    }
+    let Some((env, log, _m)) = audited_on_tmpfs() else {
+        return;
+    };
+    fill(&env, log.parent().unwrap());
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "pkcs11_lifecycle_calls_fail_closed_when_the_audit_log_is_full",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("CMKP11_TEST_CHILD", "1")
+        .env("SOFTHSM2_CONF", &env.softhsm_conf)
+        .env("CMKP11_CONFIG", &env.config)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    contains(&text, "child: all refused");
+    // the log names why, one line per refusal
+    contains(&text, "refused: the audit log cannot be written");
+    let k1 = env.show("k1");
+    assert_eq!(k1["state"], "enabled", "{k1}");
+}
+
+fn pkcs11_child() {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::error::{Error, RvError};
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::{Attribute, ObjectClass};
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+    let module = std::env::var("CMKP11_TEST_MODULE").unwrap_or_else(|_| {
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe.parent().unwrap().parent().unwrap();
+        dir.join("libcmkp11.so").display().to_string()
+    });
+    let p = Pkcs11::new(module).unwrap();
+    p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
+    let slot = p.get_slots_with_token().unwrap()[0];
+    let s = p.open_rw_session(slot).unwrap();
+    s.login(UserType::User, Some(&AuthPin::new(PIN.into())))
+        .unwrap();
+    let failed = |r: Result<_, Error>, what: &str| match r {
+        Err(Error::Pkcs11(RvError::FunctionFailed, _)) => {}
+        other => panic!("{what}: {other:?}"),
+    };
+    let token_key = [
+        Attribute::Token(true),
+        Attribute::Label(b"k-new".to_vec()),
+        Attribute::ValueLen(32.into()),
+        Attribute::Wrap(true),
+        Attribute::Unwrap(true),
+    ];
+    failed(
+        s.generate_key(&Mechanism::AesKeyGen, &token_key).map(drop),
+        "C_GenerateKey of a token key",
+    );
+    let find = |label: &[u8]| s.find_objects(&[Attribute::Label(label.to_vec())]).unwrap();
+    assert!(find(b"k-new").is_empty(), "the key was made");
+    let ec = cryptoki::mechanism::Mechanism::EccKeyPairGen;
+    let p256 = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    failed(
+        s.generate_key_pair(
+            &ec,
+            &[Attribute::EcParams(p256), Attribute::Token(false)],
+            &[
+                Attribute::Token(true),
+                Attribute::Label(b"s-new".to_vec()),
+                Attribute::Sign(true),
+            ],
+        )
+        .map(drop),
+        "C_GenerateKeyPair of a token private key",
+    );
+    assert!(find(b"s-new").is_empty(), "the key pair was made");
+    let k1 = find(b"k1");
+    assert_eq!(k1.len(), 1);
+    assert!(s
+        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
+        .unwrap()
+        .contains(&k1[0]));
+    failed(s.destroy_object(k1[0]), "C_DestroyObject of a CMK");
+    println!("child: all refused");
+}

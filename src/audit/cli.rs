@@ -239,7 +239,8 @@ pub struct Row {
 }
 
 /// Counts records per key and operation with `since <= time < until` (bounds from
-/// [`time_bound`]). Writer-internal records (`checkpoint`, `torn`) are left out; DEK bulk
+/// [`time_bound`]). Writer-internal records (`checkpoint`, `torn`) and the intents of
+/// lifecycle steps (their outcome is a record of its own) are left out; DEK bulk
 /// counts from `session-close` records are added under `(DEK bulk)`.
 pub fn report(path: &Path, since: Option<&str>, until: Option<&str>) -> Result<Vec<Row>, String> {
     let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -250,7 +251,7 @@ pub fn report(path: &Path, since: Option<&str>, until: Option<&str>) -> Result<V
         {
             continue;
         }
-        if e.op == "checkpoint" || e.op == "torn" {
+        if matches!(e.op.as_str(), "checkpoint" | "torn" | "intent") {
             continue;
         }
         let mut add = |key: &str, op: &str, ok: u64, failed: u64| {

@@ -270,6 +270,7 @@ pub struct Auditor {
     bulk: Mutex<HashMap<u64, BTreeMap<String, u64>>>,
     failures: AtomicU64,
     failing: AtomicBool,
+    last_failure: Mutex<String>,
 }
 
 impl std::fmt::Debug for Auditor {
@@ -428,6 +429,7 @@ impl Auditor {
             bulk: Mutex::new(HashMap::new()),
             failures: AtomicU64::new(0),
             failing: AtomicBool::new(false),
+            last_failure: Mutex::new(String::new()),
         })
     }
 
@@ -439,6 +441,28 @@ impl Auditor {
     /// Whether a record that cannot be written makes the caller refuse (`on_failure = deny`).
     pub fn denies_on_failure(&self) -> bool {
         self.deny
+    }
+
+    /// Why the latest record could not be written (empty if none failed).
+    pub fn last_failure(&self) -> String {
+        self.last_failure.lock().clone()
+    }
+
+    /// Records the intent of a lifecycle step before it is made, when a step whose record
+    /// cannot be written must not happen (`on_failure = deny`): `Err` with the reason then,
+    /// and the caller does not make the step. A no-op under `allow` or without a log (the
+    /// step's outcome record follows it in every case).
+    pub fn intent(&self, r: &RecordRef<'_>) -> Result<(), String> {
+        if !self.deny || self.path.is_none() {
+            return Ok(());
+        }
+        let r = RecordRef {
+            op: "intent",
+            reason: Some(r.op),
+            ..*r
+        };
+        self.record_with(&r, None, false)
+            .map_err(|_| self.last_failure())
     }
 
     /// How many records could not be written since open.
@@ -552,6 +576,7 @@ impl Auditor {
             }
             Err(why) => {
                 let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                self.last_failure.lock().clone_from(&why);
                 if !self.failing.swap(true, Ordering::Relaxed) || n % 1000 == 0 {
                     log::error!(
                         "audit: cannot write a record ({why}); {n} lost so far; {}",

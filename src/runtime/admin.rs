@@ -66,6 +66,7 @@ impl Library {
         if !s.rw {
             return err(CKR_SESSION_READ_ONLY);
         }
+        self.audit_intent(s, action.name(), Some(&cmk.name()), Some(&cmk.id), None)?;
         let result = self.apply_step(s, cmk, action);
         let mut rec = crate::audit::Record::new(
             action.name(),
@@ -113,6 +114,14 @@ impl Library {
             return err(CKR_SESSION_READ_ONLY);
         }
         let view = self.reload_view(s);
+        let t = keystore::now();
+        for c in view
+            .cmks
+            .values()
+            .filter(|c| c.state(t) == State::Destroyed)
+        {
+            self.audit_intent(s, "purge", Some(&c.name()), Some(&c.id), None)?;
+        }
         let names = lifecycle::purge(s.backend(), &view);
         self.stores[s.slot_id as usize].invalidate();
         let rv = names.as_ref().map_or_else(Error::rv, |_| CKR_OK);
@@ -283,6 +292,7 @@ impl Library {
         let mut id = vec![0u8; 16];
         s.backend().generate_random_slice(&mut id)?;
         t.push(A::Id(keystore::version_id(&id, 1)));
+        self.audit_intent(s, "import", Some(name), Some(&id), Some(mech.ty))?;
         // The record first (origin, length): a crash between the two steps leaves an
         // orphan record (removed by purge), never an imported key without its length.
         self.write_creation_record(s, &id, keystore::Origin::Imported, key_bytes)?;

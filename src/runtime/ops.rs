@@ -330,6 +330,44 @@ impl Library {
         self.audit.record_ref(&r).map_err(Error::Rv)
     }
 
+    /// Records the intent of lifecycle step `op` about a key before the step is made:
+    /// under `on_failure = "deny"` a step whose record cannot be written must not happen,
+    /// so a failure here is [`Error::Audit`] and the caller stops (see
+    /// [`crate::audit::Auditor::intent`]).
+    pub fn audit_intent(
+        &self,
+        s: &Session,
+        op: &str,
+        key: Option<&str>,
+        key_id: Option<&[u8]>,
+        mech: Option<CK_MECHANISM_TYPE>,
+    ) -> Result<()> {
+        if !self.audit.enabled() {
+            return Ok(());
+        }
+        let r = crate::audit::RecordRef {
+            op,
+            mechanism: mech,
+            key,
+            key_id,
+            slot: Some(s.slot_id),
+            token: self
+                .token_labels
+                .get(s.slot_id as usize)
+                .map(String::as_str),
+            session: Some(s.handle),
+            ..crate::audit::RecordRef::default()
+        };
+        self.audit.intent(&r).map_err(|why| {
+            log::error!(
+                "{op} of `{}` refused: the audit log cannot be written ({why}) and \
+                 on_failure = \"deny\"",
+                key.unwrap_or("-")
+            );
+            Error::Audit(why)
+        })
+    }
+
     /// Writes an audit record, with the session's slot, token and handle filled in.
     pub fn audit_record(&self, s: &Session, mut r: crate::audit::Record) -> Result<()> {
         if !self.audit.enabled() {
@@ -551,6 +589,8 @@ impl Library {
             }
             t.retain(|a| !matches!(a, Attribute::Id(_)));
             t.push(Attribute::Id(keystore::version_id(&id, 1)));
+            let label = label_of(&t).map(|l| String::from_utf8_lossy(&l).into_owned());
+            self.audit_intent(s, "generate", label.as_deref(), Some(&id), Some(mech.ty))?;
             cmk_id = Some(id);
         }
         let obj = s.backend().generate_key(&mech.to_cryptoki()?, &t)?;
@@ -631,14 +671,22 @@ impl Library {
         if label_of(&public).is_some_and(|l| reserved(&l)) {
             return err(CKR_ATTRIBUTE_VALUE_INVALID);
         }
-        if templates::is_token(&private) {
+        let token_label = templates::is_token(&private)
+            .then(|| label_of(&private).map(|l| String::from_utf8_lossy(&l).into_owned()));
+        if let Some(label) = &token_label {
             self.check_new_name(s, label_of(&private).as_deref())?;
+            self.audit_intent(s, "generate", label.as_deref(), None, Some(mech.ty))?;
         }
         let (p, q) = s
             .backend()
             .generate_key_pair(&mech.to_cryptoki()?, &public, &private)?;
-        if templates::is_token(&private) {
+        if let Some(label) = token_label {
             self.stores[s.slot_id as usize].invalidate();
+            let mut rec = crate::audit::Record::new("generate", CKR_OK);
+            rec.mechanism = Some(mech.ty);
+            rec.key = label;
+            rec.reason = Some("C_GenerateKeyPair: a token private key".into());
+            let _ = self.audit_record(s, rec);
         }
         Ok((
             s.register(self, p, !templates::is_token(&public)),
@@ -862,6 +910,8 @@ impl Library {
         );
         if key && templates::is_token(&t) {
             self.check_new_name(s, label_of(&t).as_deref())?;
+            let name = label_of(&t).map(|l| String::from_utf8_lossy(&l).into_owned());
+            self.audit_intent(s, "import-plaintext", name.as_deref(), None, None)?;
         }
         let o = s.backend().create_object(&t)?;
         let h = s.register(self, o, !templates::is_token(&t));
@@ -891,13 +941,22 @@ impl Library {
             Some(b) => b,
             None => info.token,
         };
-        if token && info.is_protected() {
-            let label = label_of(&t).unwrap_or_else(|| info.label.as_bytes().to_vec());
-            self.check_new_name(s, Some(&label))?;
+        let promoted = (token && info.is_protected())
+            .then(|| label_of(&t).unwrap_or_else(|| info.label.as_bytes().to_vec()));
+        if let Some(label) = &promoted {
+            self.check_new_name(s, Some(label))?;
+            let name = String::from_utf8_lossy(label);
+            self.audit_intent(s, "promote", Some(&name), None, None)?;
         }
         let copy = s.backend().copy_object(o, &t)?;
         if token {
             self.stores[s.slot_id as usize].invalidate();
+        }
+        if let Some(label) = promoted {
+            let mut rec = crate::audit::Record::new("promote", CKR_OK);
+            rec.key = Some(String::from_utf8_lossy(&label).into_owned());
+            rec.reason = Some("C_CopyObject: a session key made a token CMK".into());
+            let _ = self.audit_record(s, rec);
         }
         Ok(s.register(self, copy, !token))
     }
@@ -924,6 +983,13 @@ impl Library {
         if cmk.state(keystore::now()) == State::PendingDeletion {
             return Ok(());
         }
+        self.audit_intent(
+            s,
+            "schedule-deletion",
+            Some(&cmk.name()),
+            Some(&cmk.id),
+            None,
+        )?;
         let result =
             lifecycle::schedule_deletion(s.backend(), cmk, self.cfg.keys.deletion_window_days);
         let rv = result.as_ref().map_or_else(Error::rv, |_| CKR_OK);

@@ -302,7 +302,7 @@ pub fn describe(e: &Error) -> String {
         _ => "",
     };
     match e {
-        Error::Config { .. } => e.to_string(),
+        Error::Config { .. } | Error::Audit(_) => e.to_string(),
         _ if meaning.is_empty() => name.to_string(),
         _ => format!("{name} ({meaning})"),
     }
