@@ -98,7 +98,7 @@ pub struct Mech {
 
 impl Mech {
     /// Calls `f` with a `CK_MECHANISM` pointing into `self`, for the parameter shapes of
-    /// the data path (none, a 16-byte IV, AES-GCM), without building a cryptoki
+    /// the data path (none, a 16-byte IV, AES-GCM, RSA-PSS), without building a cryptoki
     /// [`Mechanism`] first; `None` for any other shape (use [`Mech::to_cryptoki`]).
     pub fn with_raw<R>(&mut self, f: impl FnOnce(&mut CK_MECHANISM) -> R) -> Option<R> {
         let ty = self.ty;
@@ -121,6 +121,20 @@ impl Mech {
                 };
                 let p = (&mut g as *mut CK_GCM_PARAMS).cast();
                 Some(f(&mut mech(p, std::mem::size_of::<CK_GCM_PARAMS>())))
+            }
+            // PSS goes to the token as the application gave it: cryptoki knows neither
+            // CKM_SHA224_RSA_PKCS_PSS nor a SHA-224 hash in the parameter.
+            Param::Pss { hash, mgf, salt } => {
+                let mut p = CK_RSA_PKCS_PSS_PARAMS {
+                    hashAlg: *hash,
+                    mgf: *mgf,
+                    sLen: *salt,
+                };
+                let ptr = (&mut p as *mut CK_RSA_PKCS_PSS_PARAMS).cast();
+                Some(f(&mut mech(
+                    ptr,
+                    std::mem::size_of::<CK_RSA_PKCS_PSS_PARAMS>(),
+                )))
             }
             _ => None,
         }
@@ -194,6 +208,7 @@ pub fn param_kind(ty: CK_MECHANISM_TYPE) -> Option<ParamKind> {
         CKM_AES_GCM => K::Gcm,
         CKM_RSA_PKCS_PSS
         | CKM_SHA1_RSA_PKCS_PSS
+        | CKM_SHA224_RSA_PKCS_PSS
         | CKM_SHA256_RSA_PKCS_PSS
         | CKM_SHA384_RSA_PKCS_PSS
         | CKM_SHA512_RSA_PKCS_PSS => K::Pss,
@@ -397,10 +412,42 @@ mod tests {
             },
         };
         assert_eq!(
-            pss.with_raw(|_| ()),
+            pss.with_raw(|ck| (ck.mechanism, ck.ulParameterLen)),
+            Some((
+                CKM_RSA_PKCS_PSS,
+                std::mem::size_of::<CK_RSA_PKCS_PSS_PARAMS>() as CK_ULONG
+            ))
+        );
+        let mut oaep = Mech {
+            ty: CKM_RSA_PKCS_OAEP,
+            param: Param::Oaep {
+                hash: CKM_SHA_1,
+                mgf: CKG_MGF1_SHA1,
+                label: None,
+            },
+        };
+        assert_eq!(
+            oaep.with_raw(|_| ()),
             None,
             "other shapes go through cryptoki"
         );
+    }
+
+    /// One list per concept: the policy's allow-list (`policy::mechanisms::offered`) names
+    /// only mechanisms whose parameter this layer can check and forward.
+    #[test]
+    fn every_offered_mechanism_can_be_forwarded() {
+        let mut offered = 0;
+        for ty in (0..0x2000u64).chain(CKM_VENDOR_DEFINED..CKM_VENDOR_DEFINED + 0x100) {
+            if crate::policy::mechanisms::offered(ty) {
+                offered += 1;
+                assert!(
+                    param_kind(ty).is_some(),
+                    "offered but not forwardable: {ty:#x}"
+                );
+            }
+        }
+        assert!(offered > 40, "{offered}");
     }
 
     #[test]

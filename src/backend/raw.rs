@@ -435,3 +435,75 @@ impl RawBackend {
         })
     }
 }
+
+impl RawBackend {
+    /// `C_GetMechanismList` of `slot`: every type the token lists, including those cryptoki's
+    /// own conversion does not know (it drops them, with an error line each).
+    pub fn mechanism_list(
+        &self,
+        slot: CK_SLOT_ID,
+    ) -> std::result::Result<Vec<CK_MECHANISM_TYPE>, CK_RV> {
+        let Some(f) = self.list.C_GetMechanismList else {
+            return Err(CKR_FUNCTION_NOT_SUPPORTED);
+        };
+        // The list may grow between the two calls (a token inserted, a module reloaded): ask
+        // again with the new length until it fits.
+        for _ in 0..4 {
+            let mut n: CK_ULONG = 0;
+            // SAFETY: a NULL list asks only for the count, written to `n`.
+            let rv = unsafe { f(slot, std::ptr::null_mut(), &mut n) };
+            if rv != CKR_OK {
+                return Err(rv);
+            }
+            let mut out = vec![0; n as usize];
+            // SAFETY: `out` has room for `n` entries, the count passed in.
+            let rv = unsafe { f(slot, out.as_mut_ptr(), &mut n) };
+            match rv {
+                CKR_OK => {
+                    out.truncate(n as usize);
+                    return Ok(out);
+                }
+                CKR_BUFFER_TOO_SMALL => continue,
+                rv => return Err(rv),
+            }
+        }
+        Err(CKR_GENERAL_ERROR)
+    }
+
+    /// `C_GetMechanismInfo` of `ty` on `slot`.
+    pub fn mechanism_info(
+        &self,
+        slot: CK_SLOT_ID,
+        ty: CK_MECHANISM_TYPE,
+    ) -> std::result::Result<CK_MECHANISM_INFO, CK_RV> {
+        let Some(f) = self.list.C_GetMechanismInfo else {
+            return Err(CKR_FUNCTION_NOT_SUPPORTED);
+        };
+        let mut info = CK_MECHANISM_INFO::default();
+        // SAFETY: `info` is a valid CK_MECHANISM_INFO to write.
+        match unsafe { f(slot, ty, &mut info) } {
+            CKR_OK => Ok(info),
+            rv => Err(rv),
+        }
+    }
+}
+
+impl RawBackend {
+    /// `C_InitToken` with the application's PIN bytes and its 32-byte label as given
+    /// (blank padded, any bytes the token accepts: PKCS#11 defines the field, not its text).
+    pub fn init_token(&self, slot: CK_SLOT_ID, pin: &[u8], label: &[u8; 32]) -> CK_RV {
+        let Some(f) = self.list.C_InitToken else {
+            return CKR_FUNCTION_NOT_SUPPORTED;
+        };
+        // SAFETY: the PIN and the label are only read (PKCS#11 inputs) and outlive the call;
+        // the label is exactly the 32 bytes the function reads.
+        unsafe {
+            f(
+                slot,
+                pin.as_ptr().cast_mut(),
+                pin.len() as CK_ULONG,
+                label.as_ptr().cast_mut(),
+            )
+        }
+    }
+}

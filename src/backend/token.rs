@@ -5,7 +5,6 @@ use crate::config::Config;
 use crate::error::Result;
 use cryptoki::context::Pkcs11;
 use cryptoki::error::{Error as CkError, RvError};
-use cryptoki::mechanism::MechanismType;
 use cryptoki::slot::{Limit, Slot};
 use cryptoki_sys::*;
 
@@ -177,51 +176,25 @@ impl Backend {
         })
     }
 
-    /// The backend's mechanisms that cmkp11 can forward.
+    /// The backend's mechanisms that cmkp11 can forward, asked through the module's own
+    /// table so that types cryptoki does not know (`CKM_SHA224_RSA_PKCS` ...) are kept.
     pub fn mechanisms(&self, slot: Slot) -> Result<Vec<CK_MECHANISM_TYPE>> {
-        Ok(self
-            .ctx
-            .get_mechanism_list(slot)?
-            .into_iter()
-            .map(|m| *m)
-            .filter(|m| super::mech::param_kind(*m).is_some())
-            .collect())
+        let raw = super::raw::get().ok_or(crate::error::Error::Rv(CKR_CRYPTOKI_NOT_INITIALIZED))?;
+        let mut list = raw
+            .mechanism_list(slot.id())
+            .map_err(crate::error::Error::Rv)?;
+        list.retain(|m| super::mech::param_kind(*m).is_some());
+        Ok(list)
     }
 
     /// `CK_MECHANISM_INFO` of a forwardable mechanism.
     pub fn mechanism_info(&self, slot: Slot, ty: CK_MECHANISM_TYPE) -> Result<CK_MECHANISM_INFO> {
-        let mt = MechanismType::try_from(ty)
-            .ok()
-            .filter(|_| super::mech::param_kind(ty).is_some())
-            .ok_or(crate::error::Error::Rv(CKR_MECHANISM_INVALID))?;
-        let i = self.ctx.get_mechanism_info(slot, mt)?;
-        let bits = [
-            (i.hardware(), CKF_HW),
-            (i.encrypt(), CKF_ENCRYPT),
-            (i.decrypt(), CKF_DECRYPT),
-            (i.digest(), CKF_DIGEST),
-            (i.sign(), CKF_SIGN),
-            (i.sign_recover(), CKF_SIGN_RECOVER),
-            (i.verify(), CKF_VERIFY),
-            (i.verify_recover(), CKF_VERIFY_RECOVER),
-            (i.generate(), CKF_GENERATE),
-            (i.generate_key_pair(), CKF_GENERATE_KEY_PAIR),
-            (i.wrap(), CKF_WRAP),
-            (i.unwrap(), CKF_UNWRAP),
-            (i.derive(), CKF_DERIVE),
-            (i.extension(), CKF_EXTENSION),
-            (i.ec_f_p(), CKF_EC_F_P),
-            (i.ec_f_2m(), CKF_EC_F_2M),
-            (i.ec_from_parameters(), CKF_EC_ECPARAMETERS),
-            (i.ec_from_oid(), CKF_EC_OID),
-            (i.ec_uncompressed(), CKF_EC_UNCOMPRESS),
-            (i.ec_compressed(), CKF_EC_COMPRESS),
-        ];
-        Ok(CK_MECHANISM_INFO {
-            ulMinKeySize: i.min_key_size() as CK_ULONG,
-            ulMaxKeySize: i.max_key_size() as CK_ULONG,
-            flags: bits.iter().filter(|(on, _)| *on).fold(0, |f, (_, b)| f | b),
-        })
+        if super::mech::param_kind(ty).is_none() {
+            return Err(crate::error::Error::Rv(CKR_MECHANISM_INVALID));
+        }
+        let raw = super::raw::get().ok_or(crate::error::Error::Rv(CKR_CRYPTOKI_NOT_INITIALIZED))?;
+        raw.mechanism_info(slot.id(), ty)
+            .map_err(crate::error::Error::Rv)
     }
 }
 

@@ -42,6 +42,7 @@ pub fn is_rsa_signature(m: CK_MECHANISM_TYPE) -> bool {
             | CKM_SHA512_RSA_PKCS
             | CKM_RSA_PKCS_PSS
             | CKM_SHA1_RSA_PKCS_PSS
+            | CKM_SHA224_RSA_PKCS_PSS
             | CKM_SHA256_RSA_PKCS_PSS
             | CKM_SHA384_RSA_PKCS_PSS
             | CKM_SHA512_RSA_PKCS_PSS

@@ -41,6 +41,7 @@ pub mod audit_mac;
 pub mod handles;
 pub mod ops;
 pub mod session;
+mod slot;
 pub mod store;
 
 use crate::backend::token::Backend;

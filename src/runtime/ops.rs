@@ -490,15 +490,14 @@ impl Library {
         key: ObjectHandle,
     ) -> Result<()> {
         let b = self.backend.ctx.open_ro_session(self.slot(slot)?)?;
-        let m = mech.to_cryptoki()?;
-        match kind {
-            Kind::Encrypt => b.encrypt_init(&m, key)?,
-            Kind::Decrypt => b.decrypt_init(&m, key)?,
-            Kind::Sign => b.sign_init(&m, key)?,
-            Kind::Verify => b.verify_init(&m, key)?,
-            Kind::Digest => {}
+        if kind == Kind::Digest {
+            return Ok(());
         }
-        Ok(())
+        let raw = crate::backend::raw::get().ok_or(Error::Rv(CKR_CRYPTOKI_NOT_INITIALIZED))?;
+        match raw.init(kind, b.handle(), mech, key.handle()) {
+            CKR_OK => Ok(()),
+            rv => err(rv),
+        }
     }
 
     /// `C_DigestKey`: the backend object of a key that may be digested; secret and

@@ -73,10 +73,7 @@ pub unsafe extern "C" fn C_GetMechanismList(
     count: *mut CK_ULONG,
 ) -> CK_RV {
     guard("C_GetMechanismList", || {
-        let lib = runtime::library()?;
-        let s = lib.slot(slot)?;
-        let mut mechs = lib.backend.mechanisms(s)?;
-        mechs.retain(|m| crate::policy::mechanisms::offered(*m));
+        let mechs = runtime::library()?.mechanism_list(slot)?;
         // SAFETY: two-call convention over application buffers (contract).
         unsafe { args::write_list(&mechs, list, count) }
     })
@@ -93,19 +90,10 @@ pub unsafe extern "C" fn C_GetMechanismInfo(
 ) -> CK_RV {
     guard("C_GetMechanismInfo", || {
         let lib = runtime::library()?;
-        let s = lib.slot(slot)?;
+        lib.slot(slot)?;
         // SAFETY: NULL-checked output (contract).
         let info = unsafe { args::out(info)? };
-        if !crate::policy::mechanisms::offered(ty) {
-            return err(CKR_MECHANISM_INVALID);
-        }
-        let mut i = lib.backend.mechanism_info(s, ty)?;
-        i.flags = crate::policy::mechanisms::reported_flags(
-            ty,
-            i.flags,
-            lib.settings.allow_rsa_pkcs1_decrypt,
-        );
-        *info = i;
+        *info = lib.mechanism_info(slot, ty)?;
         Ok(())
     })
 }
@@ -122,7 +110,7 @@ pub unsafe extern "C" fn C_InitToken(
 ) -> CK_RV {
     guard("C_InitToken", || {
         let lib = runtime::library()?;
-        let s = lib.slot(slot)?;
+        lib.slot(slot)?;
         // SAFETY: application buffers of the given lengths (contract).
         let (pin, label) = unsafe {
             (
@@ -130,10 +118,8 @@ pub unsafe extern "C" fn C_InitToken(
                 args::bytes(label, 32)?,
             )
         };
-        let label = std::str::from_utf8(label)
-            .or(err(CKR_ARGUMENTS_BAD))?
-            .trim_end();
-        Ok(lib.backend.ctx.init_token(s, &auth_pin(pin)?, label)?)
+        let label: &[u8; 32] = label.try_into().or(err(CKR_ARGUMENTS_BAD))?;
+        lib.init_token(slot, pin, label)
     })
 }
 

@@ -7,324 +7,50 @@
 
 use cryptoki_sys::*;
 
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_GetOperationState(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut CK_BYTE,
-    _arg3: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
+/// Defines each listed function as an `extern "C"` stub that ignores its arguments and
+/// returns `CKR_FUNCTION_NOT_SUPPORTED`, with the signature the function tables expect.
+macro_rules! unsupported {
+    ($($name:ident($($ty:ty),* $(,)?);)*) => {
+        $(
+            /// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
+            #[allow(clippy::too_many_arguments)]
+            pub extern "C" fn $name($(_: $ty),*) -> CK_RV {
+                CKR_FUNCTION_NOT_SUPPORTED
+            }
+        )*
+    };
 }
 
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_SetOperationState(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut CK_BYTE,
-    _arg3: CK_ULONG,
-    _arg4: CK_OBJECT_HANDLE,
-    _arg5: CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_SignRecoverInit(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut CK_MECHANISM,
-    _arg3: CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_SignRecover(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut CK_BYTE,
-    _arg3: CK_ULONG,
-    _arg4: *mut CK_BYTE,
-    _arg5: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_VerifyRecoverInit(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut CK_MECHANISM,
-    _arg3: CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_VerifyRecover(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut CK_BYTE,
-    _arg3: CK_ULONG,
-    _arg4: *mut CK_BYTE,
-    _arg5: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_DigestEncryptUpdate(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut CK_BYTE,
-    _arg3: CK_ULONG,
-    _arg4: *mut CK_BYTE,
-    _arg5: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_DecryptDigestUpdate(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut CK_BYTE,
-    _arg3: CK_ULONG,
-    _arg4: *mut CK_BYTE,
-    _arg5: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_SignEncryptUpdate(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut CK_BYTE,
-    _arg3: CK_ULONG,
-    _arg4: *mut CK_BYTE,
-    _arg5: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_DecryptVerifyUpdate(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut CK_BYTE,
-    _arg3: CK_ULONG,
-    _arg4: *mut CK_BYTE,
-    _arg5: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_LoginUser(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: CK_USER_TYPE,
-    _arg3: *mut CK_UTF8CHAR,
-    _arg4: CK_ULONG,
-    _arg5: *mut CK_UTF8CHAR,
-    _arg6: CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_MessageEncryptInit(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut CK_MECHANISM,
-    _arg3: CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_EncryptMessage(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut std::os::raw::c_void,
-    _arg3: CK_ULONG,
-    _arg4: *mut CK_BYTE,
-    _arg5: CK_ULONG,
-    _arg6: *mut CK_BYTE,
-    _arg7: CK_ULONG,
-    _arg8: *mut CK_BYTE,
-    _arg9: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_EncryptMessageBegin(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut std::os::raw::c_void,
-    _arg3: CK_ULONG,
-    _arg4: *mut CK_BYTE,
-    _arg5: CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_EncryptMessageNext(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut std::os::raw::c_void,
-    _arg3: CK_ULONG,
-    _arg4: *mut CK_BYTE,
-    _arg5: CK_ULONG,
-    _arg6: *mut CK_BYTE,
-    _arg7: *mut CK_ULONG,
-    _arg8: CK_FLAGS,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_MessageEncryptFinal(_arg1: CK_SESSION_HANDLE) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_MessageDecryptInit(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut CK_MECHANISM,
-    _arg3: CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_DecryptMessage(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut std::os::raw::c_void,
-    _arg3: CK_ULONG,
-    _arg4: *mut CK_BYTE,
-    _arg5: CK_ULONG,
-    _arg6: *mut CK_BYTE,
-    _arg7: CK_ULONG,
-    _arg8: *mut CK_BYTE,
-    _arg9: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_DecryptMessageBegin(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut std::os::raw::c_void,
-    _arg3: CK_ULONG,
-    _arg4: *mut CK_BYTE,
-    _arg5: CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_DecryptMessageNext(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut std::os::raw::c_void,
-    _arg3: CK_ULONG,
-    _arg4: *mut CK_BYTE,
-    _arg5: CK_ULONG,
-    _arg6: *mut CK_BYTE,
-    _arg7: *mut CK_ULONG,
-    _arg8: CK_FLAGS,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_MessageDecryptFinal(_arg1: CK_SESSION_HANDLE) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_MessageSignInit(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut CK_MECHANISM,
-    _arg3: CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_SignMessage(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut std::os::raw::c_void,
-    _arg3: CK_ULONG,
-    _arg4: *mut CK_BYTE,
-    _arg5: CK_ULONG,
-    _arg6: *mut CK_BYTE,
-    _arg7: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_SignMessageBegin(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut std::os::raw::c_void,
-    _arg3: CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_SignMessageNext(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut std::os::raw::c_void,
-    _arg3: CK_ULONG,
-    _arg4: *mut CK_BYTE,
-    _arg5: CK_ULONG,
-    _arg6: *mut CK_BYTE,
-    _arg7: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_MessageSignFinal(_arg1: CK_SESSION_HANDLE) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_MessageVerifyInit(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut CK_MECHANISM,
-    _arg3: CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_VerifyMessage(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut std::os::raw::c_void,
-    _arg3: CK_ULONG,
-    _arg4: *mut CK_BYTE,
-    _arg5: CK_ULONG,
-    _arg6: *mut CK_BYTE,
-    _arg7: CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_VerifyMessageBegin(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut std::os::raw::c_void,
-    _arg3: CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_VerifyMessageNext(
-    _arg1: CK_SESSION_HANDLE,
-    _arg2: *mut std::os::raw::c_void,
-    _arg3: CK_ULONG,
-    _arg4: *mut CK_BYTE,
-    _arg5: CK_ULONG,
-    _arg6: *mut CK_BYTE,
-    _arg7: CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-/// Not supported: returns `CKR_FUNCTION_NOT_SUPPORTED`.
-pub extern "C" fn C_MessageVerifyFinal(_arg1: CK_SESSION_HANDLE) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
+unsupported! {
+    C_GetOperationState(CK_SESSION_HANDLE, *mut CK_BYTE, *mut CK_ULONG);
+    C_SetOperationState(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, CK_OBJECT_HANDLE, CK_OBJECT_HANDLE);
+    C_SignRecoverInit(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE);
+    C_SignRecover(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_VerifyRecoverInit(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE);
+    C_VerifyRecover(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_DigestEncryptUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_DecryptDigestUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_SignEncryptUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_DecryptVerifyUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_LoginUser(CK_SESSION_HANDLE, CK_USER_TYPE, *mut CK_UTF8CHAR, CK_ULONG, *mut CK_UTF8CHAR, CK_ULONG);
+    C_MessageEncryptInit(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE);
+    C_EncryptMessage(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_EncryptMessageBegin(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG, *mut CK_BYTE, CK_ULONG);
+    C_EncryptMessageNext(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG, CK_FLAGS);
+    C_MessageEncryptFinal(CK_SESSION_HANDLE);
+    C_MessageDecryptInit(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE);
+    C_DecryptMessage(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_DecryptMessageBegin(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG, *mut CK_BYTE, CK_ULONG);
+    C_DecryptMessageNext(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG, CK_FLAGS);
+    C_MessageDecryptFinal(CK_SESSION_HANDLE);
+    C_MessageSignInit(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE);
+    C_SignMessage(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_SignMessageBegin(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG);
+    C_SignMessageNext(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_MessageSignFinal(CK_SESSION_HANDLE);
+    C_MessageVerifyInit(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE);
+    C_VerifyMessage(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, CK_ULONG);
+    C_VerifyMessageBegin(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG);
+    C_VerifyMessageNext(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, CK_ULONG);
+    C_MessageVerifyFinal(CK_SESSION_HANDLE);
 }
