@@ -101,6 +101,11 @@ step header check_header
 # build (it builds the rlib for the tests): build the cdylib first.
 step "debug build" cargo build --workspace
 step "cargo test" cargo test --workspace --all-targets --no-fail-fast
+# Service mode: the same integration tests with a cmkp11d per test process owning the
+# token and the module in client mode (tests/common: CMKP11_TEST_SERVICE). The files
+# listed pass in both modes; the others read the application's own config or files.
+step "service tests" env CMKP11_TEST_SERVICE=1 cargo test --no-fail-fast \
+    --test legit_flows --test attacks --test threads --test fork
 if step "release build" cargo build --release --lib --bins --example demo; then
     step demo run_demo
     step e2e bash scripts/e2e/run.sh --module "$(cmk_module_path release)"

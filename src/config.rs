@@ -34,9 +34,64 @@ pub struct Config {
     /// Access rules, in order.
     #[serde(default)]
     pub access: Vec<Access>,
+    /// Service mode (`cmkp11d` and the client mode of the module).
+    #[serde(default)]
+    pub service: Option<Service>,
+    /// Applications allowed to log in to `cmkp11d` (service mode only).
+    #[serde(default)]
+    pub clients: Vec<Client>,
     /// The file this configuration was read from, or `None` for the defaults.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+/// `[service]`: in an application's configuration, the daemon to forward every call to;
+/// in `cmkp11d`'s, where it listens, the token PIN and the per-client limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// The daemon's Unix socket.
+    pub socket: PathBuf,
+    /// Daemon only: a file (root- or daemon-readable, mode 0600 or stricter) holding the
+    /// backend token's user PIN. Applications never see it.
+    #[serde(default)]
+    pub token_pin_file: Option<PathBuf>,
+    /// Daemon only: most sessions one client may hold open.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+    /// Daemon only: most objects one client may create (session or token objects).
+    #[serde(default = "default_max_objects")]
+    pub max_objects: usize,
+    /// Daemon only: most connections (requests in flight) one client may hold.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Daemon only: the socket's mode (octal string, default "0666": the application
+    /// credentials and the access rules decide, not the file mode).
+    #[serde(default)]
+    pub socket_mode: Option<String>,
+}
+
+fn default_max_sessions() -> usize {
+    256
+}
+fn default_max_objects() -> usize {
+    10_000
+}
+fn default_max_connections() -> usize {
+    16
+}
+
+/// `[[clients]]`: an application credential of `cmkp11d`. The application's `C_Login`
+/// PIN is checked against `pin_hash`; only processes of `uids` may use it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Client {
+    /// A name for logs and audit records.
+    pub name: String,
+    /// Kernel-attested user ids allowed to log in with this credential.
+    pub uids: Vec<u32>,
+    /// Argon2 PHC string of the application PIN (`cmkp11d hash-pin`).
+    pub pin_hash: String,
 }
 
 /// `[backend]`
@@ -284,6 +339,27 @@ impl Config {
         }
         if let Err((i, problem)) = crate::policy::access::validate(&self.access) {
             return bad(&format!("access[{i}]"), problem);
+        }
+        for (i, c) in self.clients.iter().enumerate() {
+            if !c.pin_hash.starts_with("$argon2") {
+                return bad(
+                    &format!("clients[{i}].pin_hash"),
+                    "is not an Argon2 PHC string (make one with `cmkp11d hash-pin`)".into(),
+                );
+            }
+            if c.uids.is_empty() {
+                return bad(&format!("clients[{i}].uids"), "is empty".into());
+            }
+        }
+        if let Some(svc) = &self.service {
+            if svc.max_sessions == 0 || svc.max_objects == 0 || svc.max_connections == 0 {
+                return bad("service", "limits must be at least 1".into());
+            }
+            if let Some(m) = &svc.socket_mode {
+                if u32::from_str_radix(m, 8).map_or(true, |m| m > 0o777) {
+                    return bad("service.socket_mode", format!("`{m}` is not an octal mode"));
+                }
+            }
         }
         if !["deny", "allow"].contains(&self.audit.on_failure.as_str()) {
             return bad(

@@ -5,8 +5,10 @@
 //! every operation to it. Layers, top to bottom; a module imports only from layers below
 //! it (checked by `tests/layers.rs`):
 //!
+//! - [`daemon`]: `cmkp11d`'s server and its in-process calls through [`ffi`]'s tables.
 //! - [`ffi`]: the application's C ABI: exported getters, function tables, pointer and
 //!   length conversion, the two-call size convention, `catch_unwind`, fork detection.
+//! - [`service`]: service mode's client side (protocol, connection to `cmkp11d`).
 //! - [`runtime`]: `C_Initialize` state, slots, sessions, handle tables, operations.
 //! - [`keystore`], [`audit`]: CMKs, versions and states in the token; the audit log.
 //! - [`backend`], [`logging`]: the token through cryptoki and its own function table
@@ -16,8 +18,8 @@
 //! - [`error`], [`vendor`]: the error type and its `CK_RV` map; vendor constants.
 //! - [`sys`]: OS primitives: pid/uid, clocks, the audit lock file, the backend's mutexes.
 //!
-//! `unsafe` code is denied at the crate root and allowed only in [`ffi`], [`sys`] and
-//! [`backend::raw`].
+//! `unsafe` code is denied at the crate root and allowed only in [`ffi`], [`sys`],
+//! [`backend::raw`] and [`daemon::host`].
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -26,6 +28,7 @@
 pub mod audit;
 pub mod backend;
 pub mod config;
+pub mod daemon;
 pub mod error;
 #[allow(unsafe_code)]
 pub mod ffi;
@@ -33,6 +36,7 @@ pub mod keystore;
 pub mod logging;
 pub mod policy;
 pub mod runtime;
+pub mod service;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod vendor;

@@ -17,7 +17,9 @@ const LAYERS: &[(&str, u32)] = &[
     ("keystore", 6),
     ("audit", 6),
     ("runtime", 7),
+    ("service", 7),
     ("ffi", 8),
+    ("daemon", 9),
 ];
 
 fn rank(m: &str) -> Option<u32> {

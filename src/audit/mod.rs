@@ -557,7 +557,17 @@ impl Auditor {
             return Ok(());
         }
         let pid = crate::sys::shm::pid();
-        let body = record::body(&self.ident, pid, r, bulk, SystemTime::now());
+        // In the daemon, the application's kernel-attested identity; else this process's.
+        let body = match crate::sys::peer::current() {
+            Some(p) => {
+                let id = Ident {
+                    uid: p.uid,
+                    exe_json: p.exe_json.clone(),
+                };
+                record::body(&id, p.pid, r, bulk, SystemTime::now())
+            }
+            None => record::body(&self.ident, pid, r, bulk, SystemTime::now()),
+        };
         let res = self.submit(
             pid,
             Pending {

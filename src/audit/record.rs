@@ -189,12 +189,14 @@ impl Ident {
         let exe = std::env::current_exe()
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "?".into());
+        Ident::of(rustix::process::getuid().as_raw(), &exe)
+    }
+
+    /// An identity from its uid and executable path (the daemon's peers).
+    pub fn of(uid: u32, exe: &str) -> Ident {
         let mut exe_json = String::new();
-        push_json_str(&mut exe_json, &exe, MAX_EXE);
-        Ident {
-            uid: rustix::process::getuid().as_raw(),
-            exe_json,
-        }
+        push_json_str(&mut exe_json, exe, MAX_EXE);
+        Ident { uid, exe_json }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The three exported symbols: `C_GetFunctionList`, `C_GetInterfaceList`, `C_GetInterface`.
 //! Every other entry point is reached through the tables they return.
 
+use super::client::{CLIENT_LIST_2_40, CLIENT_LIST_3_0};
 use super::tables::{FUNCTION_LIST_2_40, FUNCTION_LIST_3_0};
 use super::{args, guard};
 use crate::error::err;
@@ -41,12 +42,34 @@ pub static INTERFACES: [Interface; 3] = [
     }),
 ];
 
+/// The interfaces of client mode (service mode's application side): the standard ones,
+/// over the client tables; the admin interface is the daemon's, not an application's.
+pub static CLIENT_INTERFACES: [Interface; 2] = [
+    Interface(CK_INTERFACE {
+        pInterfaceName: PKCS11.as_ptr() as *mut CK_UTF8CHAR,
+        pFunctionList: &CLIENT_LIST_3_0 as *const CK_FUNCTION_LIST_3_0 as *mut _,
+        flags: 0,
+    }),
+    Interface(CK_INTERFACE {
+        pInterfaceName: PKCS11.as_ptr() as *mut CK_UTF8CHAR,
+        pFunctionList: &CLIENT_LIST_2_40 as *const CK_FUNCTION_LIST as *mut _,
+        flags: 0,
+    }),
+];
+
+/// The interfaces of this process's mode (decided once, at the first getter call).
+fn interfaces() -> &'static [Interface] {
+    if crate::service::client::socket().is_some() {
+        &CLIENT_INTERFACES
+    } else {
+        &INTERFACES
+    }
+}
+
 fn version_of(i: &Interface) -> CK_VERSION {
     // Both tables start with a CK_VERSION: read it through the type each one really has.
-    if std::ptr::eq(
-        i.0.pFunctionList as *const CK_FUNCTION_LIST_3_0,
-        &FUNCTION_LIST_3_0,
-    ) {
+    let p = i.0.pFunctionList as *const CK_FUNCTION_LIST_3_0;
+    if std::ptr::eq(p, &FUNCTION_LIST_3_0) || std::ptr::eq(p, &CLIENT_LIST_3_0) {
         FUNCTION_LIST_3_0.version
     } else {
         FUNCTION_LIST_2_40.version
@@ -62,7 +85,12 @@ pub unsafe extern "C" fn C_GetFunctionList(list: *mut *mut CK_FUNCTION_LIST) -> 
     guard("C_GetFunctionList", || {
         // SAFETY: NULL-checked output (contract).
         let list = unsafe { args::out(list)? };
-        *list = &FUNCTION_LIST_2_40 as *const CK_FUNCTION_LIST as *mut CK_FUNCTION_LIST;
+        let table = if crate::service::client::socket().is_some() {
+            &CLIENT_LIST_2_40
+        } else {
+            &FUNCTION_LIST_2_40
+        };
+        *list = table as *const CK_FUNCTION_LIST as *mut CK_FUNCTION_LIST;
         Ok(())
     })
 }
@@ -77,7 +105,7 @@ pub unsafe extern "C" fn C_GetInterfaceList(
     count: *mut CK_ULONG,
 ) -> CK_RV {
     guard("C_GetInterfaceList", || {
-        let all: Vec<CK_INTERFACE> = INTERFACES.iter().map(|i| i.0).collect();
+        let all: Vec<CK_INTERFACE> = interfaces().iter().map(|i| i.0).collect();
         // SAFETY: two-call convention over application buffers (contract).
         unsafe { args::write_list(&all, list, count) }
     })
@@ -102,7 +130,7 @@ pub unsafe extern "C" fn C_GetInterface(
         let name = (!name.is_null()).then(|| unsafe { CStr::from_ptr(name as *const _) });
         // SAFETY: NULL or a valid CK_VERSION (contract).
         let version = unsafe { version.as_ref() };
-        let found = INTERFACES.iter().find(|i| {
+        let found = interfaces().iter().find(|i| {
             // SAFETY: our own static NUL-terminated names.
             let iname = unsafe { CStr::from_ptr(i.0.pInterfaceName as *const _) };
             let v = version_of(i);

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod args;
+pub mod client;
 pub mod entry;
 pub mod exports;
 pub mod tables;

@@ -290,7 +290,13 @@ impl Library {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| ((d.as_secs() % 86_400) / 60) as u32)
                 .unwrap_or(0);
-            policy::access::check(&self.cfg.access, &info.label, op.name(), &self.caller, now)
+            // In the daemon, the application's kernel-attested identity; else this process's.
+            let peer = crate::sys::peer::current().map(|p| policy::access::Caller {
+                uid: p.uid,
+                exe: p.exe.clone(),
+            });
+            let caller = peer.as_ref().unwrap_or(&self.caller);
+            policy::access::check(&self.cfg.access, &info.label, op.name(), caller, now)
                 .map_err(|reason| (policy::access::DENIED, reason))?;
         }
         Ok((objects, version, Some(generation)))

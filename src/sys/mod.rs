@@ -4,6 +4,7 @@
 //! Nothing here knows PKCS#11 policy, sessions or the application's pointers.
 
 pub mod locks;
+pub mod peer;
 pub mod shm;
 
 use std::sync::atomic::{AtomicPtr, Ordering};
@@ -94,5 +95,16 @@ impl<T: 'static> Published<T> {
 impl<T: 'static> Default for Published<T> {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Registers `child` to run in the child process after every `fork()`.
+pub fn atfork_child(child: extern "C" fn()) -> Result<(), i32> {
+    // SAFETY: `child` is a plain function that lives as long as the process.
+    let rc = unsafe { libc::pthread_atfork(None, None, Some(child)) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(rc)
     }
 }

@@ -163,6 +163,9 @@ pub fn test_env() -> &'static TestEnv {
         // Set before any C_Initialize: the module and SoftHSM2 read them there.
         std::env::set_var("SOFTHSM2_CONF", &softhsm_conf);
         std::env::set_var("CMKP11_CONFIG", &cmkp11_conf);
+        if service_mode() {
+            start_daemon(&dir, &softhsm_conf);
+        }
 
         TestEnv {
             dir,
@@ -170,6 +173,127 @@ pub fn test_env() -> &'static TestEnv {
             cmkp11_conf,
         }
     })
+}
+
+/// Env var that runs the tests in service mode: a `cmkp11d` per test process owns the
+/// token, and the module under test runs in client mode (`CMKP11_SERVICE`).
+pub const SERVICE_ENV: &str = "CMKP11_TEST_SERVICE";
+
+/// True when the tests run in service mode (see [`SERVICE_ENV`]).
+pub fn service_mode() -> bool {
+    std::env::var_os(SERVICE_ENV).is_some_and(|v| !v.is_empty() && v != "0") && testing_cmkp11()
+}
+
+static DAEMON: Mutex<Option<std::process::Child>> = Mutex::new(None);
+
+extern "C" fn stop_daemon() {
+    if let Ok(mut d) = DAEMON.lock() {
+        if let Some(mut child) = d.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Path of the `cmkp11d` built with the module under test.
+pub fn daemon_path() -> PathBuf {
+    module_path().with_file_name("cmkp11d")
+}
+
+/// The Argon2 hash of `pin`, made by `cmkp11d hash-pin`.
+pub fn hash_pin(pin: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(daemon_path())
+        .arg("hash-pin")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run cmkp11d hash-pin (run `cargo build` first)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(pin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "cmkp11d hash-pin failed");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Writes a daemon configuration in `dir` for the test token: the token PIN in a 0600
+/// file, the application PIN [`USER_PIN`] for this uid, `extra` appended. Returns
+/// (config path, socket path).
+pub fn write_daemon_config(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
+    write_daemon_config_as(dir, "cmkp11d", USER_PIN, extra)
+}
+
+/// As [`write_daemon_config`], with files named after `name` and the application PIN
+/// `app_pin` (the token PIN stays [`USER_PIN`]).
+pub fn write_daemon_config_as(
+    dir: &Path,
+    name: &str,
+    app_pin: &str,
+    extra: &str,
+) -> (PathBuf, PathBuf) {
+    let pin_file = dir.join(format!("{name}-token.pin"));
+    std::fs::write(&pin_file, USER_PIN).unwrap();
+    std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let socket = dir.join(format!("{name}.sock"));
+    let conf = dir.join(format!("{name}.toml"));
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    std::fs::write(
+        &conf,
+        format!(
+            "[backend]\nmodule = \"{SOFTHSM_MODULE}\"\n\n[service]\nsocket = \"{}\"\ntoken_pin_file = \"{}\"\n\n[[clients]]\nname = \"tests\"\nuids = [{uid}]\npin_hash = \"{}\"\n{extra}",
+            socket.display(),
+            pin_file.display(),
+            hash_pin(app_pin)
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (conf, socket)
+}
+
+/// Starts `cmkp11d` with `conf` and waits until it accepts connections.
+pub fn spawn_daemon(conf: &Path, socket: &Path, softhsm_conf: &Path) -> std::process::Child {
+    let log = conf.with_extension("log");
+    let mut child = Command::new(daemon_path())
+        .arg("--config")
+        .arg(conf)
+        .env("SOFTHSM2_CONF", softhsm_conf)
+        .env_remove("CMKP11_SERVICE")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start cmkp11d");
+    for _ in 0..600 {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return child;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!(
+                "cmkp11d exited ({st}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    panic!("cmkp11d did not listen on {} within 30 s", socket.display());
+}
+
+/// Service mode: starts this test process's daemon over its token and points the module
+/// at it.
+fn start_daemon(dir: &Path, softhsm_conf: &Path) {
+    let (conf, socket) = write_daemon_config(dir, "");
+    let child = spawn_daemon(&conf, &socket, softhsm_conf);
+    *DAEMON.lock().unwrap() = Some(child);
+    // SAFETY: registering a plain extern "C" fn without arguments.
+    unsafe {
+        libc::atexit(stop_daemon);
+    }
+    std::env::set_var("CMKP11_SERVICE", format!("unix:{}", socket.display()));
 }
 
 static CONTEXT: OnceLock<Pkcs11> = OnceLock::new();

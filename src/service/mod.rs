@@ -1,0 +1,9 @@
+//! Service mode, the application's side: the wire protocol and the client that forwards
+//! every PKCS#11 call to `cmkp11d` over a Unix socket (DESIGN.md §8). Its C ABI is
+//! `ffi::client`; the daemon's side is `daemon`.
+//!
+//! - [`proto`]: the messages and their framing (serde + postcard, size limits, versions).
+//! - [`client`]: connection pool, fork, daemon restart, two-call outputs.
+
+pub mod client;
+pub mod proto;
