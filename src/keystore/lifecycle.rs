@@ -61,7 +61,7 @@ pub fn set_origin(s: &Session, cmk: &Cmk, origin: Origin) -> Result<StateRecord>
 pub fn disable(s: &Session, cmk: &Cmk) -> Result<StateRecord> {
     match cmk.state(now()) {
         State::Enabled | State::Disabled => write_record(s, cmk, |r| r.state = State::Disabled),
-        _ => err(NOT_ALLOWED),
+        State::PendingDeletion | State::Destroyed => err(NOT_ALLOWED),
     }
 }
 
@@ -69,7 +69,7 @@ pub fn disable(s: &Session, cmk: &Cmk) -> Result<StateRecord> {
 pub fn enable(s: &Session, cmk: &Cmk) -> Result<StateRecord> {
     match cmk.state(now()) {
         State::Enabled | State::Disabled => write_record(s, cmk, |r| r.state = State::Enabled),
-        _ => err(NOT_ALLOWED),
+        State::PendingDeletion | State::Destroyed => err(NOT_ALLOWED),
     }
 }
 
@@ -80,7 +80,7 @@ pub fn schedule_deletion(s: &Session, cmk: &Cmk, days: u32) -> Result<StateRecor
             r.state = State::PendingDeletion;
             r.deletion_date = now() + u64::from(days) * 86_400;
         }),
-        _ => err(NOT_ALLOWED),
+        State::PendingDeletion | State::Destroyed => err(NOT_ALLOWED),
     }
 }
 
@@ -91,7 +91,7 @@ pub fn cancel_deletion(s: &Session, cmk: &Cmk) -> Result<StateRecord> {
             r.state = State::Disabled;
             r.deletion_date = 0;
         }),
-        _ => err(NOT_ALLOWED),
+        State::Enabled | State::Disabled | State::Destroyed => err(NOT_ALLOWED),
     }
 }
 

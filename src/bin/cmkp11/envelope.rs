@@ -28,7 +28,7 @@
 //! command leaves nothing behind.
 
 use crate::ctx::{describe, Ctx};
-use crate::keys::key_info;
+use crate::keyinfo::key_info;
 use crate::progress::Progress;
 use crate::{fail, output, CliError, Global, R};
 use clap::Args;

@@ -6,7 +6,7 @@
 //! this process.
 
 use crate::ctx::{describe, Ctx};
-use crate::keys::{check_new_name, key_info, role_or_default, Role};
+use crate::keyinfo::{check_new_name, key_info, role_or_default, Role};
 use crate::{fail, output, CliError, R};
 use clap::{Args, Subcommand};
 use cmkp11::error::Error;

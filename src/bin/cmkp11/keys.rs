@@ -1,15 +1,13 @@
 //! `cmkp11 key ...`: list, show, create, the lifecycle steps, purge, import.
 
 use crate::ctx::{describe, lib_err, Ctx};
+use crate::keyinfo::{check_new_name, key_info, print_key, role_or_default, KeyInfo, Role};
 use crate::signing::{self, SigningType};
 use crate::{fail, import, output, CliError, Global, R};
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
 use cmkp11::backend::mech::Mech;
-use cmkp11::keystore::{self, Cmk, Origin, State, RESERVED_PREFIX};
-use cmkp11::policy::SecretRole;
+use cmkp11::keystore::{self, Cmk, State};
 use cmkp11::runtime::admin::Action;
-use cmkp11::runtime::session::AttrValue;
-use cmkp11::vendor;
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
 use cryptoki_sys::*;
 use serde::Serialize;
@@ -99,179 +97,14 @@ pub enum KeyCmd {
     Import(import::ImportArgs),
 }
 
-/// The role of a secret CMK.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Wraps data keys (AES key wrap): the role `cmkp11 encrypt` needs.
-    Wrap,
-    /// Encrypts and decrypts data (AES-GCM, AES-CBC-PAD).
-    Data,
-    /// Computes and verifies MACs (HMAC, CMAC).
-    Mac,
-}
-
-impl Role {
-    /// The library's role.
-    pub fn secret_role(self) -> SecretRole {
-        match self {
-            Role::Wrap => SecretRole::Wrap,
-            Role::Data => SecretRole::Data,
-            Role::Mac => SecretRole::Mac,
-        }
-    }
-}
-
-/// The role to use: the option, else the configuration's default.
-pub fn role_or_default(ctx: &Ctx, role: Option<Role>) -> SecretRole {
-    role.map(Role::secret_role)
-        .or_else(|| SecretRole::parse(&ctx.lib().cfg.keys.default_role))
-        .unwrap_or(SecretRole::Wrap)
-}
-
-/// A key as the CLI shows it.
-#[derive(Serialize, Debug, Clone)]
-pub struct KeyInfo {
-    /// Name (label, or hex id).
-    pub name: String,
-    /// Hex of the stable id.
-    pub id: String,
-    /// `secret` or `private`.
-    pub class: &'static str,
-    /// `AES-256`, `RSA-3072`, `EC`...
-    pub key_type: String,
-    /// `wrap`, `data`, `mac`, or the private roles joined by `+`.
-    pub role: String,
-    /// `enabled`, `disabled`, `pending-deletion`, `destroyed`.
-    pub state: &'static str,
-    /// Version numbers, ascending.
-    pub versions: Vec<u32>,
-    /// The primary version.
-    pub primary: u32,
-    /// `generated` or `imported`.
-    pub origin: &'static str,
-    /// Creation time (RFC 3339), if recorded.
-    pub created: Option<String>,
-    /// Last rotation (RFC 3339), if any.
-    pub rotated: Option<String>,
-    /// Last state change (RFC 3339), if any.
-    pub updated: Option<String>,
-    /// When a key pending deletion is destroyed.
-    pub deletion_date: Option<String>,
-}
-
-fn ulong(v: &AttrValue) -> Option<CK_ULONG> {
-    match v {
-        AttrValue::Value(Attribute::VendorDefined((_, b))) => {
-            Some(CK_ULONG::from_ne_bytes(b.as_slice().try_into().ok()?))
-        }
-        AttrValue::Value(Attribute::ValueLen(l)) => Some((*l).into()),
-        _ => None,
-    }
-}
-
-fn role_name(bits: CK_ULONG) -> String {
-    let names = [
-        (vendor::CMKP11_ROLE_WRAP, "wrap"),
-        (vendor::CMKP11_ROLE_DATA, "data"),
-        (vendor::CMKP11_ROLE_MAC, "mac"),
-        (vendor::CMKP11_ROLE_SIGN, "sign"),
-        (vendor::CMKP11_ROLE_DECRYPT, "decrypt"),
-        (vendor::CMKP11_ROLE_DERIVE, "derive"),
-        (vendor::CMKP11_ROLE_UNWRAP, "unwrap"),
-    ];
-    let v: Vec<&str> = names
-        .iter()
-        .filter(|(b, _)| bits & *b != 0)
-        .map(|(_, n)| *n)
-        .collect();
-    if v.is_empty() {
-        "-".into()
-    } else {
-        v.join("+")
-    }
-}
-
-/// Reads what the CLI shows about `cmk`.
-pub fn key_info(ctx: &Ctx, cmk: &Cmk) -> R<KeyInfo> {
-    let h = ctx.handle_of(cmk)?;
-    let (lib, mut s) = ctx.parts();
-    let secret = cmk.class == CKO_SECRET_KEY;
-    let mut types = vec![
-        CKA_KEY_TYPE,
-        vendor::CKA_CMKP11_ROLE,
-        vendor::CKA_CMKP11_ORIGIN,
-    ];
-    types.push(if secret { CKA_VALUE_LEN } else { CKA_MODULUS });
-    let v = lib
-        .get_attributes(&mut s, h, &types)
-        .map_err(lib_err(&ctx.token, &format!("read key `{}`", cmk.name())))?;
-    let key_type = match (&v[0], &v[3]) {
-        (AttrValue::Value(Attribute::KeyType(KeyType::AES)), len) => {
-            format!("AES-{}", ulong(len).unwrap_or(0) * 8)
-        }
-        (AttrValue::Value(Attribute::KeyType(KeyType::RSA)), m) => match m {
-            AttrValue::Value(Attribute::Modulus(m)) => format!("RSA-{}", m.len() * 8),
-            _ => "RSA".into(),
-        },
-        (AttrValue::Value(Attribute::KeyType(KeyType::EC)), _) => "EC".into(),
-        (AttrValue::Value(Attribute::KeyType(KeyType::EC_EDWARDS)), _) => "EdDSA".into(),
-        (AttrValue::Value(Attribute::KeyType(k)), _) => k.to_string(),
-        _ => "-".into(),
-    };
-    let origin = match ulong(&v[2]) {
-        Some(o) if o == vendor::CMKP11_ORIGIN_IMPORTED => "imported",
-        _ if cmk.record().origin == Origin::Imported => "imported",
-        _ => "generated",
-    };
-    let r = cmk.record();
-    let state = cmk.state(keystore::now());
-    Ok(KeyInfo {
-        name: cmk.name(),
-        id: keystore::hex(&cmk.id),
-        class: if secret { "secret" } else { "private" },
-        key_type,
-        role: role_name(ulong(&v[1]).unwrap_or(0)),
-        state: state.name(),
-        versions: cmk.versions.iter().map(|(v, _)| *v).collect(),
-        primary: cmk.primary().map(|(v, _)| v).unwrap_or(0),
-        origin,
-        created: output::time(r.created),
-        rotated: output::time(r.rotated),
-        updated: output::time(r.updated),
-        deletion_date: if matches!(state, State::PendingDeletion | State::Destroyed) {
-            output::time(r.deletion_date)
-        } else {
-            None
-        },
-    })
-}
-
-fn print_key(ctx: &Ctx, k: &KeyInfo) -> R<()> {
-    if ctx.g.json {
-        return output::json(k);
-    }
-    let versions: Vec<String> = k.versions.iter().map(u32::to_string).collect();
-    let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
-    let rows = [
-        ("name", k.name.clone()),
-        ("token", ctx.token.clone()),
-        ("id", k.id.clone()),
-        ("state", k.state.to_string()),
-        ("class", k.class.to_string()),
-        ("type", k.key_type.clone()),
-        ("role", k.role.clone()),
-        ("origin", k.origin.to_string()),
-        ("versions", versions.join(", ")),
-        ("primary", k.primary.to_string()),
-        ("created", dash(&k.created)),
-        ("rotated", dash(&k.rotated)),
-        ("updated", dash(&k.updated)),
-        ("deletion date", dash(&k.deletion_date)),
-    ];
-    for (f, v) in rows {
-        println!("{:<14}{v}", format!("{f}:"));
-    }
-    Ok(())
+/// Why a key past its deletion date cannot be acted on.
+fn destroyed_text(cmk: &Cmk, token: &str) -> String {
+    format!(
+        "key `{}` on token `{token}` was destroyed (its deletion date {} has passed): it can \
+         no longer be used or restored; `cmkp11 key purge` removes its objects from the token",
+        cmk.name(),
+        pending_text(cmk)
+    )
 }
 
 /// Runs a `cmkp11 key` subcommand.
@@ -357,33 +190,6 @@ fn list(ctx: &Ctx) -> R<()> {
         ],
         &rows,
     );
-    Ok(())
-}
-
-/// Checks a new key's name against the token's keys (clear messages before the library's
-/// own check).
-pub fn check_new_name(ctx: &Ctx, name: &str) -> R<()> {
-    if name.is_empty() {
-        return fail("a key name cannot be empty");
-    }
-    if name.starts_with(RESERVED_PREFIX) {
-        return fail(format!(
-            "key names starting with `{RESERVED_PREFIX}` are reserved for cmkp11's own objects"
-        ));
-    }
-    let view = ctx.view();
-    if let Some(c) = view.by_name(name) {
-        let state = c.state(keystore::now());
-        let more = match state {
-            State::Destroyed => "; it is destroyed: run `cmkp11 key purge` to free the name",
-            _ => "; choose another name",
-        };
-        return fail(format!(
-            "a key named `{name}` exists already on token `{}` ({}){more}",
-            ctx.token,
-            state.name()
-        ));
-    }
     Ok(())
 }
 
@@ -473,7 +279,8 @@ fn rotate(ctx: &Ctx, name: &str) -> R<()> {
                  `cmkp11 key enable {name}`, then rotate"
             ))
         }
-        _ => {
+        State::Destroyed => return fail(destroyed_text(&cmk, t)),
+        State::PendingDeletion => {
             return fail(format!(
                 "key `{name}` on token `{t}` is pending deletion (on {}): only an enabled key \
                  is rotated; `cmkp11 key cancel-deletion {name}` then `cmkp11 key enable {name}` \
@@ -612,7 +419,8 @@ fn disable(ctx: &Ctx, name: &str) -> R<()> {
                 format!("key `{name}` on token `{t}` is already disabled"),
             );
         }
-        _ => {
+        State::Destroyed => return fail(destroyed_text(&cmk, t)),
+        State::PendingDeletion => {
             return fail(format!(
                 "key `{name}` on token `{t}` is pending deletion (on {}), which already refuses \
                  every use; `cmkp11 key cancel-deletion {name}` keeps it (disabled)",
@@ -644,7 +452,8 @@ fn enable(ctx: &Ctx, name: &str) -> R<()> {
                 format!("key `{name}` on token `{t}` is already enabled"),
             );
         }
-        _ => {
+        State::Destroyed => return fail(destroyed_text(&cmk, t)),
+        State::PendingDeletion => {
             return fail(format!(
                 "key `{name}` on token `{t}` is pending deletion (on {}): cancel the deletion \
                  first with `cmkp11 key cancel-deletion {name}`, then enable it",

@@ -31,6 +31,7 @@ mod ctx;
 mod envelope;
 mod import;
 mod init;
+mod keyinfo;
 mod keys;
 mod output;
 mod progress;

@@ -11,7 +11,7 @@
 
 use crate::ctx::{describe, lib_err, Ctx};
 use crate::import::rsa_spki;
-use crate::keys::{check_new_name, key_info};
+use crate::keyinfo::{check_new_name, key_info};
 use crate::{fail, output, CliError, R};
 use clap::ValueEnum;
 use cmkp11::backend::mech::Mech;
