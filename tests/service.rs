@@ -126,6 +126,8 @@ fn assert_code(e: cryptoki::error::Error, want: CK_RV) {
 struct Raw {
     s: UnixStream,
     buf: Vec<u8>,
+    context: u64,
+    secret: [u8; 32],
 }
 
 impl Raw {
@@ -134,10 +136,34 @@ impl Raw {
         proto::send(&mut s, &Hello::Open { min: 1, max: 1 }).unwrap();
         let mut buf = Vec::new();
         match proto::recv::<Welcome>(&mut s, &mut buf).unwrap() {
-            Welcome::Ok { .. } => {}
+            Welcome::Ok {
+                context, secret, ..
+            } => Raw {
+                s,
+                buf,
+                context,
+                secret,
+            },
             Welcome::Refused(why) => panic!("refused: {why}"),
         }
-        Raw { s, buf }
+    }
+    /// One more connection of this context: whether the daemon accepted it.
+    fn attach(&self, socket: &std::path::Path) -> Option<UnixStream> {
+        let mut s = UnixStream::connect(socket).unwrap();
+        proto::send(
+            &mut s,
+            &Hello::Attach {
+                version: proto::VERSION,
+                context: self.context,
+                secret: self.secret,
+            },
+        )
+        .unwrap();
+        let mut buf = Vec::new();
+        match proto::recv::<Welcome>(&mut s, &mut buf).unwrap() {
+            Welcome::Ok { .. } => Some(s),
+            Welcome::Refused(_) => None,
+        }
     }
     fn rq(&mut self, r: &Request) -> Reply {
         proto::send(&mut self.s, r).unwrap();
@@ -546,4 +572,60 @@ fn length_queries_take_one_round_trip_and_match() {
         .get_attributes(k, &[AttributeType::Label, AttributeType::ValueLen])
         .unwrap();
     assert!(r.contains(&Attribute::Label(b"svc-two-call".to_vec())));
+}
+
+#[test]
+fn per_client_limits_hold() {
+    let env = test_env();
+    let (conf, socket) = write_daemon_config_full(
+        &env.dir,
+        "limits",
+        APP_PIN,
+        "max_sessions = 3\nmax_objects = 2\nmax_connections = 2\n",
+        "",
+    );
+    let child = spawn_daemon(&conf, &socket, &env.softhsm_conf);
+    DAEMON.lock().unwrap().push(child);
+    let mut raw = Raw::open(&socket);
+    let h = raw.session();
+    raw.session();
+    raw.session();
+    assert_eq!(
+        raw.rq(&Request::OpenSession {
+            slot: 0,
+            flags: CKF_SERIAL_SESSION,
+        })
+        .rv(),
+        CKR_SESSION_COUNT
+    );
+    assert_eq!(raw.login(h, APP_PIN).rv(), CKR_OK);
+    let keygen = |r: &mut Raw| {
+        r.rq(&Request::GenerateKey {
+            session: h,
+            mech: Some(proto::Mech {
+                ty: CKM_AES_KEY_GEN,
+                param: proto::Param::None,
+            }),
+            template: vec![
+                proto::Attr {
+                    ty: CKA_VALUE_LEN,
+                    value: Some(32u64.to_ne_bytes().to_vec()),
+                },
+                proto::Attr {
+                    ty: CKA_TOKEN,
+                    value: Some(vec![0]),
+                },
+            ],
+        })
+    };
+    assert!(matches!(keygen(&mut raw), Reply::Handle(_)));
+    assert!(matches!(keygen(&mut raw), Reply::Handle(_)));
+    assert_eq!(keygen(&mut raw).rv(), CKR_DEVICE_MEMORY);
+    // Calls in flight: two connections of this process, not three.
+    let second = raw.attach(&socket).expect("a second connection");
+    assert!(raw.attach(&socket).is_none(), "a third connection");
+    // Another client is not affected by this one's limits.
+    let mut other = Raw::open(&socket);
+    other.session();
+    drop(second);
 }

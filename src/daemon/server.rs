@@ -21,6 +21,13 @@
 //! uid, locked out for [`LOCKOUT`] after [`MAX_FAILS`] in a row, and audited. Until it logs
 //! in, a client sees no objects and can use no key.
 //!
+//! # Limits
+//! Per client: `service.max_sessions`, `service.max_objects` (objects it created) and
+//! `service.max_connections` (each connection carries one call at a time, so this bounds
+//! its calls in flight); per uid, [`MAX_CONTEXTS_PER_UID`] client processes; in all,
+//! [`MAX_CONNECTIONS`]. Going over is refused with `CKR_SESSION_COUNT`, `CKR_DEVICE_MEMORY`
+//! or a refused handshake, and logged.
+//!
 //! # Garbage
 //! A frame over the size limit, a message that does not decode or a handshake that does
 //! not come within [`HANDSHAKE_TIMEOUT`] drops that connection, with a log line naming the
@@ -44,7 +51,10 @@ pub const LOCKOUT: Duration = Duration::from_secs(30);
 /// Time a new connection has to send its hello.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most connections the daemon serves at once.
-pub const MAX_CONNECTIONS: usize = 1024;
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Most client contexts (application processes) of one uid at once, so that one local
+/// user cannot take every connection.
+pub const MAX_CONTEXTS_PER_UID: usize = 32;
 
 /// One client session's daemon-side facts.
 struct Sess {
@@ -278,6 +288,7 @@ impl Server {
         }
         log::debug!("client {who}: connected (context {})", ctx.id);
         loop {
+            proto::spin_until_readable(&stream);
             let req: Request = match proto::recv(&mut stream, &mut buf) {
                 Ok(r) => r,
                 Err(FrameError::Closed) => break,
@@ -304,6 +315,14 @@ impl Server {
                         proto::VERSION
                     ));
                 }
+                let mut contexts = self.contexts.lock();
+                let same_uid = contexts.values().filter(|c| c.peer.uid == peer.uid).count();
+                if same_uid >= MAX_CONTEXTS_PER_UID {
+                    return Err(format!(
+                        "uid {} already has {MAX_CONTEXTS_PER_UID} client processes connected",
+                        peer.uid
+                    ));
+                }
                 let id = self.next_context.fetch_add(1, Ordering::Relaxed);
                 let ctx = Arc::new(Context {
                     id,
@@ -312,7 +331,7 @@ impl Server {
                     conns: AtomicUsize::new(1),
                     state: Mutex::new(CtxState::default()),
                 });
-                self.contexts.lock().insert(id, ctx.clone());
+                contexts.insert(id, ctx.clone());
                 Ok(ctx)
             }
             Hello::Attach {

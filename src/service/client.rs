@@ -272,6 +272,7 @@ impl Client {
         let r = proto::send(&mut conn.stream, req)
             .map_err(|e| e.to_string())
             .and_then(|()| {
+                proto::spin_until_readable(&conn.stream);
                 proto::recv::<Reply>(&mut conn.stream, &mut conn.buf).map_err(|e| e.to_string())
             });
         match r {

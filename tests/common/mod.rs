@@ -235,6 +235,17 @@ pub fn write_daemon_config_as(
     app_pin: &str,
     extra: &str,
 ) -> (PathBuf, PathBuf) {
+    write_daemon_config_full(dir, name, app_pin, "", extra)
+}
+
+/// As [`write_daemon_config_as`], with `service_extra` added to the `[service]` section.
+pub fn write_daemon_config_full(
+    dir: &Path,
+    name: &str,
+    app_pin: &str,
+    service_extra: &str,
+    extra: &str,
+) -> (PathBuf, PathBuf) {
     let pin_file = dir.join(format!("{name}-token.pin"));
     std::fs::write(&pin_file, USER_PIN).unwrap();
     std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -245,7 +256,7 @@ pub fn write_daemon_config_as(
     std::fs::write(
         &conf,
         format!(
-            "[backend]\nmodule = \"{SOFTHSM_MODULE}\"\n\n[service]\nsocket = \"{}\"\ntoken_pin_file = \"{}\"\n\n[[clients]]\nname = \"tests\"\nuids = [{uid}]\npin_hash = \"{}\"\n{extra}",
+            "[backend]\nmodule = \"{SOFTHSM_MODULE}\"\n\n[service]\nsocket = \"{}\"\ntoken_pin_file = \"{}\"\n{service_extra}\n\n[[clients]]\nname = \"tests\"\nuids = [{uid}]\npin_hash = \"{}\"\n{extra}",
             socket.display(),
             pin_file.display(),
             hash_pin(app_pin)
