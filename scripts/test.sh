@@ -102,10 +102,19 @@ step header check_header
 step "debug build" cargo build --workspace
 step "cargo test" cargo test --workspace --all-targets --no-fail-fast
 # Service mode: the same integration tests with a cmkp11d per test process owning the
-# token and the module in client mode (tests/common: CMKP11_TEST_SERVICE). The files
-# listed pass in both modes; the others read the application's own config or files.
+# token and the module in client mode (tests/common: CMKP11_TEST_SERVICE). Files not
+# listed use the application's own config, the admin interface or the CLI on the token,
+# which service mode takes away from applications. Skipped here (they run in library
+# mode above), each by design of service mode: gcm_length_queries (the client answers a
+# decryption's length query with the exact length, not the ciphertext's length as a
+# bound: the daemon has already decrypted), panic_never_crosses_the_c_boundary (the fault
+# hook is in the daemon's runtime), so_login_works_once (SO logins are refused to
+# applications: tests/service.rs asserts that).
 step "service tests" env CMKP11_TEST_SERVICE=1 cargo test --no-fail-fast \
-    --test legit_flows --test attacks --test threads --test fork
+    --test legit_flows --test attacks --test threads --test fork --test abi \
+    --test forwarding -- \
+    --skip gcm_length_queries --skip panic_never_crosses_the_c_boundary \
+    --skip so_login_works_once
 if step "release build" cargo build --release --lib --bins --example demo; then
     step demo run_demo
     step e2e bash scripts/e2e/run.sh --module "$(cmk_module_path release)"

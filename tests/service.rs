@@ -629,3 +629,21 @@ fn per_client_limits_hold() {
     other.session();
     drop(second);
 }
+
+#[test]
+fn operator_functions_are_refused_to_applications() {
+    let s = svc().ctx.open_rw_session(slot()).unwrap();
+    // The token's SO is an operator of the daemon, never an application.
+    let so = s.login(UserType::So, Some(&AuthPin::new(SO_PIN.into())));
+    assert_code(so.unwrap_err(), CKR_USER_TYPE_INVALID);
+    let s = session();
+    let pin = AuthPin::new("new-pin".into());
+    assert_code(s.init_pin(&pin).unwrap_err(), CKR_FUNCTION_NOT_SUPPORTED);
+    assert_code(
+        s.set_pin(&AuthPin::new(APP_PIN.into()), &pin).unwrap_err(),
+        CKR_FUNCTION_NOT_SUPPORTED,
+    );
+    // Still logged in with the application credential.
+    let k = data_cmk(&s, "svc-operator-check");
+    assert!(gcm_encrypt(&s, k, b"x").is_ok());
+}

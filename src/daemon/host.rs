@@ -110,15 +110,11 @@ fn with_template<R>(t: &mut [Attr], f: impl FnOnce(*mut CK_ATTRIBUTE, CK_ULONG) 
     f(p, raw.len() as CK_ULONG)
 }
 
+/// A buffer as pointer and length. An empty one is a non-NULL pointer with length 0, as
+/// applications pass an empty slice: some tokens (SoftHSM2) refuse a NULL data pointer
+/// even with a length of 0.
 fn len_ptr(v: &mut [u8]) -> (*mut u8, CK_ULONG) {
-    (
-        if v.is_empty() {
-            ptr::null_mut()
-        } else {
-            v.as_mut_ptr()
-        },
-        v.len() as CK_ULONG,
-    )
+    (v.as_mut_ptr(), v.len() as CK_ULONG)
 }
 
 /// Calls `f` with a raw `CK_MECHANISM` built from `m` (NULL for `None`).

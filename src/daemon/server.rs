@@ -481,6 +481,7 @@ impl Server {
                     st.sessions.remove(&h);
                     crate::daemon::host::execute(R::CloseSession(h));
                 }
+                self.last_session_gone(ctx, st);
                 Ok(Some(Reply::Rv(CKR_OK)))
             }
             R::Login { session, user, pin } => {
@@ -656,6 +657,7 @@ impl Server {
             Reply::Rv(CKR_OK) => {
                 if let Some(h) = close {
                     st.sessions.remove(&h);
+                    self.last_session_gone(ctx, st);
                 }
             }
             Reply::SessionInfo {
@@ -682,6 +684,18 @@ impl Server {
             _ => {}
         }
         reply
+    }
+
+    /// After a session closed: with the client's last one, the client is logged out
+    /// (PKCS#11 §5.6: login state lasts while the application has a session open).
+    fn last_session_gone(&self, ctx: &Context, st: &mut CtxState) {
+        if st.sessions.is_empty() && st.login.is_some() {
+            st.login = None;
+            log::debug!(
+                "client pid {}: last session closed, logged out",
+                ctx.peer.pid
+            );
+        }
     }
 
     /// Checks an application PIN for `ctx`'s uid: the client's name, or the code.

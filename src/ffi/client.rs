@@ -86,12 +86,20 @@ unsafe fn template(p: *mut CK_ATTRIBUTE, n: CK_ULONG) -> Result<Vec<Attr>> {
 ///
 /// # Safety
 /// `p` NULL or a valid `CK_MECHANISM`.
-unsafe fn mechanism(p: *mut CK_MECHANISM) -> Result<Option<Mech>> {
+unsafe fn mechanism(s: CK_SESSION_HANDLE, p: *mut CK_MECHANISM) -> Result<Option<Mech>> {
     if p.is_null() {
         return Ok(None);
     }
     // SAFETY: forwarded contract.
-    Ok(Some(unsafe { args::mechanism(p)? }.into()))
+    match unsafe { args::mechanism(p) } {
+        Ok(m) => Ok(Some(m.into())),
+        // A bad session handle comes before a bad mechanism, as in library mode (one more
+        // round trip, on the error path only).
+        Err(e) => match call(&Request::GetSessionInfo(s))? {
+            Reply::Rv(rv) if rv != CKR_OK => err(rv),
+            _ => Err(e),
+        },
+    }
 }
 
 /// Writes `data` with the two-call convention; a length query or a buffer too small keeps
@@ -209,7 +217,7 @@ unsafe fn init(
 ) -> CK_RV {
     guard(name, || {
         // SAFETY: forwarded contract.
-        let mech = unsafe { mechanism(mech)? };
+        let mech = unsafe { mechanism(s, mech)? };
         c()?.forget(s);
         unit(&Request::Init {
             op,
@@ -897,7 +905,7 @@ pub unsafe extern "C" fn C_GenerateKey(
         // SAFETY: forwarded contract.
         let out = unsafe { args::out(out)? };
         // SAFETY: forwarded contract.
-        let mech = unsafe { mechanism(mech)? };
+        let mech = unsafe { mechanism(s, mech)? };
         // SAFETY: forwarded contract.
         let template = unsafe { template(t, n)? };
         *out = handle(&Request::GenerateKey {
@@ -929,7 +937,7 @@ pub unsafe extern "C" fn C_GenerateKeyPair(
         // SAFETY: forwarded contract.
         let private = unsafe { args::out(private)? };
         // SAFETY: forwarded contract.
-        let mech = unsafe { mechanism(mech)? };
+        let mech = unsafe { mechanism(s, mech)? };
         // SAFETY: forwarded contract.
         let (pt, qt) = unsafe { (template(pt, pn)?, template(qt, qn)?) };
         match call(&Request::GenerateKeyPair {
@@ -965,7 +973,7 @@ pub unsafe extern "C" fn C_WrapKey(
             return err(CKR_ARGUMENTS_BAD);
         }
         // SAFETY: forwarded contract.
-        let mech = unsafe { mechanism(mech)? };
+        let mech = unsafe { mechanism(s, mech)? };
         let what = Kept::Wrap(wrapping, key);
         let data = match c()?.kept(s, what, &[]) {
             Some(d) => d,
@@ -1002,7 +1010,7 @@ pub unsafe extern "C" fn C_UnwrapKey(
         // SAFETY: forwarded contract.
         let out = unsafe { args::out(out)? };
         // SAFETY: forwarded contract.
-        let mech = unsafe { mechanism(mech)? };
+        let mech = unsafe { mechanism(s, mech)? };
         // SAFETY: forwarded contract.
         let blob = unsafe { args::bytes(blob, blob_len)? }.to_vec();
         // SAFETY: forwarded contract.
@@ -1034,7 +1042,7 @@ pub unsafe extern "C" fn C_DeriveKey(
         // SAFETY: forwarded contract.
         let out = unsafe { args::out(out)? };
         // SAFETY: forwarded contract.
-        let mech = unsafe { mechanism(mech)? };
+        let mech = unsafe { mechanism(s, mech)? };
         // SAFETY: forwarded contract.
         let template = unsafe { template(t, n)? };
         *out = handle(&Request::DeriveKey {
