@@ -4,6 +4,7 @@
 //! data path: the only module of this layer with `unsafe` code.
 
 pub mod mech;
+pub mod probe;
 #[allow(unsafe_code)]
 pub mod raw;
 pub mod token;

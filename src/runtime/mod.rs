@@ -38,6 +38,7 @@
 
 pub mod admin;
 pub mod audit_mac;
+pub mod caps;
 pub mod handles;
 pub mod ops;
 pub mod session;
@@ -83,6 +84,8 @@ pub struct Library {
     pub token_labels: Vec<String>,
     /// Mechanism parameters the backend accepted when probed (slot, operation, mechanism).
     pub probed: RwLock<std::collections::HashSet<(CK_SLOT_ID, u8, crate::backend::mech::Mech)>>,
+    /// Each slot's capabilities record, probed when first needed (see [`caps`]).
+    pub caps: crate::backend::probe::Cache,
 }
 
 /// A thread's last session lookup (see [`Library::session`]).
@@ -305,6 +308,7 @@ impl Library {
             audit_mac,
             token_labels,
             probed: RwLock::new(std::collections::HashSet::new()),
+            caps: crate::backend::probe::Cache::new(backend.slots.len()),
             cfg,
             backend,
             sessions: RwLock::new(sessions),

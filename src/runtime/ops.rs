@@ -413,6 +413,7 @@ impl Library {
         if s.active(kind) {
             return err(CKR_OPERATION_ACTIVE);
         }
+        self.require_mechanism(s.slot_id, ty)?;
         let op = match kind {
             Kind::Encrypt => Op::Encrypt,
             Kind::Decrypt => Op::Decrypt,
@@ -712,6 +713,7 @@ impl Library {
         if let Some(blob) = s.pending_wrap(&mech, wrapping, key) {
             return s.deliver_wrap_pending(mech, wrapping, key, blob, sink);
         }
+        self.require_mechanism(s.slot_id, mech.ty)?;
         let w = self.use_key(
             s,
             wrapping,
@@ -790,6 +792,7 @@ impl Library {
         unwrapping: CK_OBJECT_HANDLE,
         mech: CK_MECHANISM_TYPE,
     ) -> Result<super::session::Keys> {
+        self.require_mechanism(s.slot_id, mech)?;
         self.use_key_cached(
             s,
             unwrapping,

@@ -222,6 +222,27 @@ impl Ctx {
         self.lib.as_ref().expect("library open until drop")
     }
 
+    /// Fails, naming what is missing and what it disables, when the token lacks one of
+    /// `caps` (as the capability probe found; a capability it could not try passes).
+    pub fn require(&self, caps: &[cmkp11::backend::probe::Capability]) -> R<()> {
+        let (lib, s) = self.parts();
+        let slot = s.slot_id;
+        drop(s);
+        for cap in caps {
+            if let Err(e) = lib.require(slot, *cap) {
+                let detail = lib
+                    .capabilities(slot)
+                    .map(|c| c.missing_message(*cap))
+                    .unwrap_or_else(|| describe(&e));
+                return fail(format!(
+                    "{detail}
+`cmkp11 doctor` shows what this token can do"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The configuration file's name, for messages.
     pub fn config_name(&self) -> String {
         config_name(&self.lib().cfg)

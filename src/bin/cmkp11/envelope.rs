@@ -33,6 +33,7 @@ use crate::progress::Progress;
 use crate::{fail, output, CliError, Global, R};
 use clap::Args;
 use cmkp11::backend::mech::{Mech, Param};
+use cmkp11::backend::probe::Capability;
 use cmkp11::keystore::{self, Cmk, State};
 use cmkp11::runtime::session::{Delivery, Kind, Session};
 use cmkp11::runtime::Library;
@@ -500,6 +501,7 @@ pub fn encrypt(g: &Global, a: EncryptArgs) -> R<()> {
         ));
     }
     usable(&ctx, &cmk, "encrypt")?;
+    ctx.require(&[Capability::AesKwp, Capability::AesGcm])?;
     let dek_len: u64 = match info.key_type.as_str() {
         "AES-128" => 16,
         _ => 32,
@@ -636,6 +638,7 @@ pub fn decrypt(g: &Global, a: DecryptArgs) -> R<()> {
         ));
     };
     usable(&ctx, &cmk, "decrypt")?;
+    ctx.require(&[Capability::AesKwp, Capability::AesGcm])?;
     let cmk_h = ctx.handle_of(&cmk)?;
     let body = total.saturating_sub(raw.len() as u64);
     let mut out = Staged::create(&a.output, a.force)?;

@@ -28,6 +28,7 @@ macro_rules! println {
 }
 
 mod ctx;
+mod doctor;
 mod envelope;
 mod import;
 mod init;
@@ -91,6 +92,10 @@ enum Cmd {
     Decrypt(envelope::DecryptArgs),
     /// The audit log: verify its integrity, tail it, report on it.
     Audit(audit::AuditArgs),
+    /// Probe the configured token: what works, what is missing and which cmkp11 features
+    /// that disables, a quick throughput check (exit status 1 when something needed is
+    /// missing).
+    Doctor(doctor::DoctorArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -131,7 +136,7 @@ fn run(cli: Cli) -> R<()> {
         Cmd::Key { cmd } => keys::run(&g, cmd),
         Cmd::Encrypt(a) => envelope::encrypt(&g, a),
         Cmd::Decrypt(a) => envelope::decrypt(&g, a),
-        Cmd::Audit(_) => unreachable!("dispatched by main"),
+        Cmd::Audit(_) | Cmd::Doctor(_) => unreachable!("dispatched by main"),
     }
 }
 
@@ -173,6 +178,15 @@ fn run_audit(g: &Global, a: audit::AuditArgs) -> R<u8> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Doctor(a) = cli.cmd {
+        return match doctor::run(&cli.global, a) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("cmkp11: {}", e.msg);
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Cmd::Audit(a) = cli.cmd {
         return match run_audit(&cli.global, a) {
             Ok(code) => ExitCode::from(code),
