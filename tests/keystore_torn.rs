@@ -308,7 +308,8 @@ fn child_entry() {
             assert!(!cmkp11::keystore::torn(&s, cre), "created key");
             say("checked");
         }
-        // Through cmkp11: a purge, by `CMKP11_Purge` or by a read-write login.
+        // Through cmkp11: a purge by `CMKP11_Purge`, after a read-only or a read-write
+        // login (neither purges anything itself).
         "tk-purge" => {
             let label = arg("LC_LABEL");
             let s = if arg("LC_HOW") == "admin" {
@@ -323,7 +324,15 @@ fn child_entry() {
                 std::mem::forget(ro);
                 s
             } else {
-                S::user(cmk())
+                // A read-write login purges nothing either (the deletion window and the
+                // clean-up are the operator's): the torn object is still there.
+                let s = S::user(cmk());
+                assert!(
+                    std::path::Path::new(&arg("LC_FILE")).exists(),
+                    "a read-write login destroyed the torn object"
+                );
+                ok(s.purge(), "CMKP11_Purge");
+                s
             };
             let h = ok(s.find_label(&label), "find")[0];
             assert_eq!(s.ulong(h, CKA_CMKP11_VERSION_COUNT), 3);
@@ -534,15 +543,21 @@ fn purge_destroys_torn_versions_and_keeps_healthy_keys() {
 
     let destroyed = format!("key `{label}` version 4: destroyed a torn key object");
     let left = format!("key `{hmac}` version untagged: left alone");
-    // The torn object purged by CMKP11_Purge (what `cmkp11 key purge` runs), then another
-    // one purged by a read-write login.
+    // The torn object purged by CMKP11_Purge (what `cmkp11 key purge` runs), after a
+    // read-only login, then another one after a read-write login (which purges nothing).
     for how in ["admin", "login"] {
         let file = make_torn(&label);
         if how == "admin" {
             let lines = run_child("tk-signature", &env_of(&[]));
             assert!(lines.iter().any(|l| l == "checked"), "{lines:?}");
         }
-        let log = run_child_stderr("tk-purge", &env_of(&[("LC_HOW", how.into())]));
+        let log = run_child_stderr(
+            "tk-purge",
+            &env_of(&[
+                ("LC_HOW", how.into()),
+                ("LC_FILE", file.display().to_string()),
+            ]),
+        );
         assert!(
             log.contains(&destroyed),
             "{how}: no `{destroyed}` in:\n{log}"

@@ -1,7 +1,7 @@
 //! CMK lifecycle through the built module over a real SoftHSM2 token (DESIGN.md §5):
 //! names and ids, versions and rotation, old data after rotations, disable/enable,
 //! scheduled deletion and its cancellation, expiry, and the destruction of an expired
-//! key by the next logged-in session or by `CMKP11_Purge`. Lifecycle steps go through the
+//! key by `CMKP11_Purge` (never by a login). Lifecycle steps go through the
 //! "cmkp11 admin" vendor interface (`C_GetInterface`).
 //!
 //! Every test is `#[serial]`: one logs out and in again, and SoftHSM2 races token key
@@ -662,8 +662,8 @@ fn destroy_schedules_deletion_and_cancel_disables() {
     assert_eq!(s.ulong(t.mac, CKA_CMKP11_STATE), STATE_PENDING_DELETION);
 }
 
-/// After the deletion date a key is invisible and unusable; the next logged-in read-write
-/// session destroys its objects, and so does `CMKP11_Purge`.
+/// After the deletion date a key is invisible and unusable; `CMKP11_Purge` destroys its
+/// objects (a login never does).
 #[test]
 #[serial]
 fn expired_keys_vanish_and_are_purged() {
@@ -718,17 +718,24 @@ fn expired_keys_vanish_and_are_purged() {
         vec![b],
         "B (not yet expired) still findable"
     );
-    // The next logged-in read-write session destroys A's objects.
+    // A login never destroys anything (the deletion window is not the application's to
+    // shorten): A's objects stay until the operator's purge.
     ok(s.logout(), "C_Logout");
     ok(s.login(), "C_Login");
+    assert_eq!(
+        inspect(&a_label, &a_id).0,
+        2,
+        "A's key objects after C_Login"
+    );
+    ok(s.purge(), "CMKP11_Purge");
     let (keys, records) = inspect(&a_label, &a_id);
     assert_eq!(
         (keys, records),
         (0, 0),
-        "A's key objects and state records after a new C_Login (keys, records)"
+        "A's key objects and state records after CMKP11_Purge (keys, records)"
     );
     let (keys, _) = inspect(&b_label, &b_id);
-    assert_eq!(keys, 1, "B's key object must survive the login purge");
+    assert_eq!(keys, 1, "B's key object must survive the purge");
     assert_eq!(s.ulong(b, CKA_CMKP11_STATE), STATE_PENDING_DELETION);
 
     // B's date passes; CMKP11_Purge destroys it.

@@ -145,8 +145,7 @@ fn child_entry() {
     }
     assert_eq!(role, "churn", "unknown child role");
     let m = cmk();
-    // Log in through a read-only session (a read-write login would purge expired keys
-    // before this process is ready); the read-write session shares the login.
+    // Log in through a read-only session; the read-write session shares the login.
     let ro = S::open_ro(m);
     ok(ro.login(), "child: C_Login");
     let s = S::open(m);
@@ -196,10 +195,12 @@ struct Key {
     envelopes: Vec<Envelope>,
 }
 
-/// Re-reads the token in this process: a new login (which also finishes any purge).
+/// Re-reads the token in this process: a new login, then the operator's purge (which
+/// finishes any interrupted one; a login itself never destroys anything).
 fn relogin(s: &S) {
     ok(s.logout(), "C_Logout");
     ok(s.login(), "C_Login");
+    ok(s.purge(), "CMKP11_Purge");
 }
 
 /// Checks one key against the outcomes the child's log allows; returns what it found.

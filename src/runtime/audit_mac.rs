@@ -95,6 +95,10 @@ impl TokenAuditMac {
                     Attribute::Wrap(false),
                     Attribute::Unwrap(false),
                     Attribute::Derive(false),
+                    // Nobody, not even an application opening the token directly with
+                    // the PIN, may relabel it out of cmkp11's namespace or copy it.
+                    Attribute::Modifiable(false),
+                    Attribute::Copyable(false),
                     label,
                 ],
             )?,

@@ -185,6 +185,11 @@ impl HandleTable {
         self.ours_with(slot, obj, owner, None, None)
     }
 
+    /// cmkp11's handle of a backend object it has handed out already, if any.
+    pub fn known(&self, slot: CK_SLOT_ID, obj: ObjectHandle) -> Option<CK_OBJECT_HANDLE> {
+        self.t.read().backend.get(&(slot, obj.handle())).copied()
+    }
+
     /// The logical handle of CMK `id` (one per CMK, whatever its versions); `obj` is a
     /// version object of it, used until the keystore names the primary.
     pub fn logical(&self, slot: CK_SLOT_ID, id: &[u8], obj: ObjectHandle) -> CK_OBJECT_HANDLE {

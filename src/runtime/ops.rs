@@ -51,6 +51,31 @@ fn reserved(label: &[u8]) -> bool {
     label.starts_with(RESERVED_PREFIX.as_bytes())
 }
 
+/// Whether a template would put an object into cmkp11's namespace (a reserved label, or
+/// cmkp11's `CKA_APPLICATION`).
+fn enters_namespace(t: &[Attribute]) -> bool {
+    t.iter().any(|a| match a {
+        Attribute::Label(l) => reserved(l),
+        Attribute::Application(v) => v.as_slice() == keystore::APPLICATION.as_bytes(),
+        _ => false,
+    })
+}
+
+/// Whether a backend object is one of cmkp11's own (state records, the audit key and
+/// checkpoint, any object in its namespace): a label in the reserved namespace, or a data
+/// object of cmkp11's application. Unreadable objects count as internal (fail closed).
+pub fn internal_object(b: &cryptoki::session::Session, obj: ObjectHandle) -> bool {
+    let Ok(attrs) = b.get_attributes(obj, &[AttributeType::Label, AttributeType::Application])
+    else {
+        return true;
+    };
+    attrs.iter().any(|a| match a {
+        Attribute::Label(l) => reserved(l),
+        Attribute::Application(a) => a.as_slice() == keystore::APPLICATION.as_bytes(),
+        _ => false,
+    })
+}
+
 fn label_of(t: &[Attribute]) -> Option<Vec<u8>> {
     t.iter().rev().find_map(|a| match a {
         Attribute::Label(l) => Some(l.clone()),
@@ -674,7 +699,7 @@ impl Library {
     ) -> Result<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)> {
         let key_type = rv_t(templates::pair_key_type(mech.ty))?;
         let private = rv_t(templates::private_key(private, key_type))?;
-        if label_of(&public).is_some_and(|l| reserved(&l)) {
+        if enters_namespace(&public) || enters_namespace(&private) {
             return err(CKR_ATTRIBUTE_VALUE_INVALID);
         }
         let token_label = templates::is_token(&private)
@@ -908,8 +933,7 @@ impl Library {
     /// object in cmkp11's reserved namespace.
     pub fn create_object(&self, s: &mut Session, t: Vec<Attribute>) -> Result<CK_OBJECT_HANDLE> {
         let t = rv_t(templates::create(t, &self.settings))?;
-        let app_reserved = t.iter().any(|a| matches!(a, Attribute::Application(v) if v.as_slice() == keystore::APPLICATION.as_bytes()));
-        if label_of(&t).is_some_and(|l| reserved(&l)) || app_reserved {
+        if enters_namespace(&t) {
             return err(CKR_ATTRIBUTE_VALUE_INVALID);
         }
         let key = matches!(
@@ -938,10 +962,10 @@ impl Library {
         t: Vec<Attribute>,
     ) -> Result<CK_OBJECT_HANDLE> {
         let (o, info) = s.key_info(self, h, CKR_OBJECT_HANDLE_INVALID)?;
-        let t = rv_t(templates::copy(&info, t))?;
-        if label_of(&t).is_some_and(|l| reserved(&l)) {
+        if enters_namespace(&t) {
             return err(CKR_ATTRIBUTE_VALUE_INVALID);
         }
+        let t = rv_t(templates::copy(&info, t))?;
         let token = match t.iter().rev().find_map(|a| match a {
             Attribute::Token(b) => Some(*b),
             _ => None,
@@ -1132,10 +1156,10 @@ impl Library {
         t: Vec<Attribute>,
     ) -> Result<()> {
         let (o, info) = s.key_info(self, h, CKR_OBJECT_HANDLE_INVALID)?;
-        rv(templates::set(&info, &t))?;
-        if label_of(&t).is_some_and(|l| reserved(&l)) {
+        if enters_namespace(&t) {
             return err(CKR_ATTRIBUTE_VALUE_INVALID);
         }
+        rv(templates::set(&info, &t))?;
         if info.class() == Class::Cmk {
             let renames = t
                 .iter()
@@ -1186,13 +1210,16 @@ impl Library {
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for obj in found {
-            let h = s.register(self, obj, false);
+            // cmkp11's own objects never get a handle: an object is vetted before its
+            // first handle is made (a handle, once made, could be probed by number).
+            let h = match self.objects.known(s.slot_id, obj) {
+                Some(h) => h,
+                None if internal_object(s.backend(), obj) => continue,
+                None => s.register(self, obj, false),
+            };
             let Ok((_, info)) = s.key_info(self, h, CKR_OBJECT_HANDLE_INVALID) else {
                 continue;
             };
-            if info.label.starts_with(RESERVED_PREFIX) {
-                continue;
-            }
             if wanted_id
                 .as_ref()
                 .is_some_and(|w| *w != presented_id(&info))
@@ -1236,8 +1263,10 @@ impl Library {
         s.set_find(out)
     }
 
-    /// `C_Login`: passed to the token; a read-write session then destroys the keys whose
-    /// deletion date has passed.
+    /// `C_Login`: passed to the token. Keys past their deletion date are never destroyed
+    /// here: destruction is an explicit, audited operator step (`cmkp11 key purge`, the
+    /// admin interface's `CMKP11_Purge`), so that nothing an application does shortens the
+    /// deletion window.
     pub fn login(
         &self,
         s: &mut Session,
@@ -1267,25 +1296,6 @@ impl Library {
         log::debug!("slot {}: {who} logged in", s.slot_id);
         let store = &self.stores[s.slot_id as usize];
         store.invalidate();
-        if s.rw && matches!(user, cryptoki::session::UserType::User) {
-            let view = self.reload_view(s);
-            if view
-                .cmks
-                .values()
-                .any(|c| c.state(keystore::now()) == State::Destroyed)
-                || !view.orphan_records.is_empty()
-                || !view.unusable.is_empty()
-            {
-                match lifecycle::purge(s.backend(), &view) {
-                    Ok(names) if !names.is_empty() => {
-                        log::warn!("purged CMKs past their deletion date: {}", names.join(", "))
-                    }
-                    Ok(_) => {}
-                    Err(e) => log::warn!("purge at login failed: {e}"),
-                }
-                store.invalidate();
-            }
-        }
         Ok(())
     }
 

@@ -355,6 +355,12 @@ impl Session {
         if info.value_len == 0 {
             info.value_len = value_len.unwrap_or(0);
         }
+        if info.label.starts_with(crate::keystore::RESERVED_PREFIX) {
+            // One of cmkp11's own objects: never reachable by a handle (none is ever
+            // made for one; this is the second line).
+            lib.objects.forget(h);
+            return err(invalid);
+        }
         let info = Arc::new(info);
         lib.objects.set_info(h, Some(info.clone()));
         Ok((obj, info))
