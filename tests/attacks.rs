@@ -326,41 +326,43 @@ fn legit_label_id_subject_dates_can_be_set() {
     let x = wrap_cmk(&s, 32);
     let d = dek(&s, 32, true);
     let (_, rsa) = rsa_pair(&s, true, &[CKA_SIGN]);
-    // A secret CMK's name and id are stable (DESIGN.md §5: they name it across versions).
-    let renamed = unique_label("renamed");
-    expect_rv(
-        s.set_attrs(x, Template::default().bytes(CKA_LABEL, &renamed)),
-        CKR_ATTRIBUTE_READ_ONLY,
-        "C_SetAttributeValue(wrap CMK, LABEL)",
-    );
-    for (kname, k) in [("DEK", d), ("RSA private key", rsa)] {
-        let new_label = unique_label("renamed");
-        ok(
-            s.set_attrs(k, Template::default().bytes(CKA_LABEL, &new_label)),
-            &format!("C_SetAttributeValue({kname}, LABEL)"),
-        );
-        assert_eq!(s.get_attr(k, CKA_LABEL).unwrap(), new_label);
-        ok(
-            s.set_attrs(
-                k,
-                Template::default()
-                    .bytes(CKA_START_DATE, b"20260101")
-                    .bytes(CKA_END_DATE, b"20361231"),
-            ),
-            &format!("C_SetAttributeValue({kname}, START_DATE+END_DATE)"),
+    // A CMK's name and id are its identity, fixed at creation (secret and private keys),
+    // and the token itself keeps every CMK unmodifiable.
+    for (kname, k) in [("wrap CMK", x), ("RSA private key", rsa)] {
+        for (a, v) in [(CKA_LABEL, unique_label("renamed")), (CKA_ID, vec![1, 2])] {
+            expect_rv(
+                s.set_attrs(k, Template::default().bytes(a, &v)),
+                CKR_ATTRIBUTE_READ_ONLY,
+                &format!("C_SetAttributeValue({kname}, 0x{a:x})"),
+            );
+        }
+        expect_rv(
+            s.set_attrs(k, Template::default().bytes(CKA_SUBJECT, &[0x30, 0x00])),
+            CKR_ACTION_PROHIBITED,
+            &format!("C_SetAttributeValue({kname}, SUBJECT) on a sealed CMK"),
         );
     }
-    // CKA_ID: settable on a DEK. (On a CMK, DESIGN.md section 5 makes the ID stable, which
-    // notes/policy.md does not say; not asserted here.)
+    // A DEK's name, id and dates can be set.
+    let new_label = unique_label("renamed");
+    ok(
+        s.set_attrs(d, Template::default().bytes(CKA_LABEL, &new_label)),
+        "C_SetAttributeValue(DEK, LABEL)",
+    );
+    assert_eq!(s.get_attr(d, CKA_LABEL).unwrap(), new_label);
+    ok(
+        s.set_attrs(
+            d,
+            Template::default()
+                .bytes(CKA_START_DATE, b"20260101")
+                .bytes(CKA_END_DATE, b"20361231"),
+        ),
+        "C_SetAttributeValue(DEK, START_DATE+END_DATE)",
+    );
     ok(
         s.set_attrs(d, Template::default().bytes(CKA_ID, &[1, 2, 3, 4])),
         "C_SetAttributeValue(DEK, ID)",
     );
     assert_eq!(s.get_attr(d, CKA_ID).unwrap(), [1, 2, 3, 4]);
-    ok(
-        s.set_attrs(rsa, Template::default().bytes(CKA_SUBJECT, &[0x30, 0x00])),
-        "C_SetAttributeValue(RSA private key, SUBJECT)",
-    );
 }
 
 // =======================================================================================
@@ -1421,7 +1423,19 @@ fn copying_a_token_key_is_prohibited() {
 fn promoted_dek_becomes_an_unwrappable_cmk() {
     let s = s();
     let x = wrap_cmk(&s, 32);
-    let d = dek(&s, 32, true);
+    // An extractable DEK may exist outside the token (wrapped): it never becomes a CMK.
+    let extractable = dek(&s, 32, true);
+    expect_rv(
+        s.copy_object(
+            extractable,
+            Template::default()
+                .boolean(CKA_TOKEN, true)
+                .bytes(CKA_LABEL, &unique_label("promoted")),
+        ),
+        CKR_ACTION_PROHIBITED,
+        "C_CopyObject(extractable DEK -> token)",
+    );
+    let d = dek(&s, 32, false);
     let copy = ok(
         s.copy_object(
             d,
@@ -1430,7 +1444,7 @@ fn promoted_dek_becomes_an_unwrappable_cmk() {
                 .bytes(CKA_LABEL, &unique_label("promoted"))
                 .bytes(CKA_ID, &[9]),
         ),
-        "C_CopyObject(extractable DEK -> token)",
+        "C_CopyObject(non-extractable DEK -> token)",
     );
     assert!(s.get_bool(copy, CKA_TOKEN));
     assert!(s.get_bool(copy, CKA_SENSITIVE));

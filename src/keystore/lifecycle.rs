@@ -95,8 +95,212 @@ pub fn cancel_deletion(s: &Session, cmk: &Cmk) -> Result<StateRecord> {
     }
 }
 
+/// Label of the rotation lock's objects (see [`RotationLock`]).
+pub const LOCK_LABEL: &str = "cmkp11:lock";
+
+/// A lock object older than this is left by a process that died holding it.
+const LOCK_STALE_SECS: u64 = 30;
+
+/// How long a rotation waits for the lock before it gives up (not done, reported so).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(45);
+
+/// One lock object's content.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct LockEntry {
+    /// Hex of the CMK's identity.
+    key: String,
+    /// `choosing` (taking a number) or `ticket` (holding a number).
+    kind: String,
+    /// The ticket's number (0 while choosing).
+    number: u64,
+    /// Random: tells the holders apart and breaks ties.
+    nonce: u64,
+    /// Unix seconds of its creation.
+    time: u64,
+    /// The creating process and its host's boot id: on the same host, a lock object of
+    /// a process that no longer runs is stale at once.
+    #[serde(default)]
+    pid: u32,
+    #[serde(default)]
+    host: String,
+}
+
+/// This host's boot id (empty when unknown).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+impl LockEntry {
+    fn stale(&self, t: u64, host: &str) -> bool {
+        let dead = !host.is_empty()
+            && self.host == host
+            && self.pid != std::process::id()
+            && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists();
+        dead || self.time + LOCK_STALE_SECS < t
+    }
+}
+
+/// The rotation lock of one CMK, kept in the token itself so that it holds across
+/// processes and hosts sharing the token (Lamport's bakery: each waiter takes a number
+/// above every number it sees, announced by a `choosing` object while it takes it, and
+/// waits until nobody is choosing and no ticket is lower than its own; tickets are token
+/// objects that only their creator destroys, or anybody once stale). Version numbers are
+/// then assigned by one process at a time: no two versions share a number.
+pub struct RotationLock {
+    ticket: cryptoki::object::ObjectHandle,
+}
+
+fn lock_template(e: &LockEntry) -> Result<Vec<Attribute>> {
+    let json = serde_json::to_vec(e).map_err(|_| crate::error::Error::Rv(CKR_GENERAL_ERROR))?;
+    Ok(vec![
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Modifiable(false),
+        Attribute::Application(APPLICATION.as_bytes().to_vec()),
+        Attribute::Label(LOCK_LABEL.as_bytes().to_vec()),
+        Attribute::Value(json),
+    ])
+}
+
+/// The live lock objects of `key` (stale ones are destroyed on the way).
+fn lock_entries(
+    s: &Session,
+    key: &str,
+) -> Result<Vec<(cryptoki::object::ObjectHandle, LockEntry)>> {
+    let objs = s.find_objects(&[
+        Attribute::Token(true),
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Application(APPLICATION.as_bytes().to_vec()),
+        Attribute::Label(LOCK_LABEL.as_bytes().to_vec()),
+    ])?;
+    let t = now();
+    let host = boot_id();
+    let mut out = Vec::new();
+    for obj in objs {
+        // Another process may destroy it meanwhile: a failed read is no entry.
+        let Ok(attrs) = s.get_attributes(obj, &[AttributeType::Value]) else {
+            continue;
+        };
+        let entry = attrs.into_iter().find_map(|a| match a {
+            Attribute::Value(v) => serde_json::from_slice::<LockEntry>(&v).ok(),
+            _ => None,
+        });
+        match entry {
+            Some(e) if e.key == key => {
+                if e.stale(t, &host) {
+                    log::warn!(
+                        "keystore: removing a stale rotation lock of key {key} (its holder died?)"
+                    );
+                    let _ = s.destroy_object(obj);
+                } else {
+                    out.push((obj, e));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+impl RotationLock {
+    /// Takes the rotation lock of CMK `id`, waiting for other holders.
+    pub fn acquire(s: &Session, id: &[u8]) -> Result<RotationLock> {
+        let key = hex(id);
+        let nonce = random_u64(s)?;
+        let mut entry = LockEntry {
+            key: key.clone(),
+            kind: "choosing".into(),
+            number: 0,
+            nonce,
+            time: now(),
+            pid: std::process::id(),
+            host: boot_id(),
+        };
+        let choosing = s.create_object(&lock_template(&entry)?)?;
+        let taken = (|| {
+            let highest = lock_entries(s, &key)?
+                .iter()
+                .map(|(_, e)| e.number)
+                .max()
+                .unwrap_or(0);
+            entry.kind = "ticket".into();
+            entry.number = highest + 1;
+            entry.time = now();
+            Ok::<_, crate::error::Error>(s.create_object(&lock_template(&entry)?)?)
+        })();
+        let _ = s.destroy_object(choosing);
+        let ticket = taken?;
+        let lock = RotationLock { ticket };
+        let start = std::time::Instant::now();
+        let mine = (entry.number, nonce);
+        loop {
+            let others = lock_entries(s, &key)?;
+            let blocked = others.iter().any(|(o, e)| {
+                *o != ticket
+                    && e.nonce != nonce
+                    && (e.kind == "choosing" || (e.number, e.nonce) < mine)
+            });
+            if !blocked {
+                return Ok(lock);
+            }
+            if start.elapsed() > LOCK_WAIT {
+                log::warn!("keystore: key {key}: another rotation holds the lock; giving up");
+                lock.release(s);
+                return err(CKR_FUNCTION_FAILED);
+            }
+            // A short, random pause: two waiters do not poll in step.
+            let pause = 5 + random_u64(s).unwrap_or(0) % 20;
+            std::thread::sleep(std::time::Duration::from_millis(pause));
+        }
+    }
+
+    /// Releases the lock (a failure leaves a ticket that turns stale).
+    pub fn release(self, s: &Session) {
+        if let Err(e) = s.destroy_object(self.ticket) {
+            log::warn!("keystore: cannot remove a rotation lock ticket ({e}); it expires in {LOCK_STALE_SECS} s");
+        }
+    }
+}
+
+/// The highest version number any secret key object of CMK `cmk` carries in the token
+/// now (usable or not: a number is never given twice).
+fn highest_version(s: &Session, cmk: &Cmk) -> Result<u32> {
+    let mut t = vec![
+        Attribute::Token(true),
+        Attribute::Class(ObjectClass::SECRET_KEY),
+    ];
+    if !cmk.label.is_empty() {
+        t.push(Attribute::Label(cmk.label.as_bytes().to_vec()));
+    }
+    let mut highest = 0;
+    for obj in s.find_objects(&t)? {
+        let Ok(attrs) = s.get_attributes(obj, &[AttributeType::Id]) else {
+            continue;
+        };
+        for a in attrs {
+            if let Attribute::Id(raw) = a {
+                if let (id, Some(v)) = super::split_id(&raw) {
+                    if id == cmk.id.as_slice() {
+                        highest = highest.max(v);
+                    }
+                }
+            }
+        }
+    }
+    Ok(highest)
+}
+
 /// `rotate`: a new version of a secret CMK, generated in the token like the primary and
 /// made primary by its creation. Private keys are not rotated (make a new key).
+///
+/// Version numbers are assigned under the key's [`RotationLock`], from the numbers in
+/// the token at that moment, so concurrent rotations (other processes, other hosts) never
+/// give two versions one number. The creation of the version object is the commit: once
+/// it succeeded the rotation is done and reported done, whatever happens to the records
+/// that follow (a failure there is logged; the lock ticket then expires on its own).
 pub fn rotate(s: &Session, cmk: &Cmk) -> Result<u32> {
     if cmk.class != CKO_SECRET_KEY {
         return err(CKR_KEY_TYPE_INCONSISTENT);
@@ -104,7 +308,7 @@ pub fn rotate(s: &Session, cmk: &Cmk) -> Result<u32> {
     if cmk.state(now()) != State::Enabled {
         return err(NOT_ALLOWED);
     }
-    let Some((v, primary)) = cmk.primary() else {
+    let Some((_, primary)) = cmk.primary() else {
         return err(CKR_OBJECT_HANDLE_INVALID);
     };
     use AttributeType as T;
@@ -138,7 +342,7 @@ pub fn rotate(s: &Session, cmk: &Cmk) -> Result<u32> {
     let known_len = cmk.record().value_len;
     let mut t: Vec<Attribute> = attrs
         .into_iter()
-        .filter(|a| !matches!(a, Attribute::KeyType(_)))
+        .filter(|a| !matches!(a, Attribute::KeyType(_) | Attribute::Private(_)))
         .map(|a| match a {
             Attribute::ValueLen(l) if u64::from(l) == 0 && known_len > 0 => {
                 Attribute::ValueLen(known_len.into())
@@ -146,7 +350,6 @@ pub fn rotate(s: &Session, cmk: &Cmk) -> Result<u32> {
             a => a,
         })
         .collect();
-    let next = v + 1;
     t.extend([
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(key_type),
@@ -154,10 +357,27 @@ pub fn rotate(s: &Session, cmk: &Cmk) -> Result<u32> {
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
         Attribute::Derive(false),
-        Attribute::Id(version_id(&cmk.id, next)),
+        Attribute::Private(true),
+        Attribute::Copyable(false),
+        Attribute::Modifiable(false),
     ]);
-    s.generate_key(&mech, &t)?;
-    write_record(s, cmk, |r| r.rotated = now())?;
+    let lock = RotationLock::acquire(s, &cmk.id)?;
+    let made = (|| {
+        let next = highest_version(s, cmk)? + 1;
+        let mut t = t;
+        t.push(Attribute::Id(version_id(&cmk.id, next)));
+        s.generate_key(&mech, &t)?;
+        Ok::<_, crate::error::Error>(next)
+    })();
+    lock.release(s);
+    let next = made?;
+    // Done: the version exists. The rotation time is bookkeeping for `rotate --due`.
+    if let Err(e) = write_record(s, cmk, |r| r.rotated = now()) {
+        log::warn!(
+            "key `{}`: version {next} made, but its rotation time could not be recorded ({e}); `rotate --due` may rotate it again early",
+            cmk.name()
+        );
+    }
     Ok(next)
 }
 

@@ -37,6 +37,9 @@ pub const RESERVED_PREFIX: &str = "cmkp11:";
 pub const STATE_LABEL: &str = "cmkp11:state";
 /// `CKA_APPLICATION` of cmkp11's data objects.
 pub const APPLICATION: &str = "cmkp11";
+/// Prefix of the identity of a key named by its label only (keys made by earlier builds);
+/// never accepted as the start of a `CKA_ID`, so that the two kinds never collide.
+pub const LABEL_IDENTITY: &[u8] = b"label:";
 /// Longest `CKA_ID` an application may give a CMK.
 pub const MAX_ID_LEN: usize = 64;
 
@@ -73,7 +76,7 @@ pub fn identity(raw_id: &[u8], label: &str) -> Option<(Vec<u8>, u32)> {
     let (id, v) = split_id(raw_id);
     match (id.is_empty(), label.is_empty()) {
         (true, true) => None,
-        (true, false) => Some(([b"label:", label.as_bytes()].concat(), v.unwrap_or(1))),
+        (true, false) => Some(([LABEL_IDENTITY, label.as_bytes()].concat(), v.unwrap_or(1))),
         _ => Some((id.to_vec(), v.unwrap_or(1))),
     }
 }
@@ -236,9 +239,102 @@ impl Cmk {
     }
 }
 
+/// What makes a key object a version of a CMK, read from the token once per object and
+/// process (a CMK's objects are created not modifiable, so they do not change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Facts {
+    /// `CKA_KEY_TYPE`.
+    pub key_type: CK_ULONG,
+    /// Usage flags as bits (ENCRYPT, DECRYPT, SIGN, VERIFY, WRAP, UNWRAP, DERIVE).
+    pub usage: u8,
+    /// `CKA_SENSITIVE` and not `CKA_EXTRACTABLE`.
+    pub protected: bool,
+    /// `CKA_LOCAL`, `CKA_ALWAYS_SENSITIVE` and `CKA_NEVER_EXTRACTABLE`: generated in the
+    /// token and never out of it in the clear.
+    pub born_in_token: bool,
+}
+
+/// What the keystore accepts as a version besides keys born in the token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Trust {
+    /// BYOK import is on: keys whose record says imported may be `CKA_LOCAL` FALSE.
+    pub allow_import: bool,
+    /// The test-only plaintext import switch is on.
+    pub allow_plaintext_import: bool,
+}
+
+/// Per-process knowledge about key objects, kept across loads.
+#[derive(Debug, Default)]
+pub struct Cache {
+    /// Secret keys already known to be usable (see [`load`]).
+    pub usable: std::collections::HashSet<CK_OBJECT_HANDLE>,
+    /// Each key object's [`Facts`].
+    pub facts: std::collections::HashMap<CK_OBJECT_HANDLE, Facts>,
+    /// Objects already reported as refused (logged once).
+    pub refused: std::collections::HashSet<CK_OBJECT_HANDLE>,
+    /// Objects refused once already, possibly while another process wrote them: refused
+    /// again, they are reported.
+    pub doubted: std::collections::HashSet<CK_OBJECT_HANDLE>,
+    /// What is trusted besides keys born in the token.
+    pub trust: Trust,
+}
+
+fn facts(s: &Session, obj: ObjectHandle) -> Result<Facts> {
+    use AttributeType as T;
+    let attrs = s.get_attributes(
+        obj,
+        &[
+            T::KeyType,
+            T::Sensitive,
+            T::Extractable,
+            T::Local,
+            T::AlwaysSensitive,
+            T::NeverExtractable,
+            T::Encrypt,
+            T::Decrypt,
+            T::Sign,
+            T::Verify,
+            T::Wrap,
+            T::Unwrap,
+            T::Derive,
+        ],
+    )?;
+    let on = |a: &Attribute| attrs.contains(a);
+    let usage = [
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+        Attribute::Wrap(true),
+        Attribute::Unwrap(true),
+        Attribute::Derive(true),
+    ]
+    .iter()
+    .enumerate()
+    .filter(|(_, a)| on(a))
+    .fold(0u8, |b, (i, _)| b | (1 << i));
+    Ok(Facts {
+        key_type: attrs
+            .iter()
+            .find_map(|a| match a {
+                Attribute::KeyType(k) => Some(CK_ULONG::from(*k)),
+                _ => None,
+            })
+            .unwrap_or(CK_UNAVAILABLE_INFORMATION),
+        usage,
+        protected: on(&Attribute::Sensitive(true)) && on(&Attribute::Extractable(false)),
+        born_in_token: on(&Attribute::Local(true))
+            && on(&Attribute::AlwaysSensitive(true))
+            && on(&Attribute::NeverExtractable(true)),
+    })
+}
+
 /// The token's CMKs at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct View {
+    /// The view was read by a logged-in session: private objects (every CMK and its
+    /// records) were visible. Without it nothing can be said about any CMK's state.
+    pub logged_in: bool,
     /// CMKs by identity.
     pub cmks: BTreeMap<Vec<u8>, Cmk>,
     /// State records whose key objects are gone (left by an interrupted purge).
@@ -371,11 +467,24 @@ pub fn torn(s: &Session, obj: ObjectHandle) -> bool {
 
 /// Reads every CMK and state record from the token (through a logged-in session; before
 /// login, private objects are invisible and the view is empty).
-pub fn load(s: &Session, usable: &mut std::collections::HashSet<CK_OBJECT_HANDLE>) -> Result<View> {
-    let mut view = View::default();
+pub fn load(s: &Session, cache: &mut Cache) -> Result<View> {
+    use cryptoki::session::SessionState as St;
+    let mut pending = std::collections::HashMap::new();
+    let mut view = View {
+        logged_in: matches!(
+            s.get_session_info()?.session_state(),
+            St::RoUser | St::RwUser
+        ),
+        ..View::default()
+    };
     for class in [ObjectClass::SECRET_KEY, ObjectClass::PRIVATE_KEY] {
         for obj in s.find_objects(&[Attribute::Token(true), Attribute::Class(class)])? {
-            let attrs = s.get_attributes(obj, &[AttributeType::Id, AttributeType::Label])?;
+            // An object another process is creating or destroying right now may not be
+            // readable: it is no version for this view (the next one looks again).
+            let Ok(attrs) = s.get_attributes(obj, &[AttributeType::Id, AttributeType::Label])
+            else {
+                continue;
+            };
             let raw_id = attrs
                 .iter()
                 .find_map(|a| match a {
@@ -387,12 +496,21 @@ pub fn load(s: &Session, usable: &mut std::collections::HashSet<CK_OBJECT_HANDLE
             if label.starts_with(RESERVED_PREFIX) {
                 continue;
             }
+            let exact = attrs
+                .iter()
+                .any(|a| matches!(a, Attribute::Label(l) if std::str::from_utf8(l).is_ok()));
+            if !exact {
+                if cache.refused.insert(obj.handle()) {
+                    log::error!("keystore: ignoring a key object whose CKA_LABEL is not UTF-8 (not made through cmkp11): it is no CMK and cannot be used");
+                }
+                continue;
+            }
             // A key whose creation was cut short (a process killed while the token wrote
             // its file: SoftHSM2 can leave an object whose value cannot be read back) is
             // no version: using it would fail. Each secret key is checked once per
             // process by one operation inside the token (see `usable_key`); purge
             // destroys the failures that are `torn`.
-            if class == ObjectClass::SECRET_KEY && !usable.contains(&obj.handle()) {
+            if class == ObjectClass::SECRET_KEY && !cache.usable.contains(&obj.handle()) {
                 if !usable_key(s, obj) {
                     log::error!("keystore: ignoring the key object `{label}` whose value the token cannot read (left by an interrupted write?)");
                     let (id, version) = split_id(&raw_id);
@@ -403,7 +521,20 @@ pub fn load(s: &Session, usable: &mut std::collections::HashSet<CK_OBJECT_HANDLE
                     });
                     continue;
                 }
-                usable.insert(obj.handle());
+                cache.usable.insert(obj.handle());
+            }
+            if let std::collections::hash_map::Entry::Vacant(e) = cache.facts.entry(obj.handle()) {
+                match facts(s, obj) {
+                    // Only an object that passes is remembered: one read while another
+                    // process was still writing it is read again next time.
+                    Ok(f) if f.protected && f.born_in_token => {
+                        e.insert(f);
+                    }
+                    Ok(f) => {
+                        pending.insert(obj.handle(), f);
+                    }
+                    Err(_) => continue,
+                }
             }
             let Some((id, v)) = identity(&raw_id, &label) else {
                 continue;
@@ -458,7 +589,65 @@ pub fn load(s: &Session, usable: &mut std::collections::HashSet<CK_OBJECT_HANDLE
             None => view.orphan_records.extend(recs.into_iter().map(|(o, _)| o)),
         }
     }
+    vet(&mut view, cache, &pending);
     Ok(view)
+}
+
+/// Keeps, of each CMK's objects, only those that are versions: each checked on its own
+/// (sensitive, not extractable, born in the token unless its import is trusted, the role
+/// and key type of the key's first version). A refused object is logged at error, once.
+fn vet(
+    view: &mut View,
+    cache: &mut Cache,
+    pending: &std::collections::HashMap<CK_OBJECT_HANDLE, Facts>,
+) {
+    let trust = cache.trust;
+    for c in view.cmks.values_mut() {
+        let imported = c
+            .record
+            .as_ref()
+            .is_some_and(|r| r.origin == Origin::Imported);
+        let mut reference: Option<Facts> = None;
+        let name = c.name();
+        c.versions.retain(|(v, obj)| {
+            let Some(f) = cache
+                .facts
+                .get(&obj.handle())
+                .or_else(|| pending.get(&obj.handle()))
+                .copied()
+            else {
+                return false;
+            };
+            let why = if !f.protected {
+                Some("it is not sensitive or is extractable")
+            } else if !(f.born_in_token
+                || (imported && trust.allow_import)
+                || trust.allow_plaintext_import)
+            {
+                Some("the token does not vouch that it was generated inside it and never left it in the clear (CKA_LOCAL, CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE)")
+            } else if reference.is_some_and(|r| r.usage != f.usage || r.key_type != f.key_type) {
+                Some("its role or key type differs from the key's first version")
+            } else {
+                None
+            };
+            match why {
+                Some(why) => {
+                    if pending.contains_key(&obj.handle()) && cache.doubted.insert(obj.handle()) {
+                        // Possibly still being written by another process: quiet.
+                        log::debug!("keystore: key `{name}` version {v}: not (yet) usable: {why}");
+                    } else if cache.refused.insert(obj.handle()) {
+                        log::error!("keystore: key `{name}` version {v}: object refused, {why}; it is not used");
+                    }
+                    false
+                }
+                None => {
+                    reference.get_or_insert(f);
+                    true
+                }
+            }
+        });
+    }
+    view.cmks.retain(|_, c| !c.versions.is_empty());
 }
 
 #[cfg(test)]

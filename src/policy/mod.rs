@@ -129,6 +129,12 @@ pub struct KeyInfo {
     pub imported_plaintext: bool,
     /// `CKA_ID` as stored in the token.
     pub raw_id: Vec<u8>,
+    /// `CKA_ALWAYS_SENSITIVE` (kept by the token: never readable since creation).
+    pub always_sensitive: bool,
+    /// `CKA_NEVER_EXTRACTABLE` (kept by the token: never extractable since creation).
+    pub never_extractable: bool,
+    /// `CKA_LABEL` is valid UTF-8 (so [`KeyInfo::label`] is exact, not a lossy copy).
+    pub label_exact: bool,
 }
 
 impl KeyInfo {
@@ -139,6 +145,12 @@ impl KeyInfo {
             (CKO_SECRET_KEY, false) => Class::Dek,
             _ => Class::Public,
         }
+    }
+
+    /// Whether the token vouches that the key was made inside it and never left it in
+    /// the clear: generated there (`CKA_LOCAL`), sensitive and non-extractable since.
+    pub fn born_in_token(&self) -> bool {
+        self.local && self.always_sensitive && self.never_extractable
     }
 
     /// Whether this is a secret or private key (a CMK or a DEK).

@@ -505,7 +505,7 @@ pub fn copy(source: &KeyInfo, t: Vec<Attribute>) -> R<Vec<Attribute>> {
     }
     let ok = t.iter().all(|a| match a {
         Attribute::Token(_) | Attribute::Id(_) | Attribute::Label(_) => true,
-        Attribute::Sensitive(b) => *b,
+        Attribute::Sensitive(b) | Attribute::Private(b) => *b,
         Attribute::Extractable(b) => !*b,
         _ => false,
     });

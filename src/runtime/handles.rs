@@ -48,6 +48,8 @@ struct Entry {
     origin: Origin,
     /// Imported in plaintext (test switch).
     imported: bool,
+    /// Generated inside the token through cmkp11 (`C_GenerateKey`, `C_GenerateKeyPair`).
+    generated: bool,
     /// For a CMK's logical handle: the CMK's identity (operations use its primary).
     cmk: Option<Vec<u8>>,
     /// A session may hold a decision about this object (see [`HandleTable::epoch`]):
@@ -132,6 +134,7 @@ impl HandleTable {
         owner: Option<CK_SESSION_HANDLE>,
         value_len: Option<CK_ULONG>,
         origin: Origin,
+        generated: bool,
     ) -> CK_OBJECT_HANDLE {
         let (h, new) = {
             let mut t = self.t.write();
@@ -150,6 +153,7 @@ impl HandleTable {
                         info: None,
                         origin,
                         imported: false,
+                        generated,
                         cmk: None,
                         decided: false,
                     },
@@ -182,7 +186,7 @@ impl HandleTable {
         if let Some(h) = self.t.read().backend.get(&(slot, obj.handle())) {
             return *h;
         }
-        self.ours_with(slot, obj, owner, None, None)
+        self.ours_with(slot, obj, owner, None, None, false)
     }
 
     /// cmkp11's handle of a backend object it has handed out already, if any.
@@ -214,6 +218,7 @@ impl HandleTable {
                 info: None,
                 origin: None,
                 imported: false,
+                generated: true,
                 cmk: Some(id.to_vec()),
                 decided: false,
             },
@@ -299,6 +304,16 @@ impl HandleTable {
         self.change(h, |e| {
             e.origin.get_or_insert(origin);
         });
+    }
+
+    /// Marks an object as generated inside the token through cmkp11.
+    pub fn mark_generated(&self, h: CK_OBJECT_HANDLE) {
+        self.change(h, |e| e.generated = true);
+    }
+
+    /// Whether cmkp11 saw the object generated inside the token.
+    pub fn generated(&self, h: CK_OBJECT_HANDLE) -> bool {
+        self.t.read().ours.get(&h).is_some_and(|e| e.generated)
     }
 
     /// Marks an object as imported in plaintext.

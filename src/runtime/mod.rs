@@ -268,8 +268,12 @@ impl Library {
                 .map(|_| SlotSessions::default())
                 .collect(),
         };
+        let trust = crate::keystore::Trust {
+            allow_import: cfg.policy.allow_import,
+            allow_plaintext_import: cfg.policy.allow_plaintext_import,
+        };
         let stores = (0..backend.slots.len())
-            .map(|_| store::SlotStore::default())
+            .map(|_| store::SlotStore::new(trust))
             .collect();
         let token_labels = backend
             .slots

@@ -51,6 +51,54 @@ fn reserved(label: &[u8]) -> bool {
     label.starts_with(RESERVED_PREFIX.as_bytes())
 }
 
+/// Whether an id carries cmkp11's version tag (anywhere: versions are cmkp11's to number).
+fn tagged(id: &[u8]) -> bool {
+    id.windows(keystore::VERSION_TAG.len())
+        .any(|w| w == keystore::VERSION_TAG)
+}
+
+/// Refuses a template whose `CKA_ID` carries the version tag (every creating template and
+/// `C_SetAttributeValue`: only cmkp11 numbers versions).
+fn refuse_tagged_ids(what: &str, t: &[Attribute]) -> Result<()> {
+    if t.iter().any(|a| matches!(a, Attribute::Id(i) if tagged(i))) {
+        log::warn!(
+            "{what} refused: CKA_ID carries cmkp11's version tag `#cmkp11v`, which only cmkp11 assigns"
+        );
+        return err(CKR_ATTRIBUTE_VALUE_INVALID);
+    }
+    Ok(())
+}
+
+/// The last `CKA_ID` of a template.
+fn id_of(t: &[Attribute]) -> Option<Vec<u8>> {
+    t.iter().rev().find_map(|a| match a {
+        Attribute::Id(i) => Some(i.clone()),
+        _ => None,
+    })
+}
+
+/// What the token itself enforces on every CMK: private (invisible without the login),
+/// not modifiable (no role flip, no rename, even through the token directly) and not
+/// copyable (no copy with new attributes). Replaces what the application asked.
+///
+/// In a copy (`copy`), `CKA_COPYABLE` is left as it is (PKCS#11 lets no copy change it)
+/// and so is `CKA_PRIVATE` (SoftHSM2 refuses to change it; the copy checks it is set).
+/// The promoted key is still not modifiable, so no copy of it can carry new attributes.
+/// `CKA_MODIFIABLE` goes last: a token applies a copy's template in order.
+fn seal_cmk(t: &mut Vec<Attribute>, copy: bool) {
+    t.retain(|a| {
+        !matches!(
+            a,
+            Attribute::Private(_) | Attribute::Modifiable(_) | Attribute::Copyable(_)
+        )
+    });
+    if !copy {
+        t.push(Attribute::Private(true));
+        t.push(Attribute::Copyable(false));
+    }
+    t.push(Attribute::Modifiable(false));
+}
+
 /// Whether a template would put an object into cmkp11's namespace (a reserved label, or
 /// cmkp11's `CKA_APPLICATION`).
 fn enters_namespace(t: &[Attribute]) -> bool {
@@ -282,6 +330,23 @@ impl Library {
         let mut objects: super::session::Keys = smallvec::smallvec![obj];
         let mut version = Some(split_id(&info.raw_id).1.unwrap_or(1));
         let (cmk, logical) = self.cmk_and_logical(&view, h, info);
+        if info.token {
+            // Fail closed: a token key is used only as a verified version of a CMK whose
+            // state the keystore could read (never "no record, so enabled").
+            if !view.logged_in {
+                return Err((
+                    CKR_USER_NOT_LOGGED_IN,
+                    "the key's lifecycle state cannot be read without the user's login".into(),
+                ));
+            }
+            let known = cmk.is_some_and(|c| logical || c.versions.iter().any(|(_, o)| *o == obj));
+            if !known || !info.label_exact {
+                return Err((
+                    CKR_KEY_FUNCTION_NOT_PERMITTED,
+                    "the object is no verified version of a CMK of this token (made around cmkp11, or its facts do not hold)".into(),
+                ));
+            }
+        }
         if let Some(cmk) = cmk {
             let state = cmk.state(keystore::now());
             if state != State::Enabled {
@@ -542,6 +607,48 @@ impl Library {
         Ok(obj)
     }
 
+    /// The identity checks of a new CMK: its label (see [`Library::check_new_name`]) and
+    /// its id, which must not carry the version tag, must not look like the identity of
+    /// a key named by its label, must be at most [`keystore::MAX_ID_LEN`] bytes and must
+    /// not be the identity of an existing CMK.
+    pub(crate) fn check_new_identity(
+        &self,
+        s: &Session,
+        id: Option<&[u8]>,
+        label: Option<&[u8]>,
+    ) -> Result<()> {
+        self.check_new_name(s, label)?;
+        let Some(id) = id else {
+            return Ok(());
+        };
+        if id.is_empty()
+            || id.len() > keystore::MAX_ID_LEN
+            || tagged(id)
+            || id.starts_with(keystore::LABEL_IDENTITY)
+        {
+            log::warn!(
+                "CMK creation refused: CKA_ID must be 1 to {} bytes, without cmkp11's version tag",
+                keystore::MAX_ID_LEN
+            );
+            return err(CKR_ATTRIBUTE_VALUE_INVALID);
+        }
+        let view = self.reload_view(s);
+        if view
+            .cmks
+            .get(id)
+            .is_some_and(|c| c.state(keystore::now()) != State::Destroyed)
+        {
+            log::warn!(
+                "CMK creation refused: a CMK with id {} exists already",
+                keystore::hex(id)
+            );
+            return err(CKR_ATTRIBUTE_VALUE_INVALID);
+        }
+        Ok(())
+    }
+
+    /// The label checks of a new CMK: valid UTF-8 (a name is exact, never a lossy copy),
+    /// outside cmkp11's namespace, and unique among the token's CMKs.
     pub(crate) fn check_new_name(&self, s: &Session, label: Option<&[u8]>) -> Result<()> {
         let Some(label) = label.filter(|l| !l.is_empty()) else {
             return Ok(());
@@ -549,7 +656,12 @@ impl Library {
         if reserved(label) {
             return err(CKR_ATTRIBUTE_VALUE_INVALID);
         }
-        let name = String::from_utf8_lossy(label);
+        let Ok(name) = std::str::from_utf8(label) else {
+            log::warn!(
+                "CMK creation refused: CKA_LABEL is not valid UTF-8 (a CMK's name is exact text)"
+            );
+            return err(CKR_ATTRIBUTE_VALUE_INVALID);
+        };
         // Ask the token for keys with that label first: the full keystore is read only
         // when some exist (they may be destroyed keys that no longer count).
         let mut clash = false;
@@ -595,18 +707,12 @@ impl Library {
         {
             return err(CKR_MECHANISM_INVALID);
         }
+        refuse_tagged_ids("C_GenerateKey", &template)?;
         let mut t = rv_t(templates::generate_key(template, &self.settings))?;
         let token = templates::is_token(&t);
         let mut cmk_id = None;
         if token {
-            self.check_new_name(s, label_of(&t).as_deref())?;
-            let id = match t.iter().rev().find_map(|a| match a {
-                Attribute::Id(i) => Some(i.clone()),
-                _ => None,
-            }) {
-                Some(i) if i.is_empty() || i.len() > keystore::MAX_ID_LEN => {
-                    return err(CKR_ATTRIBUTE_VALUE_INVALID)
-                }
+            let id = match id_of(&t) {
                 Some(i) => i,
                 None => {
                     let mut i = vec![0u8; 16];
@@ -614,12 +720,10 @@ impl Library {
                     i
                 }
             };
-            if self.view(s).cmks.contains_key(&id) {
-                log::warn!("a CMK with id {} exists already", keystore::hex(&id));
-                return err(CKR_ATTRIBUTE_VALUE_INVALID);
-            }
+            self.check_new_identity(s, Some(&id), label_of(&t).as_deref())?;
             t.retain(|a| !matches!(a, Attribute::Id(_)));
             t.push(Attribute::Id(keystore::version_id(&id, 1)));
+            seal_cmk(&mut t, false);
             let label = label_of(&t).map(|l| String::from_utf8_lossy(&l).into_owned());
             self.audit_intent(s, "generate", label.as_deref(), Some(&id), Some(mech.ty))?;
             cmk_id = Some(id);
@@ -636,7 +740,7 @@ impl Library {
                 let _ = self.audit_record(s, rec);
                 self.objects.logical(s.slot_id, &id, obj)
             }
-            None => s.register(self, obj, true),
+            None => s.register_generated(self, obj, true),
         })
     }
 
@@ -698,15 +802,35 @@ impl Library {
         private: Vec<Attribute>,
     ) -> Result<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)> {
         let key_type = rv_t(templates::pair_key_type(mech.ty))?;
-        let private = rv_t(templates::private_key(private, key_type))?;
+        refuse_tagged_ids("C_GenerateKeyPair", &public)?;
+        refuse_tagged_ids("C_GenerateKeyPair", &private)?;
+        let mut private = rv_t(templates::private_key(private, key_type))?;
+        let mut public = public;
         if enters_namespace(&public) || enters_namespace(&private) {
             return err(CKR_ATTRIBUTE_VALUE_INVALID);
         }
-        let token_label = templates::is_token(&private)
-            .then(|| label_of(&private).map(|l| String::from_utf8_lossy(&l).into_owned()));
-        if let Some(label) = &token_label {
-            self.check_new_name(s, label_of(&private).as_deref())?;
-            self.audit_intent(s, "generate", label.as_deref(), None, Some(mech.ty))?;
+        let token = templates::is_token(&private);
+        let mut token_label = None;
+        if token {
+            let label = label_of(&private).filter(|l| !l.is_empty());
+            let id = id_of(&private).filter(|i| !i.is_empty());
+            if id.is_none() && label.is_none() {
+                // Every CMK has an identity (its lifecycle hangs on it): one is assigned,
+                // to the public key too when it has none, so that the pair still matches.
+                let mut i = vec![0u8; 16];
+                s.backend().generate_random_slice(&mut i)?;
+                private.retain(|a| !matches!(a, Attribute::Id(_)));
+                private.push(Attribute::Id(i.clone()));
+                if id_of(&public).is_none() {
+                    public.push(Attribute::Id(i));
+                }
+            }
+            self.check_new_identity(s, id.as_deref(), label.as_deref())?;
+            seal_cmk(&mut private, false);
+            let text = label.map(|l| String::from_utf8_lossy(&l).into_owned());
+            let key_id = id_of(&private);
+            self.audit_intent(s, "generate", text.as_deref(), key_id.as_deref(), Some(mech.ty))?;
+            token_label = Some(text);
         }
         let (p, q) = s
             .backend()
@@ -720,8 +844,8 @@ impl Library {
             let _ = self.audit_record(s, rec);
         }
         Ok((
-            s.register(self, p, !templates::is_token(&public)),
-            s.register(self, q, !templates::is_token(&private)),
+            s.register_generated(self, p, !templates::is_token(&public)),
+            s.register_generated(self, q, !token),
         ))
     }
 
@@ -794,6 +918,7 @@ impl Library {
         blob: &[u8],
         template: Vec<Attribute>,
     ) -> Result<CK_OBJECT_HANDLE> {
+        refuse_tagged_ids("C_UnwrapKey", &template)?;
         let u = self.use_unwrapping_key(s, unwrapping, mech.ty)?;
         let t = rv_t(templates::unwrapped(template, &self.settings))?;
         let ty = mech.ty;
@@ -878,8 +1003,15 @@ impl Library {
             Ok(c) => c,
             Err(rv) => return Some(err(rv)),
         };
+        if t.iter().any(|a| a.ty == CKA_ID && tagged(a.value)) {
+            let _ = refuse_tagged_ids(
+                "C_GenerateKey",
+                &[Attribute::Id(keystore::VERSION_TAG.to_vec())],
+            );
+            return Some(err(CKR_ATTRIBUTE_VALUE_INVALID));
+        }
         Some(match backend(s.backend().handle(), &completion) {
-            Ok(obj) => Ok(s.register(self, obj, true)),
+            Ok(obj) => Ok(s.register_generated(self, obj, true)),
             Err(rv) => err(crate::backend::rv::from_backend(rv)),
         })
     }
@@ -901,6 +1033,13 @@ impl Library {
         // Decided first, without side effects, so that `None` leaves everything (the
         // audit record of the key's use included) to the general way.
         let decided = templates::dek_raw(t, &self.settings)?;
+        if t.iter().any(|a| a.ty == CKA_ID && tagged(a.value)) {
+            let _ = refuse_tagged_ids(
+                "C_UnwrapKey",
+                &[Attribute::Id(keystore::VERSION_TAG.to_vec())],
+            );
+            return Some(err(CKR_ATTRIBUTE_VALUE_INVALID));
+        }
         Some((|| {
             let u = self.use_unwrapping_key(s, unwrapping, mech.ty)?;
             let completion = rv_t(decided)?;
@@ -921,6 +1060,7 @@ impl Library {
         base: CK_OBJECT_HANDLE,
         template: Vec<Attribute>,
     ) -> Result<CK_OBJECT_HANDLE> {
+        refuse_tagged_ids("C_DeriveKey", &template)?;
         let b = self.use_key(s, base, CKR_KEY_HANDLE_INVALID, Op::Derive, mech.ty)?;
         let t = rv_t(templates::derived(template, &self.settings))?;
         let k = s
@@ -932,7 +1072,8 @@ impl Library {
     /// `C_CreateObject`: no plaintext key import unless the test switch allows it; no
     /// object in cmkp11's reserved namespace.
     pub fn create_object(&self, s: &mut Session, t: Vec<Attribute>) -> Result<CK_OBJECT_HANDLE> {
-        let t = rv_t(templates::create(t, &self.settings))?;
+        refuse_tagged_ids("C_CreateObject", &t)?;
+        let mut t = rv_t(templates::create(t, &self.settings))?;
         if enters_namespace(&t) {
             return err(CKR_ATTRIBUTE_VALUE_INVALID);
         }
@@ -941,9 +1082,18 @@ impl Library {
             Some(CKO_SECRET_KEY | CKO_PRIVATE_KEY)
         );
         if key && templates::is_token(&t) {
-            self.check_new_name(s, label_of(&t).as_deref())?;
-            let name = label_of(&t).map(|l| String::from_utf8_lossy(&l).into_owned());
-            self.audit_intent(s, "import-plaintext", name.as_deref(), None, None)?;
+            let label = label_of(&t).filter(|l| !l.is_empty());
+            let mut id = id_of(&t).filter(|i| !i.is_empty());
+            if id.is_none() && label.is_none() {
+                let mut i = vec![0u8; 16];
+                s.backend().generate_random_slice(&mut i)?;
+                t.push(Attribute::Id(i.clone()));
+                id = Some(i);
+            }
+            self.check_new_identity(s, id.as_deref(), label.as_deref())?;
+            seal_cmk(&mut t, false);
+            let name = label.map(|l| String::from_utf8_lossy(&l).into_owned());
+            self.audit_intent(s, "import-plaintext", name.as_deref(), id.as_deref(), None)?;
         }
         let o = s.backend().create_object(&t)?;
         let h = s.register(self, o, !templates::is_token(&t));
@@ -965,7 +1115,8 @@ impl Library {
         if enters_namespace(&t) {
             return err(CKR_ATTRIBUTE_VALUE_INVALID);
         }
-        let t = rv_t(templates::copy(&info, t))?;
+        refuse_tagged_ids("C_CopyObject", &t)?;
+        let mut t = rv_t(templates::copy(&info, t))?;
         let token = match t.iter().rev().find_map(|a| match a {
             Attribute::Token(b) => Some(*b),
             _ => None,
@@ -973,14 +1124,86 @@ impl Library {
             Some(b) => b,
             None => info.token,
         };
-        let promoted = (token && info.is_protected())
-            .then(|| label_of(&t).unwrap_or_else(|| info.label.as_bytes().to_vec()));
-        if let Some(label) = &promoted {
-            self.check_new_name(s, Some(label))?;
-            let name = String::from_utf8_lossy(label);
-            self.audit_intent(s, "promote", Some(&name), None, None)?;
+        let mut promoted = None;
+        let mut new_cmk = None;
+        if token && info.is_protected() {
+            // Only a key born in the token may become a CMK: cmkp11 saw it generated
+            // there, and the token says it never left it in the clear. Not a derived,
+            // unwrapped or imported key, whose value someone may know.
+            if !(self.objects.generated(h) && info.born_in_token()) {
+                log::warn!(
+                    "C_CopyObject refused: only a session key generated inside the token (CKA_LOCAL, always sensitive, never extractable) can be promoted to a token CMK; `{}` was derived, unwrapped or imported",
+                    info.label
+                );
+                return err(CKR_ACTION_PROHIBITED);
+            }
+            // A CMK is private; a copy cannot change CKA_PRIVATE on every token (SoftHSM2
+            // refuses), so the session key must be private already.
+            let private = s
+                .backend()
+                .get_attributes(o, &[AttributeType::Private])?
+                .contains(&Attribute::Private(true));
+            if !private || t.contains(&Attribute::Private(false)) {
+                log::warn!(
+                    "C_CopyObject refused: a CMK is always private (CKA_PRIVATE), and `{}` is not",
+                    info.label
+                );
+                return err(CKR_TEMPLATE_INCONSISTENT);
+            }
+            if label_of(&t).is_none() && !info.label_exact {
+                log::warn!("C_CopyObject refused: a CMK's label is valid UTF-8, and the session key's is not");
+                return err(CKR_ATTRIBUTE_VALUE_INVALID);
+            }
+            let label = label_of(&t).unwrap_or_else(|| info.label.as_bytes().to_vec());
+            let label = Some(label).filter(|l| !l.is_empty());
+            if info.class == CKO_SECRET_KEY {
+                // A fresh identity: the id the template names, or a new one; never the
+                // session key's own.
+                let id = match id_of(&t).filter(|i| !i.is_empty()) {
+                    Some(i) => i,
+                    None => {
+                        let mut i = vec![0u8; 16];
+                        s.backend().generate_random_slice(&mut i)?;
+                        i
+                    }
+                };
+                self.check_new_identity(s, Some(&id), label.as_deref())?;
+                t.retain(|a| !matches!(a, Attribute::Id(_)));
+                t.push(Attribute::Id(keystore::version_id(&id, 1)));
+                new_cmk = Some(id);
+            } else {
+                let id = id_of(&t)
+                    .or_else(|| Some(info.raw_id.clone()))
+                    .filter(|i| !i.is_empty());
+                if tagged(id.as_deref().unwrap_or_default()) {
+                    return err(CKR_ATTRIBUTE_VALUE_INVALID);
+                }
+                if id.is_none() && label.is_none() {
+                    let mut i = vec![0u8; 16];
+                    s.backend().generate_random_slice(&mut i)?;
+                    t.push(Attribute::Id(i));
+                } else {
+                    self.check_new_identity(s, id.as_deref(), label.as_deref())?;
+                }
+            }
+            seal_cmk(&mut t, true);
+            let name = label.as_ref().map(|l| String::from_utf8_lossy(l).into_owned());
+            let key_id = new_cmk.clone().or_else(|| id_of(&t));
+            self.audit_intent(s, "promote", name.as_deref(), key_id.as_deref(), None)?;
+            if new_cmk.is_none() {
+                promoted = Some(label.unwrap_or_default());
+            }
         }
         let copy = s.backend().copy_object(o, &t)?;
+        if let Some(id) = &new_cmk {
+            self.record_creation(s, id, keystore::Origin::Generated, 0);
+            let mut rec = crate::audit::Record::new("promote", CKR_OK);
+            rec.key = label_of(&t).map(|l| String::from_utf8_lossy(&l).into_owned());
+            rec.key_id = Some(id.clone());
+            rec.version = Some(1);
+            let _ = self.audit_record(s, rec);
+            return Ok(self.objects.logical(s.slot_id, id, copy));
+        }
         if token {
             self.stores[s.slot_id as usize].invalidate();
         }
@@ -1121,10 +1344,11 @@ impl Library {
         let record = cmk.map(Cmk::record);
         let logical = self.objects.logical_id(h).is_some();
         let v = match t {
-            vendor::CKA_CMKP11_STATE => cmk
-                .map(|c| c.state(keystore::now()))
-                .unwrap_or(State::Enabled)
-                .vendor(),
+            vendor::CKA_CMKP11_STATE => match cmk {
+                Some(c) => c.state(keystore::now()).vendor(),
+                // Unknown (records unreadable, or no verified CMK): never "enabled".
+                None => return AttrValue::Sensitive,
+            },
             vendor::CKA_CMKP11_VERSION if logical => {
                 cmk.and_then(Cmk::primary).map(|(v, _)| v).unwrap_or(own) as CK_ULONG
             }
@@ -1159,16 +1383,19 @@ impl Library {
         if enters_namespace(&t) {
             return err(CKR_ATTRIBUTE_VALUE_INVALID);
         }
+        refuse_tagged_ids("C_SetAttributeValue", &t)?;
         rv(templates::set(&info, &t))?;
-        if info.class() == Class::Cmk {
+        if info.class() == Class::Cmk && info.token {
+            // A CMK's name and id are its identity, fixed at creation (secret and private).
             let renames = t
                 .iter()
                 .any(|a| matches!(a, Attribute::Label(_) | Attribute::Id(_)));
-            if renames && info.class == CKO_SECRET_KEY {
+            if renames {
+                log::warn!(
+                    "C_SetAttributeValue refused: CKA_LABEL and CKA_ID of CMK `{}` are fixed at creation",
+                    info.label
+                );
                 return err(CKR_ATTRIBUTE_READ_ONLY);
-            }
-            if let Some(l) = label_of(&t).filter(|l| *l != info.label.as_bytes()) {
-                self.check_new_name(s, Some(&l))?;
             }
         }
         let r = s.backend().update_attributes(o, &t);

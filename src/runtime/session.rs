@@ -318,12 +318,15 @@ impl Session {
                 T::ValueLen,
                 T::Label,
                 T::Id,
+                T::AlwaysSensitive,
+                T::NeverExtractable,
             ],
         )?;
         let (value_len, _, imported) = lib.objects.local_facts(h);
         let mut info = KeyInfo {
             key_type: CK_UNAVAILABLE_INFORMATION,
             imported_plaintext: imported,
+            label_exact: true,
             ..KeyInfo::default()
         };
         for a in attrs {
@@ -347,7 +350,12 @@ impl Session {
                 Attribute::Extractable(b) => info.extractable = b,
                 Attribute::Local(b) => info.local = b,
                 Attribute::ValueLen(l) => info.value_len = l.into(),
-                Attribute::Label(l) => info.label = String::from_utf8_lossy(&l).into_owned(),
+                Attribute::Label(l) => {
+                    info.label_exact = std::str::from_utf8(&l).is_ok();
+                    info.label = String::from_utf8_lossy(&l).into_owned();
+                }
+                Attribute::AlwaysSensitive(b) => info.always_sensitive = b,
+                Attribute::NeverExtractable(b) => info.never_extractable = b,
                 Attribute::Id(i) => info.raw_id = i,
                 _ => {}
             }
@@ -382,6 +390,26 @@ impl Session {
             session_object.then_some(self.handle),
             None,
             None,
+            false,
+        )
+    }
+
+    /// [`Session::register`] for a key cmkp11 saw generated inside the token (the only
+    /// session keys that `C_CopyObject` may promote to CMKs).
+    pub fn register_generated(
+        &mut self,
+        lib: &Library,
+        obj: ObjectHandle,
+        session_object: bool,
+    ) -> CK_OBJECT_HANDLE {
+        self.made_session_objects |= session_object;
+        lib.objects.ours_with(
+            self.slot_id,
+            obj,
+            session_object.then_some(self.handle),
+            None,
+            None,
+            true,
         )
     }
 
@@ -401,6 +429,7 @@ impl Session {
             Some(self.handle),
             value_len,
             Some(origin),
+            false,
         )
     }
 

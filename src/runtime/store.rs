@@ -26,8 +26,8 @@ pub struct SlotStore {
     /// application's session with an operation in progress is never disturbed (SoftHSM2
     /// refuses a search while a session has an active operation).
     loading: Mutex<Option<BackendSession>>,
-    /// Secret keys already known to be usable (see `keystore::load`).
-    usable: Mutex<std::collections::HashSet<cryptoki_sys::CK_OBJECT_HANDLE>>,
+    /// What is known of key objects already (see `keystore::load`).
+    usable: Mutex<keystore::Cache>,
     /// Counts [`SlotStore::invalidate`] calls; a load marks its view fresh only if none
     /// came while it read the token (the lock orders the two).
     changes: Mutex<u64>,
@@ -40,13 +40,20 @@ impl Default for SlotStore {
             generation: AtomicU64::new(0),
             loaded: AtomicU64::new(u64::MAX),
             loading: Mutex::new(None),
-            usable: Mutex::new(std::collections::HashSet::new()),
+            usable: Mutex::new(keystore::Cache::default()),
             changes: Mutex::new(0),
         }
     }
 }
 
 impl SlotStore {
+    /// A store that trusts, besides keys born in the token, what `trust` says.
+    pub fn new(trust: keystore::Trust) -> SlotStore {
+        let s = SlotStore::default();
+        s.usable.lock().trust = trust;
+        s
+    }
+
     /// The current view, reloaded when older than [`REFRESH`]. A thread that finds another
     /// one loading uses the previous view rather than wait.
     pub fn get(&self, ctx: &Pkcs11, slot: Slot) -> Arc<View> {
