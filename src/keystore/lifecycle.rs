@@ -165,11 +165,24 @@ fn lock_template(e: &LockEntry) -> Result<Vec<Attribute>> {
     ])
 }
 
-/// The live lock objects of `key` (stale ones are destroyed on the way).
+/// What a lock object is, as one process sees it at one moment.
+enum Seen {
+    /// Another key's, or stale (destroyed on the way).
+    Other,
+    /// A live entry of the key.
+    Entry(LockEntry),
+    /// Not readable (yet): another process may be writing it. Counts as someone choosing.
+    Unreadable,
+}
+
+/// The live lock objects of `key` (stale ones are destroyed on the way). An object that
+/// cannot be read counts as a holder choosing its number (a process may be writing it);
+/// one that stays unreadable for [`LOCK_STALE_SECS`] is removed.
 fn lock_entries(
     s: &Session,
     key: &str,
-) -> Result<Vec<(cryptoki::object::ObjectHandle, LockEntry)>> {
+    unreadable: &mut std::collections::HashMap<CK_OBJECT_HANDLE, std::time::Instant>,
+) -> Result<Vec<(cryptoki::object::ObjectHandle, Option<LockEntry>)>> {
     let objs = s.find_objects(&[
         Attribute::Token(true),
         Attribute::Class(ObjectClass::DATA),
@@ -180,26 +193,41 @@ fn lock_entries(
     let host = boot_id();
     let mut out = Vec::new();
     for obj in objs {
-        // Another process may destroy it meanwhile: a failed read is no entry.
-        let Ok(attrs) = s.get_attributes(obj, &[AttributeType::Value]) else {
-            continue;
-        };
-        let entry = attrs.into_iter().find_map(|a| match a {
-            Attribute::Value(v) => serde_json::from_slice::<LockEntry>(&v).ok(),
-            _ => None,
-        });
-        match entry {
-            Some(e) if e.key == key => {
-                if e.stale(t, &host) {
+        let seen = match s.get_attributes(obj, &[AttributeType::Value]) {
+            Ok(attrs) => match attrs.into_iter().find_map(|a| match a {
+                Attribute::Value(v) => Some(serde_json::from_slice::<LockEntry>(&v).ok()),
+                _ => None,
+            }) {
+                Some(Some(e)) if e.key != key => Seen::Other,
+                Some(Some(e)) if e.stale(t, &host) => {
                     log::warn!(
                         "keystore: removing a stale rotation lock of key {key} (its holder died?)"
                     );
                     let _ = s.destroy_object(obj);
+                    Seen::Other
+                }
+                Some(Some(e)) => Seen::Entry(e),
+                _ => Seen::Unreadable,
+            },
+            // Destroyed meanwhile, or not written completely yet.
+            Err(_) => Seen::Unreadable,
+        };
+        match seen {
+            Seen::Other => {}
+            Seen::Entry(e) => {
+                unreadable.remove(&obj.handle());
+                out.push((obj, Some(e)));
+            }
+            Seen::Unreadable => {
+                let first = *unreadable
+                    .entry(obj.handle())
+                    .or_insert_with(std::time::Instant::now);
+                if first.elapsed().as_secs() > LOCK_STALE_SECS {
+                    let _ = s.destroy_object(obj);
                 } else {
-                    out.push((obj, e));
+                    out.push((obj, None));
                 }
             }
-            _ => {}
         }
     }
     Ok(out)
@@ -219,11 +247,12 @@ impl RotationLock {
             pid: std::process::id(),
             host: boot_id(),
         };
+        let mut unreadable = std::collections::HashMap::new();
         let choosing = s.create_object(&lock_template(&entry)?)?;
         let taken = (|| {
-            let highest = lock_entries(s, &key)?
+            let highest = lock_entries(s, &key, &mut unreadable)?
                 .iter()
-                .map(|(_, e)| e.number)
+                .filter_map(|(_, e)| e.as_ref().map(|e| e.number))
                 .max()
                 .unwrap_or(0);
             entry.kind = "ticket".into();
@@ -237,11 +266,12 @@ impl RotationLock {
         let start = std::time::Instant::now();
         let mine = (entry.number, nonce);
         loop {
-            let others = lock_entries(s, &key)?;
+            let others = lock_entries(s, &key, &mut unreadable)?;
             let blocked = others.iter().any(|(o, e)| {
                 *o != ticket
-                    && e.nonce != nonce
-                    && (e.kind == "choosing" || (e.number, e.nonce) < mine)
+                    && e.as_ref().is_none_or(|e| {
+                        e.nonce != nonce && (e.kind == "choosing" || (e.number, e.nonce) < mine)
+                    })
             });
             if !blocked {
                 return Ok(lock);
@@ -291,6 +321,16 @@ fn highest_version(s: &Session, cmk: &Cmk) -> Result<u32> {
         }
     }
     Ok(highest)
+}
+
+/// How many secret key objects of CMK `cmk` carry version number `v` in the token now.
+fn versions_numbered(s: &Session, cmk: &Cmk, v: u32) -> Result<usize> {
+    Ok(s.find_objects(&[
+        Attribute::Token(true),
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Id(version_id(&cmk.id, v)),
+    ])?
+    .len())
 }
 
 /// `rotate`: a new version of a secret CMK, generated in the token like the primary and
@@ -361,16 +401,40 @@ pub fn rotate(s: &Session, cmk: &Cmk) -> Result<u32> {
         Attribute::Copyable(false),
         Attribute::Modifiable(false),
     ]);
-    let lock = RotationLock::acquire(s, &cmk.id)?;
-    let made = (|| {
-        let next = highest_version(s, cmk)? + 1;
-        let mut t = t;
-        t.push(Attribute::Id(version_id(&cmk.id, next)));
-        s.generate_key(&mech, &t)?;
-        Ok::<_, crate::error::Error>(next)
-    })();
-    lock.release(s);
-    let next = made?;
+    let mut tries = 0;
+    let next = loop {
+        tries += 1;
+        let lock = RotationLock::acquire(s, &cmk.id)?;
+        let made = (|| {
+            let next = highest_version(s, cmk)? + 1;
+            let mut t = t.clone();
+            t.push(Attribute::Id(version_id(&cmk.id, next)));
+            let obj = s.generate_key(&mech, &t)?;
+            Ok::<_, crate::error::Error>((next, obj))
+        })();
+        // Verified before the lock is released: a token that shows another process's
+        // objects late (SoftHSM2's file store) could have hidden a concurrent version of
+        // the same number. Then this one is withdrawn (it was never reported nor used:
+        // the rotation has not returned) and the rotation starts again.
+        let duplicate = match &made {
+            Ok((next, obj)) => {
+                versions_numbered(s, cmk, *next).is_ok_and(|n| n > 1)
+                    && s.destroy_object(*obj).is_ok()
+            }
+            Err(_) => false,
+        };
+        lock.release(s);
+        match made {
+            Ok((next, _)) if !duplicate => break next,
+            Ok((next, _)) => {
+                log::warn!("key `{}`: another process made version {next} at the same time; taking the next number", cmk.name());
+                if tries >= 8 {
+                    return err(CKR_FUNCTION_FAILED);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    };
     // Done: the version exists. The rotation time is bookkeeping for `rotate --due`.
     if let Err(e) = write_record(s, cmk, |r| r.rotated = now()) {
         log::warn!(

@@ -87,11 +87,12 @@ impl Library {
             Action::Rotate => {
                 let v = lifecycle::rotate(b, cmk)?;
                 log::warn!("CMK `{}` rotated: version {v} is primary", cmk.name());
+                // Done: the version exists. A view that cannot be read now (another
+                // process rewriting the token) does not make it a failure.
                 let view = self.reload_view(s);
                 view.cmks
                     .get(&cmk.id)
-                    .map(Cmk::record)
-                    .ok_or(Error::Rv(CKR_GENERAL_ERROR))?
+                    .map_or_else(|| cmk.record(), Cmk::record)
             }
             Action::Enable => lifecycle::enable(b, cmk)?,
             Action::Disable => lifecycle::disable(b, cmk)?,

@@ -245,8 +245,17 @@ fn apply(ctx: &Ctx, cmk: &Cmk, action: Action) -> R<KeyInfo> {
             ))
         })?;
     }
-    let after = ctx.cmk(&cmk.name())?;
-    key_info(ctx, &after)
+    // The step is done: reading the key again may fail for a moment (another process
+    // rewriting the token's files), which must not report the step as failed.
+    let mut last = None;
+    for _ in 0..5 {
+        match ctx.cmk(&cmk.name()).and_then(|after| key_info(ctx, &after)) {
+            Ok(info) => return Ok(info),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    key_info(ctx, cmk).or_else(|_| Err(last.expect("tried above")))
 }
 
 fn done(ctx: &Ctx, info: &KeyInfo, text: String) -> R<()> {
