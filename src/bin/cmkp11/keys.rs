@@ -255,7 +255,7 @@ fn apply(ctx: &Ctx, cmk: &Cmk, action: Action) -> R<KeyInfo> {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    key_info(ctx, cmk).or_else(|_| Err(last.expect("tried above")))
+    key_info(ctx, cmk).map_err(|_| last.expect("tried above"))
 }
 
 fn done(ctx: &Ctx, info: &KeyInfo, text: String) -> R<()> {
