@@ -829,7 +829,13 @@ impl Library {
             seal_cmk(&mut private, false);
             let text = label.map(|l| String::from_utf8_lossy(&l).into_owned());
             let key_id = id_of(&private);
-            self.audit_intent(s, "generate", text.as_deref(), key_id.as_deref(), Some(mech.ty))?;
+            self.audit_intent(
+                s,
+                "generate",
+                text.as_deref(),
+                key_id.as_deref(),
+                Some(mech.ty),
+            )?;
             token_label = Some(text);
         }
         let (p, q) = s
@@ -1187,7 +1193,9 @@ impl Library {
                 }
             }
             seal_cmk(&mut t, true);
-            let name = label.as_ref().map(|l| String::from_utf8_lossy(l).into_owned());
+            let name = label
+                .as_ref()
+                .map(|l| String::from_utf8_lossy(l).into_owned());
             let key_id = new_cmk.clone().or_else(|| id_of(&t));
             self.audit_intent(s, "promote", name.as_deref(), key_id.as_deref(), None)?;
             if new_cmk.is_none() {
