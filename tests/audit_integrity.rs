@@ -487,7 +487,7 @@ fn lifecycle_steps_fail_closed_when_the_audit_log_is_full() {
 /// module with the audit log on a full file system.
 #[test]
 fn pkcs11_lifecycle_calls_fail_closed_when_the_audit_log_is_full() {
-    if std::env::var_os("CMKP11_TEST_CHILD").is_some() {
+    if std::env::var("CMKP11_TEST_CHILD").as_deref() == Ok("full") {
         return pkcs11_child();
     }
     let Some((env, log, _m)) = audited_on_tmpfs() else {
@@ -501,7 +501,7 @@ fn pkcs11_lifecycle_calls_fail_closed_when_the_audit_log_is_full() {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env("CMKP11_TEST_CHILD", "1")
+        .env("CMKP11_TEST_CHILD", "full")
         .env("SOFTHSM2_CONF", &env.softhsm_conf)
         .env("CMKP11_CONFIG", &env.config)
         .output()
@@ -519,18 +519,20 @@ fn pkcs11_lifecycle_calls_fail_closed_when_the_audit_log_is_full() {
     assert_eq!(k1["state"], "enabled", "{k1}");
 }
 
-fn pkcs11_child() {
+/// The module under test (`libcmkp11.so` beside the test binaries), initialized, with a
+/// logged-in read-write session on the only token.
+fn module_session() -> (cryptoki::context::Pkcs11, cryptoki::session::Session) {
     use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-    use cryptoki::error::{Error, RvError};
-    use cryptoki::mechanism::Mechanism;
-    use cryptoki::object::{Attribute, ObjectClass};
     use cryptoki::session::UserType;
     use cryptoki::types::AuthPin;
-    let module = std::env::var("CMKP11_TEST_MODULE").unwrap_or_else(|_| {
-        let exe = std::env::current_exe().unwrap();
-        let dir = exe.parent().unwrap().parent().unwrap();
-        dir.join("libcmkp11.so").display().to_string()
-    });
+    let module = std::env::var("CMKP11_TEST_MODULE")
+        .ok()
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().unwrap();
+            let dir = exe.parent().unwrap().parent().unwrap();
+            dir.join("libcmkp11.so").display().to_string()
+        });
     let p = Pkcs11::new(module).unwrap();
     p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
         .unwrap();
@@ -538,6 +540,26 @@ fn pkcs11_child() {
     let s = p.open_rw_session(slot).unwrap();
     s.login(UserType::User, Some(&AuthPin::new(PIN.into())))
         .unwrap();
+    (p, s)
+}
+
+/// Runs this test binary again as a child doing `role` (see the tests that dispatch on
+/// `CMKP11_TEST_CHILD`), with `env`'s token and configuration.
+fn child(env: &Env, test: &str, role: &str, log: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+    c.args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env("CMKP11_TEST_CHILD", role)
+        .env("CMKP11_TEST_LOG", log)
+        .env("SOFTHSM2_CONF", &env.softhsm_conf)
+        .env("CMKP11_CONFIG", &env.config);
+    c
+}
+
+fn pkcs11_child() {
+    use cryptoki::error::{Error, RvError};
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::{Attribute, ObjectClass};
+    let (_p, s) = module_session();
     let failed = |r: Result<_, Error>, what: &str| match r {
         Err(Error::Pkcs11(RvError::FunctionFailed, _)) => {}
         other => panic!("{what}: {other:?}"),
@@ -579,4 +601,169 @@ fn pkcs11_child() {
         .contains(&k1[0]));
     failed(s.destroy_object(k1[0]), "C_DestroyObject of a CMK");
     println!("child: all refused");
+}
+
+/// Runs `c` and returns its output, or fails if it has not ended within `secs` (killed).
+fn output_within(mut c: std::process::Command, secs: u64) -> std::process::Output {
+    let child = c
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+            panic!("{c:?} blocked for more than {secs} s");
+        }
+    }
+}
+
+/// An attacker (or a stopped process) holds the audit lock forever: the others' logins
+/// and key uses are delayed once by the lock's time limit, then go on, and the log stays
+/// one chain.
+#[test]
+fn a_process_holding_the_audit_lock_forever_blocks_nobody() {
+    if std::env::var("CMKP11_TEST_CHILD").as_deref() == Ok("hostage") {
+        let log = PathBuf::from(std::env::var("CMKP11_TEST_LOG").unwrap());
+        // as a writer would (making the lock if nobody uses one now), then never lets go
+        let mut lf = cmkp11::audit::sink::LogFile::open(&log).expect("the log");
+        assert!(lf.uses_lock_file());
+        let _g = lf.lock().expect("lock");
+        println!("locked");
+        use std::io::Write;
+        std::io::stdout().flush().unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(300));
+        return;
+    }
+    let (env, log) = with_history();
+    // a long-lived writer keeps the lock segment alive while the hostage takes it
+    let mut hostage = child(
+        &env,
+        "a_process_holding_the_audit_lock_forever_blocks_nobody",
+        "hostage",
+        &log,
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::inherit())
+    .spawn()
+    .unwrap();
+    let mut hostage_out = std::io::BufReader::new(hostage.stdout.take().unwrap());
+    let hostage = Killed(hostage);
+    wait_for_line(&mut hostage_out, "locked");
+    let t = std::time::Instant::now();
+    let out = output_within(env.command(&["key", "list"]), 30);
+    assert!(out.status.success(), "{out:?}");
+    let out = output_within(
+        env.command(&["encrypt", "--key", "k1", "plain", "held"]),
+        30,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let out = output_within(env.command(&["key", "rotate", "k1"]), 30);
+    assert!(out.status.success(), "{out:?}");
+    println!("3 commands beside a lock held forever: {:?}", t.elapsed());
+    let (code, v) = verify(&env);
+    drop(hostage);
+    assert_eq!(code, 0, "{v}");
+    let ops: Vec<String> = records(&log)
+        .iter()
+        .map(|r| r["op"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(ops.iter().any(|o| o == "rotate"), "{ops:?}");
+}
+
+/// The lock file is truncated (and then overwritten) while a process logs in and out
+/// through the module (each a record): that process is not killed (no `SIGBUS`), every
+/// login is recorded, and the log stays one chain.
+#[test]
+fn a_truncated_lock_file_kills_no_writer() {
+    if std::env::var("CMKP11_TEST_CHILD").as_deref() == Ok("user") {
+        use cryptoki::session::UserType;
+        use cryptoki::types::AuthPin;
+        let (_p, s) = module_session();
+        let start = std::time::Instant::now();
+        let mut n = 0u64;
+        // every login and logout is a record (and a logout a MACed checkpoint)
+        while start.elapsed() < std::time::Duration::from_secs(4) {
+            s.logout().unwrap();
+            s.login(UserType::User, Some(&AuthPin::new(PIN.into())))
+                .unwrap();
+            n += 1;
+            if n == 5 {
+                println!("running");
+                use std::io::Write;
+                std::io::stdout().flush().unwrap();
+            }
+        }
+        println!("logins {n}");
+        return;
+    }
+    let (env, log) = audited();
+    env.ok(&["key", "create", "d1", "--role", "data"]);
+    let mut user = child(&env, "a_truncated_lock_file_kills_no_writer", "user", &log)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(user.stdout.take().unwrap());
+    wait_for_line(&mut out, "running");
+    let lp = cmkp11::audit::sink::lock_path(&log);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&lp)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    std::fs::write(&lp, b"garbage").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = user.wait().unwrap();
+    assert!(status.success(), "the writer died: {status:?}\n{rest}");
+    let logins: u64 = rest
+        .lines()
+        .find_map(|l| l.strip_prefix("logins "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{rest}"));
+    let (code, v) = verify(&env);
+    assert_eq!(code, 0, "{v}");
+    let recorded = records(&log)
+        .iter()
+        .filter(|r| r["op"] == "login" && r["session"].as_u64().is_some())
+        .count() as u64;
+    // the child's first login, its logins in the loop, and the command's own
+    assert_eq!(recorded, logins + 2);
+}
+
+/// Reads lines of a child's output until one is `want` (the test harness prints its own).
+fn wait_for_line(r: &mut impl std::io::BufRead, want: &str) {
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap() == 0 {
+            panic!("the child ended without `{want}`:\n{seen}");
+        }
+        // (the harness's "test NAME ... " may precede it on the same line)
+        if line.trim_end().ends_with(want) {
+            return;
+        }
+        seen.push_str(&line);
+    }
+}
+
+/// A child process killed when the test ends (also when it fails).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -49,8 +49,10 @@
 //! # Many writers, one file
 //!
 //! The file is opened `O_APPEND`. Appends are serialized across processes by the *audit
-//! lock file* `.<log name>.lock` next to the log ([`sink::lock_path`]): one page, mapped
-//! shared by every writer, holding a process-shared **robust** pthread mutex and a *hint*
+//! lock*: a System V shared memory segment (one page, its size fixed at creation, so no
+//! process can shrink it under the others), named by the *audit lock file*
+//! `.<log name>.lock` next to the log ([`sink::lock_path`], read once, never mapped), and
+//! attached by every writer. It holds a process-shared **robust** pthread mutex and a *hint*
 //! (the log's device and inode, its length after the last append, and the `seq` and line
 //! hash of the record there). A writer takes the mutex (an atomic operation, no system call
 //! unless another writer holds it), and finds the chain head:
@@ -94,8 +96,9 @@
 //! of trusting the hint: a lock file deleted or replaced while writers run (never do
 //! that) can let two writers append at the same time only within that window, and verify
 //! would report the fork. All writers of one log must run a build with the lock file (an
-//! older build serializes with `flock` only). Do not truncate the lock file: writers map
-//! it, and a mapping past the end of a file raises `SIGBUS`; its hidden name keeps it out
+//! older build serializes with `flock` only). A lock file truncated or overwritten makes
+//! writers build a new segment (no writer maps the file, so none gets `SIGBUS`); its
+//! hidden name keeps it out
 //! of `*` globs of log tools.
 //!
 //! **Failed writes.** A failed `write` (disk full, I/O error) is cut back with `ftruncate`
@@ -109,6 +112,30 @@
 //! cache; `fdatasync` happens at checkpoints). If it cannot be written and `on_failure` is
 //! `deny` it returns `Err(CKR_FUNCTION_FAILED)` and the caller must refuse the key use;
 //! with `allow` it logs an error and returns `Ok`.
+//!
+//! **A lock held forever.** The mutex (and the `flock` of the fallback) is taken with a
+//! time limit ([`crate::sys::shm::LOCK_TIMEOUT`], 3 s). A writer that waited that long
+//! marks the segment *retired* and makes a new lock file and segment under the log's
+//! `flock`; the others follow (a writer that finds the named lock retired or replaced
+//! reopens). A holder that comes back checks the retired flag before it appends and, if
+//! set, appends on the new lock instead: a stopped or hostile process delays the others by
+//! the time limit once, and never makes them wait for ever.
+//!
+//! # Truncation, replay, re-anchoring
+//!
+//! Before a MAC moves the token checkpoint, the writer checks (under the lock) that the
+//! record the checkpoint names is in the file: the checkpoint (v2) holds its `seq`, line
+//! hash, MAC and end offset. If it is not (the log was cut, or replaced by an older copy,
+//! or the checkpoint object was destroyed while the audit key existed), the writer first
+//! appends an `audit-gap` record saying what it found, and every later checkpoint keeps
+//! the gap's `seq`: [`verify()`] reports the gap (`Tamper::Gap`) from then on, also when
+//! the `audit-gap` record itself is cut away later.
+//!
+//! # Lifecycle steps
+//!
+//! Under `on_failure = "deny"`, a lifecycle step writes an `intent` record first
+//! ([`Auditor::intent`]); if that fails the step is not made. Its outcome is the step's own
+//! record after it.
 //!
 //! Log rotation is not supported: the chain and the token checkpoint belong to one file.
 
@@ -132,6 +159,9 @@ use std::time::{Duration, Instant, SystemTime};
 /// How often a writer checks that the log's path and the lock file's path still name the
 /// files it holds open, and checks the log's length against the lock file's hint.
 pub const RECHECK: Duration = Duration::from_millis(100);
+
+/// The error of an append whose lock another writer took over meanwhile (retried).
+const RETIRED: &str = "the audit lock was taken over by another writer";
 
 /// How often a token that refused to MAC is asked again (a `checkpoint` always asks).
 pub const MAC_RETRY: Duration = Duration::from_millis(100);
@@ -692,22 +722,31 @@ impl Auditor {
             }
         }
         let n = batch.len() as u64;
-        if w.log.is_none() {
-            w.head = None;
-            match sink::LogFile::open(path) {
-                Ok(l) => w.log = Some(l),
-                Err(e) => {
-                    let e = format!("open {}: {e}", path.display());
-                    w.lost += n;
-                    w.lost_why = e.clone();
-                    return Err(e);
-                }
-            }
-        }
         // the line buffer is kept from batch to batch (unless a big batch grew it)
         let mut buf = std::mem::take(&mut w.buf);
-        buf.clear();
-        let res = self.append_locked(w, pid, batch, &mut buf);
+        let mut res = Err(String::new());
+        for _ in 0..2 {
+            if w.log.is_none() {
+                w.head = None;
+                match sink::LogFile::open(path) {
+                    Ok(l) => w.log = Some(l),
+                    Err(e) => {
+                        let e = format!("open {}: {e}", path.display());
+                        w.lost += n;
+                        w.lost_why = e.clone();
+                        return Err(e);
+                    }
+                }
+            }
+            buf.clear();
+            res = self.append_locked(w, pid, batch, &mut buf);
+            if !matches!(&res, Err(e) if e == RETIRED) {
+                break;
+            }
+            // another writer replaced the lock while we waited or held it: again, on the
+            // lock everybody uses now
+            w.log = None;
+        }
         if buf.capacity() <= 64 * 1024 {
             w.buf = buf;
         }
@@ -944,6 +983,9 @@ impl Auditor {
             // unauthenticated checkpoint would say nothing; the records stay uncovered.
             buf.clear();
             return Ok(Vec::new());
+        }
+        if locked.retired() {
+            return Err(RETIRED.into());
         }
         if let Err(e) = locked.append(buf, len) {
             locked.set_hint(None);

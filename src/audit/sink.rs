@@ -60,11 +60,25 @@ impl Drop for Locked<'_> {
     }
 }
 
+/// `flock(LOCK_EX)` on the log, waiting at most [`shm::LOCK_TIMEOUT`]: a process holding
+/// it forever must not stop the others' key uses (they fail the record instead).
 fn flock_ex(f: &File) -> std::io::Result<()> {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_micros(200);
     loop {
-        match flock(f, FlockOperation::LockExclusive) {
+        match flock(f, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => return Ok(()),
             Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::WOULDBLOCK) if start.elapsed() < shm::LOCK_TIMEOUT => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(20));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(std::io::Error::other(format!(
+                    "another process has held the log's flock for more than {} s",
+                    shm::LOCK_TIMEOUT.as_secs()
+                )))
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -118,8 +132,10 @@ impl LogFile {
         };
         // again under the flock: another writer may have made or repaired it meanwhile
         let why = match LockFile::open(&self.lock_path) {
-            Ok(lf) if !replace => return Ok(Mode::Shared(lf)),
-            Ok(_) => "its mutex is unrecoverable".to_string(),
+            // (a lock to replace is retired first: one that is not was made meanwhile by
+            // another writer that replaced it, and serves us too)
+            Ok(lf) if !replace || !lf.is_retired() => return Ok(Mode::Shared(lf)),
+            Ok(_) => "its mutex is unrecoverable, or held for too long".to_string(),
             Err(OpenError::Unusable(e)) => return Err(unusable(&e)),
             Err(OpenError::Missing) => String::new(),
             Err(OpenError::Invalid(s)) => s,
@@ -186,6 +202,9 @@ impl LogFile {
     /// Takes the lock (blocks while another writer holds it).
     pub fn lock(&mut self) -> std::io::Result<Locked<'_>> {
         if self.rebuild.take() {
+            if let Mode::Shared(lf) = &self.mode {
+                lf.retire();
+            }
             self.mode = self.lock_mode(true)?;
         }
         while let Mode::Flock { invalid } = self.mode {
@@ -209,6 +228,25 @@ impl LogFile {
             let _ = flock(&self.file, FlockOperation::Unlock);
             self.mode = self.lock_mode(false)?;
         }
+        // A probe (free: two atomic operations) that finds out, within the time limit,
+        // whether the holder lets go; the lock is then taken for real below.
+        if let Mode::Shared(lf) = &self.mode {
+            if let Err(e) = lf.lock().map(drop) {
+                if e.raw_os_error() == Some(libc::ETIMEDOUT) {
+                    // A holder that keeps the lock for this long is stopped or hostile:
+                    // retire its segment (a holder that comes back checks the flag before
+                    // it appends) and serialize on a new one from now on.
+                    log::warn!(
+                        "audit: another process has held the audit lock of {} for more \
+                         than {} s; replacing the lock",
+                        self.path.display(),
+                        shm::LOCK_TIMEOUT.as_secs()
+                    );
+                    lf.retire();
+                    self.mode = self.lock_mode(true)?;
+                }
+            }
+        }
         match &self.mode {
             Mode::Shared(lf) => match lf.lock() {
                 Ok(g) => Ok(Locked {
@@ -216,6 +254,12 @@ impl LogFile {
                     guard: Some(g),
                 }),
                 Err(e) => {
+                    if e.raw_os_error() == Some(libc::ETIMEDOUT) {
+                        // taken (and kept) between the probe above and now: replaced
+                        // before the next append
+                        lf.retire();
+                        self.rebuild.set(true);
+                    }
                     if e.raw_os_error() == Some(libc::ENOTRECOVERABLE) {
                         // only a writer that ignores the robust protocol leaves this:
                         // rebuild the lock file before the next append
@@ -244,6 +288,12 @@ impl Locked<'_> {
     /// Whether the lock file serializes appends (else `flock`).
     pub fn shared(&self) -> bool {
         self.guard.is_some()
+    }
+
+    /// Whether another writer took the lock over while we waited or held it: appending
+    /// now could fork the chain (reopen and try again).
+    pub fn retired(&self) -> bool {
+        self.guard.as_ref().is_some_and(|g| g.retired())
     }
 
     /// The lock file's hint about this log: `None` under `flock`, when there is none, when

@@ -106,14 +106,21 @@ impl TokenAuditMac {
         Ok(Open { s, key: Some(key) })
     }
 
-    fn with<R>(&self, f: impl FnOnce(&Open) -> cryptoki::error::Result<R>) -> Result<R, u64> {
+    fn with<R>(&self, f: impl Fn(&Open) -> cryptoki::error::Result<R>) -> Result<R, u64> {
         let mut g = self.open.lock();
-        if g.is_none() {
+        let fresh = g.is_none();
+        if fresh {
             *g = Some(self.connect().map_err(rv)?);
         }
-        let r = f(g.as_ref().expect("connected above"));
+        let mut r = f(g.as_ref().expect("connected above"));
+        if r.is_err() && !fresh {
+            // A logout and a new login invalidate the session's handle of the (private)
+            // key, or a logout closed the session: connect again and retry once.
+            *g = None;
+            *g = Some(self.connect().map_err(rv)?);
+            r = f(g.as_ref().expect("connected above"));
+        }
         if r.is_err() {
-            // Reconnect next time (the session may have been closed by a logout).
             *g = None;
         }
         r.map_err(rv)

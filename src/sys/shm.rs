@@ -1,34 +1,54 @@
 //! Process-shared state of the audit writer, behind a safe API: a cached process id that
-//! follows `fork`, and the *audit lock file* (a one-page file mapped shared by every
-//! process that writes one audit log) holding a robust process-shared mutex and the
-//! chain-head hint. The audit module decides what to do with them (see `crate::audit`).
+//! follows `fork`, and the *audit lock*: a robust process-shared mutex and the chain-head
+//! hint, kept in a System V shared memory segment that every process writing one audit
+//! log attaches, and found through the *audit lock file* next to the log. The audit
+//! module decides what to do with them (see `crate::audit`).
 //!
-//! The lock file is 4096 bytes:
+//! Why a System V segment and not a mapped file: the size of a segment is fixed at its
+//! creation, so no process can shrink it under the others (a shared file mapping whose
+//! file is truncated kills every process touching it with `SIGBUS`). The lock file is only
+//! read, never mapped; truncating or replacing it makes writers build a new segment.
+//!
+//! The lock file is 64 bytes, read with `pread`:
 //!
 //! ```text
-//! 0    magic "cmkp11-audit-lck" (16 bytes)
+//! 0    magic "cmkp11-audit-lk2" (16 bytes)
 //! 16   ABI tag (32 bytes, NUL padded): C library, architecture, size of pthread_mutex_t
+//! 48   the segment's id (i32, little endian), 4 bytes of padding
+//! 56   a random nonce (u64) that the segment holds too (a reused id is never taken)
+//! ```
+//!
+//! The segment is 4096 bytes:
+//!
+//! ```text
+//! 0    magic "cmkp11-audit-seg" (16 bytes), 16 ABI tag (32 bytes), 48 nonce (u64)
+//! 56   retired flag (u32): set by a writer that took the lock over (see [`LockFile::retire`])
 //! 64   pthread_mutex_t (PTHREAD_PROCESS_SHARED, PTHREAD_MUTEX_ROBUST)
 //! 192  hint, only read or written with the mutex held: valid flag, the log's device and
 //!      inode, its length after the last append, seq and line hash of its last record
 //! ```
 //!
-//! A lock file is always complete when it appears under its name: it is built under a
-//! temporary name and renamed into place. It holds no secret and nothing a verifier
-//! needs: the log alone verifies.
+//! The segment is marked for removal as soon as it is made (Linux lets processes attach a
+//! marked segment by id): it disappears when the last process detaches, and the next
+//! writer finds its id gone and makes a new one. A lock file is always complete when it
+//! appears under its name: it is built under a temporary name and renamed into place. It
+//! holds no secret and nothing a verifier needs: the log alone verifies.
+//!
+//! The mutex is taken with a time limit ([`LOCK_TIMEOUT`]): a process that holds it
+//! forever (stopped, or hostile) delays the others by that much once, then they replace
+//! the lock (see `crate::audit::sink`).
 
 use std::cell::UnsafeCell;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 /// Size of the lock file.
-pub const LOCK_FILE_LEN: usize = 4096;
-const MAGIC: &[u8; 16] = b"cmkp11-audit-lck";
+pub const LOCK_FILE_LEN: usize = 64;
+const MAGIC: &[u8; 16] = b"cmkp11-audit-lk2";
 /// The extended attribute holding a file's access ACL.
 const ACL_XATTR: &str = "system.posix_acl_access";
 
@@ -95,13 +115,15 @@ struct RawHint {
 struct Shared {
     magic: [u8; 16],
     abi: [u8; 32],
-    _pad: [u8; 16],
+    nonce: u64,
+    retired: u32,
+    _pad: u32,
     mutex: UnsafeCell<libc::pthread_mutex_t>,
     _pad2: [u8; 128 - std::mem::size_of::<libc::pthread_mutex_t>()],
     hint: UnsafeCell<RawHint>,
 }
 
-const _: () = assert!(std::mem::size_of::<Shared>() <= LOCK_FILE_LEN);
+const _: () = assert!(std::mem::size_of::<Shared>() <= SEGMENT_LEN);
 const _: () = assert!(std::mem::offset_of!(Shared, mutex) == 64);
 const _: () = assert!(std::mem::offset_of!(Shared, hint) == 192);
 
@@ -146,13 +168,20 @@ impl std::fmt::Display for OpenError {
     }
 }
 
-/// A mapped audit lock file.
+/// How long a writer waits for the audit lock before it takes it over.
+pub const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// Size of the shared segment.
+pub const SEGMENT_LEN: usize = 4096;
+const SEG_MAGIC: &[u8; 16] = b"cmkp11-audit-seg";
+
+/// An attached audit lock segment, found through its lock file.
 pub struct LockFile {
     map: NonNull<Shared>,
+    /// (device, inode) of the lock file it was found through.
     id: (u64, u64),
-    // Keeps the file open for the life of the mapping (not needed by mmap, but makes the
-    // (device, inode) pair stay meaningful).
-    _file: File,
+    /// The lock file, kept open so that its inode number is not reused by another file
+    /// while we compare it ([`LockFile::still_current`]). Read once, never mapped.
+    _file: Option<File>,
 }
 
 impl std::fmt::Debug for LockFile {
@@ -161,37 +190,81 @@ impl std::fmt::Debug for LockFile {
     }
 }
 
-// SAFETY: the mapping is process-wide memory; the mutex is process-shared and made for
-// concurrent use, and the hint is only touched through a `Guard`, i.e. with the mutex held.
+// SAFETY: the segment is process-wide memory; the mutex is process-shared and made for
+// concurrent use, the retired flag is atomic, and the hint is only touched through a
+// `Guard`, i.e. with the mutex held.
 unsafe impl Send for LockFile {}
 // SAFETY: as above.
 unsafe impl Sync for LockFile {}
 
-fn map(file: &File) -> io::Result<NonNull<Shared>> {
-    // SAFETY: a fresh shared mapping of LOCK_FILE_LEN bytes of an open file whose length
-    // the caller checked (or allocated) to be LOCK_FILE_LEN; no existing memory is touched.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            LOCK_FILE_LEN,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
+fn last_errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// Attaches segment `shmid`, if it is an audit lock segment of `SEGMENT_LEN` bytes with
+/// `nonce` (else `Missing`: the id is gone or belongs to something else now).
+fn attach(shmid: i32, nonce: u64) -> Result<NonNull<Shared>, OpenError> {
+    // SAFETY: `ds` is a plain C struct, zero is a valid value; IPC_STAT only writes it.
+    let mut ds: libc::shmid_ds = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out pointer to a shmid_ds.
+    if unsafe { libc::shmctl(shmid, libc::IPC_STAT, &mut ds) } == -1 {
+        return match last_errno() {
+            libc::EACCES | libc::EPERM => Err(OpenError::Unusable(io::Error::other(
+                "no permission on its shared memory segment (grant writers through the log's \
+                 group: a segment carries no ACL)",
+            ))),
+            _ => Err(OpenError::Missing),
+        };
     }
-    NonNull::new(p.cast::<Shared>()).ok_or_else(|| io::Error::other("mmap returned null"))
+    if ds.shm_segsz != SEGMENT_LEN {
+        return Err(OpenError::Missing);
+    }
+    // SAFETY: attaches an existing segment of SEGMENT_LEN bytes (checked above; a
+    // segment's size never changes) at an address the kernel chooses.
+    let p = unsafe { libc::shmat(shmid, std::ptr::null(), 0) };
+    if p as isize == -1 {
+        return match last_errno() {
+            libc::EACCES | libc::EPERM => Err(OpenError::Unusable(io::Error::other(
+                "no permission on its shared memory segment (grant writers through the log's \
+                 group: a segment carries no ACL)",
+            ))),
+            _ => Err(OpenError::Missing),
+        };
+    }
+    let map = NonNull::new(p.cast::<Shared>()).ok_or(OpenError::Missing)?;
+    // SAFETY: the attached segment is SEGMENT_LEN bytes, larger than `Shared`; magic,
+    // ABI tag and nonce are plain bytes written before the segment was named anywhere.
+    let (magic, abi, n) = unsafe {
+        let s = map.as_ptr();
+        ((*s).magic, (*s).abi, (*s).nonce)
+    };
+    if &magic != SEG_MAGIC || abi != abi_tag() || n != nonce {
+        // SAFETY: detaches what we attached just above; nothing refers to it.
+        unsafe { libc::shmdt(p) };
+        return Err(OpenError::Missing);
+    }
+    Ok(map)
+}
+
+/// A random 64-bit value (std's per-process random hash keys, mixed with the time).
+fn random_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 impl LockFile {
-    /// Maps the lock file at `path`.
+    /// Attaches the segment the lock file at `path` names.
     pub fn open(path: &Path) -> Result<LockFile, OpenError> {
         let file = match OpenOptions::new()
             .read(true)
-            .write(true)
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(path)
         {
@@ -206,101 +279,71 @@ impl LockFile {
         if !m.is_file() || m.len() != LOCK_FILE_LEN as u64 {
             return Err(OpenError::Invalid(format!("{} bytes", m.len())));
         }
-        let map = map(&file).map_err(OpenError::Unusable)?;
-        let lf = LockFile {
-            map,
-            id: (m.dev(), m.ino()),
-            _file: file,
-        };
-        // SAFETY: the mapping is LOCK_FILE_LEN bytes, larger than `Shared` (checked at
-        // compile time); magic and ABI tag are plain bytes written once before the file
-        // got its name and never changed after.
-        let (magic, abi) = unsafe { ((*map.as_ptr()).magic, (*map.as_ptr()).abi) };
-        if &magic != MAGIC {
+        let mut b = [0u8; LOCK_FILE_LEN];
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(&mut b, 0)
+            .map_err(|e| OpenError::Invalid(e.to_string()))?;
+        if &b[..16] != MAGIC {
             return Err(OpenError::Invalid("bad magic".into()));
         }
-        if abi != abi_tag() {
-            let theirs = String::from_utf8_lossy(&abi);
+        if b[16..48] != abi_tag() {
+            let theirs = String::from_utf8_lossy(&b[16..48]);
             return Err(OpenError::Unusable(io::Error::other(format!(
                 "made for {}, this process is {}",
                 theirs.trim_end_matches('\0'),
                 String::from_utf8_lossy(&abi_tag()).trim_end_matches('\0')
             ))));
         }
-        Ok(lf)
-    }
-
-    /// Builds a fresh lock file holding `hint` and gives it the name `path` (replacing any
-    /// file there), with the permission bits, and where possible the group and the access
-    /// ACL, of the file `like` (the log): whoever may append to the log may use it. The
-    /// caller serializes creation (it holds the log's `flock`).
-    pub fn create(path: &Path, like: &File, hint: Option<Hint>) -> io::Result<LockFile> {
-        let m = like.metadata()?;
-        let (mode, gid) = (m.mode(), m.gid());
-        let mut acl = vec![0u8; 4096];
-        let acl = match rustix::fs::fgetxattr(like, ACL_XATTR, &mut acl[..]) {
-            Ok(n) => Some(acl[..n].to_vec()),
-            Err(_) => None,
-        };
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(format!(".{}.tmp", std::process::id()));
-        let tmp = std::path::PathBuf::from(tmp);
-        let _ = std::fs::remove_file(&tmp);
-        let res = Self::build(&tmp, mode, Some(gid), acl.as_deref(), hint).and_then(|lf| {
-            std::fs::rename(&tmp, path)?;
-            Ok(lf)
-        });
-        if res.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        res
-    }
-
-    fn build(
-        tmp: &Path,
-        mode: u32,
-        gid: Option<u32>,
-        acl: Option<&[u8]>,
-        hint: Option<Hint>,
-    ) -> io::Result<LockFile> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(mode & 0o666)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(tmp)?;
-        // the umask may have removed bits the log has: the lock file needs the same ones
-        use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(std::fs::Permissions::from_mode(mode & 0o666))?;
-        if let Some(g) = gid {
-            let _ = rustix::fs::fchown(&file, None, Some(rustix::fs::Gid::from_raw(g)));
-        }
-        if let Some(acl) = acl {
-            rustix::fs::fsetxattr(&file, ACL_XATTR, acl, rustix::fs::XattrFlags::empty())?;
-        }
-        // allocated blocks, not a sparse file: a store into a hole on a full disk would
-        // raise SIGBUS
-        rustix::fs::fallocate(
-            &file,
-            rustix::fs::FallocateFlags::empty(),
-            0,
-            LOCK_FILE_LEN as u64,
-        )?;
-        let m = file.metadata()?;
-        if m.len() != LOCK_FILE_LEN as u64 {
-            return Err(io::Error::other("fallocate did not size the lock file"));
-        }
-        let map = map(&file)?;
-        let lf = LockFile {
+        let shmid = i32::from_le_bytes(b[48..52].try_into().expect("4 bytes"));
+        let nonce = u64::from_le_bytes(b[56..64].try_into().expect("8 bytes"));
+        let map = attach(shmid, nonce)?;
+        Ok(LockFile {
             map,
             id: (m.dev(), m.ino()),
-            _file: file,
+            _file: Some(file),
+        })
+    }
+
+    /// Makes a fresh segment holding `hint` and a lock file naming it at `path` (replacing
+    /// any file there), with the permission bits, and where possible the group and the
+    /// access ACL, of the file `like` (the log); the segment gets the same bits and group.
+    /// The caller serializes creation (it holds the log's `flock`).
+    pub fn create(path: &Path, like: &File, hint: Option<Hint>) -> io::Result<LockFile> {
+        let m = like.metadata()?;
+        let (mode, gid) = (m.mode() & 0o666, m.gid());
+        let nonce = random_nonce();
+        // SAFETY: plain system call; a new private segment of SEGMENT_LEN bytes.
+        let shmid = unsafe {
+            libc::shmget(
+                libc::IPC_PRIVATE,
+                SEGMENT_LEN,
+                libc::IPC_CREAT | libc::IPC_EXCL | (mode as i32 | 0o600),
+            )
         };
+        if shmid == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: attaches the segment just made, of SEGMENT_LEN bytes (zero-filled).
+        let p = unsafe { libc::shmat(shmid, std::ptr::null(), 0) };
+        // SAFETY: `ds` is a plain C struct; IPC_STAT fills it, IPC_SET reads it; IPC_RMID
+        // only marks the segment (it lives while attached, and Linux lets others attach).
+        unsafe {
+            let mut ds: libc::shmid_ds = std::mem::zeroed();
+            if libc::shmctl(shmid, libc::IPC_STAT, &mut ds) == 0 {
+                ds.shm_perm.gid = gid;
+                ds.shm_perm.mode = mode as _;
+                libc::shmctl(shmid, libc::IPC_SET, &mut ds);
+            }
+            libc::shmctl(shmid, libc::IPC_RMID, std::ptr::null_mut());
+        }
+        if p as isize == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        let map = NonNull::new(p.cast::<Shared>()).ok_or_else(|| io::Error::other("null"))?;
         let s = map.as_ptr();
-        // SAFETY: nobody else can see this file yet (fresh name, O_EXCL); the mapping is
-        // large enough and zero-filled; the attribute object lives on this stack frame and
-        // is destroyed after use; the mutex is initialized before the file gets its name.
+        // SAFETY: nobody else can reach this segment yet (its id is not named anywhere);
+        // it is large enough and zero-filled; the attribute object lives on this stack
+        // frame and is destroyed after use.
         unsafe {
             let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
             let mut rc = libc::pthread_mutexattr_init(&mut attr);
@@ -315,37 +358,124 @@ impl LockFile {
                 libc::pthread_mutexattr_destroy(&mut attr);
             }
             if rc != 0 {
+                libc::shmdt(p);
                 return Err(io::Error::from_raw_os_error(rc));
             }
             write_hint((*s).hint.get(), hint);
+            (*s).nonce = nonce;
             (*s).abi = abi_tag();
-            (*s).magic = *MAGIC;
+            (*s).magic = *SEG_MAGIC;
         }
-        Ok(lf)
+        let mut lf = LockFile {
+            map,
+            id: (0, 0),
+            _file: None,
+        };
+        let mut acl = vec![0u8; 4096];
+        let acl = match rustix::fs::fgetxattr(like, ACL_XATTR, &mut acl[..]) {
+            Ok(n) => Some(acl[..n].to_vec()),
+            Err(_) => None,
+        };
+        let mut content = [0u8; LOCK_FILE_LEN];
+        content[..16].copy_from_slice(MAGIC);
+        content[16..48].copy_from_slice(&abi_tag());
+        content[48..52].copy_from_slice(&shmid.to_le_bytes());
+        content[56..64].copy_from_slice(&nonce.to_le_bytes());
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = std::path::PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let res = (|| {
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                .open(&tmp)?;
+            // the umask may have removed bits the log has: the lock file needs the same
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            let _ = rustix::fs::fchown(&file, None, Some(rustix::fs::Gid::from_raw(gid)));
+            if let Some(acl) = &acl {
+                rustix::fs::fsetxattr(&file, ACL_XATTR, acl, rustix::fs::XattrFlags::empty())?;
+            }
+            use std::io::Write;
+            (&file).write_all(&content)?;
+            let m = file.metadata()?;
+            std::fs::rename(&tmp, path)?;
+            Ok::<_, io::Error>(((m.dev(), m.ino()), file))
+        })();
+        match res {
+            Ok((id, file)) => {
+                lf.id = id;
+                lf._file = Some(file);
+                Ok(lf)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
     }
 
-    /// (device, inode) of the mapped file.
+    /// (device, inode) of the lock file.
     pub fn id(&self) -> (u64, u64) {
         self.id
     }
 
-    /// Whether `path` still names the mapped file, whole (false once it was replaced,
-    /// removed or truncated).
+    /// Whether `path` still names the lock file this segment was found through, whole
+    /// (false once it was replaced, removed or truncated), and nobody took the lock over.
     pub fn still_current(&self, path: &Path) -> bool {
-        std::fs::symlink_metadata(path)
-            .map(|m| (m.dev(), m.ino()) == self.id && m.len() == LOCK_FILE_LEN as u64)
-            .unwrap_or(false)
+        !self.retired()
+            && std::fs::symlink_metadata(path)
+                .map(|m| (m.dev(), m.ino()) == self.id && m.len() == LOCK_FILE_LEN as u64)
+                .unwrap_or(false)
     }
 
-    /// Takes the mutex (blocks while another thread or process holds it). No system call
-    /// when it is free. If its holder died holding it, the mutex is made consistent
-    /// again, the hint is cleared and [`Guard::owner_died`] says so: the log's end may be
-    /// half-written. Fails only if the mutex is unusable (`ENOTRECOVERABLE`).
+    /// Marks the segment as replaced: a writer that waited [`LOCK_TIMEOUT`] for its
+    /// mutex made a new lock. A holder checks it before it appends ([`Guard::retired`]).
+    pub fn retire(&self) {
+        self.retired_flag().store(1, Ordering::Release);
+    }
+
+    /// Whether [`LockFile::retire`] was called on this segment (by any process).
+    pub fn is_retired(&self) -> bool {
+        self.retired()
+    }
+
+    fn retired(&self) -> bool {
+        self.retired_flag().load(Ordering::Acquire) != 0
+    }
+
+    fn retired_flag(&self) -> &AtomicU32 {
+        // SAFETY: the flag lies inside the attached segment, which lives as long as self;
+        // it is only ever accessed atomically.
+        unsafe { &*(std::ptr::addr_of_mut!((*self.map.as_ptr()).retired).cast::<AtomicU32>()) }
+    }
+
+    /// Takes the mutex, waiting at most [`LOCK_TIMEOUT`] (`ETIMEDOUT` after that). No
+    /// system call when it is free. If its holder died holding it, the mutex is made
+    /// consistent again, the hint is cleared and [`Guard::owner_died`] says so: the log's
+    /// end may be half-written. Fails also if the mutex is unusable (`ENOTRECOVERABLE`).
     pub fn lock(&self) -> io::Result<Guard<'_>> {
         let m = self.mutex();
-        // SAFETY: `m` points into our live mapping at an initialized process-shared robust
-        // mutex (checked magic); the mapping outlives the guard, which unlocks it.
-        let rc = unsafe { libc::pthread_mutex_lock(m) };
+        // SAFETY: `m` points into our attached segment at an initialized process-shared
+        // robust mutex (checked magic); the segment outlives the guard, which unlocks it.
+        let mut rc = unsafe { libc::pthread_mutex_trylock(m) };
+        if rc == libc::EBUSY {
+            let mut now = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: a valid out pointer.
+            unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut now) };
+            let until = libc::timespec {
+                tv_sec: now.tv_sec + LOCK_TIMEOUT.as_secs() as libc::time_t,
+                tv_nsec: now.tv_nsec,
+            };
+            // SAFETY: as above; `until` is a valid absolute time.
+            rc = unsafe { libc::pthread_mutex_timedlock(m, &until) };
+        }
         match rc {
             0 => Ok(Guard {
                 lf: self,
@@ -372,17 +502,17 @@ impl LockFile {
     }
 
     fn mutex(&self) -> *mut libc::pthread_mutex_t {
-        // SAFETY: field projection inside the live mapping, no read or write.
+        // SAFETY: field projection inside the attached segment, no read or write.
         unsafe { (*self.map.as_ptr()).mutex.get() }
     }
 }
 
 impl Drop for LockFile {
     fn drop(&mut self) {
-        // SAFETY: the mapping was made by `map` with this length; no guard borrows it (a
+        // SAFETY: the segment was attached by `attach`/`create`; no guard borrows it (a
         // guard borrows the LockFile), so nothing of this process uses it any more.
         unsafe {
-            libc::munmap(self.map.as_ptr().cast(), LOCK_FILE_LEN);
+            libc::shmdt(self.map.as_ptr().cast());
         }
     }
 }
@@ -397,6 +527,12 @@ impl Guard<'_> {
     /// The previous holder died holding the mutex: the hint is not to be trusted.
     pub fn owner_died(&self) -> bool {
         self.owner_died
+    }
+
+    /// Another writer took the lock over (we held it for longer than [`LOCK_TIMEOUT`], or
+    /// waited for a holder that did): appending now could fork the chain.
+    pub fn retired(&self) -> bool {
+        self.lf.retired()
     }
 
     /// The hint, if one is stored.
