@@ -29,7 +29,7 @@ fn module() -> &'static Module {
             let env = common::test_env();
             let mut text = std::fs::read_to_string(&env.cmkp11_conf).unwrap();
             text.push_str(&format!(
-                "\n[audit]\nfile = \"{}\"\n",
+                "\n[audit]\nfile = \"{}\"\n\n[[access]]\nkeys = \"ap-eo-*\"\noperations = [\"encrypt\"]\n",
                 env.dir.join("audit.log").display()
             ));
             std::fs::write(&env.cmkp11_conf, text).unwrap();
@@ -1136,4 +1136,183 @@ fn cmk_labels_are_valid_utf8_and_exact() {
     let k = new_cmk(&s, Role::Data, &label, None);
     assert_eq!(ok(s.get(k, CKA_LABEL), "CKA_LABEL"), label.as_bytes());
     assert_eq!(ok(s.find_label(&label), "find"), vec![k]);
+}
+
+// =======================================================================================
+// 17.7 Encrypt-only means encrypt-only.
+// =======================================================================================
+
+/// An AES-GCM mechanism whose IV buffer the test reads back after the call.
+struct Gcm {
+    iv: Box<[u8; 12]>,
+    aad: Vec<u8>,
+    p: Box<CK_GCM_PARAMS>,
+}
+
+impl Gcm {
+    fn new(iv: [u8; 12]) -> Gcm {
+        let mut iv = Box::new(iv);
+        let mut aad = b"aad".to_vec();
+        let p = Box::new(CK_GCM_PARAMS {
+            pIv: iv.as_mut_ptr(),
+            ulIvLen: 12,
+            ulIvBits: 96,
+            pAAD: aad.as_mut_ptr(),
+            ulAADLen: aad.len() as CK_ULONG,
+            ulTagBits: 128,
+        });
+        Gcm { iv, aad, p }
+    }
+
+    fn raw(&mut self) -> CK_MECHANISM {
+        CK_MECHANISM {
+            mechanism: CKM_AES_GCM,
+            pParameter: self.p.as_mut() as *mut CK_GCM_PARAMS as *mut c_void,
+            ulParameterLen: std::mem::size_of::<CK_GCM_PARAMS>() as CK_ULONG,
+        }
+    }
+}
+
+/// `C_EncryptInit` + `C_Encrypt` with `m`; the IV used is then in `m.iv`.
+fn gcm_encrypt(s: &S, m: &mut Gcm, key: H, data: &[u8]) -> Rv<Vec<u8>> {
+    let mut raw = m.raw();
+    rv(call!(s.m.f, C_EncryptInit, s.h, &mut raw, key))?;
+    let mut out = vec![0u8; data.len() + 16];
+    let mut n = out.len() as CK_ULONG;
+    rv(call!(
+        s.m.f,
+        C_Encrypt,
+        s.h,
+        data.as_ptr() as *mut u8,
+        data.len() as CK_ULONG,
+        out.as_mut_ptr(),
+        &mut n
+    ))?;
+    out.truncate(n as usize);
+    let _ = &m.aad;
+    Ok(out)
+}
+
+fn gcm_decrypt(s: &S, m: &mut Gcm, key: H, data: &[u8]) -> Rv<Vec<u8>> {
+    let mut raw = m.raw();
+    rv(call!(s.m.f, C_DecryptInit, s.h, &mut raw, key))?;
+    let mut out = vec![0u8; data.len()];
+    let mut n = out.len() as CK_ULONG;
+    rv(call!(
+        s.m.f,
+        C_Decrypt,
+        s.h,
+        data.as_ptr() as *mut u8,
+        data.len() as CK_ULONG,
+        out.as_mut_ptr(),
+        &mut n
+    ))?;
+    out.truncate(n as usize);
+    Ok(out)
+}
+
+#[test]
+#[serial]
+fn an_encrypt_only_cmk_is_no_decryption_oracle() {
+    let s = session();
+    // `ap-eo-*` keys: this process may encrypt, not decrypt (config below).
+    let label = unique_label("ap-eo");
+    let k = new_cmk(&s, Role::Data, &label, None);
+    let secret = b"the victim's secret record, 40 bytes....";
+    // The victim's ciphertext (made by a process allowed to encrypt) and the IV it used.
+    let mut victim = Gcm::new([7; 12]);
+    let ct = ok(
+        gcm_encrypt(&s, &mut victim, k, secret),
+        "victim's C_Encrypt",
+    );
+    let victim_iv = *victim.iv;
+    // Decryption is refused by the access rule ...
+    expect_rv(
+        gcm_decrypt(&s, &mut Gcm::new(victim_iv), k, &ct),
+        CKR_KEY_FUNCTION_NOT_PERMITTED,
+        "C_DecryptInit under an encrypt-only rule",
+    );
+    // ... and encrypting zeros under the victim's IV must not give its keystream.
+    let mut attack = Gcm::new(victim_iv);
+    let stream = ok(
+        gcm_encrypt(&s, &mut attack, k, &[0u8; 40]),
+        "attacker's C_Encrypt of zeros",
+    );
+    let recovered: Vec<u8> = ct[..40].iter().zip(&stream).map(|(a, b)| a ^ b).collect();
+    assert_ne!(
+        recovered, secret,
+        "encryption under a chosen IV decrypted the record"
+    );
+    assert_ne!(
+        *attack.iv, victim_iv,
+        "the application chose the IV of a CMK encryption"
+    );
+    // Every encryption gets its own IV, whatever the application asks.
+    let mut again = Gcm::new(victim_iv);
+    ok(gcm_encrypt(&s, &mut again, k, b"x"), "C_Encrypt");
+    assert_ne!(*again.iv, *attack.iv, "two encryptions got one IV");
+    // An IV of another length than cmkp11's 96 bits is refused.
+    let mut short = Gcm::new([1; 12]);
+    short.p.ulIvLen = 8;
+    let mut raw = short.raw();
+    expect_rv(
+        rv(call!(s.m.f, C_EncryptInit, s.h, &mut raw, k)),
+        CKR_MECHANISM_PARAM_INVALID,
+        "C_EncryptInit with an 8-byte IV under a CMK",
+    );
+    // AES-CBC-PAD under the encrypt-only key: the IV is the module's too.
+    let mut iv = [9u8; 16];
+    let mut m = CK_MECHANISM {
+        mechanism: CKM_AES_CBC_PAD,
+        pParameter: iv.as_mut_ptr() as *mut c_void,
+        ulParameterLen: 16,
+    };
+    ok(
+        rv(call!(s.m.f, C_EncryptInit, s.h, &mut m, k)),
+        "C_EncryptInit(CBC-PAD)",
+    );
+    cancel_all(&s);
+    assert_ne!(
+        iv, [9u8; 16],
+        "the application chose the CBC IV of an encrypt-only key"
+    );
+}
+
+#[test]
+#[serial]
+fn legit_gcm_with_a_data_cmk_round_trips_with_the_iv_written_back() {
+    let s = session();
+    let k = new_cmk(&s, Role::Data, &unique_label("ap-gcm"), None);
+    let mut enc = Gcm::new([0; 12]);
+    let ct = ok(gcm_encrypt(&s, &mut enc, k, b"table key"), "C_Encrypt");
+    let iv = *enc.iv;
+    assert_ne!(iv, [0; 12], "no IV written back");
+    assert_eq!(
+        ok(
+            gcm_decrypt(&s, &mut Gcm::new(iv), k, &ct),
+            "C_Decrypt with the IV written back"
+        ),
+        b"table key"
+    );
+    // A DEK keeps the application's IV (envelope encryption, Java, PyKCS11).
+    let d = new_dek(&s);
+    let mut m = Gcm::new([5; 12]);
+    let ct = ok(gcm_encrypt(&s, &mut m, d, b"row"), "C_Encrypt with a DEK");
+    assert_eq!(*m.iv, [5; 12], "a DEK's IV was changed");
+    assert_eq!(
+        ok(gcm_decrypt(&s, &mut Gcm::new([5; 12]), d, &ct), "C_Decrypt"),
+        b"row"
+    );
+    // AES-CBC-PAD under a CMK without an encrypt-only rule keeps the application's IV.
+    let ct = ok(
+        s.encrypt(&mut Mech::cbc_pad(&[4; 16]), k, b"tde"),
+        "CBC-PAD encrypt",
+    );
+    assert_eq!(
+        ok(
+            s.decrypt(&mut Mech::cbc_pad(&[4; 16]), k, &ct),
+            "CBC-PAD decrypt"
+        ),
+        b"tde"
+    );
 }

@@ -118,6 +118,15 @@ fn len_ptr(v: &mut [u8]) -> (*mut u8, CK_ULONG) {
 }
 
 /// Calls `f` with a raw `CK_MECHANISM` built from `m` (NULL for `None`).
+/// The IV of an AES-GCM or AES-CBC mechanism.
+fn iv_of(m: &Mech) -> Option<Vec<u8>> {
+    match &m.param {
+        Param::Gcm { iv, .. } => Some(iv.to_vec()),
+        Param::Iv16(iv) => Some(iv.to_vec()),
+        _ => None,
+    }
+}
+
 fn with_mech<R>(m: Option<&mut Mech>, f: impl FnOnce(*mut CK_MECHANISM) -> R) -> R {
     let Some(m) = m else {
         return f(ptr::null_mut());
@@ -514,13 +523,24 @@ pub fn execute(req: Request) -> Reply {
             session,
             mut mech,
             key,
-        } => Reply::Rv(with_mech(mech.as_mut(), |m| match op {
-            Op::Encrypt => call!(C_EncryptInit, session, m, key),
-            Op::Decrypt => call!(C_DecryptInit, session, m, key),
-            Op::Digest => call!(C_DigestInit, session, m),
-            Op::Sign => call!(C_SignInit, session, m, key),
-            Op::Verify => call!(C_VerifyInit, session, m, key),
-        })),
+        } => {
+            let before = mech.as_ref().and_then(iv_of);
+            let rv = with_mech(mech.as_mut(), |m| match op {
+                Op::Encrypt => call!(C_EncryptInit, session, m, key),
+                Op::Decrypt => call!(C_DecryptInit, session, m, key),
+                Op::Digest => call!(C_DigestInit, session, m),
+                Op::Sign => call!(C_SignInit, session, m, key),
+                Op::Verify => call!(C_VerifyInit, session, m, key),
+            });
+            // An IV cmkp11 chose for an encryption under a CMK goes back to the client,
+            // which writes it into the application's parameter.
+            match mech.as_ref().and_then(iv_of) {
+                Some(iv) if rv == CKR_OK && op == Op::Encrypt && Some(&iv) != before.as_ref() => {
+                    Reply::Bytes(iv)
+                }
+                _ => Reply::Rv(rv),
+            }
+        }
         Request::Data {
             call,
             session,

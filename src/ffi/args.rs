@@ -202,6 +202,32 @@ pub unsafe fn direct_mechanism(p: *const CK_MECHANISM) -> Result<Option<Direct>>
     Ok(Some(Direct { mech: *m, tag }))
 }
 
+/// The IV buffer of the application's AES-GCM or AES-CBC parameter, for cmkp11 to write
+/// an IV of its own into (see `Library::module_iv`): the IV must be `len` bytes
+/// (`CKR_MECHANISM_PARAM_INVALID` otherwise).
+///
+/// # Safety
+/// As for [`mechanism`], and the IV buffer writable (PKCS#11 declares it `CK_BYTE_PTR`;
+/// modules generating IVs write it back).
+pub unsafe fn iv_out<'a>(m: &CK_MECHANISM, len: usize) -> Result<&'a mut [u8]> {
+    let (p, n) = match m.mechanism {
+        // SAFETY: forwarded contract; `gcm` checks the length and the pointers.
+        CKM_AES_GCM => unsafe {
+            let (g, _, _) = gcm(m)?;
+            (g.pIv, g.ulIvLen)
+        },
+        _ => (m.pParameter.cast::<u8>(), m.ulParameterLen),
+    };
+    if p.is_null() || n as usize != len {
+        log::warn!(
+            "C_EncryptInit refused: cmkp11 generates the IV for this key and writes it into the {len}-byte IV buffer of the mechanism parameter; this one is {n} bytes"
+        );
+        return err(CKR_MECHANISM_PARAM_INVALID);
+    }
+    // SAFETY: non-NULL, `len` bytes, writable (contract).
+    Ok(unsafe { std::slice::from_raw_parts_mut(p, len) })
+}
+
 /// A data-path mechanism as the application passed it ([`direct_mechanism`]).
 pub struct Direct {
     /// The application's `CK_MECHANISM`, parameter pointer included.

@@ -217,14 +217,28 @@ unsafe fn init(
 ) -> CK_RV {
     guard(name, || {
         // SAFETY: forwarded contract.
-        let mech = unsafe { mechanism(s, mech)? };
+        let parsed = unsafe { mechanism(s, mech)? };
         c()?.forget(s);
-        unit(&Request::Init {
+        match call(&Request::Init {
             op,
             session: s,
-            mech,
+            mech: parsed,
             key,
-        })
+        })? {
+            Reply::Rv(CKR_OK) => Ok(()),
+            Reply::Rv(rv) => err(rv),
+            // The IV cmkp11 chose (an encryption under a CMK): written into the
+            // application's parameter, as in library mode.
+            Reply::Bytes(iv) => {
+                // SAFETY: the application's mechanism, parsed above (contract); its IV
+                // buffer is as long as the IV the daemon returns (checked there).
+                let m = unsafe { mech.as_ref() }.ok_or(Error::Rv(CKR_ARGUMENTS_BAD))?;
+                // SAFETY: as above.
+                unsafe { args::iv_out(m, iv.len())? }.copy_from_slice(&iv);
+                Ok(())
+            }
+            _ => err(CKR_DEVICE_ERROR),
+        }
     })
 }
 

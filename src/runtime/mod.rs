@@ -40,6 +40,7 @@ pub mod admin;
 pub mod audit_mac;
 pub mod caps;
 pub mod handles;
+pub mod iv;
 pub mod ops;
 pub mod session;
 mod slot;
@@ -82,6 +83,8 @@ pub struct Library {
     audit_mac: Option<Arc<audit_mac::TokenAuditMac>>,
     /// Each slot's token label (for audit records).
     pub token_labels: Vec<String>,
+    /// The IVs cmkp11 generates for AES-GCM encryption under a CMK.
+    pub ivs: iv::IvSource,
     /// Mechanism parameters the backend accepted when probed (slot, operation, mechanism).
     pub probed: RwLock<std::collections::HashSet<(CK_SLOT_ID, u8, crate::backend::mech::Mech)>>,
     /// Each slot's capabilities record, probed when first needed (see [`caps`]).
@@ -313,6 +316,7 @@ impl Library {
             token_labels,
             probed: RwLock::new(std::collections::HashSet::new()),
             caps: crate::backend::probe::Cache::new(backend.slots.len()),
+            ivs: iv::IvSource::new(),
             cfg,
             backend,
             sessions: RwLock::new(sessions),

@@ -539,6 +539,63 @@ impl Library {
         })
     }
 
+    /// Whether cmkp11 writes the IV of this `C_EncryptInit` itself, and how long it is:
+    /// AES-GCM under a CMK always (12 bytes); AES-CBC(-PAD) under a CMK that the access
+    /// rules let this process encrypt with but not decrypt with (16 bytes). An
+    /// application choosing the IV could otherwise turn encryption into decryption (GCM:
+    /// the keystream of a victim's IV) or into a plaintext-guess oracle (CBC). Decided
+    /// from the key's facts the `*Init` just read (no backend call).
+    #[inline]
+    pub fn module_iv(
+        &self,
+        s: &Session,
+        kind: Kind,
+        ty: CK_MECHANISM_TYPE,
+        key: CK_OBJECT_HANDLE,
+    ) -> Option<usize> {
+        if kind != Kind::Encrypt || !matches!(ty, CKM_AES_GCM | CKM_AES_CBC | CKM_AES_CBC_PAD) {
+            return None;
+        }
+        let info = match s.decided.as_ref() {
+            Some(d) if d.key == key => d.info.clone(),
+            _ => self.objects.info(key)?,
+        };
+        if info.class() != Class::Cmk {
+            return None;
+        }
+        if ty == CKM_AES_GCM {
+            return Some(12);
+        }
+        self.encrypt_only(&info).then_some(16)
+    }
+
+    /// Whether the access rules let this process encrypt with a key and not decrypt.
+    #[inline(never)]
+    fn encrypt_only(&self, info: &KeyInfo) -> bool {
+        if self.cfg.access.is_empty() {
+            return false;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| ((d.as_secs() % 86_400) / 60) as u32)
+            .unwrap_or(0);
+        let may = |op: &str| {
+            policy::access::check(&self.cfg.access, &info.label, op, &self.caller, now).is_ok()
+        };
+        may("encrypt") && !may("decrypt")
+    }
+
+    /// Fills `iv` with an IV of cmkp11's (see [`Library::module_iv`]): AES-GCM's from the
+    /// library's counter source, AES-CBC's from the token's random generator.
+    pub fn fill_iv(&self, s: &Session, iv: &mut [u8]) -> Result<()> {
+        if iv.len() == 12 {
+            iv.copy_from_slice(&self.ivs.next());
+            Ok(())
+        } else {
+            Ok(s.backend().generate_random_slice(iv)?)
+        }
+    }
+
     /// Asks the backend, once per slot, operation and parameter values, whether it
     /// accepts a mechanism whose parameters only it can judge (an OAEP or PSS hash, an
     /// EdDSA variant), in a session of its own, at `*Init` where the specification puts

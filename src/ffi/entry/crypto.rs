@@ -62,6 +62,12 @@ unsafe fn init(
                 // the application passed them.
                 Some(args::Direct { mech: mut m, tag }) => {
                     let keys = lib.crypto_decide(s, kind, m.mechanism, key)?;
+                    if let Some(len) = lib.module_iv(s, kind, m.mechanism, key) {
+                        // SAFETY: the application's checked mechanism; its IV buffer is
+                        // written with cmkp11's IV before the backend reads it.
+                        let iv = unsafe { args::iv_out(&m, len)? };
+                        lib.fill_iv(s, iv)?;
+                    }
                     let first = keys.first().map_or(CK_INVALID_HANDLE, |k| k.handle());
                     let rv = b.init_raw(kind, s.backend().handle(), &mut m, first);
                     (rv, m.mechanism, keys, tag)
