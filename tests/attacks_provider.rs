@@ -72,6 +72,7 @@ fn child_entry() {
         }
         "plant" => plant_versions(),
         "sealed" => try_unseal(),
+        "gcm-open" => gcm_open(),
         other => panic!("unknown child role {other}"),
     }
 }
@@ -1280,39 +1281,57 @@ fn an_encrypt_only_cmk_is_no_decryption_oracle() {
 
 #[test]
 #[serial]
-fn legit_gcm_with_a_data_cmk_round_trips_with_the_iv_written_back() {
+fn legit_gcm_under_an_encrypt_only_cmk_opens_with_the_iv_written_back() {
     let s = session();
-    let k = new_cmk(&s, Role::Data, &unique_label("ap-gcm"), None);
+    let label = unique_label("ap-eo-legit");
+    let k = new_cmk(&s, Role::Data, &label, None);
     let mut enc = Gcm::new([0; 12]);
     let ct = ok(gcm_encrypt(&s, &mut enc, k, b"table key"), "C_Encrypt");
     let iv = *enc.iv;
     assert_ne!(iv, [0; 12], "no IV written back");
-    assert_eq!(
-        ok(
-            gcm_decrypt(&s, &mut Gcm::new(iv), k, &ct),
-            "C_Decrypt with the IV written back"
-        ),
-        b"table key"
+    // Whoever may decrypt (here the token itself, read by a child with the PIN) opens it
+    // with the IV the application read back from its parameter.
+    let lines = run_child(
+        "gcm-open",
+        &[
+            ("LC_LABEL", label),
+            ("LC_IV", hex(&iv)),
+            ("LC_CT", hex(&ct)),
+        ],
     );
-    // A DEK keeps the application's IV (envelope encryption, Java, PyKCS11).
-    let d = new_dek(&s);
-    let mut m = Gcm::new([5; 12]);
-    let ct = ok(gcm_encrypt(&s, &mut m, d, b"row"), "C_Encrypt with a DEK");
-    assert_eq!(*m.iv, [5; 12], "a DEK's IV was changed");
-    assert_eq!(
-        ok(gcm_decrypt(&s, &mut Gcm::new([5; 12]), d, &ct), "C_Decrypt"),
-        b"row"
+    assert!(lines.iter().any(|l| l == "opened table key"), "{lines:?}");
+    // A CMK without an encrypt-only rule keeps the application's IV (who may decrypt gains
+    // nothing from choosing it), and so does a DEK.
+    let free = new_cmk(&s, Role::Data, &unique_label("ap-gcm"), None);
+    for key in [free, new_dek(&s)] {
+        let mut m = Gcm::new([5; 12]);
+        let ct = ok(gcm_encrypt(&s, &mut m, key, b"row"), "C_Encrypt");
+        assert_eq!(*m.iv, [5; 12], "the application's IV was changed");
+        assert_eq!(
+            ok(
+                gcm_decrypt(&s, &mut Gcm::new([5; 12]), key, &ct),
+                "C_Decrypt"
+            ),
+            b"row"
+        );
+    }
+}
+
+/// Child: decrypts `LC_CT` (hex) with the secret key labelled `LC_LABEL` and IV `LC_IV`
+/// through SoftHSM2 directly.
+fn gcm_open() {
+    let s = S::user(softhsm());
+    let unhex = |h: String| -> Vec<u8> {
+        (0..h.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    let key = ok(s.find_label(&arg("LC_LABEL")), "find")[0];
+    let iv: [u8; 12] = unhex(arg("LC_IV")).try_into().unwrap();
+    let pt = ok(
+        gcm_decrypt(&s, &mut Gcm::new(iv), key, &unhex(arg("LC_CT"))),
+        "decrypt with SoftHSM2",
     );
-    // AES-CBC-PAD under a CMK without an encrypt-only rule keeps the application's IV.
-    let ct = ok(
-        s.encrypt(&mut Mech::cbc_pad(&[4; 16]), k, b"tde"),
-        "CBC-PAD encrypt",
-    );
-    assert_eq!(
-        ok(
-            s.decrypt(&mut Mech::cbc_pad(&[4; 16]), k, &ct),
-            "CBC-PAD decrypt"
-        ),
-        b"tde"
-    );
+    say(&format!("opened {}", String::from_utf8_lossy(&pt)));
 }

@@ -93,17 +93,9 @@ fn token_wrap_key(s: &Session, name: &str) -> ObjectHandle {
     .expect("generate wrap key")
 }
 
-/// AES-GCM encryption with `iv`; returns the ciphertext and leaves in `iv` the IV used:
-/// under a CMK cmkp11 chooses it and writes it back into the parameter (SoftHSM2
-/// directly, and cmkp11 with a DEK, keep the application's).
-fn gcm_encrypt(
-    s: &Session,
-    key: ObjectHandle,
-    iv: &mut [u8; 12],
-    aad: &[u8],
-    pt: &[u8],
-) -> Vec<u8> {
-    let params = GcmParams::new(iv, aad, 128.into()).expect("GcmParams");
+fn gcm_encrypt(s: &Session, key: ObjectHandle, iv: &[u8; 12], aad: &[u8], pt: &[u8]) -> Vec<u8> {
+    let mut iv = *iv;
+    let params = GcmParams::new(&mut iv, aad, 128.into()).expect("GcmParams");
     s.encrypt(&Mechanism::AesGcm(params), key, pt)
         .expect("C_Encrypt AES-GCM")
 }
@@ -269,9 +261,9 @@ fn aes_gcm_round_trip_4k() {
     let s = user_session();
     let key = token_data_key(&s, "fwd-gcm");
     let pt = data(4096);
-    let mut iv = [7u8; 12];
+    let iv = [7u8; 12];
     let aad = b"header";
-    let ct = gcm_encrypt(&s, key, &mut iv, aad, &pt);
+    let ct = gcm_encrypt(&s, key, &iv, aad, &pt);
     assert_eq!(ct.len(), 4096 + 16);
     assert_ne!(&ct[..4096], &pt[..]);
     assert_eq!(gcm_decrypt(&s, key, &iv, aad, &ct).expect("decrypt"), pt);
@@ -283,9 +275,9 @@ fn aes_gcm_tampered_input_rejected() {
     let s = user_session();
     let key = token_data_key(&s, "fwd-gcm-tamper");
     let pt = data(4096);
-    let mut iv = [8u8; 12];
+    let iv = [8u8; 12];
     let aad = b"header";
-    let ct = gcm_encrypt(&s, key, &mut iv, aad, &pt);
+    let ct = gcm_encrypt(&s, key, &iv, aad, &pt);
     // Tampered tag, tampered data and wrong AAD are all rejected with
     // CKR_ENCRYPTED_DATA_INVALID (SoftHSM2 2.6.1 returns CKR_GENERAL_ERROR).
     let mut bad = ct.clone();
@@ -393,9 +385,9 @@ fn aes_kwp_wrap_unwrap() {
     // Same key material: the same GCM encryption gives the same ciphertext, and each key
     // decrypts what the other encrypted.
     let pt = data(256);
-    let mut iv = [3u8; 12];
-    let a = gcm_encrypt(&s, dek, &mut iv, b"", &pt);
-    let b = gcm_encrypt(&s, unwrapped, &mut iv, b"", &pt);
+    let iv = [3u8; 12];
+    let a = gcm_encrypt(&s, dek, &iv, b"", &pt);
+    let b = gcm_encrypt(&s, unwrapped, &iv, b"", &pt);
     assert_eq!(a, b);
     assert_eq!(gcm_decrypt(&s, unwrapped, &iv, b"", &a).unwrap(), pt);
 
@@ -855,8 +847,8 @@ fn object_handles_are_stable_and_nonzero() {
         vec![ses]
     );
     // The handle from a find works for an operation in the other session.
-    let mut iv = [9u8; 12];
-    let ct = gcm_encrypt(&b, in_b[0], &mut iv, b"", b"stable");
+    let iv = [9u8; 12];
+    let ct = gcm_encrypt(&b, in_b[0], &iv, b"", b"stable");
     assert_eq!(gcm_decrypt(&a, key, &iv, b"", &ct).unwrap(), b"stable");
     // All handles of every object seen are non-zero.
     for h in a.find_objects(&[]).unwrap() {

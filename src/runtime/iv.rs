@@ -1,6 +1,6 @@
-//! IVs that cmkp11 generates itself for encryption under a CMK, so that an application
-//! allowed to encrypt cannot choose the IV (PKCS#11 modules of HSMs in FIPS mode do the
-//! same). With AES-GCM, encrypting zeros under the IV of someone else's ciphertext gives
+//! IVs that cmkp11 generates itself for encryption under a CMK that the calling process
+//! may encrypt with but not decrypt with, so that it cannot choose the IV (PKCS#11 modules
+//! of HSMs in FIPS mode do the same). With AES-GCM, encrypting zeros under the IV of someone else's ciphertext gives
 //! the keystream that decrypts it: a key that may encrypt would then decrypt.
 //!
 //! AES-GCM IVs are 96-bit deterministic IVs (NIST SP 800-38D §8.2.1): a random field

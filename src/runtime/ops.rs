@@ -540,11 +540,12 @@ impl Library {
     }
 
     /// Whether cmkp11 writes the IV of this `C_EncryptInit` itself, and how long it is:
-    /// AES-GCM under a CMK always (12 bytes); AES-CBC(-PAD) under a CMK that the access
-    /// rules let this process encrypt with but not decrypt with (16 bytes). An
-    /// application choosing the IV could otherwise turn encryption into decryption (GCM:
-    /// the keystream of a victim's IV) or into a plaintext-guess oracle (CBC). Decided
-    /// from the key's facts the `*Init` just read (no backend call).
+    /// AES-GCM (12 bytes) and AES-CBC(-PAD) (16 bytes) under a CMK that the access rules
+    /// let this process encrypt with but not decrypt with. An application choosing the IV
+    /// could otherwise turn encryption into decryption (GCM: the keystream of a victim's
+    /// IV) or into a plaintext-guess oracle (CBC). A process that may decrypt gains
+    /// nothing from a chosen IV and keeps its own. Decided from the key's facts the
+    /// `*Init` just read (no backend call); without access rules, one comparison.
     #[inline]
     pub fn module_iv(
         &self,
@@ -553,20 +554,20 @@ impl Library {
         ty: CK_MECHANISM_TYPE,
         key: CK_OBJECT_HANDLE,
     ) -> Option<usize> {
-        if kind != Kind::Encrypt || !matches!(ty, CKM_AES_GCM | CKM_AES_CBC | CKM_AES_CBC_PAD) {
+        if kind != Kind::Encrypt
+            || self.cfg.access.is_empty()
+            || !matches!(ty, CKM_AES_GCM | CKM_AES_CBC | CKM_AES_CBC_PAD)
+        {
             return None;
         }
         let info = match s.decided.as_ref() {
             Some(d) if d.key == key => d.info.clone(),
             _ => self.objects.info(key)?,
         };
-        if info.class() != Class::Cmk {
+        if info.class() != Class::Cmk || !self.encrypt_only(&info) {
             return None;
         }
-        if ty == CKM_AES_GCM {
-            return Some(12);
-        }
-        self.encrypt_only(&info).then_some(16)
+        Some(if ty == CKM_AES_GCM { 12 } else { 16 })
     }
 
     /// Whether the access rules let this process encrypt with a key and not decrypt.
