@@ -55,3 +55,105 @@ policy_check() {
 
 # have CMD: true when CMD is on PATH.
 have() { command -v "$1" >/dev/null 2>&1; }
+
+# --- shared by the server families (ssh, apache, curl, openvpn) ---------------------------
+# E2E_MODULE_ENV: the names of the environment variables the module needs in every process
+# that loads it (servers keep or pass exactly these to their workers and helpers). Library
+# mode: the token's and cmkp11's configuration. Service mode changes this list and
+# E2E_MODULE, nothing else.
+E2E_MODULE_ENV="${E2E_MODULE_ENV:-SOFTHSM2_CONF CMKP11_CONFIG}"
+
+# E2E_CLI: the `cmkp11` command built with the module (same target directory), else the
+# release build of this checkout (when the module under test is SoftHSM2 itself).
+if [ -z "${E2E_CLI:-}" ]; then
+    E2E_CLI="$(dirname "$E2E_MODULE")/cmkp11"
+    [ -x "$E2E_CLI" ] || E2E_CLI="$(cmk_target_dir)/release/cmkp11"
+fi
+
+# "${cli[@]}" ARGS...: the cmkp11 command on the family's token (PIN from the environment).
+cli=(env CMKP11_PIN="$E2E_PIN" "$E2E_CLI" --token "$E2E_TOKEN")
+
+# free_ports N: N distinct TCP ports on 127.0.0.1 that are free now, from E2E_PORTS
+# (default 20000-20999; several test runs share the machine), chosen at random.
+free_ports() {
+    "$CMK_PYTHON" - "$1" "${E2E_PORTS:-20000-20999}" <<'PY'
+import random, socket, sys
+lo, hi = (int(x) for x in sys.argv[2].split("-"))
+want, found = int(sys.argv[1]), []
+for p in random.sample(range(lo, hi + 1), hi - lo + 1):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    found.append(str(p))
+    if len(found) == want:
+        break
+print(" ".join(found))
+PY
+}
+
+# wait_port PORT [SECONDS]: true once something accepts TCP connections on 127.0.0.1:PORT.
+wait_port() {
+    local i
+    for i in $(seq $((${2:-20} * 10))); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# stop_pid PID: TERM, up to 10 s, then KILL; reaps it when it is our child.
+stop_pid() {
+    local pid="$1"
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null
+    for _ in $(seq 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+    return 0
+}
+
+# engine_cnf FILE MODULE: an openssl.cnf loading libp11's pkcs11 engine with MODULE_PATH.
+engine_cnf() {
+    local enginesdir
+    enginesdir="$(openssl version -e 2>/dev/null | sed -E 's/^ENGINESDIR: "(.*)"$/\1/')"
+    cat >"$1" <<CNF
+openssl_conf = openssl_init
+
+[openssl_init]
+engines = engine_section
+
+[engine_section]
+pkcs11 = pkcs11_section
+
+[pkcs11_section]
+engine_id = pkcs11
+dynamic_path = $enginesdir/pkcs11.so
+MODULE_PATH = $2
+init = 0
+CNF
+}
+
+# engine_path: libp11's engine (may not exist).
+engine_path() {
+    printf '%s/pkcs11.so\n' "$(openssl version -e 2>/dev/null | sed -E 's/^ENGINESDIR: "(.*)"$/\1/')"
+}
+
+# make_ca DIR: a throwaway software CA (DIR/ca.key, DIR/ca.crt) standing in for the
+# operator's CA, which signs the requests `cmkp11 key csr` writes.
+make_ca() {
+    openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj "/CN=cmkp11 e2e CA $$" -keyout "$1/ca.key" -out "$1/ca.crt" >/dev/null 2>&1
+}
+
+# ca_sign DIR CSR CERT [EXTFILE]: the CA's certificate for CSR (its extensions copied).
+ca_sign() {
+    openssl x509 -req -in "$2" -CA "$1/ca.crt" -CAkey "$1/ca.key" -CAcreateserial -days 2 \
+        -copy_extensions copy ${4:+-extfile "$4"} -out "$3"
+}
