@@ -16,7 +16,9 @@ PACKAGES=(
     libnss3-tools
     p11-kit p11-kit-modules
     python3 python3-pykcs11
-    nginx
+    nginx apache2
+    openssh-client openssh-server
+    openvpn
     openjdk-17-jdk-headless
     shellcheck
 )

@@ -8,10 +8,9 @@
 # The keys and their certificates are made the way docs/clients/apache.md tells an
 # operator: `cmkp11 key create --type rsa-2048|ec-p256`, `cmkp11 key csr` with the SANs,
 # the request signed by a CA (here a throwaway one in the scratch directory).
-# httpd's children run as www-data and re-initialise the module after fork: they need to
-# read the token store and cmkp11's configuration, so the family's token directory and
-# configuration are given to www-data (mode unchanged) and the scratch directories above
-# them made traversable (711).
+# httpd's children run as www-data and re-initialise the module after fork: they need what
+# the module needs (grant_module_access in common.sh: in library mode, the token store and
+# cmkp11's configuration).
 #
 # Checks: the CSRs verify; `apache2 -t`; httpd with two children on 127.0.0.1 ports of
 # E2E_PORTS; curl fetches the page over TLS 1.2 and 1.3 with each key, verifying the chain
@@ -46,8 +45,8 @@ make_ca "$W" || { fail apache-ca "openssl could not make the test CA"; exit 0; }
 keys=()
 for k in rsa:rsa-2048:61 ec:ec-p256:62; do
     IFS=: read -r name type id <<<"$k"
-    if run "create-$name" "${cli[@]}" key create "apache-$name" --type "$type" --id "$id" &&
-        run "csr-$name" "${cli[@]}" key csr "apache-$name" --subject "/O=cmkp11 e2e/CN=localhost" \
+    if run_cli "create-$name" key create "apache-$name" --type "$type" --id "$id" &&
+        run_cli "csr-$name" key csr "apache-$name" --subject "/O=cmkp11 e2e/CN=localhost" \
             --san DNS:localhost --san IP:127.0.0.1 --out "$W/$name.csr" &&
         run "csr-verify-$name" openssl req -in "$W/$name.csr" -verify -noout &&
         ca_sign "$W" "$W/$name.csr" "$W/$name.crt" >"$W/sign-$name.log" 2>&1; then
@@ -105,10 +104,9 @@ EOF
 } >"$d/httpd.conf"
 
 # The children (www-data) open the token after fork.
-chmod 711 "$(dirname "$W")" "$W"
+grant_module_access www-data
 chmod 755 "$d" "$d/html"
 chmod 644 "$d/html/index.html"
-chown -R www-data: "$W/tokens" "$W/softhsm2.conf" "$W/cmkp11.toml"
 
 httpd_env=(env OPENSSL_CONF="$W/openssl.cnf")
 if ! run apache-t "${httpd_env[@]}" "$HTTPD" -t -f "$d/httpd.conf"; then
@@ -136,6 +134,16 @@ before="$(children)"
 pass apache-start
 note "httpd parent $hpid, children $before(user www-data)"
 
+# uses_module PID...: every PID has the module under test mapped (libp11 loaded it, not
+# another module reached through p11-kit's proxy, libp11's default without MODULE_PATH).
+uses_module() {
+    local p real
+    real="$(readlink -f "$E2E_MODULE")"
+    for p in "$@"; do
+        grep -qF "$real" "/proc/$p/maps" 2>/dev/null || return 1
+    done
+}
+
 # fetch NAME PORT TLSVER: curl over exactly TLS TLSVER, chain and name verified.
 fetch() {
     local name="$1" p="$2" v="$3"
@@ -159,6 +167,12 @@ fetch_all() {
     done
 }
 fetch_all ""
+# shellcheck disable=SC2086 # a list of PIDs
+if uses_module $before; then
+    pass apache-children-load-module
+else
+    fail apache-children-load-module "a child does not map $E2E_MODULE"
+fi
 
 # --- graceful restart -----------------------------------------------------------------------
 if run graceful "${httpd_env[@]}" "$HTTPD" -k graceful -f "$d/httpd.conf"; then
@@ -179,6 +193,8 @@ if run graceful "${httpd_env[@]}" "$HTTPD" -k graceful -f "$d/httpd.conf"; then
         pass apache-graceful-restart
         note "after apache2 -k graceful: parent $hpid, children $now"
         fetch_all -after-graceful
+        # shellcheck disable=SC2086 # a list of PIDs
+        uses_module $now || fail apache-children-load-module-after-graceful "a new child does not map $E2E_MODULE"
     else
         fail apache-graceful-restart "children not replaced within 20 s (before: $before, now: ${now:-none}): $(tail -n 2 "$d/error.log" | tr '\n' ' ')"
     fi

@@ -56,12 +56,25 @@ policy_check() {
 # have CMD: true when CMD is on PATH.
 have() { command -v "$1" >/dev/null 2>&1; }
 
-# --- shared by the server families (ssh, apache, curl, openvpn) ---------------------------
+# --- shared by the server families (nginx, ssh, apache, curl, openvpn) -------------------
+# What a family needs to know about how the module reaches the token is here, so that
+# running the suite through cmkp11's service (once it exists) changes E2E_MODULE (the
+# service's client module) and these two definitions, not the family scripts.
+#
 # E2E_MODULE_ENV: the names of the environment variables the module needs in every process
 # that loads it (servers keep or pass exactly these to their workers and helpers). Library
-# mode: the token's and cmkp11's configuration. Service mode changes this list and
-# E2E_MODULE, nothing else.
+# mode: the token's and cmkp11's configuration.
 E2E_MODULE_ENV="${E2E_MODULE_ENV:-SOFTHSM2_CONF CMKP11_CONFIG}"
+
+# grant_module_access USER: lets USER (a server's unprivileged workers) use the module the
+# way root does here. Library mode: the module opens the token store and reads cmkp11's
+# configuration itself, so the family's token directory and configuration are given to
+# USER (modes unchanged: the configuration stays 600) and the scratch directories above
+# them made traversable (711).
+grant_module_access() {
+    chmod 711 "$(dirname "$E2E_WORK")" "$E2E_WORK"
+    chown -R "$1:" "$(dirname "$SOFTHSM2_CONF")/tokens" "$SOFTHSM2_CONF" "$CMKP11_CONFIG"
+}
 
 # E2E_CLI: the `cmkp11` command built with the module (same target directory), else the
 # release build of this checkout (when the module under test is SoftHSM2 itself).
@@ -70,8 +83,13 @@ if [ -z "${E2E_CLI:-}" ]; then
     [ -x "$E2E_CLI" ] || E2E_CLI="$(cmk_target_dir)/release/cmkp11"
 fi
 
-# "${cli[@]}" ARGS...: the cmkp11 command on the family's token (PIN from the environment).
-cli=(env CMKP11_PIN="$E2E_PIN" "$E2E_CLI" --token "$E2E_TOKEN")
+# run_cli LOGNAME ARGS...: `run` of the cmkp11 command on the family's token (PIN from
+# the environment).
+run_cli() {
+    local log="$1"
+    shift
+    run "$log" env CMKP11_PIN="$E2E_PIN" "$E2E_CLI" --token "$E2E_TOKEN" "$@"
+}
 
 # free_ports N: N distinct TCP ports on 127.0.0.1 that are free now, from E2E_PORTS
 # (default 20000-20999; several test runs share the machine), chosen at random.
@@ -97,8 +115,7 @@ PY
 
 # wait_port PORT [SECONDS]: true once something accepts TCP connections on 127.0.0.1:PORT.
 wait_port() {
-    local i
-    for i in $(seq $((${2:-20} * 10))); do
+    for _ in $(seq $((${2:-20} * 10))); do
         (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
         sleep 0.1
     done

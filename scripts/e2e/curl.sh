@@ -30,8 +30,8 @@ make_ca "$W" || { fail curl-ca "openssl could not make the test CA"; exit 0; }
 keys=()
 for k in ec:ec-p256:71 rsa:rsa-2048:72; do
     IFS=: read -r name type id <<<"$k"
-    if run "create-$name" "${cli[@]}" key create "curl-$name" --type "$type" --id "$id" &&
-        run "csr-$name" "${cli[@]}" key csr "curl-$name" --subject "/O=cmkp11 e2e/CN=curl client $name" \
+    if run_cli "create-$name" key create "curl-$name" --type "$type" --id "$id" &&
+        run_cli "csr-$name" key csr "curl-$name" --subject "/O=cmkp11 e2e/CN=curl client $name" \
             --out "$W/$name.csr" &&
         ca_sign "$W" "$W/$name.csr" "$W/$name.crt" >"$W/sign-$name.log" 2>&1; then
         keys+=("$name")

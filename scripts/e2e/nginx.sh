@@ -64,39 +64,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 143' TERM INT
 
-# free_ports N: N distinct free TCP ports on 127.0.0.1 (the kernel's choice of ephemeral
-# ports, released again just before nginx binds them).
-free_ports() {
-    "$CMK_PYTHON" - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
-
 # --- openssl.cnf per module: libp11's engine with MODULE_PATH ----------------------------
-# engine_cnf FILE MODULE
-engine_cnf() {
-    cat >"$1" <<EOF
-openssl_conf = openssl_init
-
-[openssl_init]
-engines = engine_section
-
-[engine_section]
-pkcs11 = pkcs11_section
-
-[pkcs11_section]
-engine_id = pkcs11
-dynamic_path = $engine
-MODULE_PATH = $2
-init = 0
-EOF
-}
 engine_cnf "$W/openssl-module.cnf" "$E2E_MODULE"
 engine_cnf "$W/openssl-direct.cnf" "$E2E_DIRECT_MODULE"
 uri() { printf 'pkcs11:token=%s;id=%s;type=private;pin-value=%s' "$E2E_TOKEN" "$1" "$E2E_PIN"; }
@@ -152,8 +120,7 @@ daemon off;
 master_process on;
 pid $d/nginx.pid;
 error_log $d/error.log notice;
-env SOFTHSM2_CONF;
-env CMKP11_CONFIG;
+$(for v in $E2E_MODULE_ENV; do printf 'env %s;\n' "$v"; done)
 ssl_engine pkcs11;
 events { worker_connections 512; }
 http {

@@ -36,8 +36,8 @@ p11=(pkcs11-tool --module "$E2E_MODULE" --token-label "$E2E_TOKEN" --login --pin
 keys=()
 for k in ec:ec-p256:81 rsa:rsa-2048:82; do
     IFS=: read -r name type id <<<"$k"
-    if run "create-$name" "${cli[@]}" key create "ovpn-$name" --type "$type" --id "$id" &&
-        run "csr-$name" "${cli[@]}" key csr "ovpn-$name" --subject "/O=cmkp11 e2e/CN=ovpn client $name" \
+    if run_cli "create-$name" key create "ovpn-$name" --type "$type" --id "$id" &&
+        run_cli "csr-$name" key csr "ovpn-$name" --subject "/O=cmkp11 e2e/CN=ovpn client $name" \
             --out "$W/$name.csr" &&
         ca_sign "$W" "$W/$name.csr" "$W/$name.crt" >"$W/sign-$name.log" 2>&1 &&
         run "der-$name" openssl x509 -in "$W/$name.crt" -outform DER -out "$W/$name.der" &&

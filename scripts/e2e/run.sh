@@ -6,7 +6,8 @@
 #   --module PATH  module under test (default: $E2E_MODULE or target/release/libcmkp11.so)
 #   --direct       test SoftHSM2's own module instead (to check the suite itself)
 #   --keep         keep the scratch directory (kept anyway when a check fails)
-#   FAMILY         some of: pkcs11-tool python openssl gnutls nss p11-kit nginx java (default: all)
+#   FAMILY         some of: pkcs11-tool python openssl gnutls nss p11-kit nginx java ssh apache
+#                  curl openvpn (default: all)
 #
 # Every family gets its own private SoftHSM2 token and cmkp11 config in a temp dir, runs
 # bounded by E2E_FAMILY_TIMEOUT seconds (default 600), and prints PASS/FAIL/SKIP lines.
@@ -15,7 +16,7 @@ set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$HERE/../lib.sh"
 
-ALL_FAMILIES=(pkcs11-tool python openssl gnutls nss p11-kit nginx java)
+ALL_FAMILIES=(pkcs11-tool python openssl gnutls nss p11-kit nginx java ssh apache curl openvpn)
 module="${E2E_MODULE:-}"
 keep=0
 families=()
@@ -34,7 +35,7 @@ while [ $# -gt 0 ]; do
         shift
         ;;
     -h | --help)
-        sed -n '2,14p' "$0"
+        sed -n '2,15p' "$0"
         exit 0
         ;;
     -*) cmk_die "unknown option $1" ;;

@@ -40,8 +40,8 @@ trap 'exit 143' TERM INT
 declare -A fp
 for k in ec:ec-p256:51 rsa:rsa-2048:52; do
     IFS=: read -r name type id <<<"$k"
-    if ! run "create-$name" "${cli[@]}" key create "ssh-$name" --type "$type" --id "$id" ||
-        ! run "csr-$name" "${cli[@]}" key csr "ssh-$name" --subject "CN=ssh-$name" --out "$W/$name.csr" ||
+    if ! run_cli "create-$name" key create "ssh-$name" --type "$type" --id "$id" ||
+        ! run_cli "csr-$name" key csr "ssh-$name" --subject "CN=ssh-$name" --out "$W/$name.csr" ||
         ! run "pub-$name" sh -c "openssl req -in '$W/$name.csr' -noout -pubkey >'$W/$name.pem'" ||
         ! run "ssh-pub-$name" sh -c "ssh-keygen -i -m PKCS8 -f '$W/$name.pem' >'$W/$name.pub'"; then
         fail "ssh-key-$name" "cmkp11 key create/csr or the public key conversion failed: $(lastlog "create-$name") $(lastlog "csr-$name") $(lastlog "ssh-pub-$name")"
@@ -69,7 +69,7 @@ fi
 # --- sshd ------------------------------------------------------------------------------------
 read -r port <<<"$(free_ports 1)"
 ssh-keygen -q -t ed25519 -N '' -f "$W/host_key" >/dev/null
-mkdir -p -m 755 /run/sshd # sshd's privilege separation directory (Debian creates it at boot)
+mkdir -p /run/sshd && chmod 755 /run/sshd # sshd's privilege separation directory (Debian creates it at boot)
 : >"$W/authorized_keys"
 cat >"$W/sshd_config" <<EOF
 Port $port
