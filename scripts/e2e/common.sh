@@ -72,7 +72,13 @@ E2E_MODULE_ENV="${E2E_MODULE_ENV:-SOFTHSM2_CONF CMKP11_CONFIG}"
 # USER (modes unchanged: the configuration stays 600) and the scratch directories above
 # them made traversable (711).
 grant_module_access() {
-    chmod 711 "$(dirname "$E2E_WORK")" "$E2E_WORK"
+    local parent
+    parent="$(dirname "$E2E_WORK")"
+    case "$(basename "$parent")" in
+    cmkp11-*) chmod 711 "$parent" ;; # run.sh's scratch directory, never /tmp itself
+    *) cmk_die "grant_module_access: $E2E_WORK is not inside a cmkp11-* scratch directory" ;;
+    esac
+    chmod 711 "$E2E_WORK"
     chown -R "$1:" "$(dirname "$SOFTHSM2_CONF")/tokens" "$SOFTHSM2_CONF" "$CMKP11_CONFIG"
 }
 
