@@ -651,11 +651,25 @@ fn family_quirks(family: Family) -> Vec<Quirk> {
                 handling: "cmkp11 ends such an operation with a block of zeros before reusing the session",
             },
         ],
-        Family::P11KitClient => vec![Quirk {
+        Family::P11KitClient => vec![
+            // tests/fleet.rs (vendor attributes read over the remote token)
+            Quirk {
+                name: "p11-kit-client:empty-attribute-template",
+                what: "C_GetAttributeValue with an empty template aborts the calling process (an assertion in p11-kit 0.24's rpc-client.c)",
+                handling: "cmkp11 never sends one: a request for cmkp11's own attributes only is answered without the backend",
+            },
+            // tests/fleet.rs (wrap CMKs found on the remote token)
+            Quirk {
+                name: "p11-kit-client:no-aes-kw-cbc-cmac",
+                what: "of the AES mechanisms only AES-ECB and key generation are carried",
+                handling: "the keystore's check that a key object is usable does not hide a key whose test mechanism the token lacks",
+            },
+            Quirk {
             name: "p11-kit-client:rpc-parameters",
             what: "p11-kit 0.24's RPC carries no CK_GCM_PARAMS and no AES-KWP/KW use; such mechanisms are dropped from the list or refused",
             handling: "the probe reports aes-gcm/aes-kwp missing; cmkp11 refuses them with CKR_MECHANISM_INVALID and a log line naming the capability",
-        }],
+            },
+        ],
         _ => Vec::new(),
     }
 }

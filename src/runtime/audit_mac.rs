@@ -32,6 +32,50 @@ pub struct TokenAuditMac {
     read_only: bool,
     /// Whether the key was found at the first connection (not made by this object).
     existed: Mutex<Option<bool>>,
+    /// The `CKA_OBJECT_ID` of this log's checkpoint objects ([`log_id`]), when set.
+    log: Option<Vec<u8>>,
+}
+
+/// The identity of an audit log among those sharing a token (hosts of a fleet, each with
+/// its own log; its key's `CKA_ID`, its checkpoint's `CKA_OBJECT_ID`): 16 bytes of SHA-256 over the host name and the log's absolute path, as
+/// the DER of the UUID-form object identifier 2.25.N (X.667), since a data object's type
+/// is named by `CKA_OBJECT_ID`. Each log keeps its own checkpoint object (with this
+/// `CKA_OBJECT_ID`), so that one host's checkpoint never stands for another host's log.
+pub fn log_id(file: &std::path::Path) -> Vec<u8> {
+    let n = u128::from_be_bytes(log_hash(file));
+    // Base-128 digits of N, most significant first, all but the last with bit 7 set.
+    let mut digits = Vec::new();
+    let mut rest = n;
+    loop {
+        digits.push((rest & 0x7f) as u8);
+        rest >>= 7;
+        if rest == 0 {
+            break;
+        }
+    }
+    digits.reverse();
+    let last = digits.len() - 1;
+    for d in &mut digits[..last] {
+        *d |= 0x80;
+    }
+    // Tag 6 (OID), length, first octet 2 * 40 + 25.
+    let mut der = vec![0x06, (digits.len() + 1) as u8, 2 * 40 + 25];
+    der.extend(digits);
+    der
+}
+
+fn log_hash(file: &std::path::Path) -> [u8; 16] {
+    use sha2::Digest;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let path = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    let mut h = sha2::Sha256::new();
+    h.update(b"cmkp11 audit log\0");
+    h.update(host.trim().as_bytes());
+    h.update(b"\0");
+    h.update(path.as_os_str().as_encoded_bytes());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finalize()[..16]);
+    out
 }
 
 fn rv(e: cryptoki::error::Error) -> u64 {
@@ -47,6 +91,15 @@ impl TokenAuditMac {
             open: Mutex::new(None),
             read_only: false,
             existed: Mutex::new(None),
+            log: None,
+        }
+    }
+
+    /// The same, for the log in `file` (its own checkpoint: see [`log_id`]).
+    pub fn for_log(self, file: &std::path::Path) -> TokenAuditMac {
+        TokenAuditMac {
+            log: Some(log_id(file)),
+            ..self
         }
     }
 
@@ -67,11 +120,17 @@ impl TokenAuditMac {
     fn connect(&self) -> cryptoki::error::Result<Open> {
         let s = self.ctx.open_rw_session(self.slot)?;
         let label = Attribute::Label(MAC_LABEL.as_bytes().to_vec());
-        let found = s.find_objects(&[
+        // A log of its own has a key of its own (`CKA_ID` = the log's identity), so that
+        // "the key made MACs before" speaks of this log only.
+        let mut find = vec![
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::Token(true),
             label.clone(),
-        ])?;
+        ];
+        if let Some(id) = &self.log {
+            find.push(Attribute::Id(id.clone()));
+        }
+        let found = s.find_objects(&find)?;
         self.existed.lock().get_or_insert(!found.is_empty());
         let key = match found.first() {
             Some(k) => *k,
@@ -99,6 +158,7 @@ impl TokenAuditMac {
                     // the PIN, may relabel it out of cmkp11's namespace or copy it.
                     Attribute::Modifiable(false),
                     Attribute::Copyable(false),
+                    Attribute::Id(self.log.clone().unwrap_or_default()),
                     label,
                 ],
             )?,
@@ -130,13 +190,20 @@ impl TokenAuditMac {
     /// A store creates the next generation and then destroys the older ones (a token may
     /// refuse to modify `CKA_VALUE` in place, as SoftHSM2 does), so a crash in between
     /// leaves two, and the newest counts.
-    fn checkpoints(s: &Session) -> cryptoki::error::Result<Vec<(u64, ObjectHandle, Vec<u8>)>> {
-        let objs = s.find_objects(&[
+    fn checkpoints(
+        &self,
+        s: &Session,
+    ) -> cryptoki::error::Result<Vec<(u64, ObjectHandle, Vec<u8>)>> {
+        let mut t = vec![
             Attribute::Class(ObjectClass::DATA),
             Attribute::Token(true),
             Attribute::Application(APPLICATION.as_bytes().to_vec()),
             Attribute::Label(CHECKPOINT_LABEL.as_bytes().to_vec()),
-        ])?;
+        ];
+        if let Some(id) = &self.log {
+            t.push(Attribute::ObjectId(id.clone()));
+        }
+        let objs = s.find_objects(&t)?;
         let mut out = Vec::new();
         for obj in objs {
             let value = s
@@ -169,7 +236,7 @@ impl TokenMac for TokenAuditMac {
     }
 
     fn load_checkpoint(&self) -> Result<Option<Vec<u8>>, u64> {
-        self.with(|o| Ok(Self::checkpoints(&o.s)?.pop().map(|(_, _, v)| v)))
+        self.with(|o| Ok(self.checkpoints(&o.s)?.pop().map(|(_, _, v)| v)))
     }
 
     fn key_existed(&self) -> Result<bool, u64> {
@@ -182,9 +249,9 @@ impl TokenMac for TokenAuditMac {
 
     fn store_checkpoint(&self, data: &[u8]) -> Result<(), u64> {
         self.with(|o| {
-            let old = Self::checkpoints(&o.s)?;
+            let old = self.checkpoints(&o.s)?;
             let next = old.last().map_or(1, |(g, _, _)| g + 1);
-            o.s.create_object(&[
+            let mut t = vec![
                 Attribute::Class(ObjectClass::DATA),
                 Attribute::Token(true),
                 Attribute::Private(true),
@@ -192,7 +259,11 @@ impl TokenMac for TokenAuditMac {
                 Attribute::Application(APPLICATION.as_bytes().to_vec()),
                 Attribute::Label(CHECKPOINT_LABEL.as_bytes().to_vec()),
                 Attribute::Value([&next.to_be_bytes()[..], data].concat()),
-            ])?;
+            ];
+            if let Some(id) = &self.log {
+                t.push(Attribute::ObjectId(id.clone()));
+            }
+            o.s.create_object(&t)?;
             for (_, obj, _) in old {
                 let _ = o.s.destroy_object(obj);
             }

@@ -289,11 +289,10 @@ impl Library {
                     .unwrap_or_default()
             })
             .collect();
-        let audit_mac = match (cfg.audit.file.is_some(), backend.slots.first()) {
-            (true, Some(slot)) => Some(Arc::new(audit_mac::TokenAuditMac::new(
-                backend.ctx.clone(),
-                *slot,
-            ))),
+        let audit_mac = match (&cfg.audit.file, backend.slots.first()) {
+            (Some(file), Some(slot)) => Some(Arc::new(
+                audit_mac::TokenAuditMac::new(backend.ctx.clone(), *slot).for_log(file),
+            )),
             _ => None,
         };
         let mac = audit_mac

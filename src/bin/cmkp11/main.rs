@@ -165,10 +165,15 @@ fn run_audit(g: &Global, a: audit::AuditArgs) -> R<u8> {
     let mac = ctx.as_ref().and_then(|c| {
         let lib = c.lib();
         lib.backend.slots.first().map(|slot| {
-            std::sync::Arc::new(cmkp11::runtime::audit_mac::TokenAuditMac::read_only(
+            let m = cmkp11::runtime::audit_mac::TokenAuditMac::read_only(
                 lib.backend.ctx.clone(),
                 *slot,
-            )) as std::sync::Arc<dyn cmkp11::audit::TokenMac>
+            );
+            let m = match &cfg.audit.file {
+                Some(file) => m.for_log(file),
+                None => m,
+            };
+            std::sync::Arc::new(m) as std::sync::Arc<dyn cmkp11::audit::TokenMac>
         })
     });
     let code = audit::run(a, &cfg, mac).map_err(CliError::new)?;
