@@ -743,9 +743,11 @@ impl Auditor {
             if !matches!(&res, Err(e) if e == RETIRED) {
                 break;
             }
-            // another writer replaced the lock while we waited or held it: again, on the
-            // lock everybody uses now
-            w.log = None;
+            // the lock was held too long by another process, or another writer replaced
+            // it while we waited or held it: again, on the lock everybody uses now
+            if let Some(l) = &w.log {
+                l.replace_lock();
+            }
         }
         if buf.capacity() <= 64 * 1024 {
             w.buf = buf;
@@ -778,7 +780,13 @@ impl Auditor {
         let log = w.log.as_mut().expect("opened");
         let log_id = log.id();
         let disp = log.path().display().to_string();
-        let mut locked = log.lock().map_err(|e| format!("lock {disp}: {e}"))?;
+        let mut locked = log.lock().map_err(|e| {
+            if e.raw_os_error() == Some(libc::ETIMEDOUT) {
+                RETIRED.to_string() // replaced at the retry
+            } else {
+                format!("lock {disp}: {e}")
+            }
+        })?;
         let hint = locked.hint();
         let (len, tail) = match hint {
             // the last append under the lock file's mutex was ours: nobody wrote since

@@ -199,7 +199,14 @@ impl LogFile {
         }
     }
 
-    /// Takes the lock (blocks while another writer holds it).
+    /// Replaces the lock before the next append (it was retired by another writer, or held
+    /// for longer than [`shm::LOCK_TIMEOUT`]): the lock file everybody uses then, or a new
+    /// one.
+    pub fn replace_lock(&self) {
+        self.rebuild.set(true);
+    }
+
+    /// Takes the lock (waits at most [`shm::LOCK_TIMEOUT`] for another writer).
     pub fn lock(&mut self) -> std::io::Result<Locked<'_>> {
         if self.rebuild.take() {
             if let Mode::Shared(lf) = &self.mode {
@@ -228,25 +235,6 @@ impl LogFile {
             let _ = flock(&self.file, FlockOperation::Unlock);
             self.mode = self.lock_mode(false)?;
         }
-        // A probe (free: two atomic operations) that finds out, within the time limit,
-        // whether the holder lets go; the lock is then taken for real below.
-        if let Mode::Shared(lf) = &self.mode {
-            if let Err(e) = lf.lock().map(drop) {
-                if e.raw_os_error() == Some(libc::ETIMEDOUT) {
-                    // A holder that keeps the lock for this long is stopped or hostile:
-                    // retire its segment (a holder that comes back checks the flag before
-                    // it appends) and serialize on a new one from now on.
-                    log::warn!(
-                        "audit: another process has held the audit lock of {} for more \
-                         than {} s; replacing the lock",
-                        self.path.display(),
-                        shm::LOCK_TIMEOUT.as_secs()
-                    );
-                    lf.retire();
-                    self.mode = self.lock_mode(true)?;
-                }
-            }
-        }
         match &self.mode {
             Mode::Shared(lf) => match lf.lock() {
                 Ok(g) => Ok(Locked {
@@ -255,9 +243,16 @@ impl LogFile {
                 }),
                 Err(e) => {
                     if e.raw_os_error() == Some(libc::ETIMEDOUT) {
-                        // taken (and kept) between the probe above and now: replaced
-                        // before the next append
-                        lf.retire();
+                        // A holder that keeps the lock this long is stopped or hostile:
+                        // its lock is retired and replaced at the next call (the caller
+                        // retries at once; a holder that comes back checks the flag
+                        // before it appends, see `Locked::retired`).
+                        log::warn!(
+                            "audit: another process has held the audit lock of {} for more \
+                             than {} s; replacing the lock",
+                            self.path.display(),
+                            shm::LOCK_TIMEOUT.as_secs()
+                        );
                         self.rebuild.set(true);
                     }
                     if e.raw_os_error() == Some(libc::ENOTRECOVERABLE) {
