@@ -326,8 +326,23 @@ fn legit_label_id_subject_dates_can_be_set() {
     let x = wrap_cmk(&s, 32);
     let d = dek(&s, 32, true);
     let (_, rsa) = rsa_pair(&s, true, &[CKA_SIGN]);
+    // A private key generated without label and id (as NSS makes them) may be named once,
+    // right after its generation, before its lifecycle has any record.
+    ok(
+        s.set_attrs(
+            rsa,
+            Template::default()
+                .bytes(CKA_ID, &unique_label("nss-id"))
+                .bytes(CKA_LABEL, &unique_label("nss")),
+        ),
+        "C_SetAttributeValue(RSA private key generated without a name, ID+LABEL)",
+    );
+    ok(
+        s.set_attrs(rsa, Template::default().bytes(CKA_SUBJECT, &[0x30, 0x00])),
+        "C_SetAttributeValue(RSA private key, SUBJECT)",
+    );
     // A CMK's name and id are its identity, fixed at creation (secret and private keys),
-    // and the token itself keeps every CMK unmodifiable.
+    // and the token itself keeps every CMK made with a name unmodifiable.
     for (kname, k) in [("wrap CMK", x), ("RSA private key", rsa)] {
         for (a, v) in [(CKA_LABEL, unique_label("renamed")), (CKA_ID, vec![1, 2])] {
             expect_rv(
@@ -336,12 +351,12 @@ fn legit_label_id_subject_dates_can_be_set() {
                 &format!("C_SetAttributeValue({kname}, 0x{a:x})"),
             );
         }
-        expect_rv(
-            s.set_attrs(k, Template::default().bytes(CKA_SUBJECT, &[0x30, 0x00])),
-            CKR_ACTION_PROHIBITED,
-            &format!("C_SetAttributeValue({kname}, SUBJECT) on a sealed CMK"),
-        );
     }
+    expect_rv(
+        s.set_attrs(x, Template::default().bytes(CKA_SUBJECT, &[0x30, 0x00])),
+        CKR_ACTION_PROHIBITED,
+        "C_SetAttributeValue(wrap CMK, SUBJECT) on a sealed CMK",
+    );
     // A DEK's name, id and dates can be set.
     let new_label = unique_label("renamed");
     ok(

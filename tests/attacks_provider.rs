@@ -752,7 +752,21 @@ fn every_cmk_gets_an_identity_and_stays_destroyable() {
         !id.is_empty(),
         "a CMK made without id or label got no identity"
     );
-    ok(s.destroy(q), "C_DestroyObject on a CMK without label or id");
+    // Named once (NSS's flow), then fixed.
+    let name = unique_label("ap-named");
+    ok(
+        set_attrs(&s, q, Template::default().bytes(CKA_ID, name.as_bytes())),
+        "naming a key generated without a name",
+    );
+    expect_rv(
+        set_attrs(&s, q, Template::default().bytes(CKA_ID, b"again")),
+        CKR_ATTRIBUTE_READ_ONLY,
+        "naming it a second time",
+    );
+    ok(
+        s.destroy(q),
+        "C_DestroyObject on a CMK made without label or id",
+    );
     assert_eq!(s.ulong(q, CKA_CMKP11_STATE), STATE_PENDING_DELETION);
     let k = ok(
         s.generate_key(CKM_AES_KEY_GEN, aes_data(true)),

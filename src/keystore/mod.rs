@@ -40,6 +40,10 @@ pub const APPLICATION: &str = "cmkp11";
 /// Prefix of the identity of a key named by its label only (keys made by earlier builds);
 /// never accepted as the start of a `CKA_ID`, so that the two kinds never collide.
 pub const LABEL_IDENTITY: &[u8] = b"label:";
+/// Prefix of the provisional id cmkp11 gives a private CMK generated without label and id
+/// (see `Library::generate_key_pair`): the application may name such a key once, as NSS
+/// does right after generating it (it sets `CKA_ID` to the hash of the public key).
+pub const PROVISIONAL_ID: &[u8] = b"cmkp11-new:";
 /// Longest `CKA_ID` an application may give a CMK.
 pub const MAX_ID_LEN: usize = 64;
 

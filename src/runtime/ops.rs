@@ -683,6 +683,7 @@ impl Library {
             || id.len() > keystore::MAX_ID_LEN
             || tagged(id)
             || id.starts_with(keystore::LABEL_IDENTITY)
+            || id.starts_with(keystore::PROVISIONAL_ID)
         {
             log::warn!(
                 "CMK creation refused: CKA_ID must be 1 to {} bytes, without cmkp11's version tag",
@@ -872,11 +873,16 @@ impl Library {
         if token {
             let label = label_of(&private).filter(|l| !l.is_empty());
             let id = id_of(&private).filter(|i| !i.is_empty());
-            if id.is_none() && label.is_none() {
-                // Every CMK has an identity (its lifecycle hangs on it): one is assigned,
-                // to the public key too when it has none, so that the pair still matches.
+            let provisional = id.is_none() && label.is_none();
+            if provisional {
+                // Every CMK has an identity (its lifecycle hangs on it): a provisional one
+                // is assigned, to the public key too when it has none, so that the pair
+                // still matches. The application may name the key once (NSS sets CKA_ID
+                // right after generating), so the token cannot be told to refuse every
+                // change: such a key is private and not copyable, but stays modifiable.
                 let mut i = vec![0u8; 16];
                 s.backend().generate_random_slice(&mut i)?;
+                let i = [keystore::PROVISIONAL_ID, &i].concat();
                 private.retain(|a| !matches!(a, Attribute::Id(_)));
                 private.push(Attribute::Id(i.clone()));
                 if id_of(&public).is_none() {
@@ -885,6 +891,9 @@ impl Library {
             }
             self.check_new_identity(s, id.as_deref(), label.as_deref())?;
             seal_cmk(&mut private, false);
+            if provisional {
+                private.retain(|a| *a != Attribute::Modifiable(false));
+            }
             let text = label.map(|l| String::from_utf8_lossy(&l).into_owned());
             let key_id = id_of(&private);
             self.audit_intent(
@@ -1453,10 +1462,23 @@ impl Library {
         rv(templates::set(&info, &t))?;
         if info.class() == Class::Cmk && info.token {
             // A CMK's name and id are its identity, fixed at creation (secret and private).
+            // One exception: a private key generated without label and id has a
+            // provisional id, and may be named once, before its lifecycle has any record.
             let renames = t
                 .iter()
                 .any(|a| matches!(a, Attribute::Label(_) | Attribute::Id(_)));
-            if renames {
+            let naming = info.class == CKO_PRIVATE_KEY
+                && info.raw_id.starts_with(keystore::PROVISIONAL_ID)
+                && self
+                    .reload_view(s)
+                    .cmks
+                    .get(&info.raw_id)
+                    .is_none_or(|c| c.record.is_none());
+            if renames && naming {
+                let label = label_of(&t).filter(|l| *l != info.label.as_bytes());
+                let id = id_of(&t);
+                self.check_new_identity(s, id.as_deref(), label.as_deref())?;
+            } else if renames {
                 log::warn!(
                     "C_SetAttributeValue refused: CKA_LABEL and CKA_ID of CMK `{}` are fixed at creation",
                     info.label
