@@ -11,7 +11,7 @@
 mod common;
 mod policy_support;
 
-use common::{raw, rv_name};
+use common::{raw, rv_name, Template};
 use cryptoki_sys::*;
 use policy_support::*;
 use serial_test::serial;
@@ -638,4 +638,109 @@ fn caught_panic_is_logged_not_printed() {
         err.contains("internal error") && err.contains("C_GetInfo"),
         "the panic was not logged:\n{err}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// 13.2: a key found again after C_Logout/C_Login works
+// ---------------------------------------------------------------------------------------
+
+fn find_by_label(a: &S, label: &[u8]) -> Vec<H> {
+    ok(a.find(Template::default().bytes(CKA_LABEL, label)), "find")
+}
+
+/// Keys found before `C_Logout` and found again after `C_Login` (a secret CMK, whose
+/// handle is one per CMK, and a private key) give handles that work, every round.
+#[test]
+#[serial]
+fn keys_found_again_after_logout_and_login_work() {
+    let a = s();
+    let data_label = unique_label("relogin-data");
+    ok(
+        a.generate_key(
+            CKM_AES_KEY_GEN,
+            aes(true, 32)
+                .boolean(CKA_ENCRYPT, true)
+                .boolean(CKA_DECRYPT, true)
+                .bytes(CKA_LABEL, &data_label),
+        ),
+        "data CMK",
+    );
+    let sign_label = unique_label("relogin-sign");
+    let public = Template::default()
+        .ulong(CKA_CLASS, CKO_PUBLIC_KEY)
+        .ulong(CKA_KEY_TYPE, CKK_EC)
+        .bytes(CKA_EC_PARAMS, &common::P256_PARAMS)
+        .boolean(CKA_TOKEN, true)
+        .boolean(CKA_VERIFY, true)
+        .bytes(CKA_LABEL, &sign_label);
+    let private = Template::default()
+        .ulong(CKA_CLASS, CKO_PRIVATE_KEY)
+        .ulong(CKA_KEY_TYPE, CKK_EC)
+        .boolean(CKA_TOKEN, true)
+        .boolean(CKA_PRIVATE, true)
+        .boolean(CKA_SIGN, true)
+        .bytes(CKA_LABEL, &sign_label);
+    ok(
+        a.generate_key_pair(CKM_EC_KEY_PAIR_GEN, public, private),
+        "EC pair",
+    );
+    let use_keys = |a: &S, round: usize| {
+        let data = find_by_label(a, &data_label);
+        assert_eq!(data.len(), 1, "round {round}: data CMK found once");
+        for t in [CKA_LABEL, CKA_ID, CKA_CLASS, CKA_KEY_TYPE, CKA_VALUE_LEN] {
+            if let Err((rv, _)) = a.get_attr(data[0], t) {
+                panic!(
+                    "round {round}: attribute {t:#x} of the data CMK: {}",
+                    rv_name(rv)
+                );
+            }
+        }
+        let ct = a
+            .encrypt(&mut Mech::gcm(&[3u8; 12], b""), data[0], b"still mine")
+            .unwrap_or_else(|rv| panic!("round {round}: encrypt: {}", rv_name(rv)));
+        let pt = ok(
+            a.decrypt(&mut Mech::gcm(&[3u8; 12], b""), data[0], &ct),
+            "decrypt",
+        );
+        assert_eq!(pt, b"still mine");
+        let signer: Vec<H> = find_by_label(a, &sign_label)
+            .into_iter()
+            .filter(|h| a.get_ulong(*h, CKA_CLASS) == CKO_PRIVATE_KEY)
+            .collect();
+        assert_eq!(signer.len(), 1, "round {round}: private key found once");
+        for t in [CKA_LABEL, CKA_ID, CKA_KEY_TYPE, CKA_EC_PARAMS] {
+            if let Err((rv, _)) = a.get_attr(signer[0], t) {
+                panic!(
+                    "round {round}: attribute {t:#x} of the private key: {}",
+                    rv_name(rv)
+                );
+            }
+        }
+        a.sign(&mut Mech::new(CKM_ECDSA), signer[0], &[1u8; 32])
+            .unwrap_or_else(|rv| panic!("round {round}: sign: {}", rv_name(rv)));
+        (data[0], signer[0])
+    };
+    // Found, not used, before the first logout (no facts of them cached yet).
+    assert_eq!(find_by_label(&a, &data_label).len(), 1);
+    assert_eq!(find_by_label(&a, &sign_label).len(), 2);
+    for round in 1..=3 {
+        assert_rv!(ck!(f(), C_Logout, a.h), CKR_OK, "C_Logout");
+        let mut pin = common::USER_PIN.as_bytes().to_vec();
+        assert_rv!(
+            ck!(
+                f(),
+                C_Login,
+                a.h,
+                CKU_USER,
+                pin.as_mut_ptr(),
+                pin.len() as CK_ULONG
+            ),
+            CKR_OK,
+            "C_Login"
+        );
+        use_keys(&a, round);
+        // Another session sees the same working keys.
+        let b = s();
+        use_keys(&b, round);
+    }
 }

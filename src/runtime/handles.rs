@@ -198,12 +198,29 @@ impl HandleTable {
     /// version object of it, used until the keystore names the primary.
     pub fn logical(&self, slot: CK_SLOT_ID, id: &[u8], obj: ObjectHandle) -> CK_OBJECT_HANDLE {
         let key = (slot, id.to_vec());
-        if let Some(h) = self.t.read().logical.get(&key) {
-            return *h;
+        {
+            let t = self.t.read();
+            if let Some(h) = t.logical.get(&key) {
+                if t.ours.get(h).is_some_and(|e| e.obj == obj) {
+                    return *h;
+                }
+            }
         }
         let mut t = self.t.write();
-        if let Some(h) = t.logical.get(&key) {
-            return *h;
+        if let Some(h) = t.logical.get(&key).copied() {
+            // Found again through another backend handle (the token renumbers private
+            // objects after a logout): the entry follows, or it would point to a handle
+            // the token no longer knows.
+            if let Some(e) = t.ours.get_mut(&h) {
+                if e.obj != obj {
+                    e.obj = obj;
+                    e.info = None;
+                    if e.decided {
+                        self.changed();
+                    }
+                }
+            }
+            return h;
         }
         t.next += 1;
         let h = t.next;
@@ -335,6 +352,46 @@ impl HandleTable {
         match self.t.read().ours.get(&h) {
             Some(e) if e.slot == slot => Ok((e.obj, e.info.clone(), e.cmk.is_some())),
             _ => Err(Error::Rv(invalid)),
+        }
+    }
+
+    /// The entries of `slot`: (cmkp11's handle, backend object).
+    pub fn entries_of(&self, slot: CK_SLOT_ID) -> Vec<(CK_OBJECT_HANDLE, ObjectHandle)> {
+        self.t
+            .read()
+            .ours
+            .iter()
+            .filter(|(_, e)| e.slot == slot)
+            .map(|(h, e)| (*h, e.obj))
+            .collect()
+    }
+
+    /// Forgets handles whose backend object is gone (e.g. private objects after a
+    /// logout: PKCS#11 makes their handles invalid for good, and the token may give the
+    /// same objects other handles later), logical handles included: a stale entry never
+    /// answers for an object the backend may later number the same way.
+    pub fn forget_all(&self, gone: &[CK_OBJECT_HANDLE]) {
+        if gone.is_empty() {
+            return;
+        }
+        let mut t = self.t.write();
+        let t = &mut *t;
+        let mut decided = false;
+        for h in gone {
+            if let Some(e) = t.ours.remove(h) {
+                decided |= e.decided;
+                match &e.cmk {
+                    Some(id) => {
+                        t.logical.remove(&(e.slot, id.clone()));
+                    }
+                    None => {
+                        t.backend.remove(&(e.slot, e.obj.handle()));
+                    }
+                }
+            }
+        }
+        if decided {
+            self.changed();
         }
     }
 

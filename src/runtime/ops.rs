@@ -1639,7 +1639,36 @@ impl Library {
         }
         r?;
         self.stores[s.slot_id as usize].invalidate();
+        self.forget_gone_objects(s);
         Ok(())
+    }
+
+    /// After a logout: forgets the handles of the objects the token no longer knows by
+    /// the handle cmkp11 has (private objects, whose handles PKCS#11 makes invalid for
+    /// good; private session objects, which it destroys). One attribute read per known
+    /// object of the slot; a logout is rare.
+    fn forget_gone_objects(&self, s: &Session) {
+        let gone: Vec<CK_OBJECT_HANDLE> = self
+            .objects
+            .entries_of(s.slot_id)
+            .into_iter()
+            .filter(|(_, obj)| {
+                matches!(
+                    s.backend().get_attributes(*obj, &[AttributeType::Class]),
+                    Err(cryptoki::error::Error::Pkcs11(
+                        cryptoki::error::RvError::ObjectHandleInvalid,
+                        _
+                    ))
+                )
+            })
+            .map(|(h, _)| h)
+            .collect();
+        log::debug!(
+            "slot {}: {} object handle(s) invalid after the logout",
+            s.slot_id,
+            gone.len()
+        );
+        self.objects.forget_all(&gone);
     }
 }
 
