@@ -14,7 +14,7 @@ fn the_token_takes_cmkp11s_mutexes() {
     let env = common::test_env();
     let cfg = cmkp11::config::Config::from_file(&env.cmkp11_conf).expect("config");
     let before = cmkp11::sys::locks::live_mutexes();
-    let backend = cmkp11::backend::token::Backend::open(&cfg, false).expect("open backend");
+    let backend = cmkp11::backend::token::Backend::open(&cfg, false, None).expect("open backend");
     let after_init = cmkp11::sys::locks::live_mutexes();
     assert!(
         after_init > before,

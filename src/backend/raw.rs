@@ -31,46 +31,132 @@ pub enum Kind {
     Verify,
 }
 
-/// A loaded backend's function table.
+/// A loaded backend's function table: fetched once per module and process, and used for
+/// everything (cmkp11's `C_Initialize` of the backend, cryptoki's calls and the data
+/// path). A module may hand out a new, separately initialized table per
+/// `C_GetFunctionList`/`C_GetInterface` call (p11-kit's client module does): a table that
+/// was not initialized answers `CKR_CRYPTOKI_NOT_INITIALIZED`.
 pub struct RawBackend {
     _lib: cryptoki_sys::Pkcs11,
     list: &'static CK_FUNCTION_LIST,
+    /// The interface the table came with, when the module gave it through
+    /// `C_GetInterface` (a v3.0 table); `None` for a v2.40 table.
+    interface: Option<Interface>,
 }
 
+/// A `CK_INTERFACE` whose pointers point to static data (a C string, a function table).
+struct Interface(CK_INTERFACE);
+
 // SAFETY: the function table is immutable data of the loaded module, which stays loaded
-// while `_lib` lives; PKCS#11 functions are callable from any thread (the backend was
-// initialized with CKF_OS_LOCKING_OK).
+// while `_lib` lives (forever: tables are never freed); PKCS#11 functions are callable
+// from any thread (the backend was initialized with CKF_OS_LOCKING_OK). The interface
+// points to the same table and to a static string.
 unsafe impl Send for RawBackend {}
 // SAFETY: as above.
 unsafe impl Sync for RawBackend {}
 
-/// The installed table. Each `C_Initialize` installs a new one and the old one is leaked,
-/// never freed: a thread still in a call keeps valid function pointers, and the data path
-/// reads it with one atomic load (no lock, no reference count).
+/// The installed table. The entry points read it with one atomic load (no lock, no
+/// reference count); tables are never freed, so a thread still in a call keeps valid
+/// function pointers.
 static RAW: Published<RawBackend> = Published::new();
 
+/// Tables fetched so far, by module path: one per module for the life of the process
+/// (its library stays loaded, as a backend's must: unloading SoftHSM2 would run its
+/// destructors under OpenSSL's feet), so that reinitializing allocates nothing.
+static TABLES: parking_lot::Mutex<Vec<(std::path::PathBuf, &'static RawBackend)>> =
+    parking_lot::Mutex::new(Vec::new());
+
 impl RawBackend {
-    /// Opens `module`'s table (the same instance cryptoki loaded).
-    pub fn open(module: &std::path::Path) -> Option<RawBackend> {
-        // SAFETY: loading the module the runtime has already loaded and initialized; its
-        // initializers ran then, and dlopen only takes another reference.
-        let lib = unsafe { cryptoki_sys::Pkcs11::new(module) }.ok()?;
-        let mut list: *mut CK_FUNCTION_LIST = std::ptr::null_mut();
-        // SAFETY: C_GetFunctionList writes one pointer to the module's static table.
-        let rv = unsafe { lib.C_GetFunctionList(&mut list) };
-        if rv != CKR_OK {
-            return None;
+    /// `module`'s table: fetched (and the module loaded) the first time, the same one
+    /// afterwards. Prefers the v3.0 default interface, as cryptoki does.
+    pub fn open(module: &std::path::Path) -> std::result::Result<&'static RawBackend, String> {
+        let mut tables = TABLES.lock();
+        if let Some((_, t)) = tables.iter().find(|(p, _)| p == module) {
+            return Ok(t);
         }
-        // SAFETY: on success the module returns a pointer to a table that lives as long
-        // as the module stays loaded, which `_lib` guarantees.
-        let list = unsafe { list.as_ref() }?;
-        Some(RawBackend { _lib: lib, list })
+        // SAFETY: loading a PKCS#11 module, which its configuration names.
+        let lib = unsafe { cryptoki_sys::Pkcs11::new(module) }.map_err(|e| e.to_string())?;
+        let mut interface = None;
+        if lib.C_GetInterface.is_ok() {
+            let mut i: *mut CK_INTERFACE = std::ptr::null_mut();
+            // SAFETY: C_GetInterface with no name and no version writes one pointer to the
+            // module's default interface.
+            let rv = unsafe {
+                lib.C_GetInterface(std::ptr::null_mut(), std::ptr::null_mut(), &mut i, 0)
+            };
+            // SAFETY: on success, NULL or a pointer to an interface that lives as long as
+            // the module stays loaded.
+            if let (CKR_OK, Some(i)) = (rv, unsafe { i.as_ref() }) {
+                let list = i.pFunctionList as *const CK_FUNCTION_LIST;
+                // SAFETY: every table starts with its CK_VERSION.
+                if !list.is_null() && unsafe { (*list).version.major } >= 3 {
+                    interface = Some(Interface(*i));
+                }
+            }
+        }
+        let list: *const CK_FUNCTION_LIST = match &interface {
+            Some(i) => i.0.pFunctionList as *const CK_FUNCTION_LIST,
+            None => {
+                let mut list: *mut CK_FUNCTION_LIST = std::ptr::null_mut();
+                if lib.C_GetFunctionList.is_err() {
+                    return Err("no C_GetFunctionList".into());
+                }
+                // SAFETY: C_GetFunctionList writes one pointer to a function table.
+                let rv = unsafe { lib.C_GetFunctionList(&mut list) };
+                if rv != CKR_OK {
+                    return Err(format!("C_GetFunctionList: {}", crate::error::rv::name(rv)));
+                }
+                list
+            }
+        };
+        // SAFETY: a table of the module, alive while the module stays loaded: forever,
+        // since `lib` is kept in a leaked RawBackend.
+        let list = unsafe { list.as_ref() }.ok_or("a NULL function table")?;
+        let t: &'static RawBackend = Box::leak(Box::new(RawBackend {
+            _lib: lib,
+            list,
+            interface,
+        }));
+        tables.push((module.to_path_buf(), t));
+        Ok(t)
+    }
+
+    /// The backend's `C_Initialize` through this table, with cmkp11's mutexes
+    /// ([`crate::sys::locks`]).
+    pub fn initialize(&self) -> CK_RV {
+        crate::sys::locks::initialize_list(self.list)
+    }
+
+    /// Runs `f` (which loads a cryptoki context from cmkp11's own library) while this
+    /// thread's calls of cmkp11's `C_GetInterface`/`C_GetFunctionList` answer with this
+    /// table: the context then calls the backend through this very table.
+    pub fn lend<R>(&'static self, f: impl FnOnce() -> R) -> R {
+        LENT.with(|l| l.set(Some(self)));
+        let r = f();
+        LENT.with(|l| l.set(None));
+        r
     }
 }
 
+thread_local! {
+    static LENT: std::cell::Cell<Option<&'static RawBackend>> = const { std::cell::Cell::new(None) };
+}
+
+/// The table lent to this thread by [`RawBackend::lend`], as the interface cmkp11's
+/// `C_GetInterface` then answers (NULL for a v2.40 table, which sends cryptoki to
+/// `C_GetFunctionList`) and the table its `C_GetFunctionList` answers.
+pub fn lent() -> Option<(*mut CK_INTERFACE, *mut CK_FUNCTION_LIST)> {
+    LENT.with(|l| l.get()).map(|t| {
+        let i = t.interface.as_ref().map_or(std::ptr::null_mut(), |i| {
+            &i.0 as *const CK_INTERFACE as *mut _
+        });
+        (i, t.list as *const CK_FUNCTION_LIST as *mut _)
+    })
+}
+
 /// Installs (or, with `None`, removes) the table used by the entry points.
-pub fn install(raw: Option<RawBackend>) {
-    RAW.set(raw.map(|r| &*Box::leak(Box::new(r))));
+pub fn install(raw: Option<&'static RawBackend>) {
+    RAW.set(raw);
 }
 
 /// The installed table.

@@ -1,6 +1,7 @@
 //! The backend module: loading, initializing, and its slot/token/mechanism information
 //! mirrored into the raw PKCS#11 structures cmkp11 hands to applications.
 
+use crate::backend::raw::RawBackend;
 use crate::config::Config;
 use crate::error::Result;
 use cryptoki::context::Pkcs11;
@@ -15,6 +16,9 @@ pub const MANUFACTURER: &str = "cmkp11";
 pub struct Backend {
     /// The cryptoki context.
     pub ctx: Pkcs11,
+    /// The backend's function table (the one `ctx` calls through when cmkp11 runs as a
+    /// module).
+    pub raw: &'static RawBackend,
     /// Backend slots with a token, in the order cmkp11 numbers them (slot id = index).
     pub slots: Vec<Slot>,
     /// Whether cmkp11's `C_Initialize` initialized the module (and so must finalize it).
@@ -31,19 +35,33 @@ impl Backend {
     /// so the child starts clean. Only the child's copy is affected: the parent's
     /// sessions live in the parent's memory. A fork-aware module (as network HSM clients
     /// are) accepts the child's `C_Initialize` directly and is never finalized here.
-    pub fn open(cfg: &Config, after_fork: bool) -> Result<Backend> {
-        let ctx = Pkcs11::new(&cfg.backend.module).map_err(|e| crate::error::Error::Config {
+    ///
+    /// `via`: cmkp11's own library, when it runs as a module. The backend's function
+    /// table is fetched once ([`RawBackend::open`]) and the cryptoki context is loaded
+    /// from cmkp11's library while it lends that table, so that the context, the
+    /// backend's initialization and the data path all use the one table. Without it (the
+    /// `cmkp11` command) the context loads the module itself.
+    pub fn open(cfg: &Config, after_fork: bool, via: Option<&std::path::Path>) -> Result<Backend> {
+        let config_error = |problem: String| crate::error::Error::Config {
             file: cfg
                 .source
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| "defaults".into()),
             key: "backend.module".into(),
-            problem: format!("cannot load {}: {e}", cfg.backend.module.display()),
-        })?;
+            problem,
+        };
+        let module = &cfg.backend.module;
+        let raw = RawBackend::open(module)
+            .map_err(|e| config_error(format!("cannot load {}: {e}", module.display())))?;
+        let ctx = match via {
+            Some(me) => raw.lend(|| Pkcs11::new(me)),
+            None => Pkcs11::new(module),
+        }
+        .map_err(|e| config_error(format!("cannot load {}: {e}", module.display())))?;
         // With cmkp11's mutexes (`crate::sys::locks`) and CKF_OS_LOCKING_OK.
         let initialize = || {
-            cryptoki::error::Rv::from(crate::sys::locks::initialize_module(&cfg.backend.module))
+            cryptoki::error::Rv::from(raw.initialize())
                 .into_result(cryptoki::context::Function::Initialize)
         };
         let owns_init = match initialize() {
@@ -72,6 +90,7 @@ impl Backend {
         }
         Ok(Backend {
             ctx,
+            raw,
             slots,
             owns_init,
         })

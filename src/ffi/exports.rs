@@ -85,6 +85,12 @@ pub unsafe extern "C" fn C_GetFunctionList(list: *mut *mut CK_FUNCTION_LIST) -> 
     guard("C_GetFunctionList", || {
         // SAFETY: NULL-checked output (contract).
         let list = unsafe { args::out(list)? };
+        // cmkp11 loading its backend's cryptoki context through itself: the backend's
+        // table (see `RawBackend::lend`), on that thread only and during that call only.
+        if let Some((_, backend)) = crate::backend::raw::lent() {
+            *list = backend;
+            return Ok(());
+        }
         let table = if crate::service::client::socket().is_some() {
             &CLIENT_LIST_2_40
         } else {
@@ -126,6 +132,12 @@ pub unsafe extern "C" fn C_GetInterface(
     guard("C_GetInterface", || {
         // SAFETY: NULL-checked output (contract).
         let out = unsafe { args::out(out)? };
+        // As in C_GetFunctionList: the backend's interface while it is lent to this
+        // thread (NULL for a v2.40 table, which sends the loader to C_GetFunctionList).
+        if let Some((backend, _)) = crate::backend::raw::lent() {
+            *out = backend;
+            return Ok(());
+        }
         // SAFETY: NULL or a NUL-terminated string (contract).
         let name = (!name.is_null()).then(|| unsafe { CStr::from_ptr(name as *const _) });
         // SAFETY: NULL or a valid CK_VERSION (contract).

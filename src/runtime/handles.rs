@@ -211,15 +211,8 @@ impl HandleTable {
             // Found again through another backend handle (the token renumbers private
             // objects after a logout): the entry follows, or it would point to a handle
             // the token no longer knows.
-            if let Some(e) = t.ours.get_mut(&h) {
-                if e.obj != obj {
-                    e.obj = obj;
-                    e.info = None;
-                    if e.decided {
-                        self.changed();
-                    }
-                }
-            }
+            drop(t);
+            self.repoint(h, obj);
             return h;
         }
         t.next += 1;
@@ -241,6 +234,32 @@ impl HandleTable {
             },
         );
         h
+    }
+
+    /// Points logical handle `h` at backend object `obj` (a version of its CMK), when it
+    /// pointed elsewhere.
+    pub fn repoint(&self, h: CK_OBJECT_HANDLE, obj: ObjectHandle) {
+        let mut t = self.t.write();
+        if let Some(e) = t.ours.get_mut(&h) {
+            if e.cmk.is_some() && e.obj != obj {
+                e.obj = obj;
+                e.info = None;
+                if e.decided {
+                    self.changed();
+                }
+            }
+        }
+    }
+
+    /// The logical handles of `slot` with their CMK identities.
+    pub fn logical_of(&self, slot: CK_SLOT_ID) -> Vec<(CK_OBJECT_HANDLE, Vec<u8>)> {
+        self.t
+            .read()
+            .logical
+            .iter()
+            .filter(|((s, _), _)| *s == slot)
+            .map(|((_, id), h)| (*h, id.clone()))
+            .collect()
     }
 
     /// The CMK identity of a logical handle.
@@ -368,8 +387,10 @@ impl HandleTable {
 
     /// Forgets handles whose backend object is gone (e.g. private objects after a
     /// logout: PKCS#11 makes their handles invalid for good, and the token may give the
-    /// same objects other handles later), logical handles included: a stale entry never
-    /// answers for an object the backend may later number the same way.
+    /// same objects other handles later), so that a stale entry never answers for an
+    /// object the backend may later number the same way. A CMK's logical handle is
+    /// cmkp11's, not the token's: it stays, and is pointed at the CMK's current object at
+    /// the next login ([`HandleTable::repoint`]) or find.
     pub fn forget_all(&self, gone: &[CK_OBJECT_HANDLE]) {
         if gone.is_empty() {
             return;
@@ -378,16 +399,12 @@ impl HandleTable {
         let t = &mut *t;
         let mut decided = false;
         for h in gone {
+            if t.ours.get(h).is_some_and(|e| e.cmk.is_some()) {
+                continue;
+            }
             if let Some(e) = t.ours.remove(h) {
                 decided |= e.decided;
-                match &e.cmk {
-                    Some(id) => {
-                        t.logical.remove(&(e.slot, id.clone()));
-                    }
-                    None => {
-                        t.backend.remove(&(e.slot, e.obj.handle()));
-                    }
-                }
+                t.backend.remove(&(e.slot, e.obj.handle()));
             }
         }
         if decided {

@@ -191,7 +191,7 @@ pub fn library() -> Result<&'static Library> {
 
 /// `C_Initialize` once the arguments are checked: reads the configuration, loads and
 /// initializes the backend.
-pub fn initialize() -> Result<()> {
+pub fn initialize(via: Option<&std::path::Path>) -> Result<()> {
     let mut state = STATE.write();
     let after_fork = FORKED.swap(false, Ordering::AcqRel);
     if after_fork {
@@ -206,7 +206,7 @@ pub fn initialize() -> Result<()> {
     crate::logging::init_default();
     let cfg = Config::load().inspect_err(|e| log::error!("{e}"))?;
     crate::logging::init(&cfg.log);
-    let lib: &'static Library = Box::leak(Box::new(Library::new(cfg, after_fork)?));
+    let lib: &'static Library = crate::sys::leak(Box::new(Library::open(cfg, after_fork, via)?));
     *state = Some(lib);
     CURRENT.set(Some(lib));
     Ok(())
@@ -226,6 +226,12 @@ pub fn finalize() -> Result<()> {
         None => err(CKR_CRYPTOKI_NOT_INITIALIZED),
         Some(lib) => {
             lib.close();
+            // `lib` came from `sys::leak` in `initialize` and is unpublished now (CURRENT
+            // and STATE are empty); PKCS#11 forbids calls into the library while
+            // C_Finalize runs, so no other reference is in use. Freed, so that an
+            // application that reloads the module does not grow (the audit log's and its
+            // lock's file descriptors, handle tables, keystore views).
+            drop(crate::sys::reclaim(lib));
             Ok(())
         }
     }
@@ -257,9 +263,15 @@ impl Library {
     /// Opens the configured backend: the library behind `C_Initialize`, and the one the
     /// `cmkp11` command uses directly (never through raw pointers).
     pub fn new(cfg: Config, after_fork: bool) -> Result<Library> {
+        Library::open(cfg, after_fork, None)
+    }
+
+    /// [`Library::new`]; `via` is cmkp11's own library when it runs as a module (see
+    /// [`Backend::open`]).
+    pub fn open(cfg: Config, after_fork: bool, via: Option<&std::path::Path>) -> Result<Library> {
         let settings = cfg.policy_settings();
-        let backend =
-            Backend::open(&cfg, after_fork).inspect_err(|e| log::error!("C_Initialize: {e}"))?;
+        let backend = Backend::open(&cfg, after_fork, via)
+            .inspect_err(|e| log::error!("C_Initialize: {e}"))?;
         log::info!(
             "initialized over {} with {} slot(s)",
             cfg.backend.module.display(),
@@ -356,6 +368,15 @@ impl Library {
         }
         drop(sessions);
         drop(idle);
+        // cmkp11's own sessions close before the backend is finalized: nothing of this
+        // library may call the backend afterwards (a later C_Initialize may give the
+        // same session numbers to others).
+        for store in &self.stores {
+            store.close_session();
+        }
+        if let Some(m) = &self.audit_mac {
+            m.disconnect();
+        }
         if let Err(e) = self.backend.finalize() {
             log::warn!("finalize: backend: {e}");
         }

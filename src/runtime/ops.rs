@@ -1611,6 +1611,17 @@ impl Library {
         log::debug!("slot {}: {who} logged in", s.slot_id);
         let store = &self.stores[s.slot_id as usize];
         store.invalidate();
+        // Logical handles follow their CMK's current object (renumbered by the token
+        // after a logout).
+        let logical = self.objects.logical_of(s.slot_id);
+        if !logical.is_empty() {
+            let view = self.view(s);
+            for (h, id) in logical {
+                if let Some((_, obj)) = view.cmks.get(&id).and_then(|c| c.primary()) {
+                    self.objects.repoint(h, obj);
+                }
+            }
+        }
         Ok(())
     }
 

@@ -135,6 +135,17 @@ pub fn initialize_module(module: &std::path::Path) -> CK_RV {
     unsafe { initialize((&mut args as *mut CK_C_INITIALIZE_ARGS).cast()) }
 }
 
+/// `C_Initialize` through a module's function table with [`init_args`].
+pub fn initialize_list(list: &CK_FUNCTION_LIST) -> CK_RV {
+    let Some(initialize) = list.C_Initialize else {
+        return CKR_GENERAL_ERROR;
+    };
+    let mut args = init_args();
+    // SAFETY: the arguments live through the call; the callbacks are functions of this
+    // library, which stays loaded while the backend it initializes is in use.
+    unsafe { initialize((&mut args as *mut CK_C_INITIALIZE_ARGS).cast()) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

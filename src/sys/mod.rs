@@ -92,6 +92,23 @@ impl<T: 'static> Published<T> {
     }
 }
 
+/// Leaks `v` for publication, keeping the right to free it later with [`reclaim`].
+pub fn leak<T>(v: Box<T>) -> &'static T {
+    Box::leak(v)
+}
+
+/// Frees a value made by [`leak`].
+///
+/// The caller's contract (not expressible in types, which is why this lives here): `v`
+/// came from [`leak`], is no longer published anywhere, and no reference to it is in use
+/// or will be used (for the library state: PKCS#11 forbids calls while `C_Finalize`
+/// runs, and every way to reach it was removed first).
+pub fn reclaim<T>(v: &'static T) -> Box<T> {
+    // SAFETY: `v` came from `Box::leak` in `leak` (caller's contract), so it is a unique
+    // heap allocation of a `T`; nothing uses it any more (caller's contract).
+    unsafe { Box::from_raw((v as *const T).cast_mut()) }
+}
+
 impl<T: 'static> Default for Published<T> {
     fn default() -> Self {
         Self::new()

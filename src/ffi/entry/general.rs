@@ -37,20 +37,27 @@ pub unsafe extern "C" fn C_Initialize(init_args: *mut c_void) -> CK_RV {
             }
         }
         install_atfork();
-        crate::sys::preserving_openssl_errors(runtime::initialize)?;
-        let module = runtime::library()?.cfg.backend.module.clone();
-        let table = crate::backend::raw::RawBackend::open(&module);
-        if table.is_none() {
-            log::error!(
-                "C_Initialize: cannot open the function table of {}",
-                module.display()
-            );
-            let _ = runtime::finalize();
-            return err(CKR_GENERAL_ERROR);
-        }
-        crate::backend::raw::install(table);
+        let me = own_path();
+        crate::sys::preserving_openssl_errors(|| runtime::initialize(me.as_deref()))?;
+        crate::backend::raw::install(Some(runtime::library()?.backend.raw));
         Ok(())
     })
+}
+
+/// The path of the library this code is in (cmkp11's `.so`), from the dynamic loader.
+fn own_path() -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: Dl_info is plain C data, for which all zeros is a valid value.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: dladdr only reads the loader's tables for an address of this library and
+    // fills `info`; `dli_fname` then points to a NUL-terminated string of the loader's.
+    let found = unsafe { libc::dladdr(C_Initialize as *const c_void, &mut info) };
+    if found == 0 || info.dli_fname.is_null() {
+        return None;
+    }
+    // SAFETY: non-NULL, NUL-terminated (dladdr's contract).
+    let name = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) };
+    Some(std::ffi::OsStr::from_bytes(name.to_bytes()).into())
 }
 
 /// `C_Finalize`.
