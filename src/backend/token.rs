@@ -54,8 +54,8 @@ impl Backend {
         let module = &cfg.backend.module;
         let raw = RawBackend::open(module)
             .map_err(|e| config_error(format!("cannot load {}: {e}", module.display())))?;
-        let ctx = match via {
-            Some(me) => raw.lend(|| Pkcs11::new(me)),
+        let ctx = match via.and_then(|me| raw.lend(|| Pkcs11::new(me)).ok()) {
+            Some(ctx) => Ok(ctx),
             None => Pkcs11::new(module),
         }
         .map_err(|e| config_error(format!("cannot load {}: {e}", module.display())))?;

@@ -57,7 +57,14 @@ fn own_path() -> Option<std::path::PathBuf> {
     }
     // SAFETY: non-NULL, NUL-terminated (dladdr's contract).
     let name = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) };
-    Some(std::ffi::OsStr::from_bytes(name.to_bytes()).into())
+    let path: std::path::PathBuf = std::ffi::OsStr::from_bytes(name.to_bytes()).into();
+    // Linked into a program (the service daemon) rather than loaded as a module: there
+    // is no library of cmkp11's own to load a context from.
+    let exe = std::fs::canonicalize("/proc/self/exe").ok();
+    if std::fs::canonicalize(&path).ok() == exe {
+        return None;
+    }
+    Some(path)
 }
 
 /// `C_Finalize`.
