@@ -697,13 +697,9 @@ pub fn probe(
     };
     // The module's own list (through the installed table, else the module's, which
     // dlopen shares with cryptoki's instance); cryptoki's when no table answers.
-    let own;
     let raw = match raw {
         Some(r) => Some(r),
-        None => {
-            own = super::raw::RawBackend::open(module);
-            own.as_ref()
-        }
+        None => super::raw::RawBackend::open(module).ok(),
     };
     let list: Vec<CK_MECHANISM_TYPE> = match raw.map(|r| r.mechanism_list(slot.id())) {
         Some(Ok(l)) => l,
