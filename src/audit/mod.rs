@@ -463,6 +463,13 @@ impl Auditor {
         })
     }
 
+    /// Stops using the token's MAC key: the library is closing and its backend is about
+    /// to be finalized (a checkpoint after that, when the auditor is dropped, could only
+    /// write an unauthenticated record).
+    pub fn detach_mac(&self) {
+        self.w.lock().mac = None;
+    }
+
     /// Whether records go anywhere (`audit.file` is set).
     pub fn enabled(&self) -> bool {
         self.path.is_some()

@@ -377,6 +377,7 @@ impl Library {
         if let Some(m) = &self.audit_mac {
             m.disconnect();
         }
+        self.audit.detach_mac();
         if let Err(e) = self.backend.finalize() {
             log::warn!("finalize: backend: {e}");
         }
