@@ -17,7 +17,7 @@ impl Library {
     pub fn capabilities(&self, slot_id: CK_SLOT_ID) -> Option<Arc<Capabilities>> {
         let slot = self.slot(slot_id).ok()?;
         self.caps.get(slot_id as usize, || {
-            let raw = crate::backend::raw::get();
+            let raw = Some(self.backend.raw);
             match probe::probe(
                 &self.backend.ctx,
                 &self.cfg.backend.module,

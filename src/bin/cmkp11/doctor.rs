@@ -117,7 +117,7 @@ pub fn run(g: &Global, a: DoctorArgs) -> R<u8> {
     } else {
         Depth::Session
     };
-    let caps = probe::probe(backend, &module, slot, None, depth)
+    let caps = probe::probe(backend, &module, slot, Some(lib.backend.raw), depth)
         .map_err(|e| CliError::new(format!("token `{token}`: the probe failed: {e}")))?;
     let rates = if a.bench_ms > 0 {
         probe::throughput(backend, slot, &caps, Duration::from_millis(a.bench_ms))
