@@ -275,6 +275,7 @@ pub fn spawn_daemon(conf: &Path, socket: &Path, softhsm_conf: &Path) -> std::pro
         .arg(conf)
         .env("SOFTHSM2_CONF", softhsm_conf)
         .env_remove("CMKP11_SERVICE")
+        .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start cmkp11d");
@@ -292,6 +293,16 @@ pub fn spawn_daemon(conf: &Path, socket: &Path, softhsm_conf: &Path) -> std::pro
     }
     let _ = child.kill();
     panic!("cmkp11d did not listen on {} within 30 s", socket.display());
+}
+
+/// A daemon killed when dropped (also when a test panics).
+pub struct DaemonGuard(pub std::process::Child);
+
+impl Drop for DaemonGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Service mode: starts this test process's daemon over its token and points the module
