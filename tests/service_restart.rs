@@ -90,3 +90,59 @@ fn clients_survive_a_daemon_restart() {
     daemon.wait().unwrap();
     std::mem::forget(ctx);
 }
+
+#[test]
+fn sigterm_finalizes_and_authenticates_the_audit_tail() {
+    let env = test_env();
+    let audit = env.dir.join("term-audit.log");
+    let (conf, socket) = write_daemon_config_as(
+        &env.dir,
+        "term",
+        APP_PIN,
+        &format!("\n[audit]\nfile = \"{}\"\n", audit.display()),
+    );
+    let mut daemon = spawn_daemon(&conf, &socket, &env.softhsm_conf);
+    // A client's key use: a record after the daemon's start-up ones.
+    let mut c = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let mut buf = Vec::new();
+    use cmkp11::service::proto::{self, Hello, Reply, Request, Welcome};
+    proto::send(&mut c, &Hello::Open { min: 1, max: 1 }).unwrap();
+    assert!(matches!(
+        proto::recv::<Welcome>(&mut c, &mut buf).unwrap(),
+        Welcome::Ok { .. }
+    ));
+    proto::send(
+        &mut c,
+        &Request::OpenSession {
+            slot: 0,
+            flags: cryptoki_sys::CKF_SERIAL_SESSION,
+        },
+    )
+    .unwrap();
+    let Reply::Handle(h) = proto::recv::<Reply>(&mut c, &mut buf).unwrap() else {
+        panic!("C_OpenSession")
+    };
+    proto::send(
+        &mut c,
+        &Request::Login {
+            session: h,
+            user: cryptoki_sys::CKU_USER,
+            pin: b"wrong".to_vec(),
+        },
+    )
+    .unwrap();
+    proto::recv::<Reply>(&mut c, &mut buf).unwrap();
+    // SAFETY: a signal to the daemon this test started.
+    assert_eq!(unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) }, 0);
+    let st = daemon.wait().unwrap();
+    assert!(st.success(), "cmkp11d exits 0 on SIGTERM: {st}");
+    assert!(!socket.exists(), "the socket is removed");
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let last: serde_json::Value =
+        serde_json::from_str(text.lines().last().expect("records")).unwrap();
+    assert_eq!(
+        last["op"], "checkpoint",
+        "the log ends authenticated:\n{text}"
+    );
+    assert!(text.contains("CKR_PIN_INCORRECT"), "{text}");
+}

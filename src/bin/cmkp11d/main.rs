@@ -136,9 +136,10 @@ fn prepare(path: &Path) -> Result<(Config, zeroize::Zeroizing<Vec<u8>>), String>
     Ok((cfg, pin))
 }
 
-fn listen(cfg: &Config) -> Result<std::os::unix::net::UnixListener, String> {
+/// The listening socket, and the path to remove at exit when the daemon bound it.
+fn listen(cfg: &Config) -> Result<(std::os::unix::net::UnixListener, Option<PathBuf>), String> {
     if let Some(l) = host::systemd_listener() {
-        return Ok(l);
+        return Ok((l, None));
     }
     let svc = cfg.service.as_ref().expect("checked in prepare");
     let path = &svc.socket;
@@ -167,7 +168,29 @@ fn listen(cfg: &Config) -> Result<std::os::unix::net::UnixListener, String> {
         .unwrap_or(0o666);
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("service.socket {}: chmod: {e}", path.display()))?;
-    Ok(l)
+    Ok((l, Some(path.clone())))
+}
+
+/// On SIGTERM or SIGINT: `C_Finalize` of the runtime (every session closed, the audit
+/// log's last records authenticated by a token checkpoint), the socket removed, exit 0.
+fn stop_on_signals(socket: Option<PathBuf>) -> Result<(), String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| format!("cannot handle signals: {e}"))?;
+    std::thread::Builder::new()
+        .name("cmkp11d-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                log::info!("cmkp11d: signal {sig}: stopping");
+                host::finalize();
+                if let Some(p) = socket {
+                    let _ = std::fs::remove_file(p);
+                }
+                std::process::exit(0);
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    Ok(())
 }
 
 fn run(path: &Path) -> Result<(), String> {
@@ -177,7 +200,7 @@ fn run(path: &Path) -> Result<(), String> {
     // Set while the daemon is still one thread.
     std::env::set_var("CMKP11_CONFIG", path);
     std::env::remove_var("CMKP11_SERVICE");
-    let listener = listen(&cfg)?;
+    let (listener, bound) = listen(&cfg)?;
     let rv = host::initialize();
     if rv != cryptoki_sys::CKR_OK {
         return Err(format!(
@@ -189,6 +212,7 @@ fn run(path: &Path) -> Result<(), String> {
     let server = Arc::new(Server::new(cfg)?);
     let _keep = server.login_token(&pin)?;
     drop(pin);
+    stop_on_signals(bound)?;
     log::info!("cmkp11d: serving on {}", path.display());
     eprintln!("cmkp11d: ready");
     server.serve(listener);
