@@ -15,6 +15,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use cryptoki_sys::*;
+use serial_test::serial;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -188,6 +189,7 @@ impl Raw {
 }
 
 #[test]
+#[serial]
 fn the_token_pin_is_not_an_application_credential() {
     let s = svc().ctx.open_rw_session(slot()).unwrap();
     let mut raw = Raw::open(&svc().socket);
@@ -215,6 +217,7 @@ impl RvOf for Reply {
 }
 
 #[test]
+#[serial]
 fn the_applications_own_config_changes_nothing() {
     // CMKP11_CONFIG names a file that allows plaintext import: the daemon's policy rules.
     let s = session();
@@ -238,6 +241,7 @@ fn the_applications_own_config_changes_nothing() {
 }
 
 #[test]
+#[serial]
 fn audit_records_carry_the_kernels_identity() {
     let s = session();
     let k = data_cmk(&s, "svc-audited");
@@ -298,6 +302,7 @@ fn audit_records_carry_the_kernels_identity() {
 }
 
 #[test]
+#[serial]
 fn another_clients_handles_are_not_reachable() {
     let s = session();
     let k = data_cmk(&s, "svc-mine");
@@ -402,6 +407,7 @@ fn own_session_handle() -> u64 {
 }
 
 #[test]
+#[serial]
 fn garbage_drops_only_that_connection() {
     let socket = &svc().socket;
     let s = session();
@@ -482,6 +488,7 @@ fn garbage_drops_only_that_connection() {
 }
 
 #[test]
+#[serial]
 fn wrong_application_pins_are_rate_limited_and_audited() {
     // Its own daemon over the same token: the lockout is per uid and would lock the
     // other tests of this process out of the shared one.
@@ -531,6 +538,7 @@ fn wrong_application_pins_are_rate_limited_and_audited() {
 }
 
 #[test]
+#[serial]
 fn a_broken_daemon_config_refuses_to_start_with_one_line() {
     let env = test_env();
     let cases = [
@@ -575,6 +583,7 @@ fn a_broken_daemon_config_refuses_to_start_with_one_line() {
 }
 
 #[test]
+#[serial]
 fn length_queries_take_one_round_trip_and_match() {
     // The two-call convention through the client: same answers as a one-shot call.
     let s = session();
@@ -592,6 +601,7 @@ fn length_queries_take_one_round_trip_and_match() {
 }
 
 #[test]
+#[serial]
 fn per_client_limits_hold() {
     let env = test_env();
     let (conf, socket) = write_daemon_config_full(
@@ -648,6 +658,7 @@ fn per_client_limits_hold() {
 }
 
 #[test]
+#[serial]
 fn operator_functions_are_refused_to_applications() {
     let s = svc().ctx.open_rw_session(slot()).unwrap();
     // The token's SO is an operator of the daemon, never an application.
