@@ -15,8 +15,8 @@ use serde::Serialize;
 /// `cmkp11 key` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum KeyCmd {
-    /// List the token's keys.
-    List,
+    /// List the token's keys (all of them, or those every given filter matches).
+    List(ListFilter),
     /// Show one key: state, versions, role, origin, dates.
     Show {
         /// The key's name.
@@ -97,6 +97,88 @@ pub enum KeyCmd {
     Import(import::ImportArgs),
 }
 
+/// Which keys `cmkp11 key list` shows: those that every given filter matches.
+#[derive(clap::Args, Debug, Default)]
+pub struct ListFilter {
+    /// Only keys in this state.
+    #[arg(long, value_enum)]
+    state: Option<StateFilter>,
+    /// Only keys with this role (a private key matches each of its roles).
+    #[arg(long, value_enum)]
+    role: Option<RoleFilter>,
+    /// Only keys whose whole name matches this glob (`*` any run, `?` any one byte), the
+    /// syntax of the `[[access]]` rules' `keys`.
+    #[arg(long, value_name = "GLOB")]
+    label: Option<String>,
+}
+
+/// A lifecycle state, as `--state` takes it.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFilter {
+    /// Usable.
+    Enabled,
+    /// Disabled (every use refused).
+    Disabled,
+    /// Scheduled for deletion (disabled until then).
+    PendingDeletion,
+    /// Past its deletion date, awaiting purge.
+    Destroyed,
+}
+
+impl StateFilter {
+    fn state(self) -> State {
+        match self {
+            StateFilter::Enabled => State::Enabled,
+            StateFilter::Disabled => State::Disabled,
+            StateFilter::PendingDeletion => State::PendingDeletion,
+            StateFilter::Destroyed => State::Destroyed,
+        }
+    }
+}
+
+/// A role, as `--role` takes it (the names `key list` shows).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoleFilter {
+    /// Secret keys that wrap data keys.
+    Wrap,
+    /// Secret keys that encrypt data.
+    Data,
+    /// Secret keys that compute MACs.
+    Mac,
+    /// Private keys that sign.
+    Sign,
+    /// Private keys that decrypt.
+    Decrypt,
+    /// Private keys that derive.
+    Derive,
+    /// Private keys that unwrap.
+    Unwrap,
+}
+
+impl ListFilter {
+    fn is_empty(&self) -> bool {
+        self.state.is_none() && self.role.is_none() && self.label.is_none()
+    }
+
+    /// Whether `cmk` passes the filters that need no read of the token.
+    fn admits(&self, cmk: &Cmk, now: u64) -> bool {
+        self.state.is_none_or(|s| cmk.state(now) == s.state())
+            && self
+                .label
+                .as_deref()
+                .is_none_or(|g| cmkp11::policy::access::glob(g, &cmk.name()))
+    }
+
+    /// Whether the key's role matches `--role`.
+    fn admits_role(&self, k: &KeyInfo) -> bool {
+        use clap::ValueEnum;
+        self.role.is_none_or(|r| {
+            let want = r.to_possible_value().map(|v| v.get_name().to_string());
+            k.role.split('+').any(|x| Some(x) == want.as_deref())
+        })
+    }
+}
+
 /// Why a key past its deletion date cannot be acted on.
 fn destroyed_text(cmk: &Cmk, token: &str) -> String {
     format!(
@@ -111,7 +193,7 @@ fn destroyed_text(cmk: &Cmk, token: &str) -> String {
 pub fn run(g: &Global, cmd: KeyCmd) -> R<()> {
     let ctx = Ctx::open(g)?;
     match cmd {
-        KeyCmd::List => list(&ctx),
+        KeyCmd::List(filter) => list(&ctx, &filter),
         KeyCmd::Show { name } => {
             let cmk = ctx.cmk(&name)?;
             print_key(&ctx, &key_info(&ctx, &cmk)?)
@@ -143,20 +225,32 @@ pub fn run(g: &Global, cmd: KeyCmd) -> R<()> {
     }
 }
 
-fn list(ctx: &Ctx) -> R<()> {
+fn list(ctx: &Ctx, filter: &ListFilter) -> R<()> {
     let view = ctx.view();
+    let now = keystore::now();
     let mut keys = Vec::new();
-    for cmk in view.cmks.values() {
-        keys.push(key_info(ctx, cmk)?);
+    for cmk in view.cmks.values().filter(|c| filter.admits(c, now)) {
+        let k = key_info(ctx, cmk)?;
+        if filter.admits_role(&k) {
+            keys.push(k);
+        }
     }
     keys.sort_by(|a, b| a.name.cmp(&b.name));
     if ctx.g.json {
         return output::json(&keys);
     }
-    if keys.is_empty() {
+    if keys.is_empty() && filter.is_empty() {
         println!(
             "no keys on token `{}`; create one with `cmkp11 key create NAME`",
             ctx.token
+        );
+        return Ok(());
+    }
+    if keys.is_empty() {
+        println!(
+            "no keys on token `{}` match the filters ({} keys in all)",
+            ctx.token,
+            view.cmks.len()
         );
         return Ok(());
     }
