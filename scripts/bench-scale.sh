@@ -20,6 +20,8 @@
 #   latency        GCM/KWP/ECDSA every call timed (p99.9, max) through cmkp11, quiet and
 #                  while another process rotates, disables and enables keys (the CLI)
 #   cli            `cmkp11 key list` (table and --json) and `cmkp11 key show`
+#   tight          on a second token with one CMK and one EC key pair: find by label, and
+#                  ECDSA with the key found before the loop (per-call cost at small scale)
 #
 # Usage: scripts/bench-scale.sh [--n N] [--rounds R] [--seconds S] [--skip-bench]
 # Environment: SOFTHSM2_MODULE, CARGO_TARGET_DIR, BENCH_CACHE, KEEP=1 (keep the work dir).
@@ -145,6 +147,20 @@ wait "$churn_pid" 2>/dev/null || true
 churn_pid=
 echo "- latency quiet (SoftHSM2 directly):"
 for c in gcm kwp ecdsa; do echo "  - $("$scale" latency --module "$softhsm" "${common[@]}" --case $c --seconds "$seconds")"; done
+
+echo "## Tight small-scale cases: a token with one CMK and one EC key pair"
+# A find that matches one key among few (the independent benchmark's ~90k finds/s case)
+# and a sign with a key already found.
+mkdir "$work/small" "$work/small/tokens"
+conf "$work/small"
+softhsm2-util --init-token --free --label "$token" --so-pin 12345678 --pin "$pin" >/dev/null
+"$scale" proto --module "$module_a" "${common[@]}" --label tight-00000 >/dev/null
+"$scale" ec --module "$module_a" "${common[@]}" >/dev/null
+for _ in $(seq "$rounds"); do
+    both find --prefix tight- --n 1 --seconds "$seconds"
+    both latency --case ecdsa --seconds "$seconds"
+done
+conf "$work"
 
 if [ "$skip_bench" = 0 ]; then
     echo "## cmkp11-bench cases over the token with $n CMKs"

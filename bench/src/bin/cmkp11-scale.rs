@@ -9,6 +9,7 @@
 //! - `populate --proto L --n N --prefix P`: copies the proto's template (as the token
 //!   holds it, cmkp11's id layout included) into N more keys generated in the token, labels
 //!   `P00000`..; run through SoftHSM2 directly, it makes N CMKs at SoftHSM2's own rate.
+//! - `ec`: makes the EC P-256 key pair `cmkp11-bench-ec` through the module.
 //! - `count`: how many token secret keys the module shows (cmkp11: one per CMK).
 //! - `create --count K`: K CMK creations (token AES keys, the application's template),
 //!   timed; the keys are left in place (the script works on a copy of the cached token).
@@ -376,6 +377,34 @@ fn run() -> R<String> {
             format!("{{\"proto\":{l:?}}}")
         }
         "populate" => populate(&a, &s)?,
+        "ec" => {
+            // The EC P-256 key pair of `cmkp11-bench --setup` (for `latency --case ecdsa`).
+            if s.find_objects(&[label("cmkp11-bench-ec")])
+                .map_err(e("find"))?
+                .is_empty()
+            {
+                let p256 = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+                s.generate_key_pair(
+                    &Mechanism::EccKeyPairGen,
+                    &[
+                        Attribute::EcParams(p256),
+                        Attribute::Token(true),
+                        Attribute::Verify(true),
+                        label("cmkp11-bench-ec-pub"),
+                    ],
+                    &[
+                        Attribute::Token(true),
+                        Attribute::Private(true),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(false),
+                        Attribute::Sign(true),
+                        label("cmkp11-bench-ec"),
+                    ],
+                )
+                .map_err(e("C_GenerateKeyPair"))?;
+            }
+            "{\"ec\":\"cmkp11-bench-ec\"}".to_string()
+        }
         "count" => {
             let n = s
                 .find_objects(&[
