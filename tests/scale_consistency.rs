@@ -238,7 +238,12 @@ fn the_view_agrees_with_the_token_at_scale() {
             vec!["key".into(), "create".into(), format!("killed-{i}")]
         };
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut child = env.command(&args).spawn().unwrap();
+        let mut child = env
+            .command(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(run * (i + 2) / 8);
         let _ = child.kill();
         child.wait().unwrap();
