@@ -8,8 +8,8 @@
 //! cmkp11 (at SoftHSM2's own rate; through cmkp11 it would take minutes). One test in this
 //! file: it sets `SOFTHSM2_CONF` for its own process.
 //!
-//! `CMKP11_SCALE_KEYS` overrides the number of keys (default 1,000, so that the test stays
-//! near a minute on a 2-core machine; 2,000 and more work the same way, only slower).
+//! `CMKP11_SCALE_KEYS` overrides the number of keys (default 400, so that CI stays lean; the
+//! issue asks 2,000 and more, which work the same way, only slower).
 
 mod cli_support;
 
@@ -133,7 +133,7 @@ fn keys() -> usize {
     std::env::var("CMKP11_SCALE_KEYS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1000)
+        .unwrap_or(400)
 }
 
 fn name(i: usize) -> String {
