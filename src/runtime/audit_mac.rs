@@ -236,7 +236,22 @@ impl TokenMac for TokenAuditMac {
     }
 
     fn load_checkpoint(&self) -> Result<Option<Vec<u8>>, u64> {
-        self.with(|o| Ok(self.checkpoints(&o.s)?.pop().map(|(_, _, v)| v)))
+        self.with(|o| {
+            // The checkpoint is a private object: a session that is not logged in (the
+            // application's last session closed) sees none, which must not read as "the
+            // checkpoint was destroyed".
+            use cryptoki::session::SessionState as S;
+            match o.s.get_session_info()?.session_state() {
+                S::RoUser | S::RwUser => {}
+                _ => {
+                    return Err(cryptoki::error::Error::Pkcs11(
+                        cryptoki::error::RvError::UserNotLoggedIn,
+                        cryptoki::context::Function::FindObjects,
+                    ))
+                }
+            }
+            Ok(self.checkpoints(&o.s)?.pop().map(|(_, _, v)| v))
+        })
     }
 
     fn key_existed(&self) -> Result<bool, u64> {
