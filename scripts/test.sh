@@ -5,7 +5,8 @@
 #
 # Steps: setup (packages), rustfmt, clippy, shellcheck, header freshness (cbindgen), Rust tests, the
 # release build, the demo on a throw-away token, and the client end-to-end suite
-# (scripts/e2e/run.sh) through target/release/libcmkp11.so. Every step runs even when an
+# (scripts/e2e/run.sh) through target/release/libcmkp11.so, and the Debian package
+# (scripts/test-package.sh: build, install, smoke test through the installed service, purge). Every step runs even when an
 # earlier one failed (except those that need the build); the exit status is non-zero if
 # any step failed.
 set -uo pipefail
@@ -118,9 +119,13 @@ step "service tests" env CMKP11_TEST_SERVICE=1 cargo test --no-fail-fast \
 if step "release build" cargo build --release --lib --bins --example demo; then
     step demo run_demo
     step e2e bash scripts/e2e/run.sh --module "$(cmk_module_path release)"
+    # Last: it installs the .deb system-wide (then purges it), which would change what
+    # the steps above see (/etc/cmkp11/cmkp11.toml sends every application to the daemon).
+    step package bash scripts/test-package.sh
 else
     skipped demo "release build failed"
     skipped e2e "release build failed"
+    skipped package "release build failed"
 fi
 
 failed=0

@@ -40,6 +40,8 @@ mod signing;
 
 // The `audit` subcommand (audit issue): its own module, parsed and dispatched here.
 mod audit;
+#[path = "../common/man.rs"]
+mod man;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -96,6 +98,12 @@ enum Cmd {
     /// that disables, a quick throughput check (exit status 1 when something needed is
     /// missing).
     Doctor(doctor::DoctorArgs),
+    /// Write the man pages of `cmkp11` and its subcommands into a directory (packaging).
+    #[command(hide = true)]
+    Man {
+        /// The directory (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -136,6 +144,13 @@ fn run(cli: Cli) -> R<()> {
         Cmd::Key { cmd } => keys::run(&g, cmd),
         Cmd::Encrypt(a) => envelope::encrypt(&g, a),
         Cmd::Decrypt(a) => envelope::decrypt(&g, a),
+        Cmd::Man { dir } => {
+            use clap::CommandFactory;
+            let n = man::write_all(Cli::command(), &dir)
+                .map_err(|e| CliError::new(format!("{}: {e}", dir.display())))?;
+            eprintln!("cmkp11: {n} man pages written to {}", dir.display());
+            Ok(())
+        }
         Cmd::Audit(_) | Cmd::Doctor(_) => unreachable!("dispatched by main"),
     }
 }

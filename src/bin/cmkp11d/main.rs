@@ -10,7 +10,10 @@
 //! cmkp11d hash-pin                               read an application PIN on stdin, print its hash
 //! ```
 
-use clap::{Parser, Subcommand};
+#[path = "../common/man.rs"]
+mod man;
+
+use clap::{CommandFactory, Parser, Subcommand};
 use cmkp11::config::Config;
 use cmkp11::daemon::{host, server::Server};
 use std::io::Read;
@@ -39,12 +42,25 @@ enum Cmd {
     /// Read an application PIN on standard input and print its Argon2 hash for
     /// `[[clients]] pin_hash`.
     HashPin,
+    /// Write the man pages of `cmkp11d` into a directory (packaging).
+    #[command(hide = true)]
+    Man {
+        /// The directory (created if missing).
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Some(Cmd::HashPin) => hash_pin(),
+        Some(Cmd::Man { dir }) => match man::write_all(Cli::command(), &dir) {
+            Ok(n) => {
+                eprintln!("cmkp11d: {n} man pages written to {}", dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => refuse(&format!("{}: {e}", dir.display())),
+        },
         Some(Cmd::Check) => match prepare(&config_path(cli.config)) {
             Ok(_) => {
                 println!("cmkp11d: configuration is valid");
