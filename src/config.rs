@@ -34,6 +34,9 @@ pub struct Config {
     /// Access rules, in order.
     #[serde(default)]
     pub access: Vec<Access>,
+    /// Rate limits per key and client (`[[rate_limit]]`).
+    #[serde(default)]
+    pub rate_limit: Vec<crate::policy::rate::RateLimit>,
     /// Service mode (`cmkp11d` and the client mode of the module).
     #[serde(default)]
     pub service: Option<Service>,
@@ -69,6 +72,14 @@ pub struct Service {
     /// credentials and the access rules decide, not the file mode).
     #[serde(default)]
     pub socket_mode: Option<String>,
+    /// Daemon only: seconds between two runs of the daemon's own purge of keys past their
+    /// deletion date (0: no timer; `cmkp11 key purge` then stays the only way).
+    #[serde(default = "default_purge_interval")]
+    pub purge_interval: u64,
+}
+
+fn default_purge_interval() -> u64 {
+    60
 }
 
 fn default_max_sessions() -> usize {
@@ -340,6 +351,9 @@ impl Config {
         if let Err((i, problem)) = crate::policy::access::validate(&self.access) {
             return bad(&format!("access[{i}]"), problem);
         }
+        if let Err((i, problem)) = crate::policy::rate::validate(&self.rate_limit) {
+            return bad(&format!("rate_limit[{i}]"), problem);
+        }
         for (i, c) in self.clients.iter().enumerate() {
             if !c.pin_hash.starts_with("$argon2") {
                 return bad(
@@ -354,6 +368,15 @@ impl Config {
         if let Some(svc) = &self.service {
             if svc.max_sessions == 0 || svc.max_objects == 0 || svc.max_connections == 0 {
                 return bad("service", "limits must be at least 1".into());
+            }
+            if svc.purge_interval > 86_400 {
+                return bad(
+                    "service.purge_interval",
+                    format!(
+                        "{} s is more than a day (86400); 0 turns the timer off",
+                        svc.purge_interval
+                    ),
+                );
             }
             if let Some(m) = &svc.socket_mode {
                 if u32::from_str_radix(m, 8).map_or(true, |m| m > 0o777) {

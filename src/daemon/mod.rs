@@ -6,7 +6,9 @@
 //! - [`host`]: runs each call through cmkp11's own function table in this process, so
 //!   both modes share one runtime, one policy and one audit path. Its raw buffers are
 //!   the only `unsafe` code here.
+//! - [`purge`]: the daemon's own timer that destroys keys past their deletion date.
 
 #[allow(unsafe_code)]
 pub mod host;
+pub mod purge;
 pub mod server;

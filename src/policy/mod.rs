@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod mechanisms;
+pub mod rate;
 pub mod templates;
 
 use cryptoki_sys::*;

@@ -111,6 +111,12 @@ impl Library {
 
     /// Destroys every key whose deletion date has passed; returns their names.
     pub fn purge(&self, s: &Session) -> Result<Vec<String>> {
+        self.purge_by(s, None)
+    }
+
+    /// [`Library::purge`], with `reason` in each audit record (who asked: the daemon's
+    /// purge timer names itself).
+    pub fn purge_by(&self, s: &Session, reason: Option<&str>) -> Result<Vec<String>> {
         if !s.rw {
             return err(CKR_SESSION_READ_ONLY);
         }
@@ -129,6 +135,7 @@ impl Library {
         for name in names.as_deref().unwrap_or(&[]) {
             let mut rec = crate::audit::Record::new("purge", rv);
             rec.key = Some(name.clone());
+            rec.reason = reason.map(str::to_string);
             let _ = self.audit_record(s, rec);
         }
         names

@@ -89,6 +89,8 @@ pub struct Library {
     pub probed: RwLock<std::collections::HashSet<(CK_SLOT_ID, u8, crate::backend::mech::Mech)>>,
     /// Each slot's capabilities record, probed when first needed (see [`caps`]).
     pub caps: crate::backend::probe::Cache,
+    /// The `[[rate_limit]]` buckets of this process.
+    pub rate: crate::policy::rate::Limiter,
 }
 
 /// A thread's last session lookup (see [`Library::session`]).
@@ -328,6 +330,7 @@ impl Library {
             probed: RwLock::new(std::collections::HashSet::new()),
             caps: crate::backend::probe::Cache::new(backend.slots.len()),
             ivs: iv::IvSource::new(),
+            rate: crate::policy::rate::Limiter::default(),
             cfg,
             backend,
             sessions: RwLock::new(sessions),

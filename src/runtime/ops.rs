@@ -267,7 +267,8 @@ impl Library {
             self.audit_use(s, op, mech, &d.info, d.version)?;
             return Ok(super::session::Keys::from_slice(&d.objects));
         }
-        let remember = self.cfg.access.is_empty();
+        // Access rules depend on the time of day, rate limits on every use: decided anew.
+        let remember = self.cfg.access.is_empty() && self.cfg.rate_limit.is_empty();
         if remember && s.decided.as_ref().is_none_or(|d| d.key != h) {
             // Before the epoch is read: a change to the key's entry from now on voids it.
             self.objects.mark_decided(h);
@@ -388,6 +389,22 @@ impl Library {
             let caller = peer.as_ref().unwrap_or(&self.caller);
             policy::access::check(&self.cfg.access, &info.label, op.name(), caller, now)
                 .map_err(|reason| (policy::access::DENIED, reason))?;
+        }
+        if !self.cfg.rate_limit.is_empty() {
+            // Counted last: a use another rule refuses costs nothing.
+            let uid = crate::sys::peer::current().map_or(self.caller.uid, |p| p.uid);
+            self.rate
+                .check(
+                    &self.cfg.rate_limit,
+                    &info.label,
+                    op.name(),
+                    uid,
+                    std::time::Instant::now(),
+                )
+                .map_err(|reason| {
+                    log::warn!("refused {} with `{}`: {reason}", op.name(), info.label);
+                    (policy::rate::REFUSED, reason)
+                })?;
         }
         Ok((objects, version, Some(generation)))
     }

@@ -225,10 +225,13 @@ fn run(path: &Path) -> Result<(), String> {
             cmkp11::backend::rv::name(rv)
         ));
     }
+    let interval = cfg.service.as_ref().map_or(0, |s| s.purge_interval);
     let server = Arc::new(Server::new(cfg)?);
     let _keep = server.login_token(&pin)?;
     drop(pin);
     stop_on_signals(bound)?;
+    cmkp11::daemon::purge::start(std::time::Duration::from_secs(interval))
+        .map_err(|e| format!("cannot start the purge timer: {e}"))?;
     log::info!("cmkp11d: serving on {}", path.display());
     eprintln!("cmkp11d: ready");
     server.serve(listener);
