@@ -168,6 +168,18 @@ pub struct Keys {
     /// Rotation period used by `cmkp11 key rotate --due` (0: never).
     #[serde(default)]
     pub rotation_period_days: u32,
+    /// AES-GCM encryptions one version of a CMK may make before cmkp11 rotates the key
+    /// (NIST SP 800-38D: at most 2^32 with random IVs).
+    #[serde(default = "default_gcm_limit")]
+    pub gcm_invocation_limit: u64,
+}
+
+/// The default of `keys.gcm_invocation_limit`: 4e9, below 2^32 with a margin for the
+/// blocks that processes reserve and may leave unused.
+pub const DEFAULT_GCM_LIMIT: u64 = 4_000_000_000;
+
+fn default_gcm_limit() -> u64 {
+    DEFAULT_GCM_LIMIT
 }
 
 fn default_window() -> u32 {
@@ -183,6 +195,7 @@ impl Default for Keys {
             deletion_window_days: default_window(),
             default_role: default_role(),
             rotation_period_days: 0,
+            gcm_invocation_limit: DEFAULT_GCM_LIMIT,
         }
     }
 }
@@ -340,6 +353,15 @@ impl Config {
             return bad(
                 "keys.deletion_window_days",
                 format!("{} is outside 1..=365", self.keys.deletion_window_days),
+            );
+        }
+        if !(1..=1u64 << 32).contains(&self.keys.gcm_invocation_limit) {
+            return bad(
+                "keys.gcm_invocation_limit",
+                format!(
+                    "{} is outside 1..=4294967296 (NIST SP 800-38D: 2^32 with random IVs)",
+                    self.keys.gcm_invocation_limit
+                ),
             );
         }
         if !["wrap", "data", "mac"].contains(&self.keys.default_role.as_str()) {

@@ -482,6 +482,7 @@ pub fn purge(s: &Session, view: &View) -> Result<Vec<String>> {
                 s.destroy_object(obj)?;
             }
         }
+        super::counter::forget(s, &cmk.id);
         purged.push(cmk.name());
     }
     for obj in &view.orphan_records {

@@ -19,6 +19,7 @@
 //! identity is their `CKA_ID` (or label when they have none), left exactly as the
 //! application set it, since clients pair keys and certificates by it.
 
+pub mod counter;
 pub mod lifecycle;
 
 use crate::error::Result;

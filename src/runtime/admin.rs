@@ -131,6 +131,7 @@ impl Library {
         }
         let names = lifecycle::purge(s.backend(), &view);
         self.stores[s.slot_id as usize].invalidate();
+        self.gcm.forget();
         let rv = names.as_ref().map_or_else(Error::rv, |_| CKR_OK);
         for name in names.as_deref().unwrap_or(&[]) {
             let mut rec = crate::audit::Record::new("purge", rv);

@@ -39,6 +39,7 @@
 pub mod admin;
 pub mod audit_mac;
 pub mod caps;
+pub mod gcm_limit;
 pub mod handles;
 pub mod iv;
 pub mod ops;
@@ -91,6 +92,8 @@ pub struct Library {
     pub caps: crate::backend::probe::Cache,
     /// The `[[rate_limit]]` buckets of this process.
     pub rate: crate::policy::rate::Limiter,
+    /// The AES-GCM invocation counts of this process (see [`gcm_limit`]).
+    pub gcm: gcm_limit::Counters,
 }
 
 /// A thread's last session lookup (see [`Library::session`]).
@@ -331,6 +334,7 @@ impl Library {
             caps: crate::backend::probe::Cache::new(backend.slots.len()),
             ivs: iv::IvSource::new(),
             rate: crate::policy::rate::Limiter::default(),
+            gcm: gcm_limit::Counters::default(),
             cfg,
             backend,
             sessions: RwLock::new(sessions),

@@ -199,8 +199,12 @@ impl Library {
         op: Op,
         mech: CK_MECHANISM_TYPE,
     ) -> Result<Key> {
-        self.use_key_with(s, h, invalid, op, mech)
-            .map(|(k, _, _)| k)
+        match self.use_key_with(s, h, invalid, op, mech) {
+            Ok((k, _, _)) => Ok(k),
+            // Only `crypto_decide` decides again after an automatic rotation.
+            Err(Error::Rv(super::gcm_limit::DECIDE_AGAIN)) => err(CKR_FUNCTION_FAILED),
+            Err(e) => Err(e),
+        }
     }
 
     /// [`Library::use_key`], also returning the version used and, for a CMK, the
@@ -216,6 +220,7 @@ impl Library {
         let (obj, info) = s.key_info(self, h, invalid)?;
         match self.decide(s, h, obj, &info, op, mech) {
             Ok((objects, version, view)) => {
+                self.gcm_gate(s, op, mech, &info, objects.first().copied())?;
                 self.audit_use(s, op, mech, &info, version)?;
                 Ok((Key { objects, info }, version, view))
             }
@@ -264,6 +269,7 @@ impl Library {
         mech: CK_MECHANISM_TYPE,
     ) -> Result<super::session::Keys> {
         if let Some(d) = self.reusable(s, h, op, mech) {
+            self.gcm_gate(s, op, mech, &d.info, d.objects.first().copied())?;
             self.audit_use(s, op, mech, &d.info, d.version)?;
             return Ok(super::session::Keys::from_slice(&d.objects));
         }
@@ -517,6 +523,27 @@ impl Library {
         ty: CK_MECHANISM_TYPE,
         key: CK_OBJECT_HANDLE,
     ) -> Result<super::session::Keys> {
+        match self.crypto_decide_once(s, kind, ty, key) {
+            // The AES-GCM limit of the key's version was reached and the key rotated:
+            // decided again, with the new version (see `gcm_limit`).
+            Err(Error::Rv(super::gcm_limit::DECIDE_AGAIN)) => {
+                s.decided = None;
+                match self.crypto_decide_once(s, kind, ty, key) {
+                    Err(Error::Rv(super::gcm_limit::DECIDE_AGAIN)) => err(CKR_FUNCTION_FAILED),
+                    r => r,
+                }
+            }
+            r => r,
+        }
+    }
+
+    fn crypto_decide_once(
+        &self,
+        s: &mut Session,
+        kind: Kind,
+        ty: CK_MECHANISM_TYPE,
+        key: CK_OBJECT_HANDLE,
+    ) -> Result<super::session::Keys> {
         if s.active(kind) {
             return err(CKR_OPERATION_ACTIVE);
         }
@@ -535,9 +562,10 @@ impl Library {
         };
         // Only authenticated decryption may try older versions (and only single-part).
         let all = kind == Kind::Decrypt && ty == CKM_AES_GCM;
-        Ok(match self.reusable(s, key, op, ty) {
+        let keys = match self.reusable(s, key, op, ty) {
             // The hot path: a repeated `*Init`, in a few instructions.
             Some(d) => {
+                self.gcm_gate(s, op, ty, &d.info, d.objects.first().copied())?;
                 self.audit_use(s, op, ty, &d.info, d.version)?;
                 match d.objects.as_slice() {
                     // One object to use (a key of one version, or a use that takes only
@@ -553,7 +581,8 @@ impl Library {
                 }
                 k
             }
-        })
+        };
+        Ok(keys)
     }
 
     /// Whether cmkp11 writes the IV of this `C_EncryptInit` itself, and how long it is:
