@@ -2,7 +2,7 @@
 
 use crate::backend::mech::{param_kind, Bytes, Mech, Param, ParamKind};
 use crate::error::{err, Result};
-use crate::policy::templates::{RawAttr, ShortTemplate};
+use crate::policy::templates::{RawAttr, ShortTemplate, SHORT_MAX};
 use crate::runtime::session::Delivery;
 use cryptoki::object::{Attribute, AttributeType};
 use cryptoki_sys::*;
@@ -174,37 +174,181 @@ unsafe fn owned(p: *const u8, len: CK_ULONG) -> Result<Vec<u8>> {
         .map_err(|_| crate::error::Error::Rv(CKR_MECHANISM_PARAM_INVALID))
 }
 
-/// The application's mechanism as it is, for the shapes of the data path (no parameter,
-/// a 16-byte IV, `CK_GCM_PARAMS`), after exactly the checks [`mechanism`] makes: the
-/// backend's `*Init` then reads the parameter where the application put it, during the
-/// application's own call (as a forwarding layer should), and the hot path copies and
-/// converts nothing. `None` for the other shapes: parse them with [`mechanism`].
+/// The application's `CK_MECHANISM`, read once by value: every later check and use reads
+/// this copy, so a second thread of the application that rewrites the structure during
+/// the call changes nothing cmkp11 decided on. `None` for NULL.
 ///
 /// # Safety
-/// As for [`mechanism`].
-pub unsafe fn direct_mechanism(p: *const CK_MECHANISM) -> Result<Option<Direct>> {
-    // SAFETY: caller contract.
-    let Some(m) = (unsafe { p.as_ref() }) else {
-        return err(CKR_ARGUMENTS_BAD);
-    };
-    let mut tag = 0;
-    // SAFETY: the checks read the parameter only as `mechanism` does (caller contract).
-    unsafe {
-        match param_kind(m.mechanism) {
-            None => return err(CKR_MECHANISM_INVALID),
-            Some(ParamKind::None) => no_param(m)?,
-            Some(ParamKind::Iv16) => drop(param::<[u8; 16]>(m)?),
-            // At most 128 bits, whole bytes (checked).
-            Some(ParamKind::Gcm) => tag = (gcm(m)?.0.ulTagBits / 8) as u8,
-            Some(_) => return Ok(None),
+/// `p` NULL or valid for reads of a `CK_MECHANISM`.
+pub unsafe fn read_mechanism(p: *const CK_MECHANISM) -> Option<CK_MECHANISM> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: non-NULL and valid (contract); read by value, whatever its alignment.
+    Some(unsafe { std::ptr::read_unaligned(p) })
+}
+
+/// A data-path mechanism (no parameter, a 16-byte IV, `CK_GCM_PARAMS`), copied out of the
+/// application's memory before anything is decided ([`direct_mechanism`]): the type, the
+/// parameter structure and the IV bytes are cmkp11's, and the backend's `*Init` reads
+/// them from here ([`Direct::raw`]). Only AES-GCM's additional data stays where the
+/// application put it: it is data, like the plaintext, that no decision reads.
+pub struct Direct {
+    ty: CK_MECHANISM_TYPE,
+    /// For `CK_GCM_PARAMS`, the tag's length in bytes; else 0.
+    pub tag: u8,
+    param: DirectParam,
+    /// The application's IV buffer and its length, as read once (for a module IV).
+    app_iv: (*mut u8, CK_ULONG),
+}
+
+/// The parameter of a [`Direct`], owned.
+enum DirectParam {
+    None,
+    Iv16([u8; 16]),
+    Gcm { g: CK_GCM_PARAMS, iv: Bytes },
+}
+
+impl Direct {
+    /// The mechanism's type.
+    #[inline]
+    pub fn ty(&self) -> CK_MECHANISM_TYPE {
+        self.ty
+    }
+
+    /// The `CK_MECHANISM` for the backend, pointing into `self` (which must not move
+    /// until the backend call returns).
+    #[inline]
+    pub fn raw(&mut self) -> CK_MECHANISM {
+        let (p, len): (*mut std::ffi::c_void, usize) = match &mut self.param {
+            DirectParam::None => (std::ptr::null_mut(), 0),
+            DirectParam::Iv16(iv) => (iv.as_mut_ptr().cast(), iv.len()),
+            DirectParam::Gcm { g, iv } => {
+                g.pIv = iv.as_mut_ptr();
+                ((g as *mut CK_GCM_PARAMS).cast(), size_of::<CK_GCM_PARAMS>())
+            }
+        };
+        CK_MECHANISM {
+            mechanism: self.ty,
+            pParameter: p,
+            ulParameterLen: len as CK_ULONG,
         }
     }
-    Ok(Some(Direct { mech: *m, tag }))
+
+    /// The IV of cmkp11's copy for cmkp11 to write an IV of its own into (see
+    /// `Library::module_iv`): the application's IV buffer must be `len` bytes
+    /// (`CKR_MECHANISM_PARAM_INVALID` otherwise). [`Direct::write_back_iv`] then gives
+    /// the application the IV the backend used.
+    pub fn module_iv(&mut self, len: usize) -> Result<&mut [u8]> {
+        let (p, n) = self.app_iv;
+        let iv: Option<&mut [u8]> = match &mut self.param {
+            DirectParam::Iv16(iv) => Some(iv),
+            DirectParam::Gcm { iv, .. } => Some(iv),
+            DirectParam::None => None,
+        };
+        match iv {
+            Some(iv) if !p.is_null() && n as usize == len && iv.len() == len => Ok(iv),
+            _ => {
+                log::warn!(
+                    "C_EncryptInit refused: cmkp11 generates the IV for this key and writes it into the {len}-byte IV buffer of the mechanism parameter; this one is {n} bytes"
+                );
+                err(CKR_MECHANISM_PARAM_INVALID)
+            }
+        }
+    }
+
+    /// Copies the IV of cmkp11's copy into the application's IV buffer (after
+    /// [`Direct::module_iv`]).
+    ///
+    /// # Safety
+    /// The application's IV buffer, as read once, writable for its length (PKCS#11
+    /// declares it `CK_BYTE_PTR`; modules generating IVs write it back).
+    pub unsafe fn write_back_iv(&self) {
+        let iv: &[u8] = match &self.param {
+            DirectParam::Iv16(iv) => iv,
+            DirectParam::Gcm { iv, .. } => iv,
+            DirectParam::None => return,
+        };
+        let (p, n) = self.app_iv;
+        if !p.is_null() && n as usize == iv.len() {
+            // SAFETY: the application's buffer of `n` bytes (contract), not cmkp11's.
+            unsafe { std::ptr::copy_nonoverlapping(iv.as_ptr(), p, iv.len()) };
+        }
+    }
+
+    /// The mechanism as owned data (for a retry under an older CMK version): cmkp11's
+    /// copy, with the additional data read once more as data.
+    ///
+    /// # Safety
+    /// The additional data's buffer, as read once, valid for its length (contract).
+    pub unsafe fn to_mech(&self) -> Result<Mech> {
+        let param = match &self.param {
+            DirectParam::None => Param::None,
+            DirectParam::Iv16(iv) => Param::Iv16(*iv),
+            DirectParam::Gcm { g, iv } => Param::Gcm {
+                iv: iv.clone(),
+                // SAFETY: forwarded contract; checked for NULL with a length at the read.
+                aad: Bytes::from_slice(unsafe { bytes(g.pAAD, g.ulAADLen)? }),
+                tag_bits: g.ulTagBits,
+            },
+        };
+        Ok(Mech { ty: self.ty, param })
+    }
+}
+
+/// The application's mechanism (read once, [`read_mechanism`]) copied for the shapes of
+/// the data path (no parameter, a 16-byte IV, `CK_GCM_PARAMS`), after exactly the checks
+/// [`mechanism`] makes; the hot path copies a few dozen bytes and allocates nothing (an
+/// IV up to 32 bytes stays inline). `None` for the other shapes: parse them with
+/// [`mechanism_of`].
+///
+/// # Safety
+/// As for [`mechanism_of`].
+pub unsafe fn direct_mechanism(m: Option<&CK_MECHANISM>) -> Result<Option<Direct>> {
+    let Some(m) = m else {
+        return err(CKR_ARGUMENTS_BAD);
+    };
+    let none = (std::ptr::null_mut(), 0);
+    // SAFETY: the checks read the parameter only as `mechanism` does (caller contract).
+    let (param, tag, app_iv) = unsafe {
+        match param_kind(m.mechanism) {
+            None => return err(CKR_MECHANISM_INVALID),
+            Some(ParamKind::None) => {
+                no_param(m)?;
+                (DirectParam::None, 0, none)
+            }
+            Some(ParamKind::Iv16) => (
+                DirectParam::Iv16(param::<[u8; 16]>(m)?),
+                0,
+                (m.pParameter.cast::<u8>(), m.ulParameterLen),
+            ),
+            Some(ParamKind::Gcm) => {
+                let (g, iv, _) = gcm(m)?;
+                // At most 128 bits, whole bytes (checked).
+                let tag = (g.ulTagBits / 8) as u8;
+                (
+                    DirectParam::Gcm {
+                        g,
+                        iv: Bytes::from_slice(iv),
+                    },
+                    tag,
+                    (g.pIv, g.ulIvLen),
+                )
+            }
+            Some(_) => return Ok(None),
+        }
+    };
+    Ok(Some(Direct {
+        ty: m.mechanism,
+        tag,
+        param,
+        app_iv,
+    }))
 }
 
 /// The IV buffer of the application's AES-GCM or AES-CBC parameter, for cmkp11 to write
-/// an IV of its own into (see `Library::module_iv`): the IV must be `len` bytes
-/// (`CKR_MECHANISM_PARAM_INVALID` otherwise).
+/// an IV of its own into (client mode: the daemon chose the IV and used its own copy):
+/// the IV must be `len` bytes (`CKR_MECHANISM_PARAM_INVALID` otherwise).
 ///
 /// # Safety
 /// As for [`mechanism`], and the IV buffer writable (PKCS#11 declares it `CK_BYTE_PTR`;
@@ -226,14 +370,6 @@ pub unsafe fn iv_out<'a>(m: &CK_MECHANISM, len: usize) -> Result<&'a mut [u8]> {
     }
     // SAFETY: non-NULL, `len` bytes, writable (contract).
     Ok(unsafe { std::slice::from_raw_parts_mut(p, len) })
-}
-
-/// A data-path mechanism as the application passed it ([`direct_mechanism`]).
-pub struct Direct {
-    /// The application's `CK_MECHANISM`, parameter pointer included.
-    pub mech: CK_MECHANISM,
-    /// For `CK_GCM_PARAMS`, the tag's length in bytes; else 0.
-    pub tag: u8,
 }
 
 /// The check of a mechanism that takes no parameter.
@@ -274,9 +410,18 @@ unsafe fn gcm(m: &CK_MECHANISM) -> Result<(CK_GCM_PARAMS, &[u8], &[u8])> {
 /// valid for their lengths.
 pub unsafe fn mechanism(p: *const CK_MECHANISM) -> Result<Mech> {
     // SAFETY: caller contract.
-    let Some(m) = (unsafe { p.as_ref() }) else {
-        return err(CKR_ARGUMENTS_BAD);
-    };
+    match unsafe { read_mechanism(p) } {
+        // SAFETY: forwarded contract.
+        Some(m) => unsafe { mechanism_of(&m) },
+        None => err(CKR_ARGUMENTS_BAD),
+    }
+}
+
+/// [`mechanism`] of a `CK_MECHANISM` already read ([`read_mechanism`]).
+///
+/// # Safety
+/// The parameter pointers of `m` valid for their lengths.
+pub unsafe fn mechanism_of(m: &CK_MECHANISM) -> Result<Mech> {
     let Some(kind) = param_kind(m.mechanism) else {
         return err(CKR_MECHANISM_INVALID);
     };
@@ -370,24 +515,88 @@ pub unsafe fn raw_template<'a>(
     Ok(unsafe { std::slice::from_raw_parts_mut(p, n as usize) })
 }
 
-/// The application's template borrowed as the policy's [`RawAttr`]s, for its short way;
-/// `None` (take the general way, [`template`], which gives the exact error) when a value
-/// is NULL with a length or longer than any the short way accepts, or when there are more
-/// than [`crate::policy::templates::SHORT_MAX`] attributes.
-///
-/// # Safety
-/// Each `pValue` of `raw` valid for its `ulValueLen` bytes while the result lives.
-pub unsafe fn raw_attrs(raw: &[CK_ATTRIBUTE]) -> Option<ShortTemplate<'_>> {
-    ShortTemplate::build(raw.len(), |i| {
-        let a = &raw[i];
-        let value: &[u8] = match a.ulValueLen {
-            0 => &[],
-            n if n > 4096 || a.pValue.is_null() => return None,
-            // SAFETY: non-NULL and valid for `n` bytes (caller contract).
-            n => unsafe { std::slice::from_raw_parts(a.pValue as *const u8, n as usize) },
-        };
-        Some(RawAttr { ty: a.type_, value })
-    })
+/// The most value bytes a short-way template has (a longer one takes the general way).
+const SHORT_BYTES: usize = 256;
+
+/// An application's template on the short way, copied out of the application's memory
+/// before the policy reads it ([`ShortCopy::fill`]): the policy decides on this copy and
+/// the backend is given this copy ([`ShortCopy::view`]), so that a second thread of the
+/// application rewriting its template during the call (`CKA_TOKEN`, `CKA_SENSITIVE`...)
+/// changes neither. Fixed arrays on the caller's stack: no allocation, no growth path.
+pub struct ShortCopy {
+    tys: [CK_ATTRIBUTE_TYPE; SHORT_MAX],
+    ends: [u16; SHORT_MAX],
+    len: usize,
+    bytes: [u8; SHORT_BYTES],
+}
+
+impl ShortCopy {
+    /// An empty copy, to [`ShortCopy::fill`].
+    #[inline]
+    pub fn new() -> ShortCopy {
+        ShortCopy {
+            tys: [0; SHORT_MAX],
+            ends: [0; SHORT_MAX],
+            len: 0,
+            bytes: [0; SHORT_BYTES],
+        }
+    }
+
+    /// Copies the application's template; false (take the general way, [`template`],
+    /// which gives the exact error) when a value is NULL with a length, when the values
+    /// are longer than the short way keeps, or when there are more than [`SHORT_MAX`]
+    /// attributes. Each `CK_ATTRIBUTE` is read once, by value, and each value once.
+    ///
+    /// # Safety
+    /// Each `pValue` of `raw` valid for its `ulValueLen` bytes.
+    #[inline]
+    pub unsafe fn fill(&mut self, raw: &[CK_ATTRIBUTE]) -> bool {
+        if raw.len() > SHORT_MAX {
+            return false;
+        }
+        let mut end = 0usize;
+        for (i, a) in raw.iter().enumerate() {
+            // One read of the attribute; its fields are not read again.
+            // SAFETY: an element of the application's array (contract).
+            let a: CK_ATTRIBUTE = unsafe { std::ptr::read_volatile(a) };
+            let n = a.ulValueLen as usize;
+            if n != 0 {
+                if a.ulValueLen > SHORT_BYTES as CK_ULONG
+                    || n > SHORT_BYTES - end
+                    || a.pValue.is_null()
+                {
+                    return false;
+                }
+                // SAFETY: non-NULL and valid for `n` bytes (caller contract).
+                let v = unsafe { std::slice::from_raw_parts(a.pValue as *const u8, n) };
+                self.bytes[end..end + n].copy_from_slice(v);
+                end += n;
+            }
+            self.tys[i] = a.type_;
+            self.ends[i] = end as u16;
+        }
+        self.len = raw.len();
+        true
+    }
+
+    /// The copy as the policy's [`ShortTemplate`] (always `Some`: the copy has at most
+    /// [`SHORT_MAX`] attributes).
+    #[inline]
+    pub fn view(&self) -> Option<ShortTemplate<'_>> {
+        ShortTemplate::build(self.len, |i| {
+            let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+            Some(RawAttr {
+                ty: self.tys[i],
+                value: &self.bytes[start..self.ends[i] as usize],
+            })
+        })
+    }
+}
+
+impl Default for ShortCopy {
+    fn default() -> Self {
+        ShortCopy::new()
+    }
 }
 
 /// An input template as cryptoki attributes: unknown types give
@@ -401,7 +610,10 @@ pub unsafe fn template(p: *mut CK_ATTRIBUTE, n: CK_ULONG) -> Result<Vec<Attribut
     // Room for the attributes a policy template adds (up to 9), so completing it does not
     // reallocate.
     let mut out = Vec::with_capacity(raw.len() + 9);
-    for a in raw {
+    for a in raw.iter() {
+        // One read of the attribute: the checks and the copy see the same fields.
+        // SAFETY: an element of the application's array (contract).
+        let a: CK_ATTRIBUTE = unsafe { std::ptr::read_volatile(a) };
         if AttributeType::try_from(a.type_).is_err() {
             return err(CKR_ATTRIBUTE_TYPE_INVALID);
         }
@@ -411,7 +623,7 @@ pub unsafe fn template(p: *mut CK_ATTRIBUTE, n: CK_ULONG) -> Result<Vec<Attribut
         }
         // cryptoki reads `ulValueLen` bytes at `pValue` (NULL only with length 0), which
         // the caller guarantees are valid.
-        match Attribute::try_from(*a) {
+        match Attribute::try_from(a) {
             Ok(v) => out.push(v),
             Err(_) => return err(CKR_ATTRIBUTE_VALUE_INVALID),
         }

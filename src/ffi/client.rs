@@ -67,6 +67,9 @@ unsafe fn template(p: *mut CK_ATTRIBUTE, n: CK_ULONG) -> Result<Vec<Attr>> {
     let raw = unsafe { args::raw_template(p, n)? };
     raw.iter()
         .map(|a| {
+            // One read of the attribute (its fields are not read again).
+            // SAFETY: an element of the application's array (contract).
+            let a: CK_ATTRIBUTE = unsafe { ptr::read_volatile(a) };
             let value = if a.pValue.is_null() {
                 if a.ulValueLen != 0 {
                     return err(CKR_ATTRIBUTE_VALUE_INVALID);
@@ -232,9 +235,10 @@ unsafe fn init(
             Reply::Bytes(iv) => {
                 // SAFETY: the application's mechanism, parsed above (contract); its IV
                 // buffer is as long as the IV the daemon returns (checked there).
-                let m = unsafe { mech.as_ref() }.ok_or(Error::Rv(CKR_ARGUMENTS_BAD))?;
+                let m =
+                    unsafe { args::read_mechanism(mech) }.ok_or(Error::Rv(CKR_ARGUMENTS_BAD))?;
                 // SAFETY: as above.
-                unsafe { args::iv_out(m, iv.len())? }.copy_from_slice(&iv);
+                unsafe { args::iv_out(&m, iv.len())? }.copy_from_slice(&iv);
                 Ok(())
             }
             _ => err(CKR_DEVICE_ERROR),

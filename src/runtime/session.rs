@@ -497,8 +497,8 @@ impl Session {
 
     /// Records that the FFI layer started an operation of `kind` in the backend (its
     /// `C_*Init` succeeded with `keys[0]`), after [`Library::crypto_decide`] found none
-    /// active: the application's `C_*Init`. `mech` is kept only when `keys` has others
-    /// to try.
+    /// active: the application's `C_*Init`. `mech` (cmkp11's copy of the application's
+    /// mechanism, the one the decision saw) is given only when `keys` has others to try.
     ///
     /// [`Library::crypto_decide`]: super::Library::crypto_decide
     /// `tag`: an AES-GCM tag's length in bytes (0 for other mechanisms).
@@ -508,13 +508,9 @@ impl Session {
         ty: CK_MECHANISM_TYPE,
         keys: Keys,
         tag: u8,
-        mech: impl FnOnce() -> Result<Mech>,
+        mech: Option<Mech>,
     ) -> Result<()> {
-        let retry = if keys.len() > 1 {
-            Some(Box::new(mech()?))
-        } else {
-            None
-        };
+        let retry = mech.filter(|_| keys.len() > 1).map(Box::new);
         let op = &mut self.ops[idx(kind)];
         op.pending = None;
         op.stage = Stage::Active {

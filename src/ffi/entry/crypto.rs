@@ -51,43 +51,62 @@ unsafe fn init(
     guard(name, || {
         with_session(h, |lib, s| {
             let b = backend()?;
-            // SAFETY: NULL or a valid CK_MECHANISM (contract); only its type is read here.
-            let ty = unsafe { mech.as_ref() }.map_or(0, |m| m.mechanism);
-            if !mech.is_null() && !crate::policy::mechanisms::fits_init(kind.op(), ty) {
+            // Read once: the checks, the decision and the backend see this copy (and
+            // cmkp11's copies of its parameter), never the application's memory again.
+            // SAFETY: NULL or a valid CK_MECHANISM (contract).
+            let m = unsafe { args::read_mechanism(mech) };
+            let ty = m.map_or(0, |m| m.mechanism);
+            if m.is_some() && !crate::policy::mechanisms::fits_init(kind.op(), ty) {
                 return Err(Error::Rv(CKR_MECHANISM_INVALID));
             }
             // SAFETY: forwarded caller contract.
-            let (rv, ty, keys, tag) = match unsafe { args::direct_mechanism(mech)? } {
+            let (rv, ty, keys, tag, retry) = match unsafe { args::direct_mechanism(m.as_ref())? } {
                 // The data path's mechanisms: decided by type, given to the backend as
-                // the application passed them.
-                Some(args::Direct { mech: mut m, tag }) => {
-                    let keys = lib.crypto_decide(s, kind, m.mechanism, key)?;
-                    if let Some(len) = lib.module_iv(s, kind, m.mechanism, key) {
-                        // SAFETY: the application's checked mechanism; its IV buffer is
-                        // written with cmkp11's IV before the backend reads it.
-                        let iv = unsafe { args::iv_out(&m, len)? };
-                        lib.fill_iv(s, iv)?;
-                    }
+                // cmkp11 copied them.
+                Some(mut d) => {
+                    let keys = lib.crypto_decide(s, kind, d.ty(), key)?;
+                    let module_iv = match lib.module_iv(s, kind, d.ty(), key) {
+                        Some(len) => {
+                            lib.fill_iv(s, d.module_iv(len)?)?;
+                            true
+                        }
+                        None => false,
+                    };
                     let first = keys.first().map_or(CK_INVALID_HANDLE, |k| k.handle());
-                    let rv = b.init_raw(kind, s.backend().handle(), &mut m, first);
-                    (rv, m.mechanism, keys, tag)
+                    let mut raw = d.raw();
+                    let rv = b.init_raw(kind, s.backend().handle(), &mut raw, first);
+                    if rv == CKR_OK && module_iv {
+                        // SAFETY: the application's IV buffer as read once (contract).
+                        unsafe { d.write_back_iv() };
+                    }
+                    // Only for a retry under an older CMK version.
+                    let retry = if keys.len() > 1 {
+                        // SAFETY: forwarded caller contract (the additional data).
+                        Some(unsafe { d.to_mech()? })
+                    } else {
+                        None
+                    };
+                    (rv, d.ty(), keys, d.tag, retry)
                 }
                 None => {
+                    let Some(app) = m.as_ref() else {
+                        return Err(Error::Rv(CKR_ARGUMENTS_BAD));
+                    };
                     // SAFETY: forwarded caller contract.
-                    let mut m = unsafe { args::mechanism(mech)? };
+                    let mut m = unsafe { args::mechanism_of(app)? };
                     let keys = lib.crypto_decide(s, kind, m.ty, key)?;
                     lib.probe_if_needed(s, kind, &mut m, &keys)?;
                     let first = keys.first().map_or(CK_INVALID_HANDLE, |k| k.handle());
                     let rv = b.init(kind, s.backend().handle(), &mut m, first);
-                    (rv, m.ty, keys, 0)
+                    let ty = m.ty;
+                    let retry = (keys.len() > 1).then_some(m);
+                    (rv, ty, keys, 0, retry)
                 }
             };
             if rv != CKR_OK {
                 return Err(Error::Rv(rv));
             }
-            // SAFETY: forwarded caller contract (read again only for a retry under an
-            // older CMK version, while the application's call lasts).
-            s.started(kind, ty, keys, tag, || unsafe { args::mechanism(mech) })
+            s.started(kind, ty, keys, tag, retry)
         })
     })
 }

@@ -22,8 +22,12 @@ pub unsafe extern "C" fn C_GenerateKey(
             // SAFETY: as above.
             let raw = unsafe { args::raw_template(template, count)? };
             if !key.is_null() {
+                // Copied before the policy reads it: the decision and the backend see
+                // the same bytes.
+                let mut copy = args::ShortCopy::new();
                 // SAFETY: the template's values are valid for their lengths (contract).
-                let view = unsafe { args::raw_attrs(raw) };
+                let filled = unsafe { copy.fill(raw) };
+                let view = if filled { copy.view() } else { None };
                 if let (Some(b), Some(t)) = (crate::backend::raw::get(), view) {
                     let ty = mech.ty;
                     let short = lib.generate_dek_short(s, &mech, &t, |bh, completion| {
@@ -128,8 +132,11 @@ pub unsafe extern "C" fn C_UnwrapKey(
                 )
             };
             if !key.is_null() {
+                // Copied before the policy reads it (see `C_GenerateKey`).
+                let mut copy = args::ShortCopy::new();
                 // SAFETY: the template's values are valid for their lengths (contract).
-                let view = unsafe { args::raw_attrs(raw) };
+                let filled = unsafe { copy.fill(raw) };
+                let view = if filled { copy.view() } else { None };
                 if let (Some(b), Some(t)) = (crate::backend::raw::get(), view) {
                     let ty = mech.ty;
                     let short = lib.unwrap_dek_short(
