@@ -6,9 +6,11 @@
 //! stands (never from zero), and rotates again at the limit. One test in this file: it
 //! owns its token's daemons.
 
+mod cli_support;
 mod common;
 
-use common::*;
+use cli_support::Env;
+use common::{module_path, spawn_daemon, write_daemon_config_as, DaemonGuard};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::Mechanism;
@@ -78,28 +80,21 @@ fn rotations(audit: &Path, key: &str) -> Vec<serde_json::Value> {
 
 #[test]
 fn the_gcm_invocation_counter_rotates_the_key_and_survives_restarts() {
-    let env = test_env();
-    let audit = env.dir.join("audit.log");
+    // The key is the operator's (the CLI on the token); applications use it.
+    let env = Env::new();
+    env.ok(&["key", "create", "gcm-limited", "--role", "data"]);
+    let audit = env.path("audit.log");
     let extra = format!(
         "\n[audit]\nfile = \"{}\"\n\n[keys]\ngcm_invocation_limit = 10\n",
         audit.display()
     );
-    let (conf, socket) = write_daemon_config_as(&env.dir, "gcm", APP_PIN, &extra);
+    let (conf, socket) = write_daemon_config_as(env.dir(), "gcm", APP_PIN, &extra);
     let mut daemon = DaemonGuard(spawn_daemon(&conf, &socket, &env.softhsm_conf));
     std::env::set_var("CMKP11_SERVICE", format!("unix:{}", socket.display()));
     let (ctx, s) = connect();
     let k = s
-        .generate_key(
-            &Mechanism::AesKeyGen,
-            &[
-                Attribute::Token(true),
-                Attribute::ValueLen(32.into()),
-                Attribute::Encrypt(true),
-                Attribute::Decrypt(true),
-                Attribute::Label(b"gcm-limited".to_vec()),
-            ],
-        )
-        .unwrap();
+        .find_objects(&[Attribute::Label(b"gcm-limited".to_vec())])
+        .unwrap()[0];
     // Ten encryptions with version 1.
     let mut made = Vec::new();
     for i in 0..10 {

@@ -8,14 +8,15 @@
 //! the token (the keystore API, as `tests/cli_clock.rs` does): the daemon compares it with
 //! its own clock. One test in this file: it owns the daemons of its token.
 
+mod cli_support;
 mod common;
 
+use cli_support::{Env, PIN};
 use cmkp11::config::Config;
 use cmkp11::keystore::{self, lifecycle, State};
 use cmkp11::runtime::Library;
-use common::*;
+use common::{module_path, spawn_daemon, write_daemon_config_full, DaemonGuard};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-use cryptoki::mechanism::Mechanism;
 use cryptoki::object::Attribute;
 use cryptoki::session::UserType;
 use cryptoki::types::{AuthPin, RawAuthPin};
@@ -26,17 +27,15 @@ const APP_PIN: &str = "purge-app-credential";
 
 /// The token as the daemon's own library sees it (a second process on the token, logged
 /// in with the token PIN): `f` gets the library and a logged-in session.
-fn on_token<T>(
-    env: &TestEnv,
-    f: impl FnOnce(&Library, &cmkp11::runtime::session::Session) -> T,
-) -> T {
-    let cfg = Config::from_file(&env.cmkp11_conf).unwrap();
+fn on_token<T>(env: &Env, f: impl FnOnce(&Library, &cmkp11::runtime::session::Session) -> T) -> T {
+    std::env::set_var("SOFTHSM2_CONF", &env.softhsm_conf);
+    let cfg = Config::from_file(&env.config).unwrap();
     let lib = Library::new(cfg, false).unwrap();
     let h = lib.open_session(0, true).unwrap();
     let out = {
         let s = lib.session(h).unwrap();
         let mut s = s.lock();
-        let pin = RawAuthPin::new(Box::new(USER_PIN.as_bytes().to_vec()));
+        let pin = RawAuthPin::new(Box::new(PIN.as_bytes().to_vec()));
         lib.login(&mut s, UserType::User, Some(&pin)).unwrap();
         f(&lib, &s)
     };
@@ -46,7 +45,7 @@ fn on_token<T>(
 }
 
 /// Moves key `name`'s deletion date `secs` seconds into the past.
-fn backdate(env: &TestEnv, name: &str, secs: u64) {
+fn backdate(env: &Env, name: &str, secs: u64) {
     on_token(env, |lib, s| {
         let view = lib.keys(s);
         let cmk = view.by_name(name).expect("key exists");
@@ -59,7 +58,7 @@ fn backdate(env: &TestEnv, name: &str, secs: u64) {
 }
 
 /// Whether the token still holds key objects labelled `name`.
-fn objects_in_token(env: &TestEnv, name: &str) -> usize {
+fn objects_in_token(env: &Env, name: &str) -> usize {
     on_token(env, |_, s| {
         s.backend()
             .find_objects(&[Attribute::Label(name.as_bytes().to_vec())])
@@ -78,14 +77,20 @@ fn records(audit: &Path) -> Vec<serde_json::Value> {
 
 #[test]
 fn the_daemon_purges_on_its_timer_and_audits_each_key() {
-    let env = test_env();
-    let audit = env.dir.join("audit.log");
+    // The operator's keys (the CLI on the token); two are scheduled for deletion in 30
+    // days.
+    let env = Env::new();
+    for name in ["purge-doomed", "purge-later", "purge-live"] {
+        env.ok(&["key", "create", name, "--role", "wrap"]);
+    }
+    env.ok(&["key", "schedule-deletion", "purge-doomed"]);
+    env.ok(&["key", "schedule-deletion", "purge-later"]);
+    let audit = env.path("audit.log");
     let extra = format!("\n[audit]\nfile = \"{}\"\n", audit.display());
 
-    // First daemon: timer off. The application makes three keys and schedules the
-    // deletion of two (30 days, the daemon's window).
+    // First daemon: timer off. An application logs in.
     let (conf, socket) =
-        write_daemon_config_full(&env.dir, "purge", APP_PIN, "purge_interval = 0", &extra);
+        write_daemon_config_full(env.dir(), "purge", APP_PIN, "purge_interval = 0", &extra);
     let daemon = DaemonGuard(spawn_daemon(&conf, &socket, &env.softhsm_conf));
     std::env::set_var("CMKP11_SERVICE", format!("unix:{}", socket.display()));
     let ctx = Pkcs11::new(module_path()).unwrap();
@@ -95,27 +100,9 @@ fn the_daemon_purges_on_its_timer_and_audits_each_key() {
     let s = ctx.open_rw_session(slot).unwrap();
     s.login(UserType::User, Some(&AuthPin::new(APP_PIN.into())))
         .unwrap();
-    let mut keys = Vec::new();
-    for name in ["purge-doomed", "purge-later", "purge-live"] {
-        keys.push(
-            s.generate_key(
-                &Mechanism::AesKeyGen,
-                &[
-                    Attribute::Token(true),
-                    Attribute::ValueLen(32.into()),
-                    Attribute::Wrap(true),
-                    Attribute::Unwrap(true),
-                    Attribute::Label(name.as_bytes().to_vec()),
-                ],
-            )
-            .unwrap(),
-        );
-    }
-    s.destroy_object(keys[0]).unwrap();
-    s.destroy_object(keys[1]).unwrap();
 
     // The deletion date of `purge-doomed` passes (`purge-later` keeps its 30 days).
-    backdate(env, "purge-doomed", 5);
+    backdate(&env, "purge-doomed", 5);
 
     // An application's logins and calls destroy nothing: log out, log in again, list.
     s.logout().unwrap();
@@ -129,7 +116,7 @@ fn the_daemon_purges_on_its_timer_and_audits_each_key() {
         "a key past its date is invisible: {found:?}"
     );
     assert_eq!(
-        objects_in_token(env, "purge-doomed"),
+        objects_in_token(&env, "purge-doomed"),
         1,
         "no purge without the timer: the key's object is still in the token"
     );
@@ -142,7 +129,7 @@ fn the_daemon_purges_on_its_timer_and_audits_each_key() {
 
     // Second daemon, same token: timer every second.
     let (conf, socket) =
-        write_daemon_config_full(&env.dir, "purge", APP_PIN, "purge_interval = 1", &extra);
+        write_daemon_config_full(env.dir(), "purge", APP_PIN, "purge_interval = 1", &extra);
     let daemon = DaemonGuard(spawn_daemon(&conf, &socket, &env.softhsm_conf));
     let daemon_pid = daemon.0.id();
     let start = Instant::now();
@@ -175,14 +162,14 @@ fn the_daemon_purges_on_its_timer_and_audits_each_key() {
         "the intent record precedes the purge"
     );
     assert_eq!(
-        objects_in_token(env, "purge-doomed"),
+        objects_in_token(&env, "purge-doomed"),
         0,
         "destroyed in the token"
     );
     // A date to come, and a live key, are untouched; nothing else was purged.
     std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(objects_in_token(env, "purge-later"), 1);
-    assert_eq!(objects_in_token(env, "purge-live"), 1);
+    assert_eq!(objects_in_token(&env, "purge-later"), 1);
+    assert_eq!(objects_in_token(&env, "purge-live"), 1);
     let purged: Vec<_> = records(&audit)
         .into_iter()
         .filter(|r| r["op"] == "purge" && r["result"] == "CKR_OK")

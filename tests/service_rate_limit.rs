@@ -6,9 +6,11 @@
 //! `[[access]]` rules are the daemon's too (`tests/service.rs`, `tests/service_preload.rs`).
 //! One test in this file: it owns its token's daemon.
 
+mod cli_support;
 mod common;
 
-use common::*;
+use cli_support::Env;
+use common::{module_path, spawn_daemon, write_daemon_config_as, DaemonGuard};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error, RvError};
 use cryptoki::mechanism::aead::GcmParams;
@@ -25,22 +27,6 @@ fn login(ctx: &Pkcs11) -> Session {
     s.login(UserType::User, Some(&AuthPin::new(APP_PIN.into())))
         .unwrap();
     s
-}
-
-fn key(s: &Session, label: &str, wrap: bool) -> ObjectHandle {
-    s.generate_key(
-        &Mechanism::AesKeyGen,
-        &[
-            Attribute::Token(true),
-            Attribute::ValueLen(32.into()),
-            Attribute::Encrypt(!wrap),
-            Attribute::Decrypt(!wrap),
-            Attribute::Wrap(wrap),
-            Attribute::Unwrap(wrap),
-            Attribute::Label(label.as_bytes().to_vec()),
-        ],
-    )
-    .unwrap()
 }
 
 fn find(s: &Session, label: &str) -> ObjectHandle {
@@ -81,22 +67,26 @@ fn refused(r: cryptoki::error::Result<impl std::fmt::Debug>) {
 
 #[test]
 fn a_client_over_its_rate_limit_is_refused_and_audited() {
-    let env = test_env();
-    let audit = env.dir.join("audit.log");
+    // The keys are the operator's (the CLI on the token); applications use them.
+    let env = Env::new();
+    env.ok(&["key", "create", "rl-payments", "--role", "data"]);
+    env.ok(&["key", "create", "rl-wrap", "--role", "wrap"]);
+    env.ok(&["key", "create", "free-data", "--role", "data"]);
+    let audit = env.path("audit.log");
     let extra = format!(
         "\n[audit]\nfile = \"{}\"\n\n[[rate_limit]]\nkeys = \"rl-*\"\noperations = [\"decrypt\", \"unwrap\"]\nper_minute = 3\n",
         audit.display()
     );
-    let (conf, socket) = write_daemon_config_as(&env.dir, "rl", APP_PIN, &extra);
+    let (conf, socket) = write_daemon_config_as(env.dir(), "rl", APP_PIN, &extra);
     let daemon = DaemonGuard(spawn_daemon(&conf, &socket, &env.softhsm_conf));
     std::env::set_var("CMKP11_SERVICE", format!("unix:{}", socket.display()));
     let ctx = Pkcs11::new(module_path()).unwrap();
     ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
         .unwrap();
     let s = login(&ctx);
-    let data = key(&s, "rl-payments", false);
-    let wrap = key(&s, "rl-wrap", true);
-    let free = key(&s, "free-data", false);
+    let data = find(&s, "rl-payments");
+    let wrap = find(&s, "rl-wrap");
+    let free = find(&s, "free-data");
 
     // The legitimate flow: three decryptions a minute.
     let ct = encrypt(&s, data, b"card 4111").unwrap();

@@ -390,17 +390,22 @@ pub fn rotate(s: &Session, cmk: &Cmk) -> Result<u32> {
             a => a,
         })
         .collect();
+    // An exportable key's versions are exportable too, to trusted destinations only.
+    let exportable = cmk.record().exportable;
     t.extend([
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(key_type),
         Attribute::Token(true),
         Attribute::Sensitive(true),
-        Attribute::Extractable(false),
+        Attribute::Extractable(exportable),
         Attribute::Derive(false),
         Attribute::Private(true),
         Attribute::Copyable(false),
         Attribute::Modifiable(false),
     ]);
+    if exportable {
+        t.push(Attribute::WrapWithTrusted(true));
+    }
     let mut tries = 0;
     let next = loop {
         tries += 1;

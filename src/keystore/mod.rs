@@ -161,6 +161,11 @@ pub struct StateRecord {
     /// unwrap on SoftHSM2 read `CKA_VALUE_LEN` 0); 0 otherwise.
     #[serde(default)]
     pub value_len: u64,
+    /// Created exportable by an operator (`cmkp11 key create --exportable`): its versions
+    /// are extractable, but only under a key the token's SO marked trusted
+    /// (`CKA_WRAP_WITH_TRUSTED`; see `runtime::export`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exportable: bool,
 }
 
 impl StateRecord {
@@ -177,6 +182,7 @@ impl StateRecord {
             rotated: 0,
             created: 0,
             value_len: 0,
+            exportable: false,
         }
     }
 }
@@ -254,6 +260,12 @@ pub struct Facts {
     pub usage: u8,
     /// `CKA_SENSITIVE` and not `CKA_EXTRACTABLE`.
     pub protected: bool,
+    /// `CKA_SENSITIVE`, `CKA_EXTRACTABLE` and `CKA_WRAP_WITH_TRUSTED`: leaves the token
+    /// only wrapped under a key the SO marked trusted (an exportable CMK's versions).
+    pub trusted_export: bool,
+    /// `CKA_LOCAL` and `CKA_ALWAYS_SENSITIVE`: generated in the token and never readable
+    /// (an exportable CMK is not `CKA_NEVER_EXTRACTABLE`).
+    pub local_sensitive: bool,
     /// `CKA_LOCAL`, `CKA_ALWAYS_SENSITIVE` and `CKA_NEVER_EXTRACTABLE`: generated in the
     /// token and never out of it in the clear.
     pub born_in_token: bool,
@@ -302,6 +314,7 @@ fn facts(s: &Session, obj: ObjectHandle) -> Result<Facts> {
             T::Wrap,
             T::Unwrap,
             T::Derive,
+            T::WrapWithTrusted,
         ],
     )?;
     let on = |a: &Attribute| attrs.contains(a);
@@ -328,6 +341,10 @@ fn facts(s: &Session, obj: ObjectHandle) -> Result<Facts> {
             .unwrap_or(CK_UNAVAILABLE_INFORMATION),
         usage,
         protected: on(&Attribute::Sensitive(true)) && on(&Attribute::Extractable(false)),
+        trusted_export: on(&Attribute::Sensitive(true))
+            && on(&Attribute::Extractable(true))
+            && on(&Attribute::WrapWithTrusted(true)),
+        local_sensitive: on(&Attribute::Local(true)) && on(&Attribute::AlwaysSensitive(true)),
         born_in_token: on(&Attribute::Local(true))
             && on(&Attribute::AlwaysSensitive(true))
             && on(&Attribute::NeverExtractable(true)),
@@ -547,7 +564,10 @@ pub fn load(s: &Session, cache: &mut Cache) -> Result<View> {
                 match facts(s, obj) {
                     // Only an object that passes is remembered: one read while another
                     // process was still writing it is read again next time.
-                    Ok(f) if f.protected && f.born_in_token => {
+                    Ok(f)
+                        if (f.protected && f.born_in_token)
+                            || (f.trusted_export && f.local_sensitive) =>
+                    {
                         e.insert(f);
                     }
                     Ok(f) => {
@@ -627,6 +647,9 @@ fn vet(
             .record
             .as_ref()
             .is_some_and(|r| r.origin == Origin::Imported);
+        // An operator made it exportable: its versions are extractable under a trusted
+        // key only, and generated in the token (never readable).
+        let exportable = c.record.as_ref().is_some_and(|r| r.exportable);
         let mut reference: Option<Facts> = None;
         let name = c.name();
         c.versions.retain(|(v, obj)| {
@@ -638,9 +661,11 @@ fn vet(
             else {
                 return false;
             };
-            let why = if !f.protected {
+            let export_ok = exportable && f.trusted_export && f.local_sensitive;
+            let why = if !f.protected && !export_ok {
                 Some("it is not sensitive or is extractable")
             } else if !(f.born_in_token
+                || export_ok
                 || (imported && trust.allow_import)
                 || trust.allow_plaintext_import)
             {

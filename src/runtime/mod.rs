@@ -39,6 +39,7 @@
 pub mod admin;
 pub mod audit_mac;
 pub mod caps;
+pub mod export;
 pub mod gcm_limit;
 pub mod handles;
 pub mod iv;

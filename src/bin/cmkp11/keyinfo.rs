@@ -62,6 +62,9 @@ pub struct KeyInfo {
     pub primary: u32,
     /// `generated` or `imported`.
     pub origin: &'static str,
+    /// Created exportable by an operator (`key create --exportable`): it may leave the
+    /// token wrapped under a trusted destination's key.
+    pub exportable: bool,
     /// Creation time (RFC 3339), if recorded.
     pub created: Option<String>,
     /// Last rotation (RFC 3339), if any.
@@ -148,6 +151,7 @@ pub fn key_info(ctx: &Ctx, cmk: &Cmk) -> R<KeyInfo> {
         versions: cmk.versions.iter().map(|(v, _)| *v).collect(),
         primary: cmk.primary().map(|(v, _)| v).unwrap_or(0),
         origin,
+        exportable: r.exportable,
         created: output::time(r.created),
         rotated: output::time(r.rotated),
         updated: output::time(r.updated),
@@ -174,6 +178,14 @@ pub fn print_key(ctx: &Ctx, k: &KeyInfo) -> R<()> {
         ("type", k.key_type.clone()),
         ("role", k.role.clone()),
         ("origin", k.origin.to_string()),
+        (
+            "exportable",
+            if k.exportable {
+                "yes (to trusted destinations only)".to_string()
+            } else {
+                "no".to_string()
+            },
+        ),
         ("versions", versions.join(", ")),
         ("primary", k.primary.to_string()),
         ("created", dash(&k.created)),

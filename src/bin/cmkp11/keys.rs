@@ -3,7 +3,7 @@
 use crate::ctx::{describe, lib_err, Ctx};
 use crate::keyinfo::{check_new_name, key_info, print_key, role_or_default, KeyInfo, Role};
 use crate::signing::{self, SigningType};
-use crate::{fail, import, output, CliError, Global, R};
+use crate::{export, fail, import, output, CliError, Global, R};
 use clap::Subcommand;
 use cmkp11::backend::mech::Mech;
 use cmkp11::keystore::{self, Cmk, State};
@@ -38,6 +38,27 @@ pub enum KeyCmd {
         /// The key pair's CKA_ID, in hex (default: 16 random bytes).
         #[arg(long, value_name = "HEX", requires = "key_type", value_parser = signing::parse_id)]
         id: Option<signing::KeyId>,
+        /// Make the AES key exportable: it may leave the token, wrapped under a trusted
+        /// destination's key only (`key destination add`, `key export`). Default: never.
+        #[arg(long, conflicts_with = "key_type")]
+        exportable: bool,
+    },
+    /// Export an exportable key, wrapped under a trusted destination's import key, for
+    /// `cmkp11 key import` on the destination.
+    Export {
+        /// The key's name.
+        name: String,
+        /// The trusted destination (`cmkp11 key destination list`).
+        #[arg(long, value_name = "DEST")]
+        to: String,
+        /// Where to write the wrapped key (raw RSA-OAEP ciphertext).
+        #[arg(long, short, value_name = "FILE")]
+        out: std::path::PathBuf,
+    },
+    /// Trusted destinations of exports (registered by the token's SO).
+    Destination {
+        #[command(subcommand)]
+        cmd: export::DestinationCmd,
     },
     /// Write a PKCS#10 certificate request signed in the token by a signing key.
     Csr {
@@ -191,6 +212,11 @@ fn destroyed_text(cmk: &Cmk, token: &str) -> String {
 
 /// Runs a `cmkp11 key` subcommand.
 pub fn run(g: &Global, cmd: KeyCmd) -> R<()> {
+    // `destination add` logs in as the SO, not as the user.
+    let cmd = match cmd {
+        KeyCmd::Destination { cmd } => return export::destination(g, cmd),
+        cmd => cmd,
+    };
     let ctx = Ctx::open(g)?;
     match cmd {
         KeyCmd::List(filter) => list(&ctx, &filter),
@@ -205,8 +231,17 @@ pub fn run(g: &Global, cmd: KeyCmd) -> R<()> {
             ..
         } => signing::create(&ctx, &name, ty, id),
         KeyCmd::Create {
+            name,
+            role,
+            bits,
+            exportable: true,
+            ..
+        } => export::create_exportable(&ctx, &name, role, bits.parse().unwrap_or(256)),
+        KeyCmd::Create {
             name, role, bits, ..
         } => create(&ctx, &name, role, bits.parse().unwrap_or(256)),
+        KeyCmd::Export { name, to, out } => export::export(&ctx, &name, &to, &out),
+        KeyCmd::Destination { .. } => unreachable!("dispatched above"),
         KeyCmd::Csr {
             name,
             subject,

@@ -30,6 +30,7 @@ macro_rules! println {
 mod ctx;
 mod doctor;
 mod envelope;
+mod export;
 mod import;
 mod init;
 mod keyinfo;
