@@ -6,7 +6,40 @@ use super::{Class, KeyInfo, SecretRole, Settings, Usage};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
 use cryptoki_sys::*;
 
-type R<T> = Result<T, CK_RV>;
+/// A refusal of a template: the code the application gets and the rule it broke, in
+/// words an operator understands ("a token secret key is a CMK and is always sensitive;
+/// the template asks CKA_SENSITIVE=FALSE"), for the warn line and the audit record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// The PKCS#11 code.
+    pub rv: CK_RV,
+    /// The rule, as one sentence without the function's name.
+    pub rule: std::borrow::Cow<'static, str>,
+}
+
+impl Refused {
+    /// A refusal with a fixed rule.
+    pub const fn new(rv: CK_RV, rule: &'static str) -> Refused {
+        Refused {
+            rv,
+            rule: std::borrow::Cow::Borrowed(rule),
+        }
+    }
+
+    /// A refusal with a rule naming values.
+    pub fn text(rv: CK_RV, rule: String) -> Refused {
+        Refused {
+            rv,
+            rule: std::borrow::Cow::Owned(rule),
+        }
+    }
+}
+
+type R<T> = Result<T, Refused>;
+
+fn refuse<T>(rv: CK_RV, rule: &'static str) -> R<T> {
+    Err(Refused::new(rv, rule))
+}
 
 /// The boolean attributes policy looks at, in the order of [`Flags`].
 #[cfg_attr(not(test), allow(dead_code))]
@@ -175,7 +208,10 @@ fn refuse_token_only(t: &[Attribute]) -> R<()> {
         )
     });
     if token_only {
-        Err(CKR_ATTRIBUTE_READ_ONLY)
+        refuse(
+            CKR_ATTRIBUTE_READ_ONLY,
+            "CKA_LOCAL, CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE and CKA_TRUSTED are the token's to set; the template sets one",
+        )
     } else {
         Ok(())
     }
@@ -278,13 +314,36 @@ fn secret_decision(
     extractable_default: bool,
     s: &Settings,
 ) -> R<(Usage, bool)> {
-    if f.get(AttributeType::Sensitive) == Some(false)
-        || f.get(AttributeType::WrapWithTrusted) == Some(false)
-        || f.get(AttributeType::SignRecover) == Some(true)
+    const TI: CK_RV = CKR_TEMPLATE_INCONSISTENT;
+    if f.get(AttributeType::Sensitive) == Some(false) {
+        return refuse(
+            TI,
+            if cmk {
+                "a token secret key is a CMK and is always sensitive; the template asks CKA_SENSITIVE=FALSE"
+            } else {
+                "a session secret key is a DEK and is always sensitive; the template asks CKA_SENSITIVE=FALSE"
+            },
+        );
+    }
+    if cmk && f.get(AttributeType::Extractable) == Some(true) {
+        return refuse(
+            TI,
+            "a token secret key is a CMK and is never extractable; the template asks CKA_EXTRACTABLE=TRUE",
+        );
+    }
+    if f.get(AttributeType::WrapWithTrusted) == Some(false) {
+        return refuse(
+            TI,
+            "a secret key's CKA_WRAP_WITH_TRUSTED is the token's default, never turned off; the template asks CKA_WRAP_WITH_TRUSTED=FALSE",
+        );
+    }
+    if f.get(AttributeType::SignRecover) == Some(true)
         || f.get(AttributeType::VerifyRecover) == Some(true)
-        || (cmk && f.get(AttributeType::Extractable) == Some(true))
     {
-        return Err(CKR_TEMPLATE_INCONSISTENT);
+        return refuse(
+            TI,
+            "signature with recovery is not a role cmkp11 gives; the template asks CKA_SIGN_RECOVER or CKA_VERIFY_RECOVER=TRUE",
+        );
     }
     let asked = f.requested();
     let role = if asked == Usage::default() {
@@ -294,10 +353,19 @@ fn secret_decision(
             SecretRole::Data
         }
     } else {
-        SecretRole::of(asked).ok_or(CKR_TEMPLATE_INCONSISTENT)?
+        match SecretRole::of(asked) {
+            Some(r) => r,
+            None => return refuse(
+                TI,
+                "a secret key has one role (ENCRYPT+DECRYPT, WRAP+UNWRAP or SIGN+VERIFY) and never DERIVE; the template asks usage flags of two roles or CKA_DERIVE=TRUE",
+            ),
+        }
     };
     if !cmk && role == SecretRole::Wrap {
-        return Err(CKR_TEMPLATE_INCONSISTENT);
+        return refuse(
+            TI,
+            "a session secret key is a DEK and never wraps or unwraps (only a token CMK does); the template asks CKA_WRAP or CKA_UNWRAP=TRUE",
+        );
     }
     let extractable = !cmk
         && f.get(AttributeType::Extractable)
@@ -414,7 +482,7 @@ pub fn pair_key_type(m: CK_MECHANISM_TYPE) -> R<CK_KEY_TYPE> {
         CKM_RSA_PKCS_KEY_PAIR_GEN => Ok(CKK_RSA),
         CKM_EC_KEY_PAIR_GEN => Ok(CKK_EC),
         CKM_EC_EDWARDS_KEY_PAIR_GEN => Ok(CKK_EC_EDWARDS),
-        _ => Err(CKR_MECHANISM_INVALID),
+        _ => refuse(CKR_MECHANISM_INVALID, "not a key-pair generation mechanism"),
     }
 }
 
@@ -423,12 +491,30 @@ pub fn pair_key_type(m: CK_MECHANISM_TYPE) -> R<CK_KEY_TYPE> {
 pub fn private_key(t: Vec<Attribute>, key_type: CK_KEY_TYPE) -> R<Vec<Attribute>> {
     refuse_token_only(&t)?;
     let f = Flags::of(&t);
-    if f.get(AttributeType::Sensitive) == Some(false)
-        || f.get(AttributeType::Extractable) == Some(true)
-        || f.get(AttributeType::SignRecover) == Some(true)
-        || f.get(AttributeType::WrapWithTrusted) == Some(false)
-    {
-        return Err(CKR_TEMPLATE_INCONSISTENT);
+    const TI: CK_RV = CKR_TEMPLATE_INCONSISTENT;
+    if f.get(AttributeType::Sensitive) == Some(false) {
+        return refuse(
+            TI,
+            "a private key is a CMK and is always sensitive; the template asks CKA_SENSITIVE=FALSE",
+        );
+    }
+    if f.get(AttributeType::Extractable) == Some(true) {
+        return refuse(
+            TI,
+            "a private key is a CMK and is never extractable; the template asks CKA_EXTRACTABLE=TRUE",
+        );
+    }
+    if f.get(AttributeType::SignRecover) == Some(true) {
+        return refuse(
+            TI,
+            "signature with recovery is not a role cmkp11 gives; the template asks CKA_SIGN_RECOVER=TRUE",
+        );
+    }
+    if f.get(AttributeType::WrapWithTrusted) == Some(false) {
+        return refuse(
+            TI,
+            "a private key's CKA_WRAP_WITH_TRUSTED is the token's default, never turned off; the template asks CKA_WRAP_WITH_TRUSTED=FALSE",
+        );
     }
     let asked = f.requested();
     let allowed = match key_type {
@@ -437,7 +523,10 @@ pub fn private_key(t: Vec<Attribute>, key_type: CK_KEY_TYPE) -> R<Vec<Attribute>
         _ => Usage::SIGN,
     };
     if asked.0 & !allowed.0 != 0 {
-        return Err(CKR_TEMPLATE_INCONSISTENT);
+        return refuse(
+            TI,
+            "an RSA private key may sign, decrypt and unwrap, an EC key sign and derive, an EdDSA key only sign; the template asks a usage its key type cannot hold",
+        );
     }
     let usage = if asked == Usage::default() {
         Usage::SIGN
@@ -449,19 +538,36 @@ pub fn private_key(t: Vec<Attribute>, key_type: CK_KEY_TYPE) -> R<Vec<Attribute>
 
 /// `C_UnwrapKey`'s template: the result is always a DEK (a session secret key).
 pub fn unwrapped(t: Vec<Attribute>, s: &Settings) -> R<Vec<Attribute>> {
-    if class_of(&t).is_some_and(|c| c != CKO_SECRET_KEY) || is_token(&t) {
-        return Err(CKR_TEMPLATE_INCONSISTENT);
+    if is_token(&t) {
+        return refuse(
+            CKR_TEMPLATE_INCONSISTENT,
+            "an unwrapped key is always a session key (a DEK): its value was outside the token, so it can never be a CMK; the template asks CKA_TOKEN=TRUE",
+        );
+    }
+    if class_of(&t).is_some_and(|c| c != CKO_SECRET_KEY) {
+        return refuse(
+            CKR_TEMPLATE_INCONSISTENT,
+            "an unwrapped key is always a secret key (a DEK); the template asks another CKA_CLASS",
+        );
     }
     secret(t, false, true, s)
 }
 
 /// `C_DeriveKey`'s template (ECDH1): a sensitive, non-extractable session DEK.
 pub fn derived(t: Vec<Attribute>, s: &Settings) -> R<Vec<Attribute>> {
+    if is_token(&t) {
+        return refuse(
+            CKR_TEMPLATE_INCONSISTENT,
+            "a derived key is always a session key (a DEK): the peer of the derivation knows its value, so it can never be a CMK; the template asks CKA_TOKEN=TRUE",
+        );
+    }
     if class_of(&t).is_some_and(|c| c != CKO_SECRET_KEY)
-        || is_token(&t)
         || flag(&t, AttributeType::Extractable) == Some(true)
     {
-        return Err(CKR_TEMPLATE_INCONSISTENT);
+        return refuse(
+            CKR_TEMPLATE_INCONSISTENT,
+            "a derived key is a sensitive, non-extractable secret key; the template asks another CKA_CLASS or CKA_EXTRACTABLE=TRUE",
+        );
     }
     secret(t, false, false, s)
 }
@@ -472,9 +578,10 @@ pub fn derived(t: Vec<Attribute>, s: &Settings) -> R<Vec<Attribute>> {
 /// a CMK non-extractable; one role).
 pub fn create(t: Vec<Attribute>, s: &Settings) -> R<Vec<Attribute>> {
     match class_of(&t) {
-        Some(CKO_SECRET_KEY) | Some(CKO_PRIVATE_KEY) if !s.allow_plaintext_import => {
-            Err(CKR_TEMPLATE_INCONSISTENT)
-        }
+        Some(CKO_SECRET_KEY) | Some(CKO_PRIVATE_KEY) if !s.allow_plaintext_import => refuse(
+            CKR_TEMPLATE_INCONSISTENT,
+            "a key's value given in the clear is known outside the token, so C_CreateObject makes no secret or private key (import keys wrapped: cmkp11 key import)",
+        ),
         Some(CKO_SECRET_KEY) => {
             let cmk = is_token(&t);
             secret(t, cmk, true, s)
@@ -487,7 +594,10 @@ pub fn create(t: Vec<Attribute>, s: &Settings) -> R<Vec<Attribute>> {
                     Attribute::KeyType(k) => Some(CK_KEY_TYPE::from(*k)),
                     _ => None,
                 })
-                .ok_or(CKR_TEMPLATE_INCOMPLETE)?;
+                .ok_or(Refused::new(
+                    CKR_TEMPLATE_INCOMPLETE,
+                    "a private key's template names its CKA_KEY_TYPE",
+                ))?;
             private_key(t, kt)
         }
         _ => Ok(t),
@@ -501,7 +611,10 @@ pub fn copy(source: &KeyInfo, t: Vec<Attribute>) -> R<Vec<Attribute>> {
         return Ok(t);
     }
     if source.token {
-        return Err(CKR_ACTION_PROHIBITED);
+        return refuse(
+            CKR_ACTION_PROHIBITED,
+            "a CMK is never copied (a copy could carry new attributes)",
+        );
     }
     let ok = t.iter().all(|a| match a {
         Attribute::Token(_) | Attribute::Id(_) | Attribute::Label(_) => true,
@@ -510,13 +623,22 @@ pub fn copy(source: &KeyInfo, t: Vec<Attribute>) -> R<Vec<Attribute>> {
         _ => false,
     });
     if !ok {
-        return Err(CKR_TEMPLATE_INCONSISTENT);
+        return refuse(
+            CKR_TEMPLATE_INCONSISTENT,
+            "a copy of a secret or private key may only promote it into the token (CKA_TOKEN, CKA_ID, CKA_LABEL) and never weaken it; the template asks another attribute, CKA_SENSITIVE=FALSE, CKA_PRIVATE=FALSE or CKA_EXTRACTABLE=TRUE",
+        );
     }
     if !is_token(&t) {
-        return Err(CKR_ACTION_PROHIBITED);
+        return refuse(
+            CKR_ACTION_PROHIBITED,
+            "a secret or private key is copied only to promote it into the token; the template does not ask CKA_TOKEN=TRUE",
+        );
     }
     if source.class == CKO_SECRET_KEY && SecretRole::of(source.usage).is_none() {
-        return Err(CKR_TEMPLATE_INCONSISTENT);
+        return refuse(
+            CKR_TEMPLATE_INCONSISTENT,
+            "a CMK has one role, and the session key has usage flags of several",
+        );
     }
     let mut t = t;
     t.retain(|a| !matches!(a, Attribute::Extractable(_)));
@@ -547,7 +669,10 @@ pub fn set(target: &KeyInfo, t: &[Attribute]) -> R<()> {
     if ok {
         Ok(())
     } else {
-        Err(CKR_ATTRIBUTE_READ_ONLY)
+        refuse(
+            CKR_ATTRIBUTE_READ_ONLY,
+            "a key's roles, SENSITIVE, EXTRACTABLE, TRUSTED, WRAP_WITH_TRUSTED and value never change; only names and dates do",
+        )
     }
 }
 
@@ -612,6 +737,11 @@ mod tests {
 
     fn s() -> Settings {
         Settings::default()
+    }
+
+    /// The code of a result (the tests compare codes, not the rules' words).
+    fn code<T>(r: R<T>) -> Result<T, CK_RV> {
+        r.map_err(|e| e.rv)
     }
 
     fn usage_of(t: &[Attribute]) -> Usage {
@@ -760,7 +890,10 @@ mod tests {
             ty: CKA_SENSITIVE,
             value: &[0],
         }];
-        assert_eq!(dek_raw(&weak, &s()), Some(Err(CKR_TEMPLATE_INCONSISTENT)));
+        assert_eq!(
+            dek_raw(&weak, &s()).map(code),
+            Some(Err(CKR_TEMPLATE_INCONSISTENT))
+        );
         let mixed = [
             RawAttr {
                 ty: CKA_ENCRYPT,
@@ -771,7 +904,10 @@ mod tests {
                 value: &[1],
             },
         ];
-        assert_eq!(dek_raw(&mixed, &s()), Some(Err(CKR_TEMPLATE_INCONSISTENT)));
+        assert_eq!(
+            dek_raw(&mixed, &s()).map(code),
+            Some(Err(CKR_TEMPLATE_INCONSISTENT))
+        );
     }
 
     #[test]
@@ -824,17 +960,17 @@ mod tests {
         ];
         for t in bad {
             assert_eq!(
-                generate_key(t.clone(), &s()),
+                code(generate_key(t.clone(), &s())),
                 Err(CKR_TEMPLATE_INCONSISTENT),
                 "{t:?}"
             );
         }
         assert_eq!(
-            generate_key(vec![Attribute::Local(true)], &s()),
+            code(generate_key(vec![Attribute::Local(true)], &s())),
             Err(CKR_ATTRIBUTE_READ_ONLY)
         );
         assert_eq!(
-            generate_key(vec![Attribute::Trusted(false)], &s()),
+            code(generate_key(vec![Attribute::Trusted(false)], &s())),
             Err(CKR_ATTRIBUTE_READ_ONLY)
         );
     }
@@ -842,15 +978,15 @@ mod tests {
     #[test]
     fn unwrap_results_are_deks() {
         assert_eq!(
-            unwrapped(vec![Attribute::Token(true)], &s()),
+            code(unwrapped(vec![Attribute::Token(true)], &s())),
             Err(CKR_TEMPLATE_INCONSISTENT)
         );
         assert_eq!(
-            unwrapped(vec![Attribute::Unwrap(true)], &s()),
+            code(unwrapped(vec![Attribute::Unwrap(true)], &s())),
             Err(CKR_TEMPLATE_INCONSISTENT)
         );
         assert_eq!(
-            unwrapped(vec![Attribute::Sensitive(false)], &s()),
+            code(unwrapped(vec![Attribute::Sensitive(false)], &s())),
             Err(CKR_TEMPLATE_INCONSISTENT)
         );
         let t = unwrapped(vec![secret_key_class(), aes_key_type()], &s()).unwrap();
@@ -864,11 +1000,11 @@ mod tests {
         let t = private_key(vec![Attribute::Sign(true), Attribute::Derive(true)], CKK_EC).unwrap();
         assert_eq!(usage_of(&t), Usage::SIGN.with(Usage::DERIVE));
         assert_eq!(
-            private_key(vec![Attribute::Derive(true)], CKK_RSA),
+            code(private_key(vec![Attribute::Derive(true)], CKK_RSA)),
             Err(CKR_TEMPLATE_INCONSISTENT)
         );
         assert_eq!(
-            private_key(vec![Attribute::Extractable(true)], CKK_RSA),
+            code(private_key(vec![Attribute::Extractable(true)], CKK_RSA)),
             Err(CKR_TEMPLATE_INCONSISTENT)
         );
     }
@@ -895,14 +1031,14 @@ mod tests {
         let t = copy(&dek, vec![Attribute::Token(true)]).unwrap();
         assert_eq!(flag(&t, AttributeType::Extractable), Some(false));
         assert_eq!(
-            copy(
+            code(copy(
                 &session_priv,
                 vec![Attribute::Token(true), Attribute::Sensitive(false)]
-            ),
+            )),
             Err(CKR_TEMPLATE_INCONSISTENT)
         );
         assert_eq!(
-            copy(&session_priv, vec![Attribute::Label(vec![])]),
+            code(copy(&session_priv, vec![Attribute::Label(vec![])])),
             Err(CKR_ACTION_PROHIBITED)
         );
         let token_priv = KeyInfo {
@@ -910,7 +1046,7 @@ mod tests {
             ..session_priv
         };
         assert_eq!(
-            copy(&token_priv, vec![Attribute::Token(true)]),
+            code(copy(&token_priv, vec![Attribute::Token(true)])),
             Err(CKR_ACTION_PROHIBITED)
         );
     }
@@ -923,11 +1059,11 @@ mod tests {
             ..KeyInfo::default()
         };
         assert_eq!(
-            set(&k, &[Attribute::Decrypt(true)]),
+            code(set(&k, &[Attribute::Decrypt(true)])),
             Err(CKR_ATTRIBUTE_READ_ONLY)
         );
         assert_eq!(
-            set(&k, &[Attribute::Sensitive(false)]),
+            code(set(&k, &[Attribute::Sensitive(false)])),
             Err(CKR_ATTRIBUTE_READ_ONLY)
         );
         assert_eq!(set(&k, &[Attribute::Label(b"x".to_vec())]), Ok(()));

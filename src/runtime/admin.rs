@@ -296,8 +296,17 @@ impl Library {
             A::Wrap(usage.any(crate::policy::Usage::WRAP)),
             A::Unwrap(usage.any(crate::policy::Usage::UNWRAP)),
         ];
-        let mut t = templates::secret(asked, true, false, &self.settings).map_err(Error::Rv)?;
-        self.check_new_name(s, Some(name.as_bytes()))?;
+        let c = super::ops::Creating {
+            func: "cmkp11 key import",
+            op: "import",
+            cmk: true,
+            label: Some(name.as_bytes()),
+            id: None,
+            mech: Some(mech.ty),
+        };
+        let mut t = templates::secret(asked, true, false, &self.settings)
+            .map_err(|r| self.refused(s, &c, r))?;
+        self.check_identity_for(s, &c, None, Some(name.as_bytes()))?;
         let mut id = vec![0u8; 16];
         s.backend().generate_random_slice(&mut id)?;
         t.push(A::Id(keystore::version_id(&id, 1)));

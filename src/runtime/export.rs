@@ -90,13 +90,22 @@ impl Library {
             Attribute::Wrap(usage.any(Usage::WRAP)),
             Attribute::Unwrap(usage.any(Usage::UNWRAP)),
         ];
-        let mut t = templates::secret(asked, true, false, &self.settings).map_err(Error::Rv)?;
+        let c = super::ops::Creating {
+            func: "cmkp11 key create --exportable",
+            op: "generate",
+            cmk: true,
+            label: Some(name.as_bytes()),
+            id: None,
+            mech: Some(CKM_AES_KEY_GEN),
+        };
+        let mut t = templates::secret(asked, true, false, &self.settings)
+            .map_err(|r| self.refused(s, &c, r))?;
         // The only difference from any other CMK: extractable, but only under a key the
         // token's SO marked trusted.
         t.retain(|a| !matches!(a, Attribute::Extractable(_) | Attribute::WrapWithTrusted(_)));
         t.push(Attribute::Extractable(true));
         t.push(Attribute::WrapWithTrusted(true));
-        self.check_new_name(s, Some(name.as_bytes()))?;
+        self.check_identity_for(s, &c, None, Some(name.as_bytes()))?;
         let mut id = vec![0u8; 16];
         s.backend().generate_random_slice(&mut id)?;
         t.push(Attribute::Id(keystore::version_id(&id, 1)));

@@ -7,6 +7,7 @@ use super::Library;
 use crate::backend::mech::{Mech, Param};
 use crate::error::{err, Error, Result};
 use crate::keystore::{self, identity, lifecycle, split_id, Cmk, State, View, RESERVED_PREFIX};
+use crate::policy::templates::Refused;
 use crate::policy::{self, templates, Class, KeyInfo, Op, SecretRole, Usage};
 use crate::vendor;
 use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
@@ -57,16 +58,60 @@ fn tagged(id: &[u8]) -> bool {
         .any(|w| w == keystore::VERSION_TAG)
 }
 
-/// Refuses a template whose `CKA_ID` carries the version tag (every creating template and
-/// `C_SetAttributeValue`: only cmkp11 numbers versions).
+/// The refusal of a template whose `CKA_ID` carries the version tag (every creating
+/// template and `C_SetAttributeValue`: only cmkp11 numbers versions).
+const TAGGED_ID: Refused = Refused::new(
+    CKR_ATTRIBUTE_VALUE_INVALID,
+    "CKA_ID carries cmkp11's version tag `#cmkp11v`, which only cmkp11 assigns",
+);
+
+/// [`TAGGED_ID`] when a template's `CKA_ID` carries the version tag.
+fn tagged_refusal(t: &[Attribute]) -> Option<Refused> {
+    t.iter()
+        .any(|a| matches!(a, Attribute::Id(i) if tagged(i)))
+        .then_some(TAGGED_ID)
+}
+
+/// Refuses a template whose `CKA_ID` carries the version tag, with a warn line (for the
+/// calls that create no CMK).
 fn refuse_tagged_ids(what: &str, t: &[Attribute]) -> Result<()> {
-    if t.iter().any(|a| matches!(a, Attribute::Id(i) if tagged(i))) {
-        log::warn!(
-            "{what} refused: CKA_ID carries cmkp11's version tag `#cmkp11v`, which only cmkp11 assigns"
-        );
+    if tagged_refusal(t).is_some() {
+        log::warn!("{what} refused: {}", TAGGED_ID.rule);
         return err(CKR_ATTRIBUTE_VALUE_INVALID);
     }
     Ok(())
+}
+
+/// The refusal of a template that enters cmkp11's namespace ([`enters_namespace`]).
+const NAMESPACE: Refused = Refused::new(
+    CKR_ATTRIBUTE_VALUE_INVALID,
+    "a label starting with `cmkp11:` or CKA_APPLICATION `cmkp11` names cmkp11's own objects",
+);
+
+/// A refusal on the short way (a session DEK: no audit record), with its warn line.
+#[cold]
+#[inline(never)]
+fn short_refused(func: &str, r: Refused) -> Error {
+    log::warn!("{func} refused: {}", r.rule);
+    Error::Rv(r.rv)
+}
+
+/// A creation that may make a CMK (a token secret key, a private key), as a refusal names
+/// it: the PKCS#11 function and audit operation, and what the template asked.
+pub(crate) struct Creating<'a> {
+    /// `C_GenerateKey`...
+    pub func: &'static str,
+    /// The audit record's operation (`generate`, `unwrap`, `derive`, `promote`,
+    /// `import-plaintext`).
+    pub op: &'static str,
+    /// Whether the object would be a CMK: its refusal is audited.
+    pub cmk: bool,
+    /// The label asked.
+    pub label: Option<&'a [u8]>,
+    /// The id asked.
+    pub id: Option<&'a [u8]>,
+    /// The mechanism.
+    pub mech: Option<CK_MECHANISM_TYPE>,
 }
 
 /// The last `CKA_ID` of a template.
@@ -711,19 +756,82 @@ impl Library {
         Ok(obj)
     }
 
-    /// The identity checks of a new CMK: its label (see [`Library::check_new_name`]) and
-    /// its id, which must not carry the version tag, must not look like the identity of
-    /// a key named by its label, must be at most [`keystore::MAX_ID_LEN`] bytes and must
-    /// not be the identity of an existing CMK.
+    /// A refused creation: one warn line naming the function and the rule, and, when the
+    /// object would have been a CMK, an audit record of the refusal with its reason (the
+    /// operation, the code, the label and id asked, the mechanism). Returns the error the
+    /// application gets.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn refused(&self, s: &Session, c: &Creating, r: Refused) -> Error {
+        let reason = format!("{} refused: {}", c.func, r.rule);
+        log::warn!("{reason}");
+        if c.cmk {
+            let mut rec = crate::audit::Record::new(c.op, r.rv);
+            rec.mechanism = c.mech;
+            rec.key = c.label.map(|l| String::from_utf8_lossy(l).into_owned());
+            rec.key_id = c.id.map(<[u8]>::to_vec);
+            rec.reason = Some(reason);
+            let _ = self.audit_record(s, rec);
+        }
+        Error::Rv(r.rv)
+    }
+
+    /// A policy decision on a creating template, with [`Library::refused`] on refusal.
+    fn decided<T>(
+        &self,
+        s: &Session,
+        c: &Creating,
+        r: std::result::Result<T, Refused>,
+    ) -> Result<T> {
+        r.map_err(|r| self.refused(s, c, r))
+    }
+
+    /// [`Library::identity_refusal`] of a creation, with [`Library::refused`] on refusal.
+    pub(crate) fn check_identity_for(
+        &self,
+        s: &Session,
+        c: &Creating,
+        id: Option<&[u8]>,
+        label: Option<&[u8]>,
+    ) -> Result<()> {
+        match self.identity_refusal(s, id, label)? {
+            Some(r) => Err(self.refused(s, c, r)),
+            None => Ok(()),
+        }
+    }
+
+    /// The identity checks of a new CMK (see [`Library::identity_refusal`]), refused with a
+    /// warn line.
     pub(crate) fn check_new_identity(
         &self,
         s: &Session,
         id: Option<&[u8]>,
         label: Option<&[u8]>,
     ) -> Result<()> {
-        self.check_new_name(s, label)?;
+        match self.identity_refusal(s, id, label)? {
+            Some(r) => {
+                log::warn!("CMK naming refused: {}", r.rule);
+                Err(Error::Rv(r.rv))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The identity checks of a new CMK: its label (see [`Library::name_refusal`]) and
+    /// its id, which must not carry the version tag, must not look like the identity of
+    /// a key named by its label, must be at most [`keystore::MAX_ID_LEN`] bytes and must
+    /// not be the identity of an existing CMK. `Some` names the rule broken.
+    fn identity_refusal(
+        &self,
+        s: &Session,
+        id: Option<&[u8]>,
+        label: Option<&[u8]>,
+    ) -> Result<Option<Refused>> {
+        if let Some(r) = self.name_refusal(s, label)? {
+            return Ok(Some(r));
+        }
         let Some(id) = id else {
-            return Ok(());
+            return Ok(None);
         };
         if id.is_empty()
             || id.len() > keystore::MAX_ID_LEN
@@ -731,11 +839,13 @@ impl Library {
             || id.starts_with(keystore::LABEL_IDENTITY)
             || id.starts_with(keystore::PROVISIONAL_ID)
         {
-            log::warn!(
-                "CMK creation refused: CKA_ID must be 1 to {} bytes, without cmkp11's version tag",
-                keystore::MAX_ID_LEN
-            );
-            return err(CKR_ATTRIBUTE_VALUE_INVALID);
+            return Ok(Some(Refused::text(
+                CKR_ATTRIBUTE_VALUE_INVALID,
+                format!(
+                    "a CMK's CKA_ID is 1 to {} bytes, without cmkp11's version tag `#cmkp11v` or the prefixes `label:` and `cmkp11-new:`; the template's is not",
+                    keystore::MAX_ID_LEN
+                ),
+            )));
         }
         let view = self.reload_view(s);
         if view
@@ -743,29 +853,32 @@ impl Library {
             .get(id)
             .is_some_and(|c| c.state(keystore::now()) != State::Destroyed)
         {
-            log::warn!(
-                "CMK creation refused: a CMK with id {} exists already",
-                keystore::hex(id)
-            );
-            return err(CKR_ATTRIBUTE_VALUE_INVALID);
+            return Ok(Some(Refused::text(
+                CKR_ATTRIBUTE_VALUE_INVALID,
+                format!(
+                    "a CMK's CKA_ID is its identity, and a CMK with id {} exists already",
+                    keystore::hex(id)
+                ),
+            )));
         }
-        Ok(())
+        Ok(None)
     }
 
     /// The label checks of a new CMK: valid UTF-8 (a name is exact, never a lossy copy),
-    /// outside cmkp11's namespace, and unique among the token's CMKs.
-    pub(crate) fn check_new_name(&self, s: &Session, label: Option<&[u8]>) -> Result<()> {
+    /// outside cmkp11's namespace, and unique among the token's CMKs. `Some` names the
+    /// rule broken.
+    fn name_refusal(&self, s: &Session, label: Option<&[u8]>) -> Result<Option<Refused>> {
         let Some(label) = label.filter(|l| !l.is_empty()) else {
-            return Ok(());
+            return Ok(None);
         };
         if reserved(label) {
-            return err(CKR_ATTRIBUTE_VALUE_INVALID);
+            return Ok(Some(NAMESPACE));
         }
         let Ok(name) = std::str::from_utf8(label) else {
-            log::warn!(
-                "CMK creation refused: CKA_LABEL is not valid UTF-8 (a CMK's name is exact text)"
-            );
-            return err(CKR_ATTRIBUTE_VALUE_INVALID);
+            return Ok(Some(Refused::new(
+                CKR_ATTRIBUTE_VALUE_INVALID,
+                "a CMK's CKA_LABEL is exact text (valid UTF-8); the template's is not",
+            )));
         };
         // Ask the token for keys with that label first: the full keystore is read only
         // when some exist (they may be destroyed keys that no longer count).
@@ -786,7 +899,7 @@ impl Library {
             )?;
         }
         if !clash {
-            return Ok(());
+            return Ok(None);
         }
         let view = self.reload_view(s);
         if view
@@ -794,10 +907,12 @@ impl Library {
             .values()
             .any(|c| c.label == name && c.state(keystore::now()) != State::Destroyed)
         {
-            log::warn!("a CMK named `{name}` exists already");
-            return err(CKR_ATTRIBUTE_VALUE_INVALID);
+            return Ok(Some(Refused::text(
+                CKR_ATTRIBUTE_VALUE_INVALID,
+                format!("a CMK's label is unique, and a CMK named `{name}` exists already"),
+            )));
         }
-        Ok(())
+        Ok(None)
     }
 
     /// `C_GenerateKey`. A token key is a CMK: unique name, stable id (given, at most 64
@@ -808,12 +923,27 @@ impl Library {
         mut mech: Mech,
         template: Vec<Attribute>,
     ) -> Result<CK_OBJECT_HANDLE> {
+        let (label0, id0) = (label_of(&template), id_of(&template));
+        let c = Creating {
+            func: "C_GenerateKey",
+            op: "generate",
+            cmk: templates::is_token(&template),
+            label: label0.as_deref(),
+            id: id0.as_deref(),
+            mech: Some(mech.ty),
+        };
         if !policy::mechanisms::is_generation(mech.ty) || templates::pair_key_type(mech.ty).is_ok()
         {
-            return err(CKR_MECHANISM_INVALID);
+            let r = Refused::new(
+                CKR_MECHANISM_INVALID,
+                "not a secret-key generation mechanism",
+            );
+            return Err(self.refused(s, &c, r));
         }
-        refuse_tagged_ids("C_GenerateKey", &template)?;
-        let mut t = rv_t(templates::generate_key(template, &self.settings))?;
+        if let Some(r) = tagged_refusal(&template) {
+            return Err(self.refused(s, &c, r));
+        }
+        let mut t = self.decided(s, &c, templates::generate_key(template, &self.settings))?;
         let token = templates::is_token(&t);
         let mut cmk_id = None;
         if token {
@@ -825,7 +955,7 @@ impl Library {
                     i
                 }
             };
-            self.check_new_identity(s, Some(&id), label_of(&t).as_deref())?;
+            self.check_identity_for(s, &c, Some(&id), label_of(&t).as_deref())?;
             t.retain(|a| !matches!(a, Attribute::Id(_)));
             t.push(Attribute::Id(keystore::version_id(&id, 1)));
             seal_cmk(&mut t, false);
@@ -906,13 +1036,24 @@ impl Library {
         public: Vec<Attribute>,
         private: Vec<Attribute>,
     ) -> Result<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)> {
-        let key_type = rv_t(templates::pair_key_type(mech.ty))?;
-        refuse_tagged_ids("C_GenerateKeyPair", &public)?;
-        refuse_tagged_ids("C_GenerateKeyPair", &private)?;
-        let mut private = rv_t(templates::private_key(private, key_type))?;
+        let (label0, id0) = (label_of(&private), id_of(&private));
+        // A private key is a CMK (in the token or not): every refusal is audited.
+        let c = Creating {
+            func: "C_GenerateKeyPair",
+            op: "generate",
+            cmk: true,
+            label: label0.as_deref(),
+            id: id0.as_deref(),
+            mech: Some(mech.ty),
+        };
+        let key_type = self.decided(s, &c, templates::pair_key_type(mech.ty))?;
+        if let Some(r) = tagged_refusal(&public).or_else(|| tagged_refusal(&private)) {
+            return Err(self.refused(s, &c, r));
+        }
+        let mut private = self.decided(s, &c, templates::private_key(private, key_type))?;
         let mut public = public;
         if enters_namespace(&public) || enters_namespace(&private) {
-            return err(CKR_ATTRIBUTE_VALUE_INVALID);
+            return Err(self.refused(s, &c, NAMESPACE));
         }
         let token = templates::is_token(&private);
         let mut token_label = None;
@@ -935,7 +1076,7 @@ impl Library {
                     public.push(Attribute::Id(i));
                 }
             }
-            self.check_new_identity(s, id.as_deref(), label.as_deref())?;
+            self.check_identity_for(s, &c, id.as_deref(), label.as_deref())?;
             seal_cmk(&mut private, false);
             if provisional {
                 private.retain(|a| *a != Attribute::Modifiable(false));
@@ -959,6 +1100,7 @@ impl Library {
             let mut rec = crate::audit::Record::new("generate", CKR_OK);
             rec.mechanism = Some(mech.ty);
             rec.key = label;
+            rec.key_id = id_of(&private);
             rec.reason = Some("C_GenerateKeyPair: a token private key".into());
             let _ = self.audit_record(s, rec);
         }
@@ -1037,9 +1179,20 @@ impl Library {
         blob: &[u8],
         template: Vec<Attribute>,
     ) -> Result<CK_OBJECT_HANDLE> {
-        refuse_tagged_ids("C_UnwrapKey", &template)?;
+        let (label0, id0) = (label_of(&template), id_of(&template));
+        let c = Creating {
+            func: "C_UnwrapKey",
+            op: "unwrap",
+            cmk: templates::is_token(&template),
+            label: label0.as_deref(),
+            id: id0.as_deref(),
+            mech: Some(mech.ty),
+        };
+        if let Some(r) = tagged_refusal(&template) {
+            return Err(self.refused(s, &c, r));
+        }
         let u = self.use_unwrapping_key(s, unwrapping, mech.ty)?;
-        let t = rv_t(templates::unwrapped(template, &self.settings))?;
+        let t = self.decided(s, &c, templates::unwrapped(template, &self.settings))?;
         let ty = mech.ty;
         let m = mech.to_cryptoki()?;
         let aes = t
@@ -1120,14 +1273,10 @@ impl Library {
         }
         let completion = match templates::dek_raw(t, &self.settings)? {
             Ok(c) => c,
-            Err(rv) => return Some(err(rv)),
+            Err(r) => return Some(Err(short_refused("C_GenerateKey", r))),
         };
         if t.iter().any(|a| a.ty == CKA_ID && tagged(a.value)) {
-            let _ = refuse_tagged_ids(
-                "C_GenerateKey",
-                &[Attribute::Id(keystore::VERSION_TAG.to_vec())],
-            );
-            return Some(err(CKR_ATTRIBUTE_VALUE_INVALID));
+            return Some(Err(short_refused("C_GenerateKey", TAGGED_ID)));
         }
         Some(match backend(s.backend().handle(), &completion) {
             Ok(obj) => Ok(s.register_generated(self, obj, true)),
@@ -1153,15 +1302,11 @@ impl Library {
         // audit record of the key's use included) to the general way.
         let decided = templates::dek_raw(t, &self.settings)?;
         if t.iter().any(|a| a.ty == CKA_ID && tagged(a.value)) {
-            let _ = refuse_tagged_ids(
-                "C_UnwrapKey",
-                &[Attribute::Id(keystore::VERSION_TAG.to_vec())],
-            );
-            return Some(err(CKR_ATTRIBUTE_VALUE_INVALID));
+            return Some(Err(short_refused("C_UnwrapKey", TAGGED_ID)));
         }
         Some((|| {
             let u = self.use_unwrapping_key(s, unwrapping, mech.ty)?;
-            let completion = rv_t(decided)?;
+            let completion = decided.map_err(|r| short_refused("C_UnwrapKey", r))?;
             let aes = t.iter().any(|a| a.ty == CKA_KEY_TYPE);
             let len = aes_value_len_from_blob(mech.ty, blob_len, aes);
             self.unwrap_versions(s, &u, unwrapping, len, |s, obj| {
@@ -1179,9 +1324,20 @@ impl Library {
         base: CK_OBJECT_HANDLE,
         template: Vec<Attribute>,
     ) -> Result<CK_OBJECT_HANDLE> {
-        refuse_tagged_ids("C_DeriveKey", &template)?;
+        let (label0, id0) = (label_of(&template), id_of(&template));
+        let c = Creating {
+            func: "C_DeriveKey",
+            op: "derive",
+            cmk: templates::is_token(&template),
+            label: label0.as_deref(),
+            id: id0.as_deref(),
+            mech: Some(mech.ty),
+        };
+        if let Some(r) = tagged_refusal(&template) {
+            return Err(self.refused(s, &c, r));
+        }
         let b = self.use_key(s, base, CKR_KEY_HANDLE_INVALID, Op::Derive, mech.ty)?;
-        let t = rv_t(templates::derived(template, &self.settings))?;
+        let t = self.decided(s, &c, templates::derived(template, &self.settings))?;
         let k = s
             .backend()
             .derive_key(&mech.to_cryptoki()?, b.objects[0], &t)?;
@@ -1191,10 +1347,23 @@ impl Library {
     /// `C_CreateObject`: no plaintext key import unless the test switch allows it; no
     /// object in cmkp11's reserved namespace.
     pub fn create_object(&self, s: &mut Session, t: Vec<Attribute>) -> Result<CK_OBJECT_HANDLE> {
-        refuse_tagged_ids("C_CreateObject", &t)?;
-        let mut t = rv_t(templates::create(t, &self.settings))?;
+        let (label0, id0) = (label_of(&t), id_of(&t));
+        let class = templates::class_of(&t);
+        let c = Creating {
+            func: "C_CreateObject",
+            op: "import-plaintext",
+            cmk: class == Some(CKO_PRIVATE_KEY)
+                || (class == Some(CKO_SECRET_KEY) && templates::is_token(&t)),
+            label: label0.as_deref(),
+            id: id0.as_deref(),
+            mech: None,
+        };
+        if let Some(r) = tagged_refusal(&t) {
+            return Err(self.refused(s, &c, r));
+        }
+        let mut t = self.decided(s, &c, templates::create(t, &self.settings))?;
         if enters_namespace(&t) {
-            return err(CKR_ATTRIBUTE_VALUE_INVALID);
+            return Err(self.refused(s, &c, NAMESPACE));
         }
         let key = matches!(
             templates::class_of(&t),
@@ -1209,7 +1378,7 @@ impl Library {
                 t.push(Attribute::Id(i.clone()));
                 id = Some(i);
             }
-            self.check_new_identity(s, id.as_deref(), label.as_deref())?;
+            self.check_identity_for(s, &c, id.as_deref(), label.as_deref())?;
             seal_cmk(&mut t, false);
             let name = label.map(|l| String::from_utf8_lossy(&l).into_owned());
             self.audit_intent(s, "import-plaintext", name.as_deref(), id.as_deref(), None)?;
@@ -1231,11 +1400,23 @@ impl Library {
         t: Vec<Attribute>,
     ) -> Result<CK_OBJECT_HANDLE> {
         let (o, info) = s.key_info(self, h, CKR_OBJECT_HANDLE_INVALID)?;
+        let (label0, id0) = (label_of(&t), id_of(&t));
+        // A copy of a secret or private key is a promotion to a CMK, or refused: audited.
+        let c = Creating {
+            func: "C_CopyObject",
+            op: "promote",
+            cmk: info.is_protected(),
+            label: label0.as_deref().or(Some(info.label.as_bytes())),
+            id: id0.as_deref(),
+            mech: None,
+        };
         if enters_namespace(&t) {
-            return err(CKR_ATTRIBUTE_VALUE_INVALID);
+            return Err(self.refused(s, &c, NAMESPACE));
         }
-        refuse_tagged_ids("C_CopyObject", &t)?;
-        let mut t = rv_t(templates::copy(&info, t))?;
+        if let Some(r) = tagged_refusal(&t) {
+            return Err(self.refused(s, &c, r));
+        }
+        let mut t = self.decided(s, &c, templates::copy(&info, t))?;
         let token = match t.iter().rev().find_map(|a| match a {
             Attribute::Token(b) => Some(*b),
             _ => None,
@@ -1250,11 +1431,18 @@ impl Library {
             // there, and the token says it never left it in the clear. Not a derived,
             // unwrapped or imported key, whose value someone may know.
             if !(self.objects.generated(h) && info.born_in_token()) {
-                log::warn!(
-                    "C_CopyObject refused: only a session key generated inside the token (CKA_LOCAL, always sensitive, never extractable) can be promoted to a token CMK; `{}` was derived, unwrapped or imported",
-                    info.label
+                let which = if info.label.is_empty() {
+                    "this key".to_string()
+                } else {
+                    format!("`{}`", info.label)
+                };
+                let r = Refused::text(
+                    CKR_ACTION_PROHIBITED,
+                    format!(
+                        "only a session key generated inside the token (CKA_LOCAL, always sensitive, never extractable) can be promoted to a token CMK; {which} was derived, unwrapped or imported"
+                    ),
                 );
-                return err(CKR_ACTION_PROHIBITED);
+                return Err(self.refused(s, &c, r));
             }
             // A CMK is private; a copy cannot change CKA_PRIVATE on every token (SoftHSM2
             // refuses), so the session key must be private already.
@@ -1263,15 +1451,21 @@ impl Library {
                 .get_attributes(o, &[AttributeType::Private])?
                 .contains(&Attribute::Private(true));
             if !private || t.contains(&Attribute::Private(false)) {
-                log::warn!(
-                    "C_CopyObject refused: a CMK is always private (CKA_PRIVATE), and `{}` is not",
-                    info.label
+                let r = Refused::text(
+                    CKR_TEMPLATE_INCONSISTENT,
+                    format!(
+                        "a CMK is always private (CKA_PRIVATE), and `{}` is not",
+                        info.label
+                    ),
                 );
-                return err(CKR_TEMPLATE_INCONSISTENT);
+                return Err(self.refused(s, &c, r));
             }
             if label_of(&t).is_none() && !info.label_exact {
-                log::warn!("C_CopyObject refused: a CMK's label is valid UTF-8, and the session key's is not");
-                return err(CKR_ATTRIBUTE_VALUE_INVALID);
+                let r = Refused::new(
+                    CKR_ATTRIBUTE_VALUE_INVALID,
+                    "a CMK's label is valid UTF-8, and the session key's is not",
+                );
+                return Err(self.refused(s, &c, r));
             }
             let label = label_of(&t).unwrap_or_else(|| info.label.as_bytes().to_vec());
             let label = Some(label).filter(|l| !l.is_empty());
@@ -1286,7 +1480,7 @@ impl Library {
                         i
                     }
                 };
-                self.check_new_identity(s, Some(&id), label.as_deref())?;
+                self.check_identity_for(s, &c, Some(&id), label.as_deref())?;
                 t.retain(|a| !matches!(a, Attribute::Id(_)));
                 t.push(Attribute::Id(keystore::version_id(&id, 1)));
                 new_cmk = Some(id);
@@ -1295,14 +1489,14 @@ impl Library {
                     .or_else(|| Some(info.raw_id.clone()))
                     .filter(|i| !i.is_empty());
                 if tagged(id.as_deref().unwrap_or_default()) {
-                    return err(CKR_ATTRIBUTE_VALUE_INVALID);
+                    return Err(self.refused(s, &c, TAGGED_ID));
                 }
                 if id.is_none() && label.is_none() {
                     let mut i = vec![0u8; 16];
                     s.backend().generate_random_slice(&mut i)?;
                     t.push(Attribute::Id(i));
                 } else {
-                    self.check_new_identity(s, id.as_deref(), label.as_deref())?;
+                    self.check_identity_for(s, &c, id.as_deref(), label.as_deref())?;
                 }
             }
             seal_cmk(&mut t, true);
@@ -1331,6 +1525,7 @@ impl Library {
         if let Some(label) = promoted {
             let mut rec = crate::audit::Record::new("promote", CKR_OK);
             rec.key = Some(String::from_utf8_lossy(&label).into_owned());
+            rec.key_id = id_of(&t);
             rec.reason = Some("C_CopyObject: a session key made a token CMK".into());
             let _ = self.audit_record(s, rec);
         }
@@ -1505,7 +1700,7 @@ impl Library {
             return err(CKR_ATTRIBUTE_VALUE_INVALID);
         }
         refuse_tagged_ids("C_SetAttributeValue", &t)?;
-        rv(templates::set(&info, &t))?;
+        templates::set(&info, &t).map_err(|r| short_refused("C_SetAttributeValue", r))?;
         if info.class() == Class::Cmk && info.token {
             // A CMK's name and id are its identity, fixed at creation (secret and private).
             // One exception: a private key generated without label and id has a
@@ -1731,10 +1926,6 @@ impl Library {
 
 /// What a backend call that makes an object returns: the new object or the backend's code.
 pub type RawMade = std::result::Result<ObjectHandle, CK_RV>;
-
-fn rv_t<T>(r: std::result::Result<T, CK_RV>) -> Result<T> {
-    r.map_err(Error::Rv)
-}
 
 /// `CMKP11_ROLE_*` bits of a key.
 pub fn role_bits(info: &KeyInfo) -> CK_ULONG {
