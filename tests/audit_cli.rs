@@ -60,7 +60,8 @@ fn arguments() {
         parse(&["verify", "--file", "/x"]).cmd,
         AuditCmd::Verify {
             file: Some(_),
-            json: false
+            json: false,
+            ..
         }
     ));
     assert!(Cli::try_parse_from(["cmkp11", "audit", "frobnicate"]).is_err());

@@ -191,6 +191,9 @@ pub struct Tail {
     pub hash: [u8; 32],
     /// Bytes after the last complete record: left by a writer killed mid-write.
     pub torn: Option<Torn>,
+    /// The last complete record closes the file (`log-close`, `cmkp11 audit rotate`):
+    /// nothing may be appended after it; the log goes on in the file at the log's path.
+    pub sealed: bool,
 }
 
 /// A torn region at the end of the log: bytes after the last complete record.
@@ -291,6 +294,7 @@ pub fn scan_tail(buf: &[u8], start: u64) -> Option<Tail> {
                 return Some(Tail {
                     seq,
                     hash: line_hash(line),
+                    sealed: record::quick_op_is(line, record::OP_CLOSE),
                     torn: (after < buf.len())
                         .then(|| Torn::of(&buf[after..], start + after as u64)),
                 });
@@ -300,6 +304,7 @@ pub fn scan_tail(buf: &[u8], start: u64) -> Option<Tail> {
     (start == 0).then(|| Tail {
         seq: 0,
         hash: GENESIS,
+        sealed: false,
         torn: (!buf.is_empty()).then(|| Torn::of(buf, 0)),
     })
 }

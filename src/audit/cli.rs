@@ -251,7 +251,10 @@ pub fn report(path: &Path, since: Option<&str>, until: Option<&str>) -> Result<V
         {
             continue;
         }
-        if matches!(e.op.as_str(), "checkpoint" | "torn" | "intent") {
+        if matches!(
+            e.op.as_str(),
+            "checkpoint" | "torn" | "intent" | "log-close" | "log-open" | "log-continue"
+        ) {
             continue;
         }
         let mut add = |key: &str, op: &str, ok: u64, failed: u64| {

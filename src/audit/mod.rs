@@ -137,11 +137,26 @@
 //! ([`Auditor::intent`]); if that fails the step is not made. Its outcome is the step's own
 //! record after it.
 //!
-//! Log rotation is not supported: the chain and the token checkpoint belong to one file.
+//! # Rotation
+//!
+//! `cmkp11 audit rotate` ([`rotate::rotate`]) closes the file with a MACed `log-close`
+//! record and puts a new file in its place whose first record (`log-open`) continues the
+//! chain (`seq` goes on, `prev` is the hash of the `log-close` line). Under the lock, a
+//! writer whose file ends with `log-close`, or whose lock file's hint names another file
+//! than the one it holds while the path names another one too, reopens the path before it
+//! appends, so no record is lost or written twice across the switch. A writer that finds
+//! the log's file empty while the hint (or, with no process attached to the lock, the
+//! token checkpoint) knows its last record, starts it with a `log-continue` record chained
+//! to that record (truncated in place by `copytruncate`, or renamed away and replaced):
+//! the files verify as a series ([`verify::verify_series`]), and alone the file names the
+//! truncation instead of reporting records as modified or missing. While the path names no
+//! file, a writer keeps its open file for [`RENAME_GRACE`] (logrotate's `nocreate`, then
+//! `cmkp11 audit rotate --renamed`).
 
 pub mod chain;
 pub mod cli;
 pub mod record;
+pub mod rotate;
 pub mod sink;
 pub mod verify;
 
@@ -162,6 +177,21 @@ pub const RECHECK: Duration = Duration::from_millis(100);
 
 /// The error of an append whose lock another writer took over meanwhile (retried).
 const RETIRED: &str = "the audit lock was taken over by another writer";
+
+/// The error of an append that found its file closed (rotated) or the log continued in
+/// another file by another writer: reopened and retried.
+const REOPEN: &str = "the audit log continues in another file";
+
+/// How long a writer keeps appending to its open file while the log's path names no file
+/// (a rename in progress, e.g. logrotate with `nocreate` before its `postrotate` runs
+/// `cmkp11 audit rotate --renamed`): then it creates a new file at the path.
+pub const RENAME_GRACE: Duration = Duration::from_secs(2);
+
+/// Whether `path` names the file `id` (device, inode).
+fn path_names(path: &std::path::Path, id: (u64, u64)) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == id)
+}
 
 /// How often a token that refused to MAC is asked again (a `checkpoint` always asks).
 pub const MAC_RETRY: Duration = Duration::from_millis(100);
@@ -349,6 +379,8 @@ struct Writer {
     lost: u64,
     lost_why: String,
     last_path_check: Instant,
+    /// Since when the log's path names no file (see [`RENAME_GRACE`]).
+    missing_since: Option<Instant>,
     syslog: Option<sink::Syslog>,
     buf: Vec<u8>,
 }
@@ -431,6 +463,7 @@ impl Auditor {
             lost: 0,
             lost_why: String::new(),
             last_path_check: Instant::now(),
+            missing_since: None,
             syslog,
             buf: Vec::new(),
         };
@@ -714,25 +747,37 @@ impl Auditor {
         }
         let path = self.path.as_ref().expect("enabled");
         let now = Instant::now();
+        // A log being replaced stays open until the new one is: its lock file's segment
+        // (and the chain head it holds) must outlive the switch, also when this process
+        // is its only user.
+        let mut replaced: Option<sink::LogFile> = None;
         if w.log.is_some()
             && now.duration_since(w.last_path_check) >= RECHECK.min(self.tuning.checkpoint_interval)
         {
             w.last_path_check = now;
             // the next append checks the file's length instead of trusting the hint
             w.head = None;
-            if !w.log.as_ref().is_some_and(|l| l.still_current()) {
+            if w.log.as_ref().is_some_and(|l| l.still_current()) {
+                w.missing_since = None;
+            } else if !path.exists()
+                && now.duration_since(*w.missing_since.get_or_insert(now)) < RENAME_GRACE
+            {
+                // renamed away, maybe by logrotate before `cmkp11 audit rotate --renamed`:
+                // the records keep going to the renamed file for a moment
+            } else {
                 log::warn!(
                     "audit: {} or its lock file was replaced or removed; reopening",
                     path.display()
                 );
-                w.log = None;
+                w.missing_since = None;
+                replaced = w.log.take();
             }
         }
         let n = batch.len() as u64;
         // the line buffer is kept from batch to batch (unless a big batch grew it)
         let mut buf = std::mem::take(&mut w.buf);
         let mut res = Err(String::new());
-        for _ in 0..2 {
+        for _ in 0..3 {
             if w.log.is_none() {
                 w.head = None;
                 match sink::LogFile::open(path) {
@@ -747,6 +792,11 @@ impl Auditor {
             }
             buf.clear();
             res = self.append_locked(w, pid, batch, &mut buf);
+            if matches!(&res, Err(e) if e == REOPEN) {
+                // rotated, or continued in a new file by another writer
+                replaced = w.log.take().or(replaced);
+                continue;
+            }
             if !matches!(&res, Err(e) if e == RETIRED) {
                 break;
             }
@@ -756,6 +806,7 @@ impl Auditor {
                 l.replace_lock();
             }
         }
+        drop(replaced);
         if buf.capacity() <= 64 * 1024 {
             w.buf = buf;
         }
@@ -794,8 +845,14 @@ impl Auditor {
                 format!("lock {disp}: {e}")
             }
         })?;
+        let path = self.path.as_deref().expect("enabled");
+        let raw = locked.raw_hint();
+        if raw.is_some_and(|h| h.log_id != log_id) && !path_names(path, log_id) {
+            // another writer went on in the file now at the path (rotation, rename)
+            return Err(REOPEN.into());
+        }
         let hint = locked.hint();
-        let (len, tail) = match hint {
+        let (len, mut tail) = match hint {
             // the last append under the lock file's mutex was ours: nobody wrote since
             Some(h) if w.head.is_some() && h.len == w.end => (
                 h.len,
@@ -803,6 +860,7 @@ impl Auditor {
                     seq: h.seq,
                     hash: h.hash,
                     torn: None,
+                    sealed: false,
                 },
             ),
             _ => {
@@ -819,6 +877,7 @@ impl Auditor {
                         seq,
                         hash,
                         torn: None,
+                        sealed: false,
                     },
                     None => chain::read_tail(locked.file(), len)
                         .map_err(|e| format!("read the end of {disp}: {e}"))?,
@@ -826,9 +885,47 @@ impl Auditor {
                 (len, tail)
             }
         };
+        if tail.sealed {
+            if !path_names(path, log_id) {
+                return Err(REOPEN.into());
+            }
+            return Err(format!(
+                "{disp} ends with the log-close record of an interrupted `cmkp11 audit rotate` \
+                 and no new file replaced it: run `cmkp11 audit rotate` again"
+            ));
+        }
         let want_lines = w.syslog.is_some();
         let mut out: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
         let mut markers: Vec<Body> = Vec::new();
+        // An empty file while the log had records: truncated in place (copytruncate), or
+        // renamed or removed and replaced. The chain goes on from the last record known
+        // (the lock file's hint), marked by a `log-continue` record, so that the file with
+        // the records before it and this one verify as a series.
+        let mut cont_base = None;
+        if len == 0 && tail.torn.is_none() {
+            let known = match raw {
+                Some(h) if h.seq > 0 && h.log_id == log_id && h.len > 0 => {
+                    Some((h.seq, h.hash, true))
+                }
+                Some(h) if h.seq > 0 && h.log_id != log_id => Some((h.seq, h.hash, false)),
+                Some(_) => None,
+                None => w
+                    .head
+                    .filter(|(s, _)| *s > 0 && w.end > 0)
+                    .map(|(s, h)| (s, h, true)),
+            };
+            if let Some((seq, hash, in_place)) = known {
+                let why = if in_place {
+                    format!("{TRUNCATED_IN_PLACE} at record {seq}")
+                } else {
+                    format!("{RENAMED} after record {seq}")
+                };
+                log::warn!("audit: {disp}: {why}; the chain goes on from there");
+                markers.push(continuation(&self.ident, pid, why));
+                (tail.seq, tail.hash) = (seq, hash);
+                cont_base = Some(seq + 1);
+            }
+        }
         if let Some(t) = &tail.torn {
             if !t.terminated {
                 buf.push(b'\n');
@@ -863,7 +960,7 @@ impl Auditor {
                 SystemTime::now(),
             ));
         }
-        let force = batch.iter().any(|p| p.force_mac);
+        let force = batch.iter().any(|p| p.force_mac) || cont_base.is_some();
         let may_retry = force || w.mac_failed_at.is_none_or(|t| t.elapsed() >= MAC_RETRY);
         let due = mac.is_some()
             && may_retry
@@ -918,10 +1015,29 @@ impl Auditor {
                     Some(c) => {
                         sticky_gap = c.gap;
                         let f = locked.file();
-                        let found = chain::first_seq(f, len)
-                            .and_then(|base| chain::find_checkpointed(f, len, base, &c));
+                        let base = match cont_base {
+                            Some(b) => Ok(Some(b)),
+                            None => chain::first_seq(f, len),
+                        };
+                        let found =
+                            base.and_then(|base| chain::find_checkpointed(f, len, base, &c));
                         match found {
                             Ok(chain::Anchor::Found | chain::Anchor::Earlier) => store_ok = true,
+                            Ok(chain::Anchor::Missing(_))
+                                if len == 0 && tail.seq == 0 && tail.torn.is_none() =>
+                            {
+                                // emptied while no writer ran (no hint): the token
+                                // checkpoint names the last record known
+                                store_ok = true;
+                                let why = format!(
+                                    "{EMPTIED} after record {} (the token checkpoint; records \
+                                     after it, if any, are not known)",
+                                    c.seq
+                                );
+                                log::warn!("audit: {disp}: {why}; the chain goes on from there");
+                                markers.insert(0, continuation(&self.ident, pid, why));
+                                (tail.seq, tail.hash) = (c.seq, c.hash);
+                            }
                             Ok(chain::Anchor::Missing(why)) => {
                                 store_ok = true;
                                 gap(why);
@@ -1054,6 +1170,21 @@ impl Auditor {
             .map(|(r, ok)| (buf[r].to_vec(), ok))
             .collect())
     }
+}
+
+/// How the reason of a `log-continue` record starts when the file was truncated in place.
+pub const TRUNCATED_IN_PLACE: &str = "the log was truncated in place (copytruncate?)";
+/// ... when the file was renamed or removed and another one took its place.
+pub const RENAMED: &str = "the log file was renamed or removed and replaced by a new one";
+/// ... when a writer found the file empty and only the token checkpoint named its end.
+pub const EMPTIED: &str = "the log was emptied or replaced by an empty file";
+
+fn continuation(ident: &Ident, pid: u32, why: String) -> Body {
+    let r = Record {
+        reason: Some(why),
+        ..Record::new(record::OP_CONTINUE, 0)
+    };
+    record::body(ident, pid, &r.view(), None, SystemTime::now())
 }
 
 /// Decimal digits of `v` without the formatting machinery.

@@ -345,6 +345,59 @@ pub fn quick_seq(line: &[u8]) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// The `op` of the record that closes a file of a rotated log (`cmkp11 audit rotate`).
+pub const OP_CLOSE: &str = "log-close";
+/// The `op` of the record that opens a file of a rotated log, chained to the `log-close`
+/// record of the file before it (`cmkp11 audit rotate`).
+pub const OP_OPEN: &str = "log-open";
+/// The `op` of the record a writer puts first in a log it found emptied (truncated in
+/// place, `copytruncate`) or renamed away and replaced, chained to the last record it
+/// knew of.
+pub const OP_CONTINUE: &str = "log-continue";
+
+/// Whether the complete record `line` has `op` (without a JSON parser: strings are
+/// escaped, so `"op":"<op>"` cannot occur inside a value).
+pub fn quick_op_is(line: &[u8], op: &str) -> bool {
+    let pat = format!(",\"op\":\"{op}\",");
+    line.windows(pat.len()).any(|w| w == pat.as_bytes())
+}
+
+/// Builds the line of a record from its body, `seq`, `prev` and `mac` (no newline).
+pub fn line(b: &Body, seq: u64, prev: &[u8; 32], mac: Option<&[u8]>) -> Vec<u8> {
+    let mut buf = prefix(b, seq, prev);
+    finish(&mut buf, mac);
+    buf
+}
+
+/// The MAC-covered prefix of a record's line (up to `,"mac":`).
+pub fn prefix(b: &Body, seq: u64, prev: &[u8; 32]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(b.text.len() + 200);
+    buf.extend_from_slice(b.head().as_bytes());
+    buf.extend_from_slice(b"\"seq\":");
+    let mut n = String::new();
+    push_u64(&mut n, seq);
+    buf.extend_from_slice(n.as_bytes());
+    buf.push(b',');
+    buf.extend_from_slice(b.rest().as_bytes());
+    buf.extend_from_slice(b"\"prev\":\"");
+    push_hex(&mut buf, prev);
+    buf.push(b'"');
+    buf
+}
+
+/// Completes a [`prefix`] with the `mac` field.
+pub fn finish(buf: &mut Vec<u8>, mac: Option<&[u8]>) {
+    buf.extend_from_slice(MAC_SEP.as_bytes());
+    match mac {
+        Some(v) => {
+            buf.push(b'"');
+            push_hex(buf, v);
+            buf.extend_from_slice(b"\"}");
+        }
+        None => buf.extend_from_slice(b"null}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

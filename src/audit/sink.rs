@@ -88,10 +88,21 @@ impl LogFile {
     /// Opens (creating, mode 0660 before umask) the log at `path` for appending, and its
     /// lock file (creating it if there is none; without one, `flock` is used).
     pub fn open(path: &Path) -> std::io::Result<LogFile> {
+        Self::open_inner(path, lock_path(path), true)
+    }
+
+    /// Opens the existing file `path` for appending, serialized by the audit lock of the
+    /// log at `log` (a file of the log renamed away, e.g. by logrotate, that writers may
+    /// still hold open).
+    pub fn open_existing(path: &Path, log: &Path) -> std::io::Result<LogFile> {
+        Self::open_inner(path, lock_path(log), false)
+    }
+
+    fn open_inner(path: &Path, lock_path: PathBuf, create: bool) -> std::io::Result<LogFile> {
         let file = OpenOptions::new()
             .read(true)
             .append(true)
-            .create(true)
+            .create(create)
             .mode(0o660)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)?;
@@ -101,7 +112,7 @@ impl LogFile {
         }
         let mut log = LogFile {
             path: path.to_owned(),
-            lock_path: lock_path(path),
+            lock_path,
             file,
             id: (m.dev(), m.ino()),
             mode: Mode::Flock { invalid: None },
@@ -299,6 +310,16 @@ impl Locked<'_> {
             return None;
         }
         g.hint().filter(|h| h.log_id == self.log.id)
+    }
+
+    /// The lock file's hint whatever file it describes (`None` under `flock`, when there
+    /// is none, or when its last writer died holding the lock).
+    pub fn raw_hint(&self) -> Option<Hint> {
+        let g = self.guard.as_ref()?;
+        if g.owner_died() {
+            return None;
+        }
+        g.hint()
     }
 
     /// Stores the hint for the next writer (a no-op under `flock`).

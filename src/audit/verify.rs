@@ -65,6 +65,23 @@ pub struct Problem {
     pub seq: Option<u64>,
     /// Why, in words.
     pub detail: String,
+    /// The file it is in.
+    pub file: Option<std::path::PathBuf>,
+}
+
+/// One file of a verified series.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileSummary {
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// `seq` of its first record.
+    pub first_seq: Option<u64>,
+    /// `seq` of its last record.
+    pub last_seq: u64,
+    /// Records in it.
+    pub records: u64,
+    /// Whether it ends with the `log-close` record of a rotation.
+    pub closed: bool,
 }
 
 /// The outcome of [`verify`].
@@ -91,6 +108,12 @@ pub struct Report {
     pub notes: Vec<String>,
     /// The first problem, `None` if the log is good.
     pub problem: Option<Problem>,
+    /// The files checked, in order (those before the first problem).
+    pub files: Vec<FileSummary>,
+    /// The file being checked (where a problem is).
+    file: Option<std::path::PathBuf>,
+    /// Whether several files were checked as a series.
+    pub series: bool,
 }
 
 impl Report {
@@ -105,11 +128,21 @@ impl fmt::Display for Report {
         match &self.problem {
             None => writeln!(
                 f,
-                "OK: {} records, chain intact through seq {}",
-                self.records, self.last_seq
+                "OK: {} records{}, chain intact through seq {}",
+                self.records,
+                if self.series {
+                    format!(" in {} files", self.files.len())
+                } else {
+                    String::new()
+                },
+                self.last_seq
             )?,
             Some(p) => {
-                write!(f, "BAD: line {}", p.line)?;
+                write!(f, "BAD: ")?;
+                if let (Some(file), true) = (&p.file, self.series) {
+                    write!(f, "{}: ", file.display())?;
+                }
+                write!(f, "line {}", p.line)?;
                 if let Some(s) = p.seq {
                     write!(f, " (seq {s})")?;
                 }
@@ -136,6 +169,19 @@ impl fmt::Display for Report {
             writeln!(f, "  token checkpoint: seq {s}")?;
         } else if self.macs_checked && !self.checkpoint_checked {
             writeln!(f, "  token checkpoint: NOT checked")?;
+        }
+        if self.series {
+            for s in &self.files {
+                writeln!(
+                    f,
+                    "  file {}: records {}..{} ({}){}",
+                    s.path.display(),
+                    s.first_seq.unwrap_or(0),
+                    s.last_seq,
+                    s.records,
+                    if s.closed { ", closed by rotation" } else { "" }
+                )?;
+            }
         }
         for n in &self.notes {
             writeln!(f, "  note: {n}")?;
@@ -205,6 +251,7 @@ fn bad(r: &mut Report, kind: Tamper, line: u64, seq: Option<u64>, detail: String
         line,
         seq,
         detail,
+        file: r.file.clone(),
     });
 }
 
@@ -213,61 +260,62 @@ fn bad(r: &mut Report, kind: Tamper, line: u64, seq: Option<u64>, detail: String
 /// Reports the first bad record and why. Holds a shared `flock` and the lock file's mutex
 /// (when there is a lock file it can use) while reading, so writers pause and the snapshot
 /// is consistent with the token checkpoint. Never needs the lock file.
+///
+/// A file that starts with the `log-open` record of a rotation (`cmkp11 audit rotate`)
+/// verifies from there; one that ends with a `log-close` record verifies although the
+/// token checkpoint has moved on to the next file. See [`verify_series`] for several
+/// files.
 pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
-    let mut report = Report {
-        macs_checked: mac.is_some(),
-        ..Report::default()
-    };
-    type Loaded = (Vec<u8>, Option<Result<Option<Vec<u8>>, u64>>);
-    let read = (|| -> std::io::Result<Loaded> {
-        let mut f = std::fs::File::open(path)?;
-        loop {
-            match flock(&f, FlockOperation::LockShared) {
-                Err(rustix::io::Errno::INTR) => continue,
-                r => break r?,
+    verify_series(&[path.to_path_buf()], mac)
+}
+
+type Loaded = (Vec<u8>, Option<Result<Option<Vec<u8>>, u64>>);
+
+fn load(path: &Path, mac: Option<&dyn TokenMac>) -> std::io::Result<Loaded> {
+    let mut f = std::fs::File::open(path)?;
+    loop {
+        match flock(&f, FlockOperation::LockShared) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => break r?,
+        }
+    }
+    // Writers serialize with the lock file's mutex (or, without a lock file, with the
+    // flock held now): hold it too, so no append is half done while we read.
+    let lock_path = super::sink::lock_path(path);
+    let lf = crate::sys::shm::LockFile::open(&lock_path);
+    let guard = lf.as_ref().ok().and_then(|l| l.lock().ok());
+    let exclusive = guard.is_some() || matches!(lf, Err(OpenError::Missing));
+    // The checkpoint first: a writer stores it only after the lines it names are in
+    // the file, so even without the lock the file we read next holds them.
+    let ck = mac.map(|m| m.load_checkpoint());
+    let mut data = Vec::new();
+    f.read_to_end(&mut data)?;
+    if !exclusive {
+        // a lock file we cannot take (read-only access): an unterminated last line
+        // may be an append in progress rather than a torn record; look again
+        for _ in 0..5 {
+            if data.last().is_none_or(|&b| b == b'\n') {
+                break;
             }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            data.clear();
+            f.seek(std::io::SeekFrom::Start(0))?;
+            f.read_to_end(&mut data)?;
         }
-        // Writers serialize with the lock file's mutex (or, without a lock file, with the
-        // flock held now): hold it too, so no append is half done while we read.
-        let lock_path = super::sink::lock_path(path);
-        let lf = crate::sys::shm::LockFile::open(&lock_path);
-        let guard = lf.as_ref().ok().and_then(|l| l.lock().ok());
-        let exclusive = guard.is_some() || matches!(lf, Err(OpenError::Missing));
-        // The checkpoint first: a writer stores it only after the lines it names are in
-        // the file, so even without the lock the file we read next holds them.
-        let ck = mac.map(|m| m.load_checkpoint());
-        let mut data = Vec::new();
-        f.read_to_end(&mut data)?;
-        if !exclusive {
-            // a lock file we cannot take (read-only access): an unterminated last line
-            // may be an append in progress rather than a torn record; look again
-            for _ in 0..5 {
-                if data.last().is_none_or(|&b| b == b'\n') {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-                data.clear();
-                f.seek(std::io::SeekFrom::Start(0))?;
-                f.read_to_end(&mut data)?;
-            }
-        }
-        drop(guard);
-        Ok((data, ck))
-    })();
-    let (data, ck) = match read {
-        Ok(x) => x,
-        Err(e) => {
-            bad(
-                &mut report,
-                Tamper::Unreadable,
-                0,
-                None,
-                format!("{}: {e}", path.display()),
-            );
-            return report;
-        }
-    };
-    // Lines.
+    }
+    drop(guard);
+    Ok((data, ck))
+}
+
+/// One file of a series, split into lines and parsed.
+struct FileData {
+    path: std::path::PathBuf,
+    data: Vec<u8>,
+    lines: Vec<Line>,
+    recs: Vec<Option<Rec>>,
+}
+
+fn split(path: &Path, data: Vec<u8>) -> FileData {
     let mut lines = Vec::new();
     let mut start = 0;
     while start < data.len() {
@@ -284,7 +332,6 @@ pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
         });
         start = end + 1;
     }
-    report.lines = lines.len() as u64;
     let mut recs: Vec<Option<Rec>> = lines
         .iter()
         .map(|l| if l.terminated { parse(&data, l) } else { None })
@@ -311,172 +358,404 @@ pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
             recs[j] = None;
         }
     }
+    FileData {
+        path: path.to_path_buf(),
+        data,
+        lines,
+        recs,
+    }
+}
 
-    // The chain.
-    let mut last = (0u64, GENESIS, 0u64); // seq, hash, line
-    let mut before_last = GENESIS; // hash of the record before `last`
-    let mut garbage: Option<usize> = None; // index of the first unparsable line pending
-    let mut last_mac_ok: Option<(u64, u64)> = None; // seq, line
-    let mut mac_failed_note = false;
-    let mut first_gap: Option<(u64, u64, String)> = None; // line, seq, reason
-    for (i, l) in lines.iter().enumerate() {
-        if !l.terminated {
-            let complete = record::is_complete(&data[l.start..l.end]);
-            bad(
-                &mut report,
-                Tamper::Torn,
-                l.no,
-                record::quick_seq(&data[l.start..l.end]),
-                format!(
-                    "the last line is an incomplete record ({} bytes{}, at offset {}): a \
-                     writer was interrupted mid-write (or the file was cut); the next writer \
-                     marks it",
-                    l.end - l.start,
-                    if complete { ", no newline" } else { "" },
-                    l.offset
-                ),
-            );
-            return report;
-        }
-        let Some(p) = &recs[i] else {
-            garbage.get_or_insert(i);
-            continue;
-        };
-        let expected = last.0 + 1;
-        if let Some(g) = garbage.take() {
-            let first = &lines[g];
-            let region = &data[first.start..l.start];
-            let marker_ok = p.op == "torn"
-                && p.seq == expected
-                && p.prev == last.1
-                && p.reason.as_deref().and_then(chain::parse_torn_reason)
-                    == Some((
-                        first.offset,
-                        region.len() as u64,
-                        Sha256::digest(region).into(),
-                    ));
-            if marker_ok {
-                report.notes.push(format!(
-                    "line{} {}{}: torn record ({} bytes at offset {}) left by an interrupted \
-                     writer, marked by seq {} (line {})",
-                    if i - g > 1 { "s" } else { "" },
-                    first.no,
-                    if i - g > 1 {
-                        format!("-{}", l.no - 1)
-                    } else {
-                        String::new()
-                    },
-                    region.len(),
-                    first.offset,
-                    p.seq,
-                    l.no
-                ));
-            } else if p.op == "torn" && p.seq == expected && p.prev == last.1 {
+/// The record a `log-continue` record says the chain goes on from, and whether the file
+/// was truncated in place (else renamed or removed and replaced).
+fn continued(p: &Rec) -> (u64, bool) {
+    let r = p.reason.as_deref().unwrap_or("");
+    let in_place = r.starts_with(super::TRUNCATED_IN_PLACE) || r.starts_with(super::EMPTIED);
+    (p.seq - 1, in_place)
+}
+
+fn name(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Verifies several files of one log as a series, oldest first (as `cmkp11 audit rotate`
+/// or a rename left them): each file's chain, and that each file starts where the one
+/// before it ends (a missing, extra or misplaced file is named). The token checkpoint is
+/// read with the last file's lock held (the live log is normally the last one).
+pub fn verify_series(paths: &[std::path::PathBuf], mac: Option<&dyn TokenMac>) -> Report {
+    let mut report = Report {
+        macs_checked: mac.is_some(),
+        ..Report::default()
+    };
+    let mut files = Vec::new();
+    let mut ck = None;
+    for (k, p) in paths.iter().enumerate() {
+        let last_file = k + 1 == paths.len();
+        match load(p, if last_file { mac } else { None }) {
+            Ok((data, c)) => {
+                if last_file {
+                    ck = c;
+                }
+                files.push(split(p, data));
+            }
+            Err(e) => {
                 bad(
                     &mut report,
-                    Tamper::Modified,
-                    first.no,
+                    Tamper::Unreadable,
+                    0,
                     None,
-                    format!(
-                        "these bytes do not match the torn-record marker at line {} (offset, \
-                         length or SHA-256 differ): they were changed after the writer marked them",
-                        l.no
-                    ),
-                );
-                return report;
-            } else if p.seq == expected && p.prev == last.1 {
-                bad(
-                    &mut report,
-                    Tamper::Inserted,
-                    first.no,
-                    None,
-                    format!(
-                        "line {} is not an audit record and is not part of the chain (line {} \
-                         continues from line {})",
-                        first.no, l.no, last.2
-                    ),
-                );
-                return report;
-            } else {
-                bad(
-                    &mut report,
-                    Tamper::Modified,
-                    first.no,
-                    None,
-                    "this line is not a valid audit record (damaged or edited)".into(),
+                    format!("{}: {e}", p.display()),
                 );
                 return report;
             }
-        } else if p.seq != expected || p.prev != last.1 {
-            classify(&mut report, &recs, i, last, before_last);
-            return report;
         }
-        if let Some(m) = &p.mac {
-            report.macs += 1;
-            if let Some(tm) = mac {
-                let prefix = &data[l.start..p.prefix_end];
-                match tm.mac(&chain::mac_input(prefix)) {
-                    Ok(want) if ct_eq(&want, m) => {
-                        last_mac_ok = Some((p.seq, p.no));
-                        report.authenticated_through = Some(p.seq);
-                    }
-                    Ok(_) => {
-                        let since = match last_mac_ok {
-                            Some((s, n)) => format!("since the checkpoint at seq {s} (line {n})"),
-                            None => "since the start of the log".into(),
-                        };
-                        bad(
-                            &mut report,
-                            Tamper::Modified,
-                            l.no,
-                            Some(p.seq),
+    }
+    let series = files.len() > 1;
+    report.series = series;
+    let mut last = (0u64, GENESIS, 0u64); // seq, hash, line
+    let mut before_last = GENESIS; // hash of the record before `last`
+    let mut last_op_close = false;
+    let mut started: Option<u64> = None; // seq of the series' first record
+    let mut deferred: Option<Problem> = None; // a start the series cannot vouch for
+    let mut last_mac_ok: Option<(u64, u64)> = None; // seq, line
+    let mut mac_failed_note = false;
+    let mut first_gap: Option<(u64, u64, String, std::path::PathBuf)> = None;
+    let mut prev_file: Option<std::path::PathBuf> = None;
+    for fd in &files {
+        report.lines += fd.lines.len() as u64;
+        report.file = Some(fd.path.clone());
+        let this = name(&fd.path);
+        let mut summary = FileSummary {
+            path: fd.path.clone(),
+            ..FileSummary::default()
+        };
+        let data = &fd.data;
+        let (lines, recs) = (&fd.lines, &fd.recs);
+        let mut garbage: Option<usize> = None; // index of the first unparsable line pending
+        let mut closed_at: Option<u64> = None; // line of a log-close record in this file
+        let mut first_in_file = true;
+        for (i, l) in lines.iter().enumerate() {
+            if !l.terminated {
+                let complete = record::is_complete(&data[l.start..l.end]);
+                bad(
+                    &mut report,
+                    Tamper::Torn,
+                    l.no,
+                    record::quick_seq(&data[l.start..l.end]),
+                    format!(
+                        "the last line is an incomplete record ({} bytes{}, at offset {}): a \
+                         writer was interrupted mid-write (or the file was cut); the next \
+                         writer marks it",
+                        l.end - l.start,
+                        if complete { ", no newline" } else { "" },
+                        l.offset
+                    ),
+                );
+                return report;
+            }
+            let Some(p) = &recs[i] else {
+                garbage.get_or_insert(i);
+                continue;
+            };
+            if let Some(c) = closed_at {
+                bad(
+                    &mut report,
+                    Tamper::Inserted,
+                    p.no,
+                    Some(p.seq),
+                    format!(
+                        "a record after the log-close record at line {c}: a file closed by \
+                         `cmkp11 audit rotate` gets no more records"
+                    ),
+                );
+                return report;
+            }
+            let expected = last.0 + 1;
+            if let Some(g) = garbage.take() {
+                let first = &lines[g];
+                let region = &data[first.start..l.start];
+                let marker_ok = p.op == "torn"
+                    && p.seq == expected
+                    && p.prev == last.1
+                    && p.reason.as_deref().and_then(chain::parse_torn_reason)
+                        == Some((
+                            first.offset,
+                            region.len() as u64,
+                            Sha256::digest(region).into(),
+                        ));
+                if marker_ok {
+                    report.notes.push(format!(
+                        "{}line{} {}{}: torn record ({} bytes at offset {}) left by an \
+                         interrupted writer, marked by seq {} (line {})",
+                        if series {
+                            format!("{this}: ")
+                        } else {
+                            String::new()
+                        },
+                        if i - g > 1 { "s" } else { "" },
+                        first.no,
+                        if i - g > 1 {
+                            format!("-{}", l.no - 1)
+                        } else {
+                            String::new()
+                        },
+                        region.len(),
+                        first.offset,
+                        p.seq,
+                        l.no
+                    ));
+                } else if p.op == "torn" && p.seq == expected && p.prev == last.1 {
+                    bad(
+                        &mut report,
+                        Tamper::Modified,
+                        first.no,
+                        None,
+                        format!(
+                            "these bytes do not match the torn-record marker at line {} \
+                             (offset, length or SHA-256 differ): they were changed after the \
+                             writer marked them",
+                            l.no
+                        ),
+                    );
+                    return report;
+                } else if p.seq == expected && p.prev == last.1 {
+                    bad(
+                        &mut report,
+                        Tamper::Inserted,
+                        first.no,
+                        None,
+                        format!(
+                            "line {} is not an audit record and is not part of the chain (line \
+                             {} continues from line {})",
+                            first.no, l.no, last.2
+                        ),
+                    );
+                    return report;
+                } else {
+                    bad(
+                        &mut report,
+                        Tamper::Modified,
+                        first.no,
+                        None,
+                        "this line is not a valid audit record (damaged or edited)".into(),
+                    );
+                    return report;
+                }
+            } else if started.is_none() && !(p.seq == 1 && p.prev == GENESIS) && p.seq > 1 {
+                // The first record of the series does not start the log.
+                if p.op == record::OP_OPEN && (mac.is_none() || p.mac.is_some()) {
+                    report.notes.push(format!(
+                        "starts at record {}: continues the file closed by `cmkp11 audit \
+                         rotate` after record {} ({}); verify the files before it with \
+                         `--series`",
+                        p.seq,
+                        p.seq - 1,
+                        p.reason.as_deref().unwrap_or("")
+                    ));
+                } else if p.op == record::OP_CONTINUE {
+                    let (n, in_place) = continued(p);
+                    let detail = if in_place {
+                        format!(
+                            "{} at record {n}; use `cmkp11 audit rotate`. Records up to {n} \
+                             are not in this file: verify it together with the copy before \
+                             it (`cmkp11 audit verify COPY {this}`)",
+                            super::TRUNCATED_IN_PLACE
+                        )
+                    } else {
+                        format!(
+                            "this file continues a log file that was renamed or removed after \
+                             record {n} without `cmkp11 audit rotate`: records up to {n} are \
+                             not in this file; verify it with the files before it \
+                             (`cmkp11 audit verify --series`)"
+                        )
+                    };
+                    deferred = Some(Problem {
+                        kind: if in_place {
+                            Tamper::Truncated
+                        } else {
+                            Tamper::Deleted
+                        },
+                        line: p.no,
+                        seq: Some(p.seq),
+                        detail,
+                        file: Some(fd.path.clone()),
+                    });
+                } else {
+                    bad(
+                        &mut report,
+                        Tamper::Deleted,
+                        p.no,
+                        Some(p.seq),
+                        format!(
+                            "records 1..{} are not in this file: they were deleted, or {} at \
+                             record {}; use `cmkp11 audit rotate`",
+                            p.seq - 1,
+                            super::TRUNCATED_IN_PLACE,
+                            p.seq - 1
+                        ),
+                    );
+                    return report;
+                }
+                last = (p.seq - 1, p.prev, 0);
+            } else if first_in_file && prev_file.is_some() {
+                // A later file of the series: it must start where the one before ends.
+                let pf = name(prev_file.as_deref().expect("checked"));
+                let fits = p.seq == expected && p.prev == last.1;
+                if fits && p.op == record::OP_CONTINUE {
+                    let (n, in_place) = continued(p);
+                    report.notes.push(if in_place {
+                        format!(
+                            "{this}: {} at record {n}; {pf} holds the records up to it; use \
+                             `cmkp11 audit rotate`",
+                            super::TRUNCATED_IN_PLACE
+                        )
+                    } else {
+                        format!(
+                            "{this}: continues {pf}, renamed or removed after record {n} \
+                             without `cmkp11 audit rotate` ({pf} has no log-close record)"
+                        )
+                    });
+                } else if !fits {
+                    let (kind, detail) = if p.seq > expected {
+                        if p.op == record::OP_CONTINUE && continued(p).1 {
+                            (
+                                Tamper::Deleted,
+                                format!(
+                                    "{} at record {}, but {pf} ends at record {}: records \
+                                     {}..{} were written between the copy and the truncation \
+                                     and are lost; use `cmkp11 audit rotate`",
+                                    super::TRUNCATED_IN_PLACE,
+                                    p.seq - 1,
+                                    last.0,
+                                    expected,
+                                    p.seq - 1
+                                ),
+                            )
+                        } else {
+                            (
+                                Tamper::Deleted,
+                                format!(
+                                    "records {expected}..{} are missing between {pf} (ends at \
+                                     record {}) and {this} (starts at record {}): a file of \
+                                     the series is missing, or was cut",
+                                    p.seq - 1,
+                                    last.0,
+                                    p.seq
+                                ),
+                            )
+                        }
+                    } else if p.seq < expected {
+                        (
+                            Tamper::Reordered,
                             format!(
-                                "the token MAC does not match: this record or one {since} was \
-                                 modified (and the hash chain rewritten to hide it)"
+                                "{this} starts at record {} but {pf} ends at record {}: the \
+                                 files are out of order (or overlap); give them oldest first",
+                                p.seq, last.0
                             ),
-                        );
-                        return report;
-                    }
-                    Err(rv) => {
-                        if !mac_failed_note {
-                            mac_failed_note = true;
-                            report.macs_checked = false;
-                            report.notes.push(format!(
-                                "the token could not compute a MAC ({}): MACs not checked",
-                                crate::backend::rv::name(rv as cryptoki_sys::CK_RV)
-                            ));
+                        )
+                    } else {
+                        (
+                            Tamper::Modified,
+                            format!(
+                                "{this} does not continue {pf}: its first record's prev is not \
+                                 the hash of the last record of {pf} (a file of another log, \
+                                 or modified)"
+                            ),
+                        )
+                    };
+                    bad(&mut report, kind, p.no, Some(p.seq), detail);
+                    return report;
+                }
+            } else if p.seq != expected || p.prev != last.1 {
+                classify(&mut report, recs, i, last, before_last);
+                return report;
+            }
+            first_in_file = false;
+            started.get_or_insert(p.seq);
+            if let Some(m) = &p.mac {
+                report.macs += 1;
+                if let Some(tm) = mac {
+                    let prefix = &data[l.start..p.prefix_end];
+                    match tm.mac(&chain::mac_input(prefix)) {
+                        Ok(want) if ct_eq(&want, m) => {
+                            last_mac_ok = Some((p.seq, p.no));
+                            report.authenticated_through = Some(p.seq);
+                        }
+                        Ok(_) => {
+                            let since = match last_mac_ok {
+                                Some((s, n)) => {
+                                    format!("since the checkpoint at seq {s} (line {n})")
+                                }
+                                None => "since the start of the log".into(),
+                            };
+                            bad(
+                                &mut report,
+                                Tamper::Modified,
+                                l.no,
+                                Some(p.seq),
+                                format!(
+                                    "the token MAC does not match: this record or one {since} \
+                                     was modified (and the hash chain rewritten to hide it)"
+                                ),
+                            );
+                            return report;
+                        }
+                        Err(rv) => {
+                            if !mac_failed_note {
+                                mac_failed_note = true;
+                                report.macs_checked = false;
+                                report.notes.push(format!(
+                                    "the token could not compute a MAC ({}): MACs not checked",
+                                    crate::backend::rv::name(rv as cryptoki_sys::CK_RV)
+                                ));
+                            }
                         }
                     }
                 }
             }
+            if p.op == "audit-gap" && first_gap.is_none() {
+                first_gap = Some((
+                    p.no,
+                    p.seq,
+                    p.reason.clone().unwrap_or_default(),
+                    fd.path.clone(),
+                ));
+            }
+            if p.op == record::OP_CLOSE {
+                closed_at = Some(p.no);
+            }
+            last_op_close = p.op == record::OP_CLOSE;
+            report.records += 1;
+            summary.records += 1;
+            summary.first_seq.get_or_insert(p.seq);
+            summary.last_seq = p.seq;
+            before_last = last.1;
+            last = (p.seq, p.hash, p.no);
+            report.last_seq = last.0;
         }
-        if p.op == "audit-gap" && first_gap.is_none() {
-            first_gap = Some((p.no, p.seq, p.reason.clone().unwrap_or_default()));
+        if let Some(g) = garbage {
+            let first = &lines[g];
+            bad(
+                &mut report,
+                Tamper::Torn,
+                first.no,
+                None,
+                format!(
+                    "the file ends with {} byte(s) at offset {} that are not a complete record \
+                     and carry no torn marker: a writer was interrupted mid-write",
+                    data.len() - first.start,
+                    first.offset
+                ),
+            );
+            return report;
         }
-        report.records += 1;
-        before_last = last.1;
-        last = (p.seq, p.hash, p.no);
-        report.last_seq = last.0;
+        summary.closed = closed_at.is_some();
+        report.files.push(summary);
+        prev_file = Some(fd.path.clone());
     }
     report.last_seq = last.0;
-    if let Some(g) = garbage {
-        let first = &lines[g];
-        bad(
-            &mut report,
-            Tamper::Torn,
-            first.no,
-            None,
-            format!(
-                "the log ends with {} byte(s) at offset {} that are not a complete record and \
-                 carry no torn marker: a writer was interrupted mid-write",
-                data.len() - first.start,
-                first.offset
-            ),
-        );
-        return report;
-    }
     let gap_problem = |report: &mut Report| {
-        if let (None, Some((line, seq, why))) = (&report.problem, &first_gap) {
+        if let (None, Some((line, seq, why, file))) = (&report.problem, &first_gap) {
             bad(
                 report,
                 Tamper::Gap,
@@ -484,16 +763,25 @@ pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
                 Some(*seq),
                 format!("a writer found the log cut or replaced before appending: {why}"),
             );
+            if let Some(p) = report.problem.as_mut() {
+                p.file = Some(file.clone());
+            }
+        }
+    };
+    let deferred_problem = |report: &mut Report| {
+        if report.problem.is_none() {
+            report.problem = deferred.clone();
         }
     };
     if !report.macs_checked {
         report.authenticated_through = None;
         gap_problem(&mut report);
+        deferred_problem(&mut report);
         return report;
     }
 
     // The token checkpoint: catches a cut tail.
-    let end_line = report.lines + 1;
+    let end_line = files.last().map_or(0, |f| f.lines.len() as u64) + 1;
     let mut ck_gap = 0;
     match ck {
         Some(Ok(Some(bytes))) => match Checkpoint::decode(&bytes) {
@@ -508,13 +796,13 @@ pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
                 report.token_checkpoint = Some(c.seq);
                 report.checkpoint_checked = true;
                 ck_gap = c.gap;
-                let at = recs
+                let at = files
                     .iter()
-                    .flatten()
+                    .flat_map(|f| f.recs.iter().flatten())
                     .find(|r| r.seq == c.seq)
                     .map(|r| (r.no, r.hash, r.mac.clone()));
                 match at {
-                    Some((no, h, m)) if h == c.hash && m.as_deref() == Some(&c.mac[..]) => {
+                    Some((_, h, m)) if h == c.hash && m.as_deref() == Some(&c.mac[..]) => {
                         let after = last.0 - c.seq;
                         if after > 0 {
                             report.notes.push(format!(
@@ -524,7 +812,6 @@ pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
                                 c.seq
                             ));
                         }
-                        let _ = no;
                     }
                     Some((no, _, _)) => bad(
                         &mut report,
@@ -536,6 +823,17 @@ pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
                             hex(&c.hash)
                         ),
                     ),
+                    None if c.seq > last.0
+                        && last_op_close
+                        && report.authenticated_through == Some(last.0) =>
+                    {
+                        report.notes.push(format!(
+                            "closed by `cmkp11 audit rotate` after record {} (its log-close \
+                             record is MACed by the token); the log goes on in the next file \
+                             (token checkpoint at record {})",
+                            last.0, c.seq
+                        ));
+                    }
                     None if c.seq > last.0 => bad(
                         &mut report,
                         Tamper::Truncated,
@@ -543,13 +841,22 @@ pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
                         Some(last.0 + 1),
                         format!(
                             "the token's checkpoint names seq {} but the log ends at seq {} \
-                             (line {}): at least {} record(s) were cut from the end",
+                             (line {}): at least {} record(s) were cut from the end (if this \
+                             file was renamed or copied away from the live log, verify it \
+                             with the files after it: `cmkp11 audit verify --series`)",
                             c.seq,
                             last.0,
                             last.2,
                             c.seq - last.0
                         ),
                     ),
+                    None if started.is_some_and(|s| c.seq < s) => {
+                        report.notes.push(format!(
+                            "the token checkpoint (record {}) is in an earlier file of the \
+                             series",
+                            c.seq
+                        ));
+                    }
                     None => bad(
                         &mut report,
                         Tamper::Deleted,
@@ -595,6 +902,7 @@ pub fn verify(path: &Path, mac: Option<&dyn TokenMac>) -> Report {
         None => {}
     }
     gap_problem(&mut report);
+    deferred_problem(&mut report);
     if report.problem.is_none() && ck_gap != 0 {
         bad(
             &mut report,
@@ -760,4 +1068,59 @@ fn classify(
 
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+/// The files of the log at `log` as a series, oldest first: the files rotated out of it
+/// next to it (`LOG.*`, `LOG-*`: `cmkp11 audit rotate` and logrotate names; compressed
+/// ones are left out), ordered by their first record, then the log itself. A file linked
+/// under two names is taken once.
+pub fn series_files(log: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = match log.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = log
+        .file_name()
+        .ok_or_else(|| std::io::Error::other(format!("{}: not a file name", log.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let mut seen = std::collections::HashSet::new();
+    let current = std::fs::metadata(log).ok();
+    if let Some(m) = &current {
+        seen.insert((m.dev(), m.ino()));
+    }
+    let mut found: Vec<(u64, String, std::path::PathBuf)> = Vec::new();
+    for e in std::fs::read_dir(&dir)? {
+        let e = e?;
+        let n = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = n
+            .strip_prefix(&name)
+            .filter(|r| r.starts_with('.') || r.starts_with('-'))
+        else {
+            continue;
+        };
+        if [".gz", ".xz", ".bz2", ".zst", ".lz4", ".Z"]
+            .iter()
+            .any(|x| rest.ends_with(x))
+        {
+            continue;
+        }
+        let p = e.path();
+        let Ok(m) = std::fs::metadata(&p) else {
+            continue;
+        };
+        if !m.is_file() || !seen.insert((m.dev(), m.ino())) {
+            continue;
+        }
+        let f = std::fs::File::open(&p)?;
+        let first = chain::first_seq(&f, m.len())?.unwrap_or(u64::MAX);
+        found.push((first, n, p));
+    }
+    found.sort();
+    let mut v: Vec<_> = found.into_iter().map(|(_, _, p)| p).collect();
+    if current.is_some() || v.is_empty() {
+        v.push(log.to_path_buf());
+    }
+    Ok(v)
 }

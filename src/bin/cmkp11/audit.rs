@@ -26,10 +26,36 @@ pub enum AuditCmd {
     /// Exit status 0: the log verifies; 1: it does not; 3: the chain is intact but the
     /// token could not be used (no PIN, token unavailable), so the MACs or the token
     /// checkpoint were not checked.
+    ///
+    /// Several files (`verify OLDEST ... NEWEST`, or `--series`) are checked as one log
+    /// rotated into several files: each must start where the one before ends.
     Verify {
         /// The log (default: `[audit] file` of the configuration).
         #[arg(long)]
         file: Option<PathBuf>,
+        /// The files of a rotated log, oldest first (instead of `--file`).
+        #[arg(conflicts_with_all = ["file", "series"])]
+        files: Vec<PathBuf>,
+        /// Check the log and the files rotated out of it (`LOG.*` and `LOG-*` next to
+        /// it, ordered by their first record) as one series.
+        #[arg(long)]
+        series: bool,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Close the audit log with a MACed `log-close` record, keep it as `LOG.<UTC time>`
+    /// (or `--to`), and start a new file at the log's path whose first record (`log-open`)
+    /// chains to it. Writers switch to the new file at their next record; nothing is lost
+    /// or written twice. Both files verify on their own and as a series.
+    Rotate {
+        /// The name to keep the closed file under (same file system).
+        #[arg(long, value_name = "PATH", conflicts_with = "renamed")]
+        to: Option<PathBuf>,
+        /// The log was renamed to PATH already (logrotate with `nocreate`, from its
+        /// `postrotate` script): close PATH where it is and start the new file.
+        #[arg(long, value_name = "PATH")]
+        renamed: Option<PathBuf>,
         /// Print the outcome as JSON.
         #[arg(long)]
         json: bool,
@@ -95,9 +121,24 @@ pub fn run_to(
     out: &mut dyn Write,
 ) -> Result<i32, String> {
     match args.cmd {
-        AuditCmd::Verify { file, json } => {
-            let path = log_file(file, cfg)?;
-            let report = audit::verify(&path, mac.as_deref());
+        AuditCmd::Verify {
+            file,
+            files,
+            series,
+            json,
+        } => {
+            let (path, paths) = if !files.is_empty() {
+                (files.last().cloned().expect("not empty"), files)
+            } else {
+                let path = log_file(file, cfg)?;
+                let paths = if series {
+                    audit::verify::series_files(&path).map_err(|e| e.to_string())?
+                } else {
+                    vec![path.clone()]
+                };
+                (path, paths)
+            };
+            let report = audit::verify::verify_series(&paths, mac.as_deref());
             if matches!(
                 report.problem.as_ref().map(|p| p.kind),
                 Some(audit::Tamper::Unreadable)
@@ -108,11 +149,19 @@ pub fn run_to(
                 let p = report.problem.as_ref().map(|p| {
                     serde_json::json!({
                         "kind": p.kind.to_string(), "line": p.line, "seq": p.seq,
-                        "detail": p.detail,
+                        "detail": p.detail, "file": p.file,
                     })
                 });
+                let fl: Vec<_> = report
+                    .files
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({"file": s.path, "first_seq": s.first_seq,
+                            "last_seq": s.last_seq, "records": s.records, "closed": s.closed})
+                    })
+                    .collect();
                 let v = serde_json::json!({
-                    "file": path, "ok": report.ok(), "lines": report.lines,
+                    "file": path, "files": fl, "ok": report.ok(), "lines": report.lines,
                     "records": report.records, "last_seq": report.last_seq,
                     "macs": report.macs, "macs_checked": report.macs_checked,
                     "authenticated_through": report.authenticated_through,
@@ -121,6 +170,8 @@ pub fn run_to(
                     "problem": p,
                 });
                 let _ = writeln!(out, "{v}");
+            } else if report.series {
+                let _ = write!(out, "{} files of {}: {report}", paths.len(), path.display());
             } else {
                 let _ = write!(out, "{}: {report}", path.display());
             }
@@ -142,6 +193,38 @@ pub fn run_to(
                 (true, true) => NOT_AUTHENTICATED,
                 (true, false) => 0,
             })
+        }
+        AuditCmd::Rotate { to, renamed, json } => {
+            let path =
+                cfg.audit.file.clone().ok_or_else(|| {
+                    "no audit log: set [audit] file in the configuration".to_string()
+                })?;
+            let r =
+                audit::rotate::rotate(&path, renamed.as_deref(), to.as_deref(), mac.as_deref())?;
+            if json {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"file": path, "archive": r.archive,
+                        "closed_at": r.closed_at, "opened_at": r.opened_at, "maced": r.maced})
+                );
+            } else {
+                let _ = writeln!(
+                    out,
+                    "{}: rotated: {} closed after record {} (log-close); the new file starts \
+                     at record {} (log-open){}",
+                    path.display(),
+                    r.archive.display(),
+                    r.closed_at,
+                    r.opened_at,
+                    if r.maced {
+                        ""
+                    } else {
+                        "; no token: records not MACed"
+                    }
+                );
+            }
+            Ok(0)
         }
         AuditCmd::Tail {
             follow,

@@ -167,6 +167,8 @@ fn run_audit(g: &Global, a: audit::AuditArgs) -> R<u8> {
     // so that verify appends nothing (no login record) to the log it checks. Without a
     // login (no PIN available), the hash chain alone is checked, the report says what was
     // not, and the exit status is 3.
+    // Rotate needs the token too: it MACs the records that close and open the files.
+    let rotating = matches!(a.cmd, audit::AuditCmd::Rotate { .. });
     let ctx = if matches!(a.cmd, audit::AuditCmd::Verify { .. }) {
         match ctx::Ctx::open_unaudited(g) {
             Ok(c) => Some(c),
@@ -175,16 +177,25 @@ fn run_audit(g: &Global, a: audit::AuditArgs) -> R<u8> {
                 None
             }
         }
+    } else if rotating {
+        Some(ctx::Ctx::open_unaudited(g).map_err(|e| {
+            CliError::new(format!(
+                "{}; `audit rotate` needs the token (its audit key MACs the records that \
+                 close and open the files)",
+                e.msg
+            ))
+        })?)
     } else {
         None
     };
     let mac = ctx.as_ref().and_then(|c| {
         let lib = c.lib();
         lib.backend.slots.first().map(|slot| {
-            let m = cmkp11::runtime::audit_mac::TokenAuditMac::read_only(
-                lib.backend.ctx.clone(),
-                *slot,
-            );
+            let m = if rotating {
+                cmkp11::runtime::audit_mac::TokenAuditMac::new(lib.backend.ctx.clone(), *slot)
+            } else {
+                cmkp11::runtime::audit_mac::TokenAuditMac::read_only(lib.backend.ctx.clone(), *slot)
+            };
             let m = match &cfg.audit.file {
                 Some(file) => m.for_log(file),
                 None => m,
