@@ -76,6 +76,14 @@ pub struct Service {
     /// deletion date (0: no timer; `cmkp11 key purge` then stays the only way).
     #[serde(default = "default_purge_interval")]
     pub purge_interval: u64,
+    /// Daemon only: serve metrics (Prometheus text format over HTTP) on this Unix socket
+    /// (created mode 0660: the daemon's group may scrape).
+    #[serde(default)]
+    pub metrics_socket: Option<PathBuf>,
+    /// Daemon only: serve metrics on this TCP address, which must be a loopback address
+    /// (e.g. "127.0.0.1:9464"; a non-loopback address is refused at start).
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 fn default_purge_interval() -> u64 {
@@ -210,6 +218,10 @@ pub struct Audit {
     /// Also send records to syslog.
     #[serde(default)]
     pub syslog: bool,
+    /// The syslog socket records go to (default `/dev/log`, which journald and rsyslog
+    /// read).
+    #[serde(default)]
+    pub syslog_socket: Option<PathBuf>,
     /// `deny` (default): a key use that cannot be recorded is refused; `allow`: logged.
     #[serde(default = "default_on_failure")]
     pub on_failure: String,
@@ -224,6 +236,7 @@ impl Default for Audit {
         Audit {
             file: None,
             syslog: false,
+            syslog_socket: None,
             on_failure: default_on_failure(),
         }
     }

@@ -296,6 +296,23 @@ pub trait TokenMac: Send + Sync {
     }
 }
 
+/// Sees every record before it is written, and whether it was (`cmkp11d`'s metrics).
+/// Called on the caller's thread: it must be quick and must not call back into the log.
+pub type Observer = fn(&RecordRef<'_>, bool);
+
+static OBSERVER: std::sync::OnceLock<Observer> = std::sync::OnceLock::new();
+
+/// Installs the process's record observer (once; later calls are ignored).
+pub fn set_observer(f: Observer) {
+    let _ = OBSERVER.set(f);
+}
+
+fn observe(r: &RecordRef<'_>, written: bool) {
+    if let Some(f) = OBSERVER.get() {
+        f(r, written);
+    }
+}
+
 /// Knobs of the writer; [`Tuning::default`] is what production uses.
 #[derive(Debug, Clone)]
 pub struct Tuning {
@@ -449,7 +466,13 @@ impl Auditor {
             log::warn!("audit: syslog = true has no effect without audit.file");
         }
         let pid = crate::sys::shm::pid();
-        let syslog = cfg.syslog.then(|| sink::Syslog::new(&tuning.syslog_socket));
+        let syslog = cfg.syslog.then(|| {
+            sink::Syslog::new(
+                cfg.syslog_socket
+                    .as_deref()
+                    .unwrap_or(&tuning.syslog_socket),
+            )
+        });
         let mut w = Writer {
             pid,
             mac,
@@ -556,6 +579,16 @@ impl Auditor {
     /// Counts one DEK bulk operation (`encrypt`, `decrypt`, ...) of a session; the counts
     /// go into the session's `session-close` record.
     pub fn count_bulk(&self, session: u64, op: &str) {
+        observe(
+            &RecordRef {
+                op,
+                // A DEK has no name of its own.
+                key: Some("(session key)"),
+                session: Some(session),
+                ..RecordRef::default()
+            },
+            true,
+        );
         if self.path.is_none() {
             return;
         }
@@ -624,6 +657,7 @@ impl Auditor {
         force_mac: bool,
     ) -> Result<(), u64> {
         if self.path.is_none() {
+            observe(r, true);
             return Ok(());
         }
         let pid = crate::sys::shm::pid();
@@ -647,6 +681,7 @@ impl Auditor {
                 force_mac,
             },
         );
+        observe(r, res.is_ok());
         match res {
             Ok(()) => {
                 if self.failing.swap(false, Ordering::Relaxed) {

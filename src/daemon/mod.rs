@@ -10,5 +10,6 @@
 
 #[allow(unsafe_code)]
 pub mod host;
+pub mod metrics;
 pub mod purge;
 pub mod server;

@@ -95,6 +95,8 @@ pub struct Server {
     next_context: AtomicU64,
     fails: Mutex<HashMap<u32, Fails>>,
     connections: AtomicUsize,
+    /// Set when the configuration asks for metrics (`service.metrics_*`).
+    metrics: Option<&'static crate::daemon::metrics::Metrics>,
 }
 
 /// The identity of a connection's peer, from the kernel.
@@ -164,7 +166,57 @@ impl Server {
             next_context: AtomicU64::new(1),
             fails: Mutex::new(HashMap::new()),
             connections: AtomicUsize::new(0),
+            metrics: None,
         })
+    }
+
+    /// Starts serving metrics where `service.metrics_socket` / `metrics_listen` say (no-op
+    /// when neither is set). Call before [`Server::serve`].
+    pub fn start_metrics(self: &mut Arc<Self>) -> Result<(), String> {
+        use crate::daemon::metrics::{self, Endpoint};
+        let mut at = Vec::new();
+        if let Some(p) = &self.svc.metrics_socket {
+            if *p == self.svc.socket {
+                return Err(format!(
+                    "service.metrics_socket {} is service.socket: give metrics a path of their own",
+                    p.display()
+                ));
+            }
+            at.push(Endpoint::Unix(p.clone()));
+        }
+        if let Some(a) = &self.svc.metrics_listen {
+            at.push(Endpoint::Tcp(metrics::loopback(a)?));
+        }
+        if at.is_empty() {
+            return Ok(());
+        }
+        Arc::get_mut(self)
+            .ok_or("start_metrics: the server is already shared")?
+            .metrics = Some(metrics::get());
+        for e in at {
+            let me = Arc::downgrade(self);
+            metrics::serve(e, move || {
+                me.upgrade()
+                    .map(|s| s.client_sessions())
+                    .unwrap_or_default()
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Per connected client process: uid, executable and open sessions.
+    pub fn client_sessions(&self) -> Vec<(u32, String, usize)> {
+        let contexts: Vec<Arc<Context>> = self.contexts.lock().values().cloned().collect();
+        contexts
+            .iter()
+            .map(|c| {
+                (
+                    c.peer.uid,
+                    c.peer.exe.display().to_string(),
+                    c.state.lock().sessions.len(),
+                )
+            })
+            .collect()
     }
 
     /// Logs the daemon in to every slot with the token PIN (at start).
@@ -297,7 +349,12 @@ impl Server {
                     break;
                 }
             };
+            let call = req.call_name();
+            let started = std::time::Instant::now();
             let reply = serve_as(&ctx.peer, || self.handle(&ctx, req));
+            if let Some(m) = self.metrics {
+                m.call(call, started.elapsed(), reply.result_code());
+            }
             if proto::send(&mut stream, &reply).is_err() {
                 break;
             }

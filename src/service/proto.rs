@@ -151,7 +151,7 @@ pub enum Op {
 }
 
 /// A data call of an active operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, strum::IntoStaticStr)]
 #[allow(missing_docs)]
 pub enum DataCall {
     Encrypt,
@@ -192,7 +192,7 @@ impl DataCall {
 }
 
 /// A PKCS#11 call, as the client forwards it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, strum::IntoStaticStr)]
 #[allow(missing_docs)]
 pub enum Request {
     GetInfo,
@@ -389,6 +389,34 @@ pub enum Reply {
         rv: u64,
         values: Vec<(u64, Option<Vec<u8>>)>,
     },
+}
+
+impl Request {
+    /// The PKCS#11 function this request stands for, without the `C_` (`EncryptInit`,
+    /// `Encrypt`, `GenerateKey`, ...): the daemon's metrics label calls by it.
+    pub fn call_name(&self) -> &'static str {
+        match self {
+            Request::Init { op, .. } => match op {
+                Op::Encrypt => "EncryptInit",
+                Op::Decrypt => "DecryptInit",
+                Op::Digest => "DigestInit",
+                Op::Sign => "SignInit",
+                Op::Verify => "VerifyInit",
+            },
+            Request::Data { call, .. } => call.into(),
+            other => other.into(),
+        }
+    }
+}
+
+impl Reply {
+    /// The call's `CK_RV` as the application will see it (`CKR_OK` for a value).
+    pub fn result_code(&self) -> u64 {
+        match self {
+            Reply::Rv(rv) | Reply::Attributes { rv, .. } => *rv,
+            _ => 0,
+        }
+    }
 }
 
 /// Why a frame could not be read.

@@ -79,6 +79,7 @@ pub fn cfg(file: &Path, on_failure: &str) -> Audit {
     Audit {
         file: Some(file.to_owned()),
         syslog: false,
+        syslog_socket: None,
         on_failure: on_failure.into(),
     }
 }

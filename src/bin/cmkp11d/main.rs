@@ -226,7 +226,8 @@ fn run(path: &Path) -> Result<(), String> {
         ));
     }
     let interval = cfg.service.as_ref().map_or(0, |s| s.purge_interval);
-    let server = Arc::new(Server::new(cfg)?);
+    let mut server = Arc::new(Server::new(cfg)?);
+    server.start_metrics()?;
     let _keep = server.login_token(&pin)?;
     drop(pin);
     stop_on_signals(bound)?;
