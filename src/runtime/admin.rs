@@ -131,7 +131,11 @@ impl Library {
         }
         let names = lifecycle::purge(s.backend(), &view);
         self.stores[s.slot_id as usize].invalidate();
-        self.gcm.forget();
+        if names.as_ref().is_ok_and(|n| !n.is_empty()) {
+            // Key objects went: their backend handles may be given to new objects. Not
+            // on every run (the daemon's timer): each forgets the rest of reserved blocks.
+            self.gcm.forget();
+        }
         let rv = names.as_ref().map_or_else(Error::rv, |_| CKR_OK);
         for name in names.as_deref().unwrap_or(&[]) {
             let mut rec = crate::audit::Record::new("purge", rv);
