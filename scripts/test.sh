@@ -119,12 +119,15 @@ step "service tests" env CMKP11_TEST_SERVICE=1 cargo test --no-fail-fast \
 if step "release build" cargo build --release --lib --bins --example demo; then
     step demo run_demo
     step e2e bash scripts/e2e/run.sh --module "$(cmk_module_path release)"
+    # The same families through the service: a cmkp11d per family owns its token.
+    step "e2e service" bash scripts/e2e/run.sh --service --module "$(cmk_module_path release)"
     # Last: it installs the .deb system-wide (then purges it), which would change what
     # the steps above see (/etc/cmkp11/cmkp11.toml sends every application to the daemon).
     step package bash scripts/test-package.sh
 else
     skipped demo "release build failed"
     skipped e2e "release build failed"
+    skipped "e2e service" "release build failed"
     skipped package "release build failed"
 fi
 

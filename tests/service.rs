@@ -675,3 +675,134 @@ fn operator_functions_are_refused_to_applications() {
     let k = data_cmk(&s, "svc-operator-check");
     assert!(gcm_encrypt(&s, k, b"x").is_ok());
 }
+
+/// `C_FindObjects` of a client that has not logged in: all handles found, until no more.
+fn raw_find(raw: &mut Raw, h: u64, template: Vec<proto::Attr>) -> Vec<u64> {
+    assert_eq!(
+        raw.rq(&Request::FindObjectsInit {
+            session: h,
+            template
+        })
+        .rv(),
+        CKR_OK
+    );
+    let mut all = Vec::new();
+    loop {
+        match raw.rq(&Request::FindObjects {
+            session: h,
+            max: 64,
+        }) {
+            Reply::Handles(v) if v.is_empty() => break,
+            Reply::Handles(v) => all.extend(v),
+            r => panic!("C_FindObjects: {r:?}"),
+        }
+    }
+    assert_eq!(raw.rq(&Request::FindObjectsFinal(h)).rv(), CKR_OK);
+    all
+}
+
+fn label_attr(label: &str) -> proto::Attr {
+    proto::Attr {
+        ty: CKA_LABEL,
+        value: Some(label.as_bytes().to_vec()),
+    }
+}
+
+#[test]
+#[serial]
+fn before_login_a_client_sees_public_objects_only() {
+    // A logged-in application stores a public certificate, a private data object and a CMK.
+    let s = session();
+    let cert = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::CERTIFICATE),
+            Attribute::CertificateType(cryptoki::object::CertificateType::X_509),
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Label(b"svc-public-cert".to_vec()),
+            Attribute::Subject(b"\x30\x00".to_vec()),
+            Attribute::Value(b"\x30\x03\x02\x01\x01".to_vec()),
+        ])
+        .expect("a token certificate");
+    let private = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Label(b"svc-private-data".to_vec()),
+            Attribute::Value(b"secret".to_vec()),
+        ])
+        .expect("a private data object");
+    data_cmk(&s, "svc-public-test-cmk");
+
+    // Another process of a [[clients]] uid, not logged in (ssh-keygen -D, openvpn
+    // --show-pkcs11-ids): the certificate, readable; nothing private.
+    let mut raw = Raw::open(&svc().socket);
+    let h = raw.session();
+    let found = raw_find(&mut raw, h, vec![label_attr("svc-public-cert")]);
+    assert_eq!(
+        found.len(),
+        1,
+        "the public certificate is found before login"
+    );
+    let read = raw.rq(&Request::GetAttributeValue {
+        session: h,
+        object: found[0],
+        query: vec![(CKA_LABEL, Some(64))],
+    });
+    match read {
+        Reply::Attributes { rv, values } => {
+            assert_eq!(rv, CKR_OK);
+            assert_eq!(values[0].1.as_deref(), Some(&b"svc-public-cert"[..]));
+        }
+        r => panic!("C_GetAttributeValue: {r:?}"),
+    }
+    for label in ["svc-private-data", "svc-public-test-cmk"] {
+        assert!(
+            raw_find(&mut raw, h, vec![label_attr(label)]).is_empty(),
+            "{label} is private: invisible before login"
+        );
+    }
+    let asks_private = vec![proto::Attr {
+        ty: CKA_PRIVATE,
+        value: Some(vec![CK_TRUE]),
+    }];
+    assert!(raw_find(&mut raw, h, asks_private).is_empty());
+    // Every object a search without a template finds is public.
+    for o in raw_find(&mut raw, h, Vec::new()) {
+        match raw.rq(&Request::GetAttributeValue {
+            session: h,
+            object: o,
+            query: vec![(CKA_PRIVATE, Some(1))],
+        }) {
+            Reply::Attributes { rv, values } => {
+                assert_eq!(rv, CKR_OK);
+                assert_eq!(values[0].1.as_deref(), Some(&[CK_FALSE][..]), "object {o}");
+            }
+            r => panic!("C_GetAttributeValue: {r:?}"),
+        }
+    }
+    // Reading is all: no change without login, and nothing it did not find.
+    assert_eq!(
+        raw.rq(&Request::DestroyObject {
+            session: h,
+            object: found[0]
+        })
+        .rv(),
+        CKR_USER_NOT_LOGGED_IN
+    );
+    let not_found = raw.rq(&Request::GetAttributeValue {
+        session: h,
+        object: private.handle(),
+        query: vec![(CKA_LABEL, Some(64))],
+    });
+    assert!(
+        matches!(
+            not_found,
+            Reply::Rv(CKR_USER_NOT_LOGGED_IN | CKR_OBJECT_HANDLE_INVALID)
+        ),
+        "{not_found:?}"
+    );
+    s.destroy_object(cert).unwrap();
+    s.destroy_object(private).unwrap();
+}

@@ -58,19 +58,25 @@ have() { command -v "$1" >/dev/null 2>&1; }
 
 # --- shared by the server families (nginx, ssh, apache, curl, openvpn) -------------------
 # What a family needs to know about how the module reaches the token is here, so that
-# running the suite through cmkp11's service (once it exists) changes E2E_MODULE (the
-# service's client module) and these two definitions, not the family scripts.
+# running the suite through cmkp11's service (run.sh --service: E2E_SERVICE=1, a cmkp11d
+# per family, CMKP11_SERVICE set) changes these definitions, not the family scripts.
 #
 # E2E_MODULE_ENV: the names of the environment variables the module needs in every process
 # that loads it (servers keep or pass exactly these to their workers and helpers). Library
-# mode: the token's and cmkp11's configuration.
-E2E_MODULE_ENV="${E2E_MODULE_ENV:-SOFTHSM2_CONF CMKP11_CONFIG}"
+# mode: the token's and cmkp11's configuration; service mode: the daemon's socket too.
+if [ "${E2E_SERVICE:-0}" = 1 ]; then
+    E2E_MODULE_ENV="${E2E_MODULE_ENV:-SOFTHSM2_CONF CMKP11_CONFIG CMKP11_SERVICE}"
+else
+    E2E_MODULE_ENV="${E2E_MODULE_ENV:-SOFTHSM2_CONF CMKP11_CONFIG}"
+fi
 
 # grant_module_access USER: lets USER (a server's unprivileged workers) use the module the
 # way root does here. Library mode: the module opens the token store and reads cmkp11's
 # configuration itself, so the family's token directory and configuration are given to
 # USER (modes unchanged: the configuration stays 600) and the scratch directories above
-# them made traversable (711).
+# them made traversable (711). Service mode: the daemon owns the token; USER needs only to
+# reach its socket (mode 0666) through the traversable directories, and is one of the uids
+# of the daemon's [[clients]] entry (run.sh).
 grant_module_access() {
     local parent
     parent="$(dirname "$E2E_WORK")"
@@ -79,6 +85,7 @@ grant_module_access() {
     *) cmk_die "grant_module_access: $E2E_WORK is not inside a cmkp11-* scratch directory" ;;
     esac
     chmod 711 "$E2E_WORK"
+    [ "${E2E_SERVICE:-0}" = 1 ] && return 0
     chown -R "$1:" "$(dirname "$SOFTHSM2_CONF")/tokens" "$SOFTHSM2_CONF" "$CMKP11_CONFIG"
 }
 
@@ -90,11 +97,12 @@ if [ -z "${E2E_CLI:-}" ]; then
 fi
 
 # run_cli LOGNAME ARGS...: `run` of the cmkp11 command on the family's token (PIN from
-# the environment).
+# the environment). In service mode too it works on the token itself, as the operator
+# who holds the token PIN does (the daemon shares the token with it).
 run_cli() {
     local log="$1"
     shift
-    run "$log" env CMKP11_PIN="$E2E_PIN" "$E2E_CLI" --token "$E2E_TOKEN" "$@"
+    run "$log" env -u CMKP11_SERVICE CMKP11_PIN="$E2E_PIN" "$E2E_CLI" --token "$E2E_TOKEN" "$@"
 }
 
 # free_ports N: N distinct TCP ports on 127.0.0.1 that are free now, from E2E_PORTS

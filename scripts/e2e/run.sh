@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Runs the client end-to-end suite through a PKCS#11 module (cmkp11 by default).
 #
-#   bash scripts/e2e/run.sh [--module PATH | --direct] [--keep] [FAMILY...]
+#   bash scripts/e2e/run.sh [--module PATH | --direct] [--service] [--keep] [FAMILY...]
 #
 #   --module PATH  module under test (default: $E2E_MODULE or target/release/libcmkp11.so)
 #   --direct       test SoftHSM2's own module instead (to check the suite itself)
+#   --service      service mode: each family's token is owned by a cmkp11d of its own
+#                  (built beside the module) and the module runs in client mode
 #   --keep         keep the scratch directory (kept anyway when a check fails)
 #   FAMILY         some of: pkcs11-tool python openssl gnutls nss p11-kit nginx java ssh apache
 #                  curl openvpn (default: all)
@@ -19,6 +21,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ALL_FAMILIES=(pkcs11-tool python openssl gnutls nss p11-kit nginx java ssh apache curl openvpn)
 module="${E2E_MODULE:-}"
 keep=0
+service=0
 families=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -34,8 +37,12 @@ while [ $# -gt 0 ]; do
         keep=1
         shift
         ;;
+    --service)
+        service=1
+        shift
+        ;;
     -h | --help)
-        sed -n '2,15p' "$0"
+        sed -n '2,17p' "$0"
         exit 0
         ;;
     -*) cmk_die "unknown option $1" ;;
@@ -65,7 +72,40 @@ chmod 700 "$work"
 family_timeout="${E2E_FAMILY_TIMEOUT:-600}"
 start=$(date +%s)
 
-printf 'e2e: module under test %s\n' "$module"
+daemon="$(dirname "$module")/cmkp11d"
+if [ "$service" -eq 1 ]; then
+    [ "$is_direct" -eq 0 ] || cmk_die "--service tests cmkp11's client mode, not SoftHSM2"
+    [ -x "$daemon" ] || cmk_die "$daemon not found (cargo build --release --bins first)"
+    app_hash="$(printf '%s' "$CMK_USER_PIN" | "$daemon" hash-pin)" || cmk_die "cmkp11d hash-pin failed"
+fi
+
+# start_daemon DIR: a cmkp11d owning the family's token (its configuration plus [service]
+# and one application credential: the test PIN, for root and the server users the
+# families run workers as); exports CMKP11_SERVICE and prints the daemon's pid.
+start_daemon() {
+    local dir="$1" conf="$1/cmkp11d.toml" sock="$1/cmkp11d.sock" uids="0" u pid
+    for u in www-data nobody; do
+        if id -u "$u" >/dev/null 2>&1; then uids="$uids, $(id -u "$u")"; fi
+    done
+    (
+        umask 077
+        printf '%s' "$CMK_USER_PIN" >"$dir/token.pin"
+        cat "$CMKP11_CONFIG"
+        printf '\n[audit]\nfile = "%s"\n' "$dir/audit.log"
+        printf '\n[service]\nsocket = "%s"\ntoken_pin_file = "%s"\n' "$sock" "$dir/token.pin"
+        printf '\n[[clients]]\nname = "e2e"\nuids = [%s]\npin_hash = "%s"\n' "$uids" "$app_hash"
+    ) >"$conf.tmp" && mv "$conf.tmp" "$conf"
+    "$daemon" --config "$conf" >/dev/null 2>"$dir/cmkp11d.log" &
+    pid=$!
+    for _ in $(seq 100); do
+        [ -S "$sock" ] && break
+        sleep 0.1
+    done
+    [ -S "$sock" ] || cmk_die "cmkp11d did not start: $(tail -n 3 "$dir/cmkp11d.log")"
+    echo "$pid"
+}
+
+printf 'e2e: module under test %s%s\n' "$module" "$([ "$service" -eq 1 ] && echo ' (service mode)')"
 printf 'e2e: scratch directory %s\n' "$work"
 
 for fam in "${families[@]}"; do
@@ -80,8 +120,17 @@ for fam in "${families[@]}"; do
     (
         cmk_token_env "$fdir" "e2e-$fam" >/dev/null
         export E2E_MODULE="$module" E2E_DIRECT_MODULE="$direct" E2E_WORK="$fdir" \
-            E2E_TOKEN="e2e-$fam" E2E_IS_DIRECT="$is_direct"
-        cd "$fdir" && exec timeout -k 10 "$family_timeout" bash "$script"
+            E2E_TOKEN="e2e-$fam" E2E_IS_DIRECT="$is_direct" E2E_SERVICE="$service"
+        if [ "$service" -eq 0 ]; then
+            cd "$fdir" && exec timeout -k 10 "$family_timeout" bash "$script"
+        fi
+        dpid="$(start_daemon "$fdir")" || exit 1
+        export CMKP11_SERVICE="unix:$fdir/cmkp11d.sock"
+        rc=0
+        (cd "$fdir" && timeout -k 10 "$family_timeout" bash "$script") || rc=$?
+        kill "$dpid" 2>/dev/null
+        wait "$dpid" 2>/dev/null
+        exit "$rc"
     ) 2>"$fdir/stderr.txt" | tee "$fdir/out.txt" |
         grep --line-buffered -E '^((PASS|FAIL|SKIP) |  note: )'
     rc=${PIPESTATUS[0]}

@@ -19,7 +19,8 @@
 //! configuration. A client's `C_Login` PIN is an application credential (`[[clients]]`):
 //! checked against an Argon2 hash, only for the uids listed; failures are counted per
 //! uid, locked out for [`LOCKOUT`] after [`MAX_FAILS`] in a row, and audited. Until it logs
-//! in, a client sees no objects and can use no key.
+//! in, a client can use no key and sees only public objects (`CKA_PRIVATE=FALSE`), and
+//! those only when its uid is one of a `[[clients]]` entry.
 //!
 //! # Limits
 //! Per client: `service.max_sessions`, `service.max_objects` (objects it created) and
@@ -61,6 +62,9 @@ struct Sess {
     slot: CK_SLOT_ID,
     /// A search begun while not logged in: it finds nothing.
     empty_find: bool,
+    /// A search begun while not logged in by a client uid of `[[clients]]`: it finds only
+    /// public objects (`CKA_PRIVATE=FALSE` added to its template).
+    public_find: bool,
 }
 
 #[derive(Default)]
@@ -70,6 +74,8 @@ struct CtxState {
     created: usize,
     /// The `[[clients]]` name this context logged in as.
     login: Option<String>,
+    /// Public objects found before login: their attributes may be read without login.
+    public: HashSet<CK_OBJECT_HANDLE>,
 }
 
 /// A client context (one application process).
@@ -439,8 +445,8 @@ impl Server {
     }
 
     /// Runs one request of `ctx`.
-    fn handle(&self, ctx: &Context, req: Request) -> Reply {
-        match self.check(ctx, &req) {
+    fn handle(&self, ctx: &Context, mut req: Request) -> Reply {
+        match self.check(ctx, &mut req) {
             Err(rv) => Reply::Rv(rv),
             Ok(Some(reply)) => reply,
             Ok(None) => {
@@ -454,7 +460,29 @@ impl Server {
                     Request::CloseSession(h) => Some(*h),
                     _ => None,
                 };
+                let public_find = match &req {
+                    Request::FindObjects { session, .. } => ctx
+                        .state
+                        .lock()
+                        .sessions
+                        .get(session)
+                        .is_some_and(|s| s.public_find),
+                    _ => false,
+                };
+                let find_init = match &req {
+                    Request::FindObjectsInit { session, .. } => Some(*session),
+                    _ => None,
+                };
                 let reply = crate::daemon::host::execute(req);
+                if let (true, Reply::Handles(found)) = (public_find, &reply) {
+                    ctx.state.lock().public.extend(found.iter().copied());
+                }
+                if let (Some(h), true) = (find_init, reply.result_code() != CKR_OK) {
+                    // A search the token refused is not active.
+                    if let Some(s) = ctx.state.lock().sessions.get_mut(&h) {
+                        s.public_find = false;
+                    }
+                }
                 self.after(ctx, reply, created, session_info, open, close)
             }
         }
@@ -462,7 +490,7 @@ impl Server {
 
     /// Checks a request against the client's state: `Ok(None)` to run it, `Ok(Some(r))`
     /// when the daemon answers it itself, `Err(rv)` to refuse it.
-    fn check(&self, ctx: &Context, req: &Request) -> Result<Option<Reply>, CK_RV> {
+    fn check(&self, ctx: &Context, req: &mut Request) -> Result<Option<Reply>, CK_RV> {
         use Request as R;
         let st = &mut *ctx.state.lock();
         let own = |st: &CtxState, h: u64| {
@@ -506,7 +534,7 @@ impl Server {
             | R::GetMechanismList(_)
             | R::GetMechanismInfo { .. } => Ok(None),
             R::OpenSession { flags, .. } => {
-                if flags & CKF_SERIAL_SESSION == 0 {
+                if *flags & CKF_SERIAL_SESSION == 0 {
                     return Err(CKR_SESSION_PARALLEL_NOT_SUPPORTED);
                 }
                 if st.sessions.len() >= self.svc.max_sessions {
@@ -567,17 +595,40 @@ impl Server {
                 self.audit_login(ctx, "logout", CKR_OK, &format!("client {name}"), slot, *h);
                 Ok(Some(Reply::Rv(CKR_OK)))
             }
-            R::FindObjectsInit { session, .. } => {
+            R::FindObjectsInit { session, template } => {
                 own(st, *session)?;
                 if st.login.is_none() {
-                    // Not logged in: a search that finds nothing (private objects are
-                    // invisible, and cmkp11's objects are all private).
+                    // Not logged in: private objects are invisible (cmkp11's own objects
+                    // and CMKs are all private). A uid that some `[[clients]]` entry
+                    // admits sees the public ones, as PKCS#11 promises before login
+                    // (certificates and public keys: ssh-keygen -D, openvpn
+                    // --show-pkcs11-ids); anyone else, nothing.
                     let s = st.sessions.get_mut(session).expect("owned");
-                    if s.empty_find {
+                    if s.empty_find || s.public_find {
                         return Err(CKR_OPERATION_ACTIVE);
                     }
-                    s.empty_find = true;
-                    return Ok(Some(Reply::Rv(CKR_OK)));
+                    let client = self
+                        .cfg
+                        .clients
+                        .iter()
+                        .any(|c| c.uids.contains(&ctx.peer.uid));
+                    match template.iter().find(|a| a.ty == CKA_PRIVATE) {
+                        _ if !client => s.empty_find = true,
+                        Some(a) if a.value.as_deref() != Some(&[CK_FALSE][..]) => {
+                            s.empty_find = true
+                        }
+                        Some(_) => s.public_find = true,
+                        None => {
+                            template.push(proto::Attr {
+                                ty: CKA_PRIVATE,
+                                value: Some(vec![CK_FALSE]),
+                            });
+                            s.public_find = true;
+                        }
+                    }
+                    if s.empty_find {
+                        return Ok(Some(Reply::Rv(CKR_OK)));
+                    }
                 }
                 Ok(None)
             }
@@ -591,6 +642,7 @@ impl Server {
             R::FindObjectsFinal(session) => {
                 own(st, *session)?;
                 let s = st.sessions.get_mut(session).expect("owned");
+                s.public_find = false;
                 if s.empty_find {
                     s.empty_find = false;
                     return Ok(Some(Reply::Rv(CKR_OK)));
@@ -610,11 +662,17 @@ impl Server {
                 seen(st, *object, CKR_OBJECT_HANDLE_INVALID)?;
                 room(st, 1).map(|_| None)
             }
-            R::DestroyObject { session, object }
-            | R::GetObjectSize { session, object }
+            R::GetObjectSize { session, object }
             | R::GetAttributeValue {
                 session, object, ..
+            } => {
+                own(st, *session)?;
+                if !st.public.contains(object) {
+                    logged(st)?;
+                }
+                seen(st, *object, CKR_OBJECT_HANDLE_INVALID).map(|_| None)
             }
+            R::DestroyObject { session, object }
             | R::SetAttributeValue {
                 session, object, ..
             } => {
@@ -698,6 +756,7 @@ impl Server {
                     Sess {
                         slot: open.unwrap_or_default(),
                         empty_find: false,
+                        public_find: false,
                     },
                 );
             }
