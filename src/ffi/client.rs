@@ -1131,22 +1131,6 @@ pub extern "C" fn C_SessionCancel(_s: CK_SESSION_HANDLE, _f: CK_FLAGS) -> CK_RV 
     CKR_FUNCTION_NOT_SUPPORTED
 }
 
-macro_rules! client_tables {
-    ([$($base:ident),* $(,)?], [$($v3:ident),* $(,)?]) => {
-        /// The v2.40 function list of client mode.
-        pub static CLIENT_LIST_2_40: CK_FUNCTION_LIST = CK_FUNCTION_LIST {
-            version: CK_VERSION { major: 2, minor: 40 },
-            $($base: Some($base),)*
-        };
-        /// The v3.0 function list of client mode.
-        pub static CLIENT_LIST_3_0: CK_FUNCTION_LIST_3_0 = CK_FUNCTION_LIST_3_0 {
-            version: CK_VERSION { major: 3, minor: 0 },
-            $($base: Some($base),)*
-            $($v3: Some($v3),)*
-        };
-    };
-}
-
 use super::exports::{C_GetFunctionList, C_GetInterface, C_GetInterfaceList};
 use entry::{
     C_DecryptDigestUpdate, C_DecryptMessage, C_DecryptMessageBegin, C_DecryptMessageNext,
@@ -1159,101 +1143,10 @@ use entry::{
     C_VerifyRecoverInit,
 };
 
-client_tables!(
-    [
-        C_Initialize,
-        C_Finalize,
-        C_GetInfo,
-        C_GetFunctionList,
-        C_GetSlotList,
-        C_GetSlotInfo,
-        C_GetTokenInfo,
-        C_GetMechanismList,
-        C_GetMechanismInfo,
-        C_InitToken,
-        C_InitPIN,
-        C_SetPIN,
-        C_OpenSession,
-        C_CloseSession,
-        C_CloseAllSessions,
-        C_GetSessionInfo,
-        C_GetOperationState,
-        C_SetOperationState,
-        C_Login,
-        C_Logout,
-        C_CreateObject,
-        C_CopyObject,
-        C_DestroyObject,
-        C_GetObjectSize,
-        C_GetAttributeValue,
-        C_SetAttributeValue,
-        C_FindObjectsInit,
-        C_FindObjects,
-        C_FindObjectsFinal,
-        C_EncryptInit,
-        C_Encrypt,
-        C_EncryptUpdate,
-        C_EncryptFinal,
-        C_DecryptInit,
-        C_Decrypt,
-        C_DecryptUpdate,
-        C_DecryptFinal,
-        C_DigestInit,
-        C_Digest,
-        C_DigestUpdate,
-        C_DigestKey,
-        C_DigestFinal,
-        C_SignInit,
-        C_Sign,
-        C_SignUpdate,
-        C_SignFinal,
-        C_SignRecoverInit,
-        C_SignRecover,
-        C_VerifyInit,
-        C_Verify,
-        C_VerifyUpdate,
-        C_VerifyFinal,
-        C_VerifyRecoverInit,
-        C_VerifyRecover,
-        C_DigestEncryptUpdate,
-        C_DecryptDigestUpdate,
-        C_SignEncryptUpdate,
-        C_DecryptVerifyUpdate,
-        C_GenerateKey,
-        C_GenerateKeyPair,
-        C_WrapKey,
-        C_UnwrapKey,
-        C_DeriveKey,
-        C_SeedRandom,
-        C_GenerateRandom,
-        C_GetFunctionStatus,
-        C_CancelFunction,
-        C_WaitForSlotEvent,
-    ],
-    [
-        C_GetInterfaceList,
-        C_GetInterface,
-        C_LoginUser,
-        C_SessionCancel,
-        C_MessageEncryptInit,
-        C_EncryptMessage,
-        C_EncryptMessageBegin,
-        C_EncryptMessageNext,
-        C_MessageEncryptFinal,
-        C_MessageDecryptInit,
-        C_DecryptMessage,
-        C_DecryptMessageBegin,
-        C_DecryptMessageNext,
-        C_MessageDecryptFinal,
-        C_MessageSignInit,
-        C_SignMessage,
-        C_SignMessageBegin,
-        C_SignMessageNext,
-        C_MessageSignFinal,
-        C_MessageVerifyInit,
-        C_VerifyMessage,
-        C_VerifyMessageBegin,
-        C_VerifyMessageNext,
-        C_MessageVerifyFinal,
-    ]
-);
+use super::tables::{function_tables, with_function_names};
+
+with_function_names!(function_tables!(
+    CLIENT_LIST_2_40,
+    CLIENT_LIST_3_0,
+    " of client mode",
+));
