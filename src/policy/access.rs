@@ -33,18 +33,33 @@ pub struct Caller {
     pub exe: PathBuf,
 }
 
-/// A `*`/`?` glob match over bytes.
+/// A `*`/`?` glob match over characters (`?` is one character, not one byte, so a
+/// multi-byte UTF-8 label matches as it reads). Linear in the text per `*` at worst:
+/// after a mismatch it resumes from the last `*` only (a later `*` makes the earlier ones
+/// irrelevant), so a pattern of many `*` cannot make it backtrack exponentially.
 pub fn glob(pattern: &str, text: &str) -> bool {
-    fn m(p: &[u8], t: &[u8]) -> bool {
-        match (p.first(), t.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => m(&p[1..], t) || (!t.is_empty() && m(p, &t[1..])),
-            (Some(b'?'), Some(_)) => m(&p[1..], &t[1..]),
-            (Some(a), Some(b)) if a == b => m(&p[1..], &t[1..]),
-            _ => false,
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut i, mut j) = (0, 0);
+    // The last `*` seen, and the text position it is currently assumed to stop at.
+    let mut star: Option<(usize, usize)> = None;
+    while j < t.len() {
+        if i < p.len() && (p[i] == '?' || (p[i] != '*' && p[i] == t[j])) {
+            i += 1;
+            j += 1;
+        } else if i < p.len() && p[i] == '*' {
+            star = Some((i, j));
+            i += 1;
+        } else if let Some((si, sj)) = star {
+            // Let the last `*` take one more character.
+            star = Some((si, sj + 1));
+            i = si + 1;
+            j = sj + 1;
+        } else {
+            return false;
         }
     }
-    m(pattern.as_bytes(), text.as_bytes())
+    p[i..].iter().all(|c| *c == '*')
 }
 
 /// Minutes since midnight of an `HH:MM` string.
@@ -147,6 +162,69 @@ mod tests {
         assert!(!glob("payments-*", "billing"));
         assert!(glob("a?c", "abc"));
         assert!(glob("*", ""));
+        assert!(glob("", ""));
+        assert!(!glob("", "a"));
+        assert!(!glob("a", ""));
+        assert!(glob("*a*b*", "xxaxxbxx"));
+        assert!(!glob("*a*b*", "xxbxxaxx"));
+        assert!(glob("a*", "a"));
+        assert!(glob("*x", "abcx"));
+        assert!(!glob("*x", "abcxy"));
+        assert!(glob("a*b*c", "abbbcbc"));
+        assert!(!glob("a*b*c", "abbbcb"));
+        // `?` is one character of a UTF-8 label, not one byte.
+        assert!(glob("zahlung-?", "zahlung-ä"));
+        assert!(!glob("zahlung-??", "zahlung-ä"));
+    }
+
+    #[test]
+    fn many_stars_do_not_backtrack_exponentially() {
+        // With the former recursive matcher this took longer than the age of the universe.
+        let pattern = "*a".repeat(40) + "b";
+        let text = "a".repeat(200);
+        let t = std::time::Instant::now();
+        assert!(!glob(&pattern, &text));
+        assert!(glob(&("*a".repeat(40) + "*"), &text));
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(1),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn glob_agrees_with_a_reference_matcher() {
+        // Exhaustive over short patterns and texts on a 3-letter alphabet.
+        fn reference(p: &[char], t: &[char]) -> bool {
+            match (p.first(), t.first()) {
+                (None, None) => true,
+                (Some('*'), _) => reference(&p[1..], t) || (!t.is_empty() && reference(p, &t[1..])),
+                (Some('?'), Some(_)) => reference(&p[1..], &t[1..]),
+                (Some(a), Some(b)) if a == b => reference(&p[1..], &t[1..]),
+                _ => false,
+            }
+        }
+        fn all(alphabet: &[char], n: usize) -> Vec<String> {
+            let mut out = vec![String::new()];
+            let mut last = vec![String::new()];
+            for _ in 0..n {
+                last = last
+                    .iter()
+                    .flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}")))
+                    .collect();
+                out.extend(last.iter().cloned());
+            }
+            out
+        }
+        let patterns = all(&['a', 'b', '*', '?'], 4);
+        let texts = all(&['a', 'b', 'c'], 5);
+        for p in &patterns {
+            let pc: Vec<char> = p.chars().collect();
+            for t in &texts {
+                let tc: Vec<char> = t.chars().collect();
+                assert_eq!(glob(p, t), reference(&pc, &tc), "pattern {p:?} text {t:?}");
+            }
+        }
     }
 
     #[test]
