@@ -31,12 +31,13 @@ export SOFTHSM2_CONF="$dir/softhsm2.conf"
 softhsm2-util --init-token --free --label cmkp11-bench --so-pin 12345678 --pin 1234 >/dev/null
 
 # The daemon: token PIN 1234 from a 0600 file; the application credential is also 1234 so
-# that the same --pin serves both modules of the A/B run.
+# that the same --pin serves both modules of the A/B run. The benchmark makes its own
+# token keys, as an application of library mode does: applications_create_keys.
 (
     umask 077
     printf '1234' >"$dir/token.pin"
     hash=$(printf '1234' | "$target/release/cmkp11d" hash-pin)
-    printf '[backend]\nmodule = "%s"\n\n[service]\nsocket = "%s"\ntoken_pin_file = "%s"\n\n[[clients]]\nname = "bench"\nuids = [%s]\npin_hash = "%s"\n' \
+    printf '[backend]\nmodule = "%s"\n\n[service]\nsocket = "%s"\ntoken_pin_file = "%s"\napplications_create_keys = true\n\n[[clients]]\nname = "bench"\nuids = [%s]\npin_hash = "%s"\n' \
         "$softhsm" "$dir/cmkp11d.sock" "$dir/token.pin" "$(id -u)" "$hash" >"$dir/cmkp11d.toml"
 )
 "$target/release/cmkp11d" --config "$dir/cmkp11d.toml" 2>"$dir/cmkp11d.log" &

@@ -43,6 +43,12 @@ pub struct Config {
     /// Applications allowed to log in to `cmkp11d` (service mode only).
     #[serde(default)]
     pub clients: Vec<Client>,
+    /// Operators allowed on `cmkp11d`'s admin socket (service mode only).
+    #[serde(default)]
+    pub operators: Vec<Operator>,
+    /// Actions that need the approval of several operators (service mode only).
+    #[serde(default)]
+    pub dual_control: Option<DualControl>,
     /// The file this configuration was read from, or `None` for the defaults.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -84,10 +90,32 @@ pub struct Service {
     /// (e.g. "127.0.0.1:9464"; a non-loopback address is refused at start).
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// Daemon only: the operators' Unix socket (`cmkp11 --admin-socket`); none: no
+    /// operator plane (lifecycle changes are then refused to everyone but the daemon).
+    #[serde(default)]
+    pub admin_socket: Option<PathBuf>,
+    /// Daemon only: the admin socket's mode (octal string, default "0666": the kernel's
+    /// peer uid/gid and `[[operators]]` decide, not the file mode).
+    #[serde(default)]
+    pub admin_socket_mode: Option<String>,
+    /// Daemon only: where the daemon keeps its state (pending dual-control requests).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Daemon only: whether applications may create new CMKs (C_GenerateKey,
+    /// C_GenerateKeyPair, C_CopyObject promotion, plaintext import) for applications that
+    /// make their own keys. Off by default: operators create keys on the admin socket.
+    /// Every other lifecycle change (rotate, enable, disable, deletion, purge, import) is
+    /// refused to applications whatever this says.
+    #[serde(default)]
+    pub applications_create_keys: bool,
 }
 
 fn default_purge_interval() -> u64 {
     60
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/cmkp11")
 }
 
 fn default_max_sessions() -> usize {
@@ -98,6 +126,111 @@ fn default_max_objects() -> usize {
 }
 fn default_max_connections() -> usize {
     16
+}
+
+/// An operator's role on the admin socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OperatorRole {
+    /// Every key-management and lifecycle action, and approving dual-control requests.
+    Admin,
+    /// Reads only: `key list/show` and `audit verify/tail/report`.
+    Auditor,
+}
+
+impl OperatorRole {
+    /// The role's name in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            OperatorRole::Admin => "admin",
+            OperatorRole::Auditor => "auditor",
+        }
+    }
+}
+
+/// A group of `[[operators]] groups`: a name (resolved when the daemon starts) or a gid.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum GroupRef {
+    /// A numeric group id.
+    Gid(u32),
+    /// A group name from the group database.
+    Name(String),
+}
+
+/// `[[operators]]`: who may use `cmkp11d`'s admin socket, by kernel-attested uid or group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Operator {
+    /// A name for logs, audit records and dual-control requests.
+    pub name: String,
+    /// `admin` or `auditor`.
+    pub role: OperatorRole,
+    /// User ids of this operator.
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    /// Groups (names or gids) whose members are this operator: the peer's primary group
+    /// or one of its supplementary groups, as the kernel reports them.
+    #[serde(default)]
+    pub groups: Vec<GroupRef>,
+    /// A file (mode 0600) holding this operator's TOTP secret (RFC 6238, base32): when
+    /// set, every action of this operator needs the current code (`--totp CODE`).
+    #[serde(default)]
+    pub totp_secret_file: Option<PathBuf>,
+}
+
+/// `[dual_control]`: actions that become requests, run once `approvals` different
+/// operators took part: the requester and `approvals - 1` others who approved (the
+/// requester is never his own approver).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DualControl {
+    /// Action names: create, rotate, enable, disable, schedule-deletion,
+    /// cancel-deletion, purge, import, create-import-key, export.
+    pub actions: Vec<String>,
+    /// Operators needed, 2..=16: the requester and `approvals - 1` others, each a
+    /// different uid, who approve (the requester never approves his own request).
+    #[serde(default = "default_approvals")]
+    pub approvals: u32,
+    /// How long a request waits for its approvals: `30m`, `24h`, `7d` (default 24h).
+    #[serde(default = "default_expiry")]
+    pub expiry: String,
+}
+
+fn default_approvals() -> u32 {
+    2
+}
+fn default_expiry() -> String {
+    "24h".into()
+}
+
+/// The actions `[dual_control] actions` may name.
+pub const DUAL_CONTROL_ACTIONS: &[&str] = &[
+    "create",
+    "rotate",
+    "enable",
+    "disable",
+    "schedule-deletion",
+    "cancel-deletion",
+    "purge",
+    "import",
+    "create-import-key",
+    "export",
+];
+
+/// Parses a duration such as `90s`, `30m`, `24h` or `7d` into seconds.
+pub fn parse_duration(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let (n, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = n.parse().ok()?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    n.checked_mul(mult).filter(|s| *s > 0)
 }
 
 /// `[[clients]]`: an application credential of `cmkp11d`. The application's `C_Login`
@@ -417,6 +550,59 @@ impl Config {
                 if u32::from_str_radix(m, 8).map_or(true, |m| m > 0o777) {
                     return bad("service.socket_mode", format!("`{m}` is not an octal mode"));
                 }
+            }
+            if let Some(m) = &svc.admin_socket_mode {
+                if u32::from_str_radix(m, 8).map_or(true, |m| m > 0o777) {
+                    return bad(
+                        "service.admin_socket_mode",
+                        format!("`{m}` is not an octal mode"),
+                    );
+                }
+            }
+            if svc.admin_socket.as_ref() == Some(&svc.socket) {
+                return bad(
+                    "service.admin_socket",
+                    "must not be the applications' socket".into(),
+                );
+            }
+        }
+        for (i, o) in self.operators.iter().enumerate() {
+            if o.name.is_empty() {
+                return bad(&format!("operators[{i}].name"), "is empty".into());
+            }
+            if o.uids.is_empty() && o.groups.is_empty() {
+                return bad(
+                    &format!("operators[{i}]"),
+                    "names neither uids nor groups".into(),
+                );
+            }
+            if self.operators[..i].iter().any(|p| p.name == o.name) {
+                return bad(
+                    &format!("operators[{i}].name"),
+                    format!("`{}` is used twice", o.name),
+                );
+            }
+        }
+        if let Some(d) = &self.dual_control {
+            for a in &d.actions {
+                if !DUAL_CONTROL_ACTIONS.contains(&a.as_str()) {
+                    return bad(
+                        "dual_control.actions",
+                        format!("`{a}` is not one of {}", DUAL_CONTROL_ACTIONS.join(", ")),
+                    );
+                }
+            }
+            if !(2..=16).contains(&d.approvals) {
+                return bad(
+                    "dual_control.approvals",
+                    format!("{} is outside 2..=16", d.approvals),
+                );
+            }
+            if parse_duration(&d.expiry).is_none() {
+                return bad(
+                    "dual_control.expiry",
+                    format!("`{}` is not a duration such as 30m, 24h or 7d", d.expiry),
+                );
             }
         }
         if !["deny", "allow"].contains(&self.audit.on_failure.as_str()) {

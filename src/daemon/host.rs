@@ -52,10 +52,18 @@ pub fn finalize() -> CK_RV {
     call!(C_Finalize, ptr::null_mut())
 }
 
+/// Whether an attribute type with the array bit holds plain bytes: `CKA_ALLOWED_MECHANISMS`
+/// (`CK_MECHANISM_TYPE`s) and cmkp11's own vendor attributes (`CK_ULONG`s, whose type
+/// numbers carry that bit as `CKA_VENDOR_DEFINED | 0x434D4B00` does).
+fn flat_array(ty: u64) -> bool {
+    ty == CKA_ALLOWED_MECHANISMS
+        || (crate::vendor::CKA_CMKP11_STATE..=crate::vendor::CKA_CMKP11_ROLE).contains(&ty)
+}
+
 /// Whether a template value could hold pointers (a nested template): refused.
 fn pointer_attr(a: &Attr) -> bool {
     a.ty & CKF_ARRAY_ATTRIBUTE != 0
-        && a.ty != CKA_ALLOWED_MECHANISMS
+        && !flat_array(a.ty)
         && a.value.as_ref().is_some_and(|v| !v.is_empty())
 }
 
@@ -73,9 +81,9 @@ pub fn check_templates(req: &Request) -> Result<(), CK_RV> {
         Request::GenerateKeyPair {
             public, private, ..
         } => bad(public) || bad(private),
-        Request::GetAttributeValue { query, .. } => query.iter().any(|(t, l)| {
-            t & CKF_ARRAY_ATTRIBUTE != 0 && *t != CKA_ALLOWED_MECHANISMS && l.is_some()
-        }),
+        Request::GetAttributeValue { query, .. } => query
+            .iter()
+            .any(|(t, l)| t & CKF_ARRAY_ATTRIBUTE != 0 && !flat_array(*t) && l.is_some()),
         _ => false,
     };
     if refused {
@@ -294,6 +302,18 @@ pub fn execute(req: Request) -> Reply {
         return Reply::Rv(rv);
     }
     match req {
+        Request::Admin { session, key, call } => {
+            use crate::ffi::admin as a;
+            use crate::service::proto::AdminCall as C;
+            Reply::Rv(match call {
+                C::Rotate => a::CMKP11_Rotate(session, key),
+                C::Enable => a::CMKP11_Enable(session, key),
+                C::Disable => a::CMKP11_Disable(session, key),
+                C::ScheduleDeletion(days) => a::CMKP11_ScheduleDeletion(session, key, days),
+                C::CancelDeletion => a::CMKP11_CancelDeletion(session, key),
+                C::Purge => a::CMKP11_Purge(session),
+            })
+        }
         Request::GetInfo => {
             let mut i = CK_INFO::default();
             let rv = call!(C_GetInfo, &mut i);

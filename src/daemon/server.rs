@@ -144,6 +144,7 @@ pub fn peer_of(stream: &UnixStream) -> std::io::Result<Peer> {
         gid: cred.gid.as_raw(),
         exe,
         exe_json,
+        operator: false,
     })
 }
 
@@ -728,6 +729,17 @@ impl Server {
                 logged(st)?;
                 seen(st, *unwrapping, CKR_UNWRAPPING_KEY_HANDLE_INVALID)?;
                 room(st, 1).map(|_| None)
+            }
+            R::Admin { session, key, call } => {
+                own(st, *session)?;
+                logged(st)?;
+                if *call != crate::service::proto::AdminCall::Purge {
+                    seen(st, *key, CKR_OBJECT_HANDLE_INVALID)?;
+                }
+                // Runs through the runtime as the application: its lifecycle gate refuses
+                // the step with CKR_USER_NOT_LOGGED_IN and records it (ops.rs
+                // `operator_gate`).
+                Ok(None)
             }
             R::DeriveKey { session, base, .. } => {
                 own(st, *session)?;

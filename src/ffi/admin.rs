@@ -75,3 +75,80 @@ pub static ADMIN_FUNCTIONS: CK_CMKP11_ADMIN_FUNCTION_LIST = CK_CMKP11_ADMIN_FUNC
     CMKP11_CancelDeletion: Some(CMKP11_CancelDeletion),
     CMKP11_Purge: Some(CMKP11_Purge),
 };
+
+/// Client mode (service mode's application side): each function is forwarded to the
+/// daemon, which refuses it with `CKR_USER_NOT_LOGGED_IN` and records the attempt
+/// (lifecycle changes are for operators, on the daemon's admin socket).
+pub mod client {
+    use super::guard;
+    use crate::error::{err, Error};
+    use crate::service::proto::{AdminCall, Reply, Request};
+    use crate::vendor::{Cmkp11Version, CK_CMKP11_ADMIN_FUNCTION_LIST};
+    use cryptoki_sys::{CKR_DEVICE_ERROR, CKR_OK};
+    use std::os::raw::c_ulong;
+
+    fn forward(name: &'static str, session: c_ulong, key: c_ulong, call: AdminCall) -> c_ulong {
+        guard(name, || {
+            let c = crate::service::client::current().map_err(Error::Rv)?;
+            match c
+                .call(&Request::Admin { session, key, call })
+                .map_err(Error::Rv)?
+            {
+                Reply::Rv(CKR_OK) => Ok(()),
+                Reply::Rv(rv) => err(rv),
+                _ => err(CKR_DEVICE_ERROR),
+            }
+        })
+    }
+
+    /// `CMKP11_Rotate` of client mode.
+    pub extern "C" fn CMKP11_Rotate(session: c_ulong, key: c_ulong) -> c_ulong {
+        forward("CMKP11_Rotate", session, key, AdminCall::Rotate)
+    }
+    /// `CMKP11_Enable` of client mode.
+    pub extern "C" fn CMKP11_Enable(session: c_ulong, key: c_ulong) -> c_ulong {
+        forward("CMKP11_Enable", session, key, AdminCall::Enable)
+    }
+    /// `CMKP11_Disable` of client mode.
+    pub extern "C" fn CMKP11_Disable(session: c_ulong, key: c_ulong) -> c_ulong {
+        forward("CMKP11_Disable", session, key, AdminCall::Disable)
+    }
+    /// `CMKP11_ScheduleDeletion` of client mode.
+    pub extern "C" fn CMKP11_ScheduleDeletion(
+        session: c_ulong,
+        key: c_ulong,
+        days: c_ulong,
+    ) -> c_ulong {
+        forward(
+            "CMKP11_ScheduleDeletion",
+            session,
+            key,
+            AdminCall::ScheduleDeletion(days),
+        )
+    }
+    /// `CMKP11_CancelDeletion` of client mode.
+    pub extern "C" fn CMKP11_CancelDeletion(session: c_ulong, key: c_ulong) -> c_ulong {
+        forward(
+            "CMKP11_CancelDeletion",
+            session,
+            key,
+            AdminCall::CancelDeletion,
+        )
+    }
+    /// `CMKP11_Purge` of client mode.
+    pub extern "C" fn CMKP11_Purge(session: c_ulong) -> c_ulong {
+        forward("CMKP11_Purge", session, 0, AdminCall::Purge)
+    }
+
+    /// The admin function table of client mode.
+    pub static CLIENT_ADMIN_FUNCTIONS: CK_CMKP11_ADMIN_FUNCTION_LIST =
+        CK_CMKP11_ADMIN_FUNCTION_LIST {
+            version: Cmkp11Version { major: 1, minor: 0 },
+            CMKP11_Rotate: Some(CMKP11_Rotate),
+            CMKP11_Enable: Some(CMKP11_Enable),
+            CMKP11_Disable: Some(CMKP11_Disable),
+            CMKP11_ScheduleDeletion: Some(CMKP11_ScheduleDeletion),
+            CMKP11_CancelDeletion: Some(CMKP11_CancelDeletion),
+            CMKP11_Purge: Some(CMKP11_Purge),
+        };
+}

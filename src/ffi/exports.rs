@@ -43,8 +43,9 @@ pub static INTERFACES: [Interface; 3] = [
 ];
 
 /// The interfaces of client mode (service mode's application side): the standard ones,
-/// over the client tables; the admin interface is the daemon's, not an application's.
-pub static CLIENT_INTERFACES: [Interface; 2] = [
+/// over the client tables, and the admin interface whose every function the daemon
+/// refuses to applications (and records): lifecycle changes are for operators.
+pub static CLIENT_INTERFACES: [Interface; 3] = [
     Interface(CK_INTERFACE {
         pInterfaceName: PKCS11.as_ptr() as *mut CK_UTF8CHAR,
         pFunctionList: &CLIENT_LIST_3_0 as *const CK_FUNCTION_LIST_3_0 as *mut _,
@@ -53,6 +54,12 @@ pub static CLIENT_INTERFACES: [Interface; 2] = [
     Interface(CK_INTERFACE {
         pInterfaceName: PKCS11.as_ptr() as *mut CK_UTF8CHAR,
         pFunctionList: &CLIENT_LIST_2_40 as *const CK_FUNCTION_LIST as *mut _,
+        flags: 0,
+    }),
+    Interface(CK_INTERFACE {
+        pInterfaceName: ADMIN.as_ptr() as *mut CK_UTF8CHAR,
+        pFunctionList: &super::admin::client::CLIENT_ADMIN_FUNCTIONS
+            as *const CK_CMKP11_ADMIN_FUNCTION_LIST as *mut _,
         flags: 0,
     }),
 ];

@@ -63,6 +63,7 @@ impl Library {
     /// Applies `action` to `cmk`. Returns the new record (rotation: the new version in
     /// `StateRecord::rotated`'s companion, see [`keystore::lifecycle::rotate`]).
     pub fn apply(&self, s: &Session, cmk: &Cmk, action: Action) -> Result<StateRecord> {
+        self.operator_gate(s, action.name(), Some(&cmk.name()), Some(&cmk.id), None)?;
         if !s.rw {
             return err(CKR_SESSION_READ_ONLY);
         }
@@ -117,6 +118,9 @@ impl Library {
     /// [`Library::purge`], with `reason` in each audit record (who asked: the daemon's
     /// purge timer names itself).
     pub fn purge_by(&self, s: &Session, reason: Option<&str>) -> Result<Vec<String>> {
+        // Before anything: a purge also removes orphan records and torn objects, with no
+        // intent record of its own.
+        self.operator_gate(s, "purge", None, None, None)?;
         if !s.rw {
             return err(CKR_SESSION_READ_ONLY);
         }
@@ -144,6 +148,153 @@ impl Library {
             let _ = self.audit_record(s, rec);
         }
         names
+    }
+}
+
+/// A key as operators see it (`cmkp11 key show`, the daemon's admin socket).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct KeyFacts {
+    /// Name (label, or hex id).
+    pub name: String,
+    /// Hex of the stable id.
+    pub id: String,
+    /// `secret` or `private`.
+    pub class: String,
+    /// `AES-256`, `RSA-3072`, `EC`...
+    pub key_type: String,
+    /// `wrap`, `data`, `mac`, or the private roles joined by `+`.
+    pub role: String,
+    /// `enabled`, `disabled`, `pending-deletion`, `destroyed`.
+    pub state: String,
+    /// Version numbers, ascending.
+    pub versions: Vec<u32>,
+    /// The primary version.
+    pub primary: u32,
+    /// `generated` or `imported`.
+    pub origin: String,
+    /// Creation time (RFC 3339), if recorded.
+    pub created: Option<String>,
+    /// Last rotation (RFC 3339), if any.
+    pub rotated: Option<String>,
+    /// Last state change (RFC 3339), if any.
+    pub updated: Option<String>,
+    /// When a key pending deletion is destroyed.
+    pub deletion_date: Option<String>,
+    /// Created exportable by an operator: it may leave the token, wrapped under a trusted
+    /// destination's key only.
+    pub exportable: bool,
+}
+
+/// RFC 3339 UTC of unix seconds (`None` for 0: unknown).
+pub fn time_text(t: u64) -> Option<String> {
+    (t != 0).then(|| {
+        let full = crate::audit::record::rfc3339(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+        );
+        // Whole seconds: `2026-11-23T13:18:58Z`.
+        format!("{}Z", full.get(..19).unwrap_or(&full))
+    })
+}
+
+fn role_name(bits: CK_ULONG) -> String {
+    use crate::vendor as v;
+    let names = [
+        (v::CMKP11_ROLE_WRAP, "wrap"),
+        (v::CMKP11_ROLE_DATA, "data"),
+        (v::CMKP11_ROLE_MAC, "mac"),
+        (v::CMKP11_ROLE_SIGN, "sign"),
+        (v::CMKP11_ROLE_DECRYPT, "decrypt"),
+        (v::CMKP11_ROLE_DERIVE, "derive"),
+        (v::CMKP11_ROLE_UNWRAP, "unwrap"),
+    ];
+    let v: Vec<&str> = names
+        .iter()
+        .filter(|(b, _)| bits & *b != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join("+")
+    }
+}
+
+impl Library {
+    /// cmkp11's handle of a CMK (the logical handle of a secret CMK: every version).
+    pub fn handle_of_cmk(&self, s: &Session, cmk: &Cmk) -> Result<CK_OBJECT_HANDLE> {
+        let Some((_, obj)) = cmk.primary() else {
+            return err(CKR_KEY_HANDLE_INVALID);
+        };
+        Ok(if cmk.class == CKO_SECRET_KEY {
+            self.objects.logical(s.slot_id, &cmk.id, obj)
+        } else {
+            self.objects.ours(s.slot_id, obj, None)
+        })
+    }
+
+    /// What operators are shown of `cmk`.
+    pub fn key_facts(&self, s: &mut Session, cmk: &Cmk) -> Result<KeyFacts> {
+        use super::session::AttrValue;
+        use crate::vendor;
+        use cryptoki::object::{Attribute, KeyType};
+        let ulong = |v: &AttrValue| -> Option<CK_ULONG> {
+            match v {
+                AttrValue::Value(Attribute::VendorDefined((_, b))) => {
+                    Some(CK_ULONG::from_ne_bytes(b.as_slice().try_into().ok()?))
+                }
+                AttrValue::Value(Attribute::ValueLen(l)) => Some((*l).into()),
+                _ => None,
+            }
+        };
+        let h = self.handle_of_cmk(s, cmk)?;
+        let secret = cmk.class == CKO_SECRET_KEY;
+        let types = [
+            CKA_KEY_TYPE,
+            vendor::CKA_CMKP11_ROLE,
+            vendor::CKA_CMKP11_ORIGIN,
+            if secret { CKA_VALUE_LEN } else { CKA_MODULUS },
+        ];
+        let v = self.get_attributes(s, h, &types)?;
+        let key_type = match (&v[0], &v[3]) {
+            (AttrValue::Value(Attribute::KeyType(KeyType::AES)), len) => {
+                format!("AES-{}", ulong(len).unwrap_or(0) * 8)
+            }
+            (AttrValue::Value(Attribute::KeyType(KeyType::RSA)), m) => match m {
+                AttrValue::Value(Attribute::Modulus(m)) => format!("RSA-{}", m.len() * 8),
+                _ => "RSA".into(),
+            },
+            (AttrValue::Value(Attribute::KeyType(KeyType::EC)), _) => "EC".into(),
+            (AttrValue::Value(Attribute::KeyType(KeyType::EC_EDWARDS)), _) => "EdDSA".into(),
+            (AttrValue::Value(Attribute::KeyType(k)), _) => k.to_string(),
+            _ => "-".into(),
+        };
+        let r = cmk.record();
+        let origin = match ulong(&v[2]) {
+            Some(o) if o == vendor::CMKP11_ORIGIN_IMPORTED => "imported",
+            _ if r.origin == keystore::Origin::Imported => "imported",
+            _ => "generated",
+        };
+        let state = cmk.state(keystore::now());
+        Ok(KeyFacts {
+            name: cmk.name(),
+            id: keystore::hex(&cmk.id),
+            class: if secret { "secret" } else { "private" }.into(),
+            key_type,
+            role: role_name(ulong(&v[1]).unwrap_or(0)),
+            state: state.name().into(),
+            versions: cmk.versions.iter().map(|(v, _)| *v).collect(),
+            primary: cmk.primary().map(|(v, _)| v).unwrap_or(0),
+            origin: origin.into(),
+            created: time_text(r.created),
+            rotated: time_text(r.rotated),
+            updated: time_text(r.updated),
+            deletion_date: if matches!(state, State::PendingDeletion | State::Destroyed) {
+                time_text(r.deletion_date)
+            } else {
+                None
+            },
+            exportable: r.exportable,
+        })
     }
 }
 
@@ -209,6 +360,7 @@ impl Library {
         label: &str,
     ) -> Result<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)> {
         use cryptoki::object::Attribute as A;
+        self.operator_gate(s, "create-import-key", Some(label), None, None)?;
         self.check_import_allowed()?;
         let public = vec![
             A::Token(true),
@@ -269,6 +421,7 @@ impl Library {
             hash,
             key_bytes,
         } = *spec;
+        self.operator_gate(s, "import", Some(name), None, None)?;
         if !matches!(key_bytes, 16 | 32) {
             return err(CKR_ATTRIBUTE_VALUE_INVALID);
         }

@@ -187,29 +187,9 @@ impl Library {
             "AES-GCM invocation limit: version {} made {limit} encryptions (keys.gcm_invocation_limit)",
             c.version
         );
-        // Not `audit_intent`: this rotation is cmkp11's own policy at work inside an
-        // application's call, not a lifecycle step the application asked for.
-        if self.audit.enabled() {
-            let name = cmk.name();
-            let r = crate::audit::RecordRef {
-                op: "rotate",
-                key: Some(&name),
-                key_id: Some(&cmk.id),
-                slot: Some(s.slot_id),
-                token: self
-                    .token_labels
-                    .get(s.slot_id as usize)
-                    .map(String::as_str),
-                session: Some(s.handle),
-                ..crate::audit::RecordRef::default()
-            };
-            self.audit.intent(&r).map_err(|why| {
-                log::error!(
-                    "automatic rotation of `{name}` refused: the audit log cannot be written ({why})"
-                );
-                Error::Audit(why)
-            })?;
-        }
+        // Not `audit_intent`'s operator gate: this rotation is cmkp11's own policy at work
+        // inside an application's call, not a lifecycle step the application asked for.
+        self.policy_intent(s, "rotate", Some(&cmk.name()), Some(&cmk.id), None)?;
         let b = self.rw_backend(s)?;
         let result = lifecycle::rotate(&b, cmk);
         self.stores[s.slot_id as usize].invalidate();

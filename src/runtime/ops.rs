@@ -506,6 +506,21 @@ impl Library {
         key_id: Option<&[u8]>,
         mech: Option<CK_MECHANISM_TYPE>,
     ) -> Result<()> {
+        self.operator_gate(s, op, key, key_id, mech)?;
+        self.policy_intent(s, op, key, key_id, mech)
+    }
+
+    /// The `intent` record of a lifecycle step cmkp11 takes by its own policy, whoever's
+    /// call triggered it (the rotation at the AES-GCM invocation limit): no
+    /// [`Library::operator_gate`], since no caller asked for the step.
+    pub fn policy_intent(
+        &self,
+        s: &Session,
+        op: &str,
+        key: Option<&str>,
+        key_id: Option<&[u8]>,
+        mech: Option<CK_MECHANISM_TYPE>,
+    ) -> Result<()> {
         if !self.audit.enabled() {
             return Ok(());
         }
@@ -530,6 +545,68 @@ impl Library {
             );
             Error::Audit(why)
         })
+    }
+
+    /// Service mode: a lifecycle step (every step writes its intent record first, so this
+    /// is called from [`Library::audit_intent`], the one door they all pass) asked for by
+    /// an application is refused with `CKR_USER_NOT_LOGGED_IN`: the user it needs, an
+    /// operator of the daemon's admin socket, is not the one logged in (docs/operators.md).
+    /// The refusal is an audit record and a warn line. `[service]
+    /// applications_create_keys = true` lets applications create new CMKs (and nothing
+    /// else). Library mode, the daemon itself and its operators pass.
+    pub fn operator_gate(
+        &self,
+        s: &Session,
+        op: &str,
+        key: Option<&str>,
+        key_id: Option<&[u8]>,
+        mech: Option<CK_MECHANISM_TYPE>,
+    ) -> Result<()> {
+        if !crate::sys::peer::is_application() {
+            return Ok(());
+        }
+        let creates = matches!(op, "generate" | "promote" | "import-plaintext");
+        if creates
+            && self
+                .cfg
+                .service
+                .as_ref()
+                .is_some_and(|svc| svc.applications_create_keys)
+        {
+            return Ok(());
+        }
+        let reason = format!(
+            "service mode: {op} is an operator action (the daemon's admin socket); \
+             applications cannot change a CMK's lifecycle"
+        );
+        if let Some(p) = crate::sys::peer::current() {
+            log::warn!(
+                "{op} of `{}` refused to application pid {} uid {} ({}): {reason}",
+                key.unwrap_or("-"),
+                p.pid,
+                p.uid,
+                p.exe.display()
+            );
+        }
+        let r = crate::audit::RecordRef {
+            op,
+            mechanism: mech,
+            key,
+            key_id,
+            result: CKR_USER_NOT_LOGGED_IN,
+            reason: Some(&reason),
+            slot: Some(s.slot_id),
+            token: self
+                .token_labels
+                .get(s.slot_id as usize)
+                .map(String::as_str),
+            session: Some(s.handle),
+            ..crate::audit::RecordRef::default()
+        };
+        if let Err(n) = self.audit.record_ref(&r) {
+            log::error!("audit: refusal record not written ({n})");
+        }
+        err(CKR_USER_NOT_LOGGED_IN)
     }
 
     /// Writes an audit record, with the session's slot, token and handle filled in.
@@ -1696,6 +1773,17 @@ impl Library {
         t: Vec<Attribute>,
     ) -> Result<()> {
         let (o, info) = s.key_info(self, h, CKR_OBJECT_HANDLE_INVALID)?;
+        if info.class() == Class::Cmk
+            && t.iter().any(|a| {
+                let ty = CK_ATTRIBUTE_TYPE::from(a.attribute_type());
+                (vendor::CKA_CMKP11_STATE..=vendor::CKA_CMKP11_ROLE).contains(&ty)
+            })
+        {
+            // An attempt at the lifecycle through the attributes that show it (they are
+            // read-only for everyone; from an application in service mode it is also
+            // refused and recorded as the operator action it tries to be).
+            self.operator_gate(s, "set-lifecycle-attribute", Some(&info.label), None, None)?;
+        }
         if enters_namespace(&t) {
             return err(CKR_ATTRIBUTE_VALUE_INVALID);
         }

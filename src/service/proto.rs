@@ -314,6 +314,29 @@ pub enum Request {
         session: u64,
         len: u64,
     },
+    /// A function of the "cmkp11 admin" vendor interface called by an application in
+    /// client mode. The daemon refuses it (lifecycle changes are for operators, on the
+    /// admin socket) and records the attempt: it travels only so that the refusal is
+    /// the daemon's and in its audit log.
+    Admin {
+        session: u64,
+        /// The key handle (0 for purge).
+        key: u64,
+        call: AdminCall,
+    },
+}
+
+/// A function of the "cmkp11 admin" vendor interface ([`Request::Admin`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub enum AdminCall {
+    Rotate,
+    Enable,
+    Disable,
+    /// Days (0: the configured window).
+    ScheduleDeletion(u64),
+    CancelDeletion,
+    Purge,
 }
 
 /// `CK_VERSION`.

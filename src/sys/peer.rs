@@ -25,6 +25,76 @@ pub struct Peer {
     pub exe: PathBuf,
     /// The executable as a JSON string, escaped once for audit records.
     pub exe_json: String,
+    /// Whether the peer came through the operators' admin socket (and was authorized
+    /// there). Applications never are: the runtime refuses them every lifecycle change
+    /// ([`is_application`]).
+    pub operator: bool,
+}
+
+/// Whether this thread serves an application of `cmkp11d` (not an operator of its admin
+/// socket, not the daemon itself, not library mode): such a caller may use keys but never
+/// change a CMK's lifecycle.
+pub fn is_application() -> bool {
+    current().is_some_and(|p| !p.operator)
+}
+
+/// The supplementary groups of a connected peer, as the kernel recorded them when it
+/// connected (`SO_PEERGROUPS`, Linux 4.13+).
+pub fn peer_groups(fd: &impl std::os::fd::AsRawFd) -> std::io::Result<Vec<u32>> {
+    let mut groups = vec![0 as libc::gid_t; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: `groups` is a writable buffer of `len` bytes; the kernel writes at most
+        // `len` bytes and sets `len` to what it wrote (or needs, with ERANGE).
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(n);
+            return Ok(groups);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ERANGE) && n > groups.len() && n <= 65_536 {
+            groups.resize(n, 0);
+            continue;
+        }
+        return Err(e);
+    }
+}
+
+/// The gid of a group name in the group database (`getgrnam_r`), if it exists.
+pub fn group_id(name: &str) -> Option<u32> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    loop {
+        // SAFETY: a zeroed `group` is a valid out-parameter (plain C struct of pointers
+        // and integers).
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut out: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: `cname` is NUL-terminated; `grp`, `buf` (of `buf.len()` bytes) and `out`
+        // are valid for writes during the call.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                cname.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut out,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 4, 0);
+            continue;
+        }
+        return (rc == 0 && !out.is_null()).then_some(grp.gr_gid);
+    }
 }
 
 /// Set once when a process starts serving peers (the daemon); never in library mode.

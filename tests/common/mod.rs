@@ -246,6 +246,14 @@ pub fn write_daemon_config_full(
     service_extra: &str,
     extra: &str,
 ) -> (PathBuf, PathBuf) {
+    // The suites that run in service mode play applications that make their own CMKs
+    // (as in library mode): they may, unless the test says otherwise. Every other
+    // lifecycle change stays an operator's (tests/service_operators.rs).
+    let service_extra = if service_extra.contains("applications_create_keys") {
+        service_extra.to_string()
+    } else {
+        format!("applications_create_keys = true\n{service_extra}")
+    };
     let pin_file = dir.join(format!("{name}-token.pin"));
     std::fs::write(&pin_file, USER_PIN).unwrap();
     std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();

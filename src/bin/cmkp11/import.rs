@@ -41,24 +41,24 @@ pub enum ImportKeyCmd {
 #[derive(Args, Debug)]
 pub struct ImportArgs {
     /// The new key's name.
-    name: String,
+    pub name: String,
     /// The import key the AES key was wrapped for.
     #[arg(long, value_name = "IMPORTKEY")]
-    import_key: String,
+    pub import_key: String,
     /// The wrapped key (RSA-OAEP SHA-256 ciphertext, raw bytes).
     #[arg(long, value_name = "FILE")]
-    wrapped: PathBuf,
+    pub wrapped: PathBuf,
     /// The new key's role (default: `[keys] default_role`).
     #[arg(long, value_enum)]
-    role: Option<Role>,
+    pub role: Option<Role>,
     /// The hash of the RSA-OAEP wrapping and its MGF1 (sha1 for tokens whose OAEP has no
     /// other, like SoftHSM2 2.6).
     #[arg(long, value_enum, default_value_t = OaepHashArg::Sha256)]
-    oaep_hash: OaepHashArg,
+    pub oaep_hash: OaepHashArg,
     /// The length of the wrapped AES key in bits, 128 or 256 (recorded with the key: some
     /// tokens do not report the length of an unwrapped key).
     #[arg(long, default_value_t = 256)]
-    bits: u64,
+    pub bits: u64,
 }
 
 /// `--oaep-hash`.

@@ -177,7 +177,7 @@ pub enum RoleFilter {
 }
 
 impl ListFilter {
-    fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.state.is_none() && self.role.is_none() && self.label.is_none()
     }
 
@@ -188,6 +188,21 @@ impl ListFilter {
                 .label
                 .as_deref()
                 .is_none_or(|g| cmkp11::policy::access::glob(g, &cmk.name()))
+    }
+
+    /// Whether a key the daemon described passes every filter (`--admin-socket`).
+    pub fn admits_facts(&self, k: &cmkp11::runtime::admin::KeyFacts) -> bool {
+        use clap::ValueEnum;
+        self.state
+            .is_none_or(|s| s.state().name() == k.state.as_str())
+            && self
+                .label
+                .as_deref()
+                .is_none_or(|g| cmkp11::policy::access::glob(g, &k.name))
+            && self.role.is_none_or(|r| {
+                let want = r.to_possible_value().map(|v| v.get_name().to_string());
+                k.role.split('+').any(|x| Some(x) == want.as_deref())
+            })
     }
 
     /// Whether the key's role matches `--role`.

@@ -37,6 +37,7 @@ mod keyinfo;
 mod keys;
 mod output;
 mod progress;
+mod remote;
 mod signing;
 
 // The `audit` subcommand (audit issue): its own module, parsed and dispatched here.
@@ -73,6 +74,15 @@ pub struct Global {
     /// Show the library's log lines on stderr (the `[log]` level of the configuration).
     #[arg(short, long, global = true)]
     pub verbose: bool,
+    /// Act as an operator of `cmkp11d` through its admin socket (else
+    /// `CMKP11_ADMIN_SOCKET`): `key`, `request` and `audit` go to the daemon, which
+    /// authorizes you by your uid and groups; no PIN or configuration is read here.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+    /// Your current TOTP code, when the daemon gives you a TOTP secret (else
+    /// `CMKP11_TOTP`).
+    #[arg(long, global = true, value_name = "CODE")]
+    pub totp: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -95,6 +105,12 @@ enum Cmd {
     Decrypt(envelope::DecryptArgs),
     /// The audit log: verify its integrity, tail it, report on it.
     Audit(audit::AuditArgs),
+    /// Dual-control requests of `cmkp11d` (through its admin socket): list, show,
+    /// approve, reject, cancel.
+    Request {
+        #[command(subcommand)]
+        cmd: remote::RequestCmd,
+    },
     /// Probe the configured token: what works, what is missing and which cmkp11 features
     /// that disables, a quick throughput check (exit status 1 when something needed is
     /// missing).
@@ -152,7 +168,9 @@ fn run(cli: Cli) -> R<()> {
             eprintln!("cmkp11: {n} man pages written to {}", dir.display());
             Ok(())
         }
-        Cmd::Audit(_) | Cmd::Doctor(_) => unreachable!("dispatched by main"),
+        Cmd::Audit(_) | Cmd::Doctor(_) | Cmd::Request { .. } => {
+            unreachable!("dispatched by main")
+        }
     }
 }
 
@@ -208,8 +226,34 @@ fn run_audit(g: &Global, a: audit::AuditArgs) -> R<u8> {
     Ok(u8::try_from(code).unwrap_or(1))
 }
 
+/// Ends the process with `r`'s status (errors: 1 and the message).
+fn exit_with(r: R<u8>) -> ExitCode {
+    match r {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("cmkp11: {}", e.msg);
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Request { cmd } = cli.cmd {
+        return exit_with(remote::request(&cli.global, cmd));
+    }
+    // With an admin socket, the key and audit commands are the daemon's; the others
+    // (init, token, encrypt, decrypt, doctor, man) are unchanged.
+    let cli = match (remote::socket(&cli.global), cli.cmd) {
+        (Some(socket), Cmd::Key { cmd }) => {
+            return exit_with(remote::key(&cli.global, &socket, cmd))
+        }
+        (Some(socket), Cmd::Audit(a)) => return exit_with(remote::audit(&cli.global, &socket, a)),
+        (_, cmd) => Cli {
+            global: cli.global,
+            cmd,
+        },
+    };
     if let Cmd::Doctor(a) = cli.cmd {
         return match doctor::run(&cli.global, a) {
             Ok(code) => ExitCode::from(code),

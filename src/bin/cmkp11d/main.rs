@@ -187,9 +187,46 @@ fn listen(cfg: &Config) -> Result<(std::os::unix::net::UnixListener, Option<Path
     Ok((l, Some(path.clone())))
 }
 
+/// The admin socket (`[service] admin_socket`), when configured: bound like the
+/// applications' socket (a stale socket file is replaced, a live daemon's is not).
+fn listen_admin(
+    cfg: &Config,
+) -> Result<Option<(std::os::unix::net::UnixListener, PathBuf)>, String> {
+    let svc = cfg.service.as_ref().expect("checked in prepare");
+    let Some(path) = &svc.admin_socket else {
+        return Ok(None);
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(format!(
+                "service.admin_socket {} exists and is not a socket",
+                path.display()
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "service.admin_socket {}: another daemon is listening there",
+                path.display()
+            ));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let l = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| format!("service.admin_socket {}: {e}", path.display()))?;
+    let mode = svc
+        .admin_socket_mode
+        .as_deref()
+        .and_then(|m| u32::from_str_radix(m, 8).ok())
+        .unwrap_or(0o666);
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("service.admin_socket {}: chmod: {e}", path.display()))?;
+    Ok(Some((l, path.clone())))
+}
+
 /// On SIGTERM or SIGINT: `C_Finalize` of the runtime (every session closed, the audit
 /// log's last records authenticated by a token checkpoint), the socket removed, exit 0.
-fn stop_on_signals(socket: Option<PathBuf>) -> Result<(), String> {
+fn stop_on_signals(socket: Option<PathBuf>, admin: Option<PathBuf>) -> Result<(), String> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .map_err(|e| format!("cannot handle signals: {e}"))?;
@@ -199,7 +236,7 @@ fn stop_on_signals(socket: Option<PathBuf>) -> Result<(), String> {
             if let Some(sig) = signals.forever().next() {
                 log::info!("cmkp11d: signal {sig}: stopping");
                 host::finalize();
-                if let Some(p) = socket {
+                for p in [socket, admin].into_iter().flatten() {
                     let _ = std::fs::remove_file(p);
                 }
                 std::process::exit(0);
@@ -216,6 +253,8 @@ fn run(path: &Path) -> Result<(), String> {
     // Set while the daemon is still one thread.
     std::env::set_var("CMKP11_CONFIG", path);
     std::env::remove_var("CMKP11_SERVICE");
+    // The admin socket first: once the applications' socket answers, both exist.
+    let admin_listener = listen_admin(&cfg)?;
     let (listener, bound) = listen(&cfg)?;
     let rv = host::initialize();
     if rv != cryptoki_sys::CKR_OK {
@@ -226,11 +265,23 @@ fn run(path: &Path) -> Result<(), String> {
         ));
     }
     let interval = cfg.service.as_ref().map_or(0, |s| s.purge_interval);
-    let mut server = Arc::new(Server::new(cfg)?);
+    let mut server = Arc::new(Server::new(cfg.clone())?);
     server.start_metrics()?;
     let _keep = server.login_token(&pin)?;
     drop(pin);
-    stop_on_signals(bound)?;
+    let admin_path = admin_listener.as_ref().map(|(_, p)| p.clone());
+    if let Some((l, p)) = admin_listener {
+        let admin = Arc::new(
+            cmkp11::daemon::admin::Admin::new(&cfg)
+                .map_err(|e| format!("{}: {e}", path.display()))?,
+        );
+        std::thread::Builder::new()
+            .name("cmkp11d-admin-accept".into())
+            .spawn(move || admin.serve(l))
+            .map_err(|e| format!("cannot start the admin socket's thread: {e}"))?;
+        log::info!("cmkp11d: operators' admin socket on {}", p.display());
+    }
+    stop_on_signals(bound, admin_path)?;
     cmkp11::daemon::purge::start(std::time::Duration::from_secs(interval))
         .map_err(|e| format!("cannot start the purge timer: {e}"))?;
     log::info!("cmkp11d: serving on {}", path.display());
