@@ -79,8 +79,8 @@ if [ "$service" -eq 1 ]; then
     app_hash="$(printf '%s' "$CMK_USER_PIN" | "$daemon" hash-pin)" || cmk_die "cmkp11d hash-pin failed"
 fi
 
-# start_daemon DIR: a cmkp11d owning the family's token (its configuration plus [service]
-# and one application credential: the test PIN, for root and the server users the
+# start_daemon DIR: a cmkp11d owning the family's token (its configuration plus [service],
+# where applications may create keys, and one application credential: the test PIN, for root and the server users the
 # families run workers as); exports CMKP11_SERVICE and prints the daemon's pid.
 start_daemon() {
     local dir="$1" conf="$1/cmkp11d.toml" sock="$1/cmkp11d.sock" uids="0" u pid
@@ -92,7 +92,11 @@ start_daemon() {
         printf '%s' "$CMK_USER_PIN" >"$dir/token.pin"
         cat "$CMKP11_CONFIG"
         printf '\n[audit]\nfile = "%s"\n' "$dir/audit.log"
-        printf '\n[service]\nsocket = "%s"\ntoken_pin_file = "%s"\n' "$sock" "$dir/token.pin"
+        # The families play applications that make their own keys (keytool, p11tool,
+        # pkcs11-tool): applications_create_keys. Every other lifecycle step stays the
+        # operators'.
+        printf '\n[service]\nsocket = "%s"\ntoken_pin_file = "%s"\napplications_create_keys = true\n' \
+            "$sock" "$dir/token.pin"
         printf '\n[[clients]]\nname = "e2e"\nuids = [%s]\npin_hash = "%s"\n' "$uids" "$app_hash"
     ) >"$conf.tmp" && mv "$conf.tmp" "$conf"
     "$daemon" --config "$conf" >/dev/null 2>"$dir/cmkp11d.log" &
