@@ -34,6 +34,8 @@ const BOB: u32 = 64_201;
 const CAROL: u32 = 64_202;
 /// A uid the daemon does not know.
 const DAVE: u32 = 64_203;
+/// A group whose members are auditors (`[[operators]] groups`).
+const READERS: u32 = 64_310;
 
 /// Whether this process may run commands as other uids; otherwise fails (or, with
 /// `CMKP11_TEST_NO_ROOT=1`, says it skips).
@@ -103,6 +105,7 @@ fn daemon_config_with(name: &str, expiry: &str, alice: &str) -> Daemon {
          [[operators]]\nname = \"alice\"\nrole = \"admin\"\nuids = [{}]\n{alice}\n\n\
          [[operators]]\nname = \"bob\"\nrole = \"admin\"\nuids = [{BOB}]\n\n\
          [[operators]]\nname = \"carol\"\nrole = \"auditor\"\nuids = [{CAROL}]\n\n\
+         [[operators]]\nname = \"readers\"\nrole = \"auditor\"\ngroups = [{READERS}]\n\n\
          [dual_control]\nactions = [\"schedule-deletion\", \"disable\", \"import\", \"purge\"]\n\
          approvals = 2\nexpiry = \"{expiry}\"\n",
         audit.display(),
@@ -137,15 +140,24 @@ impl Daemon {
 
     /// `cmkp11 --admin-socket ... ARGS` as `uid` (`None`: this process's uid).
     fn cli(&self, uid: Option<u32>, args: &[&str]) -> Output {
+        self.cli_in(uid, &[], args)
+    }
+
+    /// [`Daemon::cli`] with these supplementary groups (none: cleared).
+    fn cli_in(&self, uid: Option<u32>, groups: &[u32], args: &[&str]) -> Output {
         let bin = module_path().with_file_name("cmkp11");
         let mut c = match uid {
             None => Command::new(&bin),
             Some(u) => {
                 let mut c = Command::new("setpriv");
-                c.arg(format!("--reuid={u}"))
-                    .arg(format!("--regid={u}"))
-                    .arg("--clear-groups")
-                    .arg(&bin);
+                c.arg(format!("--reuid={u}")).arg(format!("--regid={u}"));
+                if groups.is_empty() {
+                    c.arg("--clear-groups");
+                } else {
+                    let g: Vec<String> = groups.iter().map(u32::to_string).collect();
+                    c.arg(format!("--groups={}", g.join(",")));
+                }
+                c.arg(&bin);
                 c
             }
         };
@@ -584,7 +596,17 @@ fn an_auditor_reads_and_changes_nothing_a_stranger_is_no_operator() {
             .any(|r| r["uid"] == CAROL && r["result"] == "CKR_USER_NOT_LOGGED_IN"),
         "the auditor's attempt is recorded: {records:?}"
     );
-    // A uid no [[operators]] entry names.
+    // An operator by group: the kernel reports the peer's supplementary groups.
+    let o = d.cli_in(Some(DAVE), &[READERS], &["key", "list"]);
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("ops-audited"),
+        "a member of the readers group reads: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = d.cli_in(Some(DAVE), &[READERS], &["key", "disable", "ops-audited"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("role auditor"));
+    // The same uid without the group: no [[operators]] entry names it.
     let e = d.refused(Some(DAVE), &["key", "list"]);
     assert!(e.contains("not an operator"), "{e}");
     let e = d.refused(Some(DAVE), &["key", "rotate", "ops-audited"]);

@@ -44,6 +44,9 @@ use std::time::Duration;
 
 /// How long an admin connection may stay idle between requests.
 pub const IDLE: Duration = Duration::from_secs(300);
+/// Most admin connections served at once (each has a thread): local users who are no
+/// operators cannot take more.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
 /// How often pending requests are checked for expiry (their expiry is also checked at
 /// every use).
 pub const SWEEP: Duration = Duration::from_secs(10);
@@ -83,6 +86,8 @@ pub struct Admin {
     store: Option<Store>,
     /// TOTP: the last time step accepted per operator (a code counts once).
     totp_used: Mutex<HashMap<String, u64>>,
+    /// Connections being served.
+    connections: std::sync::atomic::AtomicUsize,
 }
 
 fn lib_text(e: &Error) -> String {
@@ -198,6 +203,7 @@ impl Admin {
             dual,
             store,
             totp_used: Mutex::new(HashMap::new()),
+            connections: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -216,11 +222,23 @@ impl Admin {
         for conn in listener.incoming() {
             match conn {
                 Ok(stream) => {
+                    use std::sync::atomic::Ordering;
+                    if self.connections.fetch_add(1, Ordering::AcqRel) >= MAX_ADMIN_CONNECTIONS {
+                        self.connections.fetch_sub(1, Ordering::AcqRel);
+                        log::warn!(
+                            "admin socket: connection refused: {MAX_ADMIN_CONNECTIONS} in use"
+                        );
+                        continue;
+                    }
                     let me = self.clone();
                     if let Err(e) = std::thread::Builder::new()
                         .name("cmkp11d-admin".into())
-                        .spawn(move || me.connection(stream))
+                        .spawn(move || {
+                            me.connection(stream);
+                            me.connections.fetch_sub(1, Ordering::AcqRel);
+                        })
                     {
+                        self.connections.fetch_sub(1, Ordering::AcqRel);
                         log::error!("cannot start an admin connection thread: {e}");
                     }
                 }
@@ -320,10 +338,21 @@ impl Admin {
             req.action.describe()
         );
         if req.action.needs() == Need::Admin || why == Refusal::NotOperator {
+            // A request step names the request's key (from an authentic file only).
+            let of_request = match &req.action {
+                Action::RequestApprove { id }
+                | Action::RequestReject { id }
+                | Action::RequestCancel { id } => self
+                    .store
+                    .as_ref()
+                    .and_then(|st| st.load(id).ok())
+                    .and_then(|r| r.action.key().map(str::to_string)),
+                _ => None,
+            };
             self.audit(
                 req.token.as_deref(),
                 &format!("admin-{}", req.action.name()),
-                req.action.key(),
+                req.action.key().or(of_request.as_deref()),
                 rv,
                 &message,
             );
