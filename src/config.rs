@@ -583,6 +583,18 @@ impl Config {
                 );
             }
         }
+        let admin_socket = self
+            .service
+            .as_ref()
+            .is_some_and(|svc| svc.admin_socket.is_some());
+        if (!self.operators.is_empty() || self.dual_control.is_some()) && !admin_socket {
+            return bad(
+                "service.admin_socket",
+                "is missing: [[operators]] and [dual_control] act through the daemon's admin \
+                 socket"
+                    .into(),
+            );
+        }
         if let Some(d) = &self.dual_control {
             for a in &d.actions {
                 if !DUAL_CONTROL_ACTIONS.contains(&a.as_str()) {
@@ -670,6 +682,44 @@ mod tests {
         c.backend.module = PathBuf::from("/bin/sh");
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("keys.deletion_window_days"), "{e}");
+    }
+
+    #[test]
+    fn operators_need_the_admin_socket() {
+        let mut c = Config::parse(
+            "[service]\nsocket = \"/tmp/x.sock\"\n\n[[operators]]\nname = \"a\"\n\
+             role = \"admin\"\nuids = [1]\n",
+        )
+        .unwrap();
+        c.backend.module = std::env::current_exe().unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("service.admin_socket"), "{e}");
+        c.service.as_mut().unwrap().admin_socket = Some("/tmp/a.sock".into());
+        c.validate().unwrap();
+        c.dual_control = Some(DualControl {
+            actions: vec!["shred".into()],
+            approvals: 2,
+            expiry: "24h".into(),
+        });
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("dual_control.actions"), "{e}");
+        c.dual_control = Some(DualControl {
+            actions: vec!["purge".into()],
+            approvals: 1,
+            expiry: "24h".into(),
+        });
+        assert!(c.validate().is_err(), "one operator is no dual control");
+        c.dual_control = Some(DualControl {
+            actions: vec!["purge".into()],
+            approvals: 2,
+            expiry: "soon".into(),
+        });
+        assert!(c.validate().is_err());
+        assert_eq!(parse_duration("90s"), Some(90));
+        assert_eq!(parse_duration("24h"), Some(86_400));
+        assert_eq!(parse_duration("7d"), Some(604_800));
+        assert_eq!(parse_duration("0h"), None);
+        assert_eq!(parse_duration("h"), None);
     }
 
     #[test]

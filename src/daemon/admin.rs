@@ -297,6 +297,10 @@ impl Admin {
             if proto::send(&mut stream, &reply).is_err() {
                 break;
             }
+            if op.is_none() {
+                // One refusal (and one audit record) per connection of a non-operator.
+                break;
+            }
         }
     }
 
