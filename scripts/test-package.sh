@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The package test: builds the .deb (scripts/package.sh), installs it with apt-get as on a
-# fresh Debian host, starts cmkp11d the way its systemd units do (socket activation by
-# root, the daemon as user cmkp11; `systemd-socket-activate` stands in for systemd, which
-# is not PID 1 on a CI machine), runs a smoke test through the installed module in client
-# mode, stops the daemon and purges the package.
+# fresh Debian host, starts cmkp11d the way its systemd units do (the socket bound by root
+# and passed as systemd passes it, the daemon as user cmkp11 with the unit's environment
+# and capability; a small launcher stands in for systemd, which is not PID 1 on a CI
+# machine), runs an operator step through the admin socket and a smoke test through the
+# installed module in client mode, stops the daemon and purges the package.
 #
 #   bash scripts/test-package.sh        (root; refuses when cmkp11 is installed already)
 set -uo pipefail
@@ -79,9 +80,11 @@ if command -v systemd-analyze >/dev/null 2>&1; then
         systemd-analyze verify /lib/systemd/system/cmkp11d.socket /lib/systemd/system/cmkp11d.service
 fi
 
-# An application credential for this smoke test: uid 0, the PIN above.
+# An application credential for this smoke test (uid 0, the PIN above) and root as an
+# operator (admin).
 hash="$(printf '%s' "$APP_PIN" | cmkp11d hash-pin)" || cmk_die "cmkp11d hash-pin failed"
 printf '\n[[clients]]\nname = "smoke"\nuids = [0]\npin_hash = "%s"\n' "$hash" >>/etc/cmkp11/cmkp11d.toml
+printf '\n[[operators]]\nname = "root"\nrole = "admin"\nuids = [0]\n' >>/etc/cmkp11/cmkp11d.toml
 
 # As the units do: root owns the socket; the daemon runs as cmkp11 with the unit's
 # environment, its one capability (CAP_SYS_PTRACE, to read another user's /proc/PID/exe)
@@ -92,13 +95,38 @@ while IFS= read -r line; do unit_env+=("${line#Environment=}"); done \
 check "cmkp11d check (ExecStartPre)" \
     setpriv --reuid cmkp11 --regid cmkp11 --init-groups env "${unit_env[@]}" /usr/bin/cmkp11d check
 install -d -m 0755 /run/cmkp11
-systemd-socket-activate -l "$SOCK" \
+install -d -o cmkp11 -g cmkp11 -m 0755 /run/cmkp11d # the unit's RuntimeDirectory
+# systemd's socket passing (sd_listen_fds): root binds the socket (SocketMode=0666), the
+# daemon gets it as fd 3 with LISTEN_FDS=1 and LISTEN_PID = its own pid (exec keeps it).
+# Started at once, as the enabled service is at boot (the admin socket then exists before
+# any application connects).
+cat >"$work/activate.py" <<'PY'
+import os, socket, sys
+path = sys.argv[1]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(path)
+os.chmod(path, 0o666)
+s.listen(128)
+os.dup2(s.fileno(), 3)
+os.set_inheritable(3, True)
+os.environ["LISTEN_FDS"] = "1"
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execvp(sys.argv[2], sys.argv[2:])
+PY
+"$CMK_PYTHON" "$work/activate.py" "$SOCK" \
     setpriv --reuid cmkp11 --regid cmkp11 --init-groups \
     --inh-caps=+sys_ptrace --ambient-caps=+sys_ptrace --bounding-set=-all,+sys_ptrace env "${unit_env[@]}" /usr/bin/cmkp11d \
     >"$work/daemon.log" 2>&1 &
 daemon=$!
-for _ in $(seq 50); do [ -S "$SOCK" ] && break; sleep 0.1; done
-chmod 0666 "$SOCK"
+for _ in $(seq 100); do grep -q 'cmkp11d: ready' "$work/daemon.log" 2>/dev/null && break; sleep 0.1; done
+
+# An operator creates a CMK through the admin socket, as the README says.
+ADMIN=/run/cmkp11d/admin.sock
+for _ in $(seq 50); do [ -S "$ADMIN" ] && break; sleep 0.1; done
+check "cmkp11 --admin-socket key create (an operator, through the daemon)" \
+    cmkp11 --admin-socket "$ADMIN" key create pkg-smoke --role data
+check "cmkp11 --admin-socket key list shows it" \
+    sh -c "cmkp11 --admin-socket '$ADMIN' key list | grep -q pkg-smoke"
 
 # The smoke test: an application loads the installed module with no environment of its
 # own; /etc/cmkp11/cmkp11.toml sends it to the daemon.
@@ -130,9 +158,18 @@ mech = PyKCS11.AES_GCM_Mechanism(iv, b"aad", 128)
 ct = bytes(s.encrypt(key, b"smoke test through the installed service", mech))
 pt = bytes(s.decrypt(key, ct, mech))
 assert pt == b"smoke test through the installed service", pt
+cmk = s.findObjects([(L.CKA_LABEL, "pkg-smoke")])
+assert len(cmk) == 1, cmk
+ct = bytes(s.encrypt(cmk[0], b"under the operator's CMK", mech))
+assert bytes(s.decrypt(cmk[0], ct, mech)) == b"under the operator's CMK"
+try:
+    s.destroyObject(cmk[0])
+    raise SystemExit("an application destroyed a CMK in service mode")
+except PyKCS11Error as e:
+    assert e.value == L.CKR_USER_NOT_LOGGED_IN, e
 s.logout()
 s.closeSession()
-print("smoke: login, AES-GCM round trip through cmkp11d: ok")
+print("smoke: login, AES-GCM with a session key and the operator's CMK, CMK destruction refused: ok")
 PY
 check "smoke test through the installed module (client mode)" \
     env -u CMKP11_CONFIG -u CMKP11_SERVICE -u SOFTHSM2_CONF \
@@ -141,6 +178,7 @@ check "pkcs11-tool -L through the installed service" \
     sh -c "pkcs11-tool --module '$MODULE' -L | grep -q 'token label.*cmkp11'"
 check "the audit log names the client by its kernel uid" \
     sh -c "grep -q '\"uid\":0' /var/lib/cmkp11/audit.log"
+check "cmkp11 --admin-socket audit verify" cmkp11 --admin-socket "$ADMIN" audit verify
 check "p11-kit sees the installed module" sh -c "p11-kit list-modules | grep -q cmkp11"
 
 kill "$daemon" 2>/dev/null
