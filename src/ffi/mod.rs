@@ -19,6 +19,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// Runs the body of an entry point: no panic crosses the C boundary (it becomes
 /// `CKR_GENERAL_ERROR`), errors become their `CK_RV`, and a debug line records the result.
 pub fn guard(name: &'static str, body: impl FnOnce() -> Result<()>) -> CK_RV {
+    // counted in, so that fork() waits until no thread is inside (see `sys::fork`)
+    let _inside = crate::sys::fork::enter();
     let rv = match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => CKR_OK,
         Ok(Err(e)) => failed(name, e),
@@ -62,19 +64,23 @@ fn log_result(name: &'static str, rv: CK_RV) {
 /// Installs the `pthread_atfork` handlers once per process.
 pub(crate) fn install_atfork() {
     static ONCE: std::sync::Once = std::sync::Once::new();
+    // First no thread inside cmkp11 (and so inside its backend), then the state lock.
     extern "C" fn prepare() {
+        crate::sys::fork::prepare();
         crate::runtime::fork_prepare();
     }
     extern "C" fn parent() {
         crate::runtime::fork_parent();
+        crate::sys::fork::parent();
     }
     extern "C" fn child() {
         crate::runtime::fork_child();
+        crate::sys::fork::child();
     }
     ONCE.call_once(|| {
         install_panic_hook();
         // SAFETY: the handlers are plain functions that live as long as the process; they
-        // only touch a lock and an atomic flag.
+        // only touch a lock, atomics and a thread-local counter.
         let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
         if rc != 0 {
             log::warn!("pthread_atfork failed ({rc}): fork detection is off");

@@ -31,10 +31,14 @@
 //! process-wide lock is held across a backend call.
 //!
 //! # fork()
-//! The `pthread_atfork` child handler (installed by the FFI layer) marks the inherited
-//! state as stale: every call in the child then returns `CKR_CRYPTOKI_NOT_INITIALIZED`
-//! until the child calls `C_Initialize`, which leaks (never drops) the parent's state so
-//! that the parent's backend sessions are not closed from the child.
+//! The `pthread_atfork` prepare handler (installed by the FFI layer) first waits until no
+//! thread is inside cmkp11 (`sys::fork`): the process is copied with every lock of
+//! cmkp11, of its backend and of the libraries the backend uses free. The child handler
+//! marks the inherited state as stale: every call in the child then returns
+//! `CKR_CRYPTOKI_NOT_INITIALIZED` until the child calls `C_Initialize`, which leaks (never
+//! drops) the parent's state so that the parent's backend sessions are not closed from the
+//! child, and finalizes and initializes the backend's copy (consistent: no call was in
+//! progress in it).
 
 pub mod admin;
 pub mod audit_mac;
@@ -198,6 +202,18 @@ pub fn library() -> Result<&'static Library> {
 /// `C_Initialize` once the arguments are checked: reads the configuration, loads and
 /// initializes the backend.
 pub fn initialize(via: Option<&std::path::Path>) -> Result<()> {
+    if crate::sys::fork::child_inherited_busy() {
+        // The parent forked while a thread was inside cmkp11 for longer than
+        // `sys::fork::QUIESCE_LIMIT`: the backend's copy may hold a lock for ever, and
+        // finalizing or using it could hang this process.
+        log::error!(
+            "C_Initialize: this process was forked while another thread had been inside \
+             cmkp11 (its backend) for more than {} s: the backend state it inherited may be \
+             locked; refusing to use it (fork when no call is in progress)",
+            crate::sys::fork::QUIESCE_LIMIT.as_secs()
+        );
+        return err(CKR_GENERAL_ERROR);
+    }
     let mut state = STATE.write();
     let after_fork = FORKED.swap(false, Ordering::AcqRel);
     if after_fork {

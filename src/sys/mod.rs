@@ -1,8 +1,10 @@
 //! Operating-system primitives, below every other layer: the cached process id and the
-//! audit lock file ([`shm`]), the mutexes given to the backend module ([`locks`]), clocks,
+//! audit lock file ([`shm`]), the mutexes given to the backend module ([`locks`]), the
+//! quiescence of the library around `fork()` ([`fork`]), clocks,
 //! the process's uid, lock-free publication of a value, and OpenSSL's error queue.
 //! Nothing here knows PKCS#11 policy, sessions or the application's pointers.
 
+pub mod fork;
 pub mod locks;
 pub mod peer;
 pub mod shm;
