@@ -47,13 +47,20 @@ pub enum RequestCmd {
     },
 }
 
-/// The admin socket, from `--admin-socket` or `CMKP11_ADMIN_SOCKET`.
+/// The admin socket, from `--admin-socket`, else `CMKP11_ADMIN_SOCKET`, else
+/// `[service] admin_socket` of the configuration (`CMKP11_CONFIG`, else
+/// `/etc/cmkp11/cmkp11.toml`): on a host whose configuration names the service, operators
+/// use the same commands as in library mode and they go to the daemon. A configuration
+/// that does not load names none here (the command then reports it as before).
 pub fn socket(g: &Global) -> Option<PathBuf> {
-    g.admin_socket.clone().or_else(|| {
-        std::env::var_os("CMKP11_ADMIN_SOCKET")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    })
+    g.admin_socket
+        .clone()
+        .or_else(|| {
+            std::env::var_os("CMKP11_ADMIN_SOCKET")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+        .or_else(|| cmkp11::config::Config::load().ok()?.service?.admin_socket)
 }
 
 fn role(r: Option<Role>) -> Option<SecretRole> {
