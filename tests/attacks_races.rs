@@ -66,8 +66,8 @@ fn child_entry() {
     }
 }
 
-/// Child: the token's secret keys as SoftHSM2 shows them to anybody with the PIN:
-/// `total N`, `weak W` (sensitive FALSE or extractable TRUE) and `labelled L` (labelled
+/// Child: the token's secret keys (less cmkp11's own) as SoftHSM2 shows them to anybody
+/// with the PIN: `total N`, `weak W` (sensitive FALSE or extractable TRUE) and `labelled L` (labelled
 /// `LC_LABEL`, when given).
 fn token_keys() {
     let s = S::user(softhsm());
@@ -80,6 +80,15 @@ fn token_keys() {
         "find the token's secret keys",
     );
     let label = std::env::var("LC_LABEL").unwrap_or_default();
+    // cmkp11's own keys (audit and metadata MAC keys) are not counted.
+    let keys: Vec<H> = keys
+        .into_iter()
+        .filter(|&k| {
+            !s.get(k, CKA_LABEL)
+                .unwrap_or_default()
+                .starts_with(b"cmkp11:")
+        })
+        .collect();
     let (mut weak, mut labelled) = (0, 0);
     for &k in &keys {
         let sensitive = ok(s.get(k, CKA_SENSITIVE), "CKA_SENSITIVE");

@@ -34,6 +34,9 @@ pub fn write_record(
     r.nonce = random_u64(s)?;
     r.updated = now();
     let json = serde_json::to_vec(&r).map_err(|_| crate::error::Error::Rv(CKR_GENERAL_ERROR))?;
+    // Authenticated: the HMAC of the value under the token's metadata key.
+    let key = super::meta::key_for_write(s)?;
+    let tag = super::meta::mac(s, key, &json)?;
     s.create_object(&[
         Attribute::Class(ObjectClass::DATA),
         Attribute::Token(true),
@@ -41,6 +44,7 @@ pub fn write_record(
         Attribute::Modifiable(false),
         Attribute::Application(APPLICATION.as_bytes().to_vec()),
         Attribute::Label(STATE_LABEL.as_bytes().to_vec()),
+        Attribute::ObjectId(tag),
         Attribute::Value(json),
     ])?;
     for old in &cmk.record_objects {

@@ -21,6 +21,7 @@
 
 pub mod counter;
 pub mod lifecycle;
+pub mod meta;
 
 use crate::error::Result;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
@@ -193,7 +194,7 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 /// One CMK as found in the token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Cmk {
     /// Identity (CMK id).
     pub id: Vec<u8>,
@@ -207,6 +208,12 @@ pub struct Cmk {
     pub record: Option<StateRecord>,
     /// Every state record object (the newest included), for clean-up.
     pub record_objects: Vec<ObjectHandle>,
+    /// A state record of the key did not verify (see [`meta`]): the key fails closed
+    /// (disabled) until an operator sets its state again, which removes that record.
+    pub unverified: bool,
+    /// On a token written by an earlier build (no metadata MAC key yet), the newest
+    /// unauthenticated record: what `cmkp11 key migrate` authenticates.
+    pub legacy: Option<StateRecord>,
 }
 
 impl Cmk {
@@ -228,6 +235,10 @@ impl Cmk {
 
     /// The state in force at `now`: a key pending deletion past its date is destroyed.
     pub fn state(&self, now: u64) -> State {
+        if self.unverified {
+            // Never "no record = enabled" for a key whose records cannot be trusted.
+            return State::Disabled;
+        }
         match &self.record {
             None => State::Enabled,
             Some(r) if r.state == State::PendingDeletion && r.deletion_date <= now => {
@@ -283,6 +294,12 @@ pub struct Trust {
 /// Per-process knowledge about key objects, kept across loads.
 #[derive(Debug, Default)]
 pub struct Cache {
+    /// State records that verified, with the value and tag they verified with: the same
+    /// bytes read again need no second HMAC (a reload costs one token HMAC per new or
+    /// changed record, not per record).
+    pub verified: std::collections::HashMap<CK_OBJECT_HANDLE, (Vec<u8>, Vec<u8>)>,
+    /// The metadata key those records verified under.
+    pub verified_under: Option<CK_OBJECT_HANDLE>,
     /// Secret keys already known to be usable (see [`load`]).
     pub usable: std::collections::HashSet<CK_OBJECT_HANDLE>,
     /// Each key object's [`Facts`].
@@ -364,6 +381,10 @@ pub struct View {
     /// Secret key objects the token could not use (see [`load`]): no version of any CMK.
     /// Purge destroys those that are [`torn`]; the others are left alone.
     pub unusable: Vec<Unusable>,
+    /// State records that did not verify: (object, hex of the key they name).
+    pub unverified: Vec<(ObjectHandle, String)>,
+    /// The token has a metadata MAC key (it was made or migrated by this build).
+    pub authenticated: bool,
 }
 
 /// A secret key object that failed the usability probe of [`load`].
@@ -583,9 +604,7 @@ pub fn load(s: &Session, cache: &mut Cache) -> Result<View> {
                 id,
                 class: class.into(),
                 label: label.clone(),
-                versions: Vec::new(),
-                record: None,
-                record_objects: Vec::new(),
+                ..Cmk::default()
             });
             cmk.versions.push((v, obj));
         }
@@ -599,34 +618,93 @@ pub fn load(s: &Session, cache: &mut Cache) -> Result<View> {
         Attribute::Application(APPLICATION.as_bytes().to_vec()),
         Attribute::Label(STATE_LABEL.as_bytes().to_vec()),
     ])?;
-    let mut by_key: BTreeMap<String, Vec<(ObjectHandle, Option<StateRecord>)>> = BTreeMap::new();
+    // Each record is verified at every (re)load, never at a key's use.
+    let meta_key = if view.logged_in {
+        meta::find_key(s)?
+    } else {
+        None
+    };
+    view.authenticated = meta_key.is_some();
+    let under = meta_key.map(|k| k.handle());
+    if cache.verified_under != under {
+        cache.verified.clear();
+        cache.verified_under = under;
+    }
+    type Found = (ObjectHandle, StateRecord, bool);
+    let mut by_key: BTreeMap<String, Vec<Found>> = BTreeMap::new();
     let hex_to_id: BTreeMap<String, Vec<u8>> =
         view.cmks.keys().map(|k| (hex(k), k.clone())).collect();
+    let mut seen = std::collections::HashSet::new();
     for obj in records {
-        let rec = s
-            .get_attributes(obj, &[AttributeType::Value])?
-            .into_iter()
-            .find_map(|a| match a {
-                Attribute::Value(v) => serde_json::from_slice::<StateRecord>(&v).ok(),
-                _ => None,
-            });
-        match &rec {
-            Some(r) => by_key.entry(r.key.clone()).or_default().push((obj, rec)),
+        seen.insert(obj.handle());
+        let (mut value, mut tag) = (None, None);
+        for a in s.get_attributes(obj, &[AttributeType::Value, AttributeType::ObjectId])? {
+            match a {
+                Attribute::Value(v) => value = Some(v),
+                Attribute::ObjectId(t) => tag = Some(t),
+                _ => {}
+            }
+        }
+        let rec = value
+            .as_deref()
+            .and_then(|v| serde_json::from_slice::<StateRecord>(v).ok());
+        match rec {
+            Some(r) => {
+                let ok = match (meta_key, value, tag) {
+                    (Some(k), Some(v), Some(t)) if !t.is_empty() => {
+                        let known = cache
+                            .verified
+                            .get(&obj.handle())
+                            .is_some_and(|(cv, ct)| *cv == v && *ct == t);
+                        let ok = known || meta::verifies(s, k, &v, &t);
+                        if ok && !known {
+                            cache.verified.insert(obj.handle(), (v, t));
+                        }
+                        ok
+                    }
+                    _ => false,
+                };
+                by_key.entry(r.key.clone()).or_default().push((obj, r, ok));
+            }
             // Unreadable (torn) records are ignored; the clean-up of the next write of a
             // key cannot name them, so they are kept as orphans for purge.
             None => view.orphan_records.push(obj),
         }
     }
+    cache.verified.retain(|h, _| seen.contains(h));
     for (key, recs) in by_key {
         match hex_to_id.get(&key).and_then(|id| view.cmks.get_mut(id)) {
             Some(c) => {
                 c.record = recs
                     .iter()
-                    .filter_map(|(_, r)| r.clone())
+                    .filter(|(_, _, ok)| *ok)
+                    .map(|(_, r, _)| r.clone())
                     .max_by_key(|r| (r.generation, r.nonce));
-                c.record_objects = recs.into_iter().map(|(o, _)| o).collect();
+                for (obj, _, ok) in &recs {
+                    if *ok {
+                        continue;
+                    }
+                    c.unverified = true;
+                    view.unverified.push((*obj, key.clone()));
+                    if cache.refused.insert(obj.handle()) {
+                        if meta_key.is_some() {
+                            log::error!("keystore: key `{}`: a state record does not verify (not written by cmkp11): it is ignored and the key is not used until an operator sets its state again", c.name());
+                        } else {
+                            log::error!("keystore: key `{}`: its state record is not authenticated (written by an earlier cmkp11): the key is not used until an operator runs `cmkp11 key migrate` once", c.name());
+                        }
+                    }
+                }
+                if c.unverified && meta_key.is_none() {
+                    c.legacy = recs
+                        .iter()
+                        .map(|(_, r, _)| r.clone())
+                        .max_by_key(|r| (r.generation, r.nonce));
+                }
+                c.record_objects = recs.into_iter().map(|(o, _, _)| o).collect();
             }
-            None => view.orphan_records.extend(recs.into_iter().map(|(o, _)| o)),
+            None => view
+                .orphan_records
+                .extend(recs.into_iter().map(|(o, _, _)| o)),
         }
     }
     vet(&mut view, cache, &pending);
@@ -723,8 +801,15 @@ mod tests {
             versions: vec![],
             record: Some(r),
             record_objects: vec![],
+            ..Cmk::default()
         };
         assert_eq!(c.state(99), State::PendingDeletion);
+        // A key with a record that did not verify fails closed.
+        let closed = Cmk {
+            unverified: true,
+            ..c.clone()
+        };
+        assert_eq!(closed.state(99), State::Disabled);
         assert_eq!(c.state(100), State::Destroyed);
         assert_eq!(c.name(), "6b");
     }

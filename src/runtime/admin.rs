@@ -298,6 +298,51 @@ impl Library {
     }
 }
 
+impl Library {
+    /// `cmkp11 key migrate`: the one-time, audited step that moves a token written by an
+    /// earlier build (state records without authentication) to authenticated records:
+    /// makes the token's metadata MAC key and rewrites each key's newest record with its
+    /// HMAC. Refused (`CKR_ACTION_PROHIBITED`) once the token has the key: records that do
+    /// not verify then are not cmkp11's, and no command blesses them. Returns the keys
+    /// whose records were authenticated.
+    pub fn migrate(&self, s: &Session) -> Result<Vec<String>> {
+        if !s.rw {
+            return err(CKR_SESSION_READ_ONLY);
+        }
+        if keystore::meta::find_key(s.backend())?.is_some() {
+            log::warn!("cmkp11 key migrate refused: this token's lifecycle records are authenticated already");
+            return err(CKR_ACTION_PROHIBITED);
+        }
+        let view = self.reload_view(s);
+        self.audit_intent(s, "migrate", None, None, None)?;
+        keystore::meta::create_key(s.backend())?;
+        let mut names = Vec::new();
+        for c in view.cmks.values() {
+            let Some(legacy) = &c.legacy else {
+                continue;
+            };
+            let cmk = keystore::Cmk {
+                record: Some(legacy.clone()),
+                ..c.clone()
+            };
+            let r = keystore::lifecycle::write_record(s.backend(), &cmk, |_| {});
+            let mut rec =
+                crate::audit::Record::new("migrate", r.as_ref().map_or_else(Error::rv, |_| CKR_OK));
+            rec.key = Some(c.name());
+            rec.key_id = Some(c.id.clone());
+            rec.reason = Some(format!(
+                "state record authenticated as it was: {}",
+                legacy.state.name()
+            ));
+            let _ = self.audit_record(s, rec);
+            r?;
+            names.push(c.name());
+        }
+        self.stores[s.slot_id as usize].invalidate();
+        Ok(names)
+    }
+}
+
 /// The hash of BYOK's RSA-OAEP (and of its MGF1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OaepHash {

@@ -116,9 +116,7 @@ impl Library {
             id: id.clone(),
             class: CKO_SECRET_KEY,
             label: String::new(),
-            versions: Vec::new(),
-            record: None,
-            record_objects: Vec::new(),
+            ..Cmk::default()
         };
         let now = keystore::now();
         lifecycle::write_record(s.backend(), &shell, |r| {

@@ -186,8 +186,38 @@ fn ulong(t: CK_ATTRIBUTE_TYPE, v: CK_ULONG) -> AttrValue {
 impl Library {
     /// The slot's keystore view, refreshed through `s` when due.
     pub fn view(&self, s: &Session) -> Arc<View> {
-        self.stores[s.slot_id as usize]
-            .get(&self.backend.ctx, self.backend.slots[s.slot_id as usize])
+        let v = self.stores[s.slot_id as usize]
+            .get(&self.backend.ctx, self.backend.slots[s.slot_id as usize]);
+        if !v.unverified.is_empty() {
+            self.report_unverified(s, &v);
+        }
+        v
+    }
+
+    /// Records in the audit log, once per object and process, each state record that did
+    /// not verify (the keystore has logged it at error and its key fails closed).
+    #[cold]
+    #[inline(never)]
+    fn report_unverified(&self, s: &Session, v: &View) {
+        static REPORTED: parking_lot::Mutex<std::collections::BTreeSet<(u64, CK_OBJECT_HANDLE)>> =
+            parking_lot::const_mutex(std::collections::BTreeSet::new());
+        for (obj, key) in &v.unverified {
+            if !REPORTED.lock().insert((s.slot_id, obj.handle())) {
+                continue;
+            }
+            let id: Vec<u8> = (0..key.len() / 2)
+                .filter_map(|i| u8::from_str_radix(key.get(2 * i..2 * i + 2)?, 16).ok())
+                .collect();
+            let mut rec = crate::audit::Record::new("record-refused", CKR_SIGNATURE_INVALID);
+            rec.key = v.cmks.get(&id).map(Cmk::name);
+            rec.key_id = Some(id);
+            rec.reason = Some(if v.authenticated {
+                "a state record of the key does not verify (not written by cmkp11): it is ignored, and the key fails closed (disabled) until an operator sets its state again".into()
+            } else {
+                "the token's state records were written by an earlier cmkp11 without authentication: the key fails closed until an operator runs `cmkp11 key migrate`".into()
+            });
+            let _ = self.audit_record(s, rec);
+        }
     }
 
     /// The generation of the slot's view (see [`SlotStore::generation`]).
@@ -200,8 +230,12 @@ impl Library {
 
     /// Reloads the slot's view now.
     pub fn reload_view(&self, s: &Session) -> Arc<View> {
-        self.stores[s.slot_id as usize]
-            .reload(&self.backend.ctx, self.backend.slots[s.slot_id as usize])
+        let v = self.stores[s.slot_id as usize]
+            .reload(&self.backend.ctx, self.backend.slots[s.slot_id as usize]);
+        if !v.unverified.is_empty() {
+            self.report_unverified(s, &v);
+        }
+        v
     }
 
     /// The CMK an object belongs to, if the keystore knows it.
@@ -1092,9 +1126,7 @@ impl Library {
             id: id.to_vec(),
             class: CKO_SECRET_KEY,
             label: String::new(),
-            versions: Vec::new(),
-            record: None,
-            record_objects: Vec::new(),
+            ..Cmk::default()
         };
         let t = keystore::now();
         lifecycle::write_record(s.backend(), &cmk, |r| {

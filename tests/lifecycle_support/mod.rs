@@ -1090,6 +1090,9 @@ pub fn direct_expire(s: &S, id_hex: &str, seconds_ago: u64) {
     next["deletion_date"] = (unix_now() - seconds_ago).into();
     next["generation"] = (newest["generation"].as_u64().unwrap() + 1).into();
     let json = serde_json::to_vec(&next).unwrap();
+    // Authenticated as cmkp11 does it, with the token's metadata key (whoever holds the
+    // PIN can use it through the token directly: docs/security.md says what that means).
+    let tag = direct_record_mac(s, &json);
     ok(
         s.create(
             Template::default()
@@ -1099,6 +1102,7 @@ pub fn direct_expire(s: &S, id_hex: &str, seconds_ago: u64) {
                 .boolean(CKA_MODIFIABLE, false)
                 .bytes(CKA_APPLICATION, APPLICATION.as_bytes())
                 .bytes(CKA_LABEL, STATE_LABEL.as_bytes())
+                .bytes(CKA_OBJECT_ID, &tag)
                 .bytes(CKA_VALUE, &json),
         ),
         "create the expired record",
@@ -1106,6 +1110,20 @@ pub fn direct_expire(s: &S, id_hex: &str, seconds_ago: u64) {
     for (o, _) in recs {
         ok(s.destroy(o), "destroy the older record");
     }
+}
+
+/// `CKA_LABEL` of cmkp11's metadata MAC key.
+pub const META_MAC_LABEL: &str = "cmkp11:meta-mac";
+
+/// The HMAC of a state record's value under the token's metadata key, made through
+/// SoftHSM2 directly.
+pub fn direct_record_mac(s: &S, value: &[u8]) -> Vec<u8> {
+    let key = ok(s.find_label(META_MAC_LABEL), "find the metadata MAC key");
+    assert_eq!(key.len(), 1, "one metadata MAC key");
+    ok(
+        s.sign(&mut Mech::new(CKM_SHA256_HMAC), key[0], value),
+        "HMAC of a record",
+    )
 }
 
 /// Secret key objects labelled `label` in the token (SoftHSM2 directly): their `CKA_ID`s.

@@ -109,6 +109,9 @@ pub enum KeyCmd {
     },
     /// Destroy the keys whose deletion date has passed.
     Purge,
+    /// Once, on a token written by an earlier cmkp11: authenticate its lifecycle records
+    /// (until then its keys with records are not used). Audited.
+    Migrate,
     /// Import keys for bring-your-own-key (RSA-3072, RSA-OAEP SHA-256).
     ImportKey {
         #[command(subcommand)]
@@ -270,6 +273,7 @@ pub fn run(g: &Global, cmd: KeyCmd) -> R<()> {
         KeyCmd::ScheduleDeletion { name, days } => schedule_deletion(&ctx, &name, days),
         KeyCmd::CancelDeletion { name } => cancel_deletion(&ctx, &name),
         KeyCmd::Purge => purge(&ctx),
+        KeyCmd::Migrate => migrate(&ctx),
         KeyCmd::ImportKey { cmd } => import::import_key_cmd(&ctx, cmd),
         KeyCmd::Import(a) => import::import(&ctx, a),
     }
@@ -659,6 +663,34 @@ fn cancel_deletion(ctx: &Ctx, name: &str) -> R<()> {
              `cmkp11 key enable {name}` to use it again"
         ),
     )
+}
+
+#[derive(Serialize)]
+struct MigrateReport {
+    migrated: Vec<String>,
+}
+
+fn migrate(ctx: &Ctx) -> R<()> {
+    let migrated = {
+        let (lib, s) = ctx.parts();
+        lib.migrate(&s)
+            .map_err(lib_err(&ctx.token, "authenticate the lifecycle records"))?
+    };
+    if ctx.g.json {
+        return output::json(&MigrateReport { migrated });
+    }
+    for n in &migrated {
+        println!(
+            "authenticated the state record of key `{n}` on token `{}`",
+            ctx.token
+        );
+    }
+    println!(
+        "token `{}`: lifecycle records are authenticated ({} key(s) migrated)",
+        ctx.token,
+        migrated.len()
+    );
+    Ok(())
 }
 
 #[derive(Serialize)]

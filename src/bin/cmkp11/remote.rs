@@ -166,6 +166,7 @@ pub fn key(g: &Global, socket: &Path, cmd: KeyCmd) -> R<u8> {
         }
         KeyCmd::CancelDeletion { name } => simple(g, socket, Action::KeyCancelDeletion { name }),
         KeyCmd::Purge => simple(g, socket, Action::KeyPurge),
+        KeyCmd::Migrate => unsupported("`key migrate` (run it once on the token directly)"),
         KeyCmd::ImportKey { cmd } => import_key(g, socket, cmd),
         KeyCmd::Import(a) => import(g, socket, a),
     }
