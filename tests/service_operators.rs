@@ -555,8 +555,23 @@ fn an_auditor_reads_and_changes_nothing_a_stranger_is_no_operator() {
     }
     let d = &main_daemon().d;
     d.ok(None, &["key", "create", "ops-audited", "--role", "wrap"]);
-    // Reads.
+    // Reads, with the list's filters too.
     assert!(d.ok(Some(CAROL), &["key", "list"]).contains("ops-audited"));
+    let only = d.ok(
+        Some(CAROL),
+        &[
+            "key", "list", "--state", "enabled", "--role", "wrap", "--label", "ops-aud*",
+        ],
+    );
+    assert!(
+        only.contains("ops-audited") && only.contains("PRIMARY/VERSIONS"),
+        "{only}"
+    );
+    let none = d.ok(
+        Some(CAROL),
+        &["key", "list", "--state", "disabled", "--label", "ops-aud*"],
+    );
+    assert!(none.contains("no keys match"), "{none}");
     assert!(d
         .ok(Some(CAROL), &["key", "show", "ops-audited"])
         .contains("enabled"));

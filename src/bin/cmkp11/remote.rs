@@ -196,9 +196,32 @@ fn list(g: &Global, socket: &Path, filter: &ListFilter) -> R<u8> {
     } else if keys.is_empty() {
         println!("no keys match the filters");
     } else {
-        for k in &keys {
-            println!("{}\t{}\t{}\t{}", k.name, k.state, k.key_type, k.role);
-        }
+        let rows: Vec<Vec<String>> = keys
+            .iter()
+            .map(|k| {
+                vec![
+                    k.name.clone(),
+                    k.state.clone(),
+                    k.key_type.clone(),
+                    k.role.clone(),
+                    format!("{}/{}", k.primary, k.versions.len()),
+                    k.origin.clone(),
+                    k.deletion_date.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        crate::output::table(
+            &[
+                "NAME",
+                "STATE",
+                "TYPE",
+                "ROLE",
+                "PRIMARY/VERSIONS",
+                "ORIGIN",
+                "DELETION",
+            ],
+            &rows,
+        );
     }
     Ok(status)
 }
