@@ -77,13 +77,90 @@ cmk_softhsm_module() {
     return 1
 }
 
-# cmk_make_token DIR [LABEL]: a private SoftHSM2 token store in DIR (created if needed):
+# The token implementation behind cmkp11 for cmk_make_token / cmk_write_config:
+# softhsm2 (default) or kryoptic (the second backend, built by scripts/setup.sh).
+CMK_BACKEND="${CMK_BACKEND:-softhsm2}"
+
+# kryoptic: the release scripts/setup.sh builds (from crates.io) and where it installs it.
+export CMK_KRYOPTIC_VERSION=1.0.0
+# Its default features less EdDSA, whose OpenSSL parameters need OpenSSL >= 3.2.
+export CMK_KRYOPTIC_FEATURES=dynamic,sqlitedb,ecdsa,ecdh,ec_montgomery,hash_all,kdf_all,rsa
+cmk_kryoptic_dir() {
+    if [ "$(id -u)" -eq 0 ]; then
+        printf '/usr/local/lib/kryoptic\n'
+    else
+        printf '%s/.local/lib/kryoptic\n' "$HOME"
+    fi
+}
+
+# cmk_kryoptic_module: path of kryoptic's PKCS#11 module (KRYOPTIC_MODULE overrides).
+cmk_kryoptic_module() {
+    local p
+    for p in "${KRYOPTIC_MODULE:-}" /usr/local/lib/kryoptic/libkryoptic_pkcs11.so \
+        "$HOME/.local/lib/kryoptic/libkryoptic_pkcs11.so"; do
+        if [ -n "$p" ] && [ -f "$p" ]; then
+            printf '%s\n' "$p"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# cmk_backend_module: the PKCS#11 module of $CMK_BACKEND.
+cmk_backend_module() {
+    case "$CMK_BACKEND" in
+    softhsm2) cmk_softhsm_module ;;
+    kryoptic) cmk_kryoptic_module ;;
+    *) cmk_die "unknown backend $CMK_BACKEND (softhsm2 or kryoptic)" ;;
+    esac
+}
+
+# cmk_make_token DIR [LABEL]: a private token of $CMK_BACKEND in DIR (see
+# cmk_make_softhsm2_token and cmk_make_kryoptic_token).
+cmk_make_token() {
+    case "$CMK_BACKEND" in
+    softhsm2) cmk_make_softhsm2_token "$@" ;;
+    kryoptic) cmk_make_kryoptic_token "$@" ;;
+    *) cmk_die "unknown backend $CMK_BACKEND (softhsm2 or kryoptic)" ;;
+    esac
+}
+
+# cmk_make_kryoptic_token DIR [LABEL]: a private kryoptic token in DIR (created if
+# needed): DIR/kryoptic.conf (one slot, id 1, CKA_EC_POINT DER-encoded as PKCS#11 2.40
+# and 3.0 define it) and its sqlite store DIR/kryoptic.sql. Initialises the token as
+# LABEL (default cmkp11-test) with the test PINs unless it is initialised already.
+# Exports KRYOPTIC_CONF=DIR/kryoptic.conf.
+cmk_make_kryoptic_token() {
+    local dir="$1" label="${2:-cmkp11-test}" module
+    [ -n "$dir" ] || cmk_die "cmk_make_kryoptic_token: no directory"
+    module="$(cmk_kryoptic_module)" || cmk_die "kryoptic module not found (run scripts/setup.sh)"
+    mkdir -p "$dir"
+    chmod 700 "$dir"
+    printf '[ec_point_encoding]\nencoding = "Der"\n\n[[slots]]\nslot = 1\ndbtype = "sqlite"\ndbargs = "%s/kryoptic.sql"\n' \
+        "$dir" >"$dir/kryoptic.conf"
+    chmod 600 "$dir/kryoptic.conf"
+    export KRYOPTIC_CONF="$dir/kryoptic.conf"
+    if pkcs11-tool --module "$module" --list-slots 2>/dev/null |
+        grep -Eq "^[[:space:]]*token label[[:space:]]+:[[:space:]]+${label}[[:space:]]*$"; then
+        return 0
+    fi
+    if ! pkcs11-tool --module "$module" --slot 1 --init-token --label "$label" \
+        --so-pin "$CMK_SO_PIN" >/dev/null 2>&1; then
+        cmk_die "pkcs11-tool could not initialise kryoptic token '$label' in $dir"
+    fi
+    if ! pkcs11-tool --module "$module" --token-label "$label" --login --login-type so \
+        --so-pin "$CMK_SO_PIN" --init-pin --new-pin "$CMK_USER_PIN" >/dev/null 2>&1; then
+        cmk_die "pkcs11-tool could not set the user PIN of kryoptic token '$label' in $dir"
+    fi
+}
+
+# cmk_make_softhsm2_token DIR [LABEL]: a private SoftHSM2 token store in DIR (created if needed):
 # DIR/softhsm2.conf and DIR/tokens/. Initialises a token named LABEL (default
 # cmkp11-test) with the test PINs unless a token with that label already exists there.
 # Exports SOFTHSM2_CONF=DIR/softhsm2.conf.
-cmk_make_token() {
+cmk_make_softhsm2_token() {
     local dir="$1" label="${2:-cmkp11-test}"
-    [ -n "$dir" ] || cmk_die "cmk_make_token: no directory"
+    [ -n "$dir" ] || cmk_die "cmk_make_softhsm2_token: no directory"
     mkdir -p "$dir/tokens"
     chmod 700 "$dir" "$dir/tokens"
     printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n' \
@@ -99,11 +176,11 @@ cmk_make_token() {
 }
 
 # cmk_write_config DIR [TOKEN_LABEL [LOG_LEVEL]]: writes DIR/cmkp11.toml (mode 600) with
-# the SoftHSM2 backend; when TOKEN_LABEL is given, only that token is exposed.
-# Exports CMKP11_CONFIG=DIR/cmkp11.toml.
+# the module of $CMK_BACKEND as the backend; when TOKEN_LABEL is given, only that token is
+# exposed. Exports CMKP11_CONFIG=DIR/cmkp11.toml.
 cmk_write_config() {
     local dir="$1" label="${2:-}" level="${3:-warn}" backend
-    backend="$(cmk_softhsm_module)" || cmk_die "SoftHSM2 module not found (run scripts/setup.sh)"
+    backend="$(cmk_backend_module)" || cmk_die "$CMK_BACKEND module not found (run scripts/setup.sh)"
     mkdir -p "$dir"
     (
         umask 077

@@ -1,10 +1,11 @@
 # shellcheck shell=bash
 # Sourced by every client family script under scripts/e2e/. run.sh sets the environment:
 #   E2E_MODULE         the PKCS#11 module under test (normally target/release/libcmkp11.so)
-#   E2E_DIRECT_MODULE  SoftHSM2's own module, for side-by-side comparisons
+#   E2E_DIRECT_MODULE  the backend token's own module (SoftHSM2's unless run.sh --backend),
+#                      for side-by-side comparisons
 #   E2E_WORK           a private scratch directory for this family
 #   E2E_TOKEN          the label of the family's private token
-#   SOFTHSM2_CONF      the family's private SoftHSM2 configuration
+#   SOFTHSM2_CONF      the family's private SoftHSM2 configuration (KRYOPTIC_CONF: kryoptic's)
 #   CMKP11_CONFIG      the family's cmkp11 configuration (mode 600)
 # A family script prints one line per check: `PASS name`, `FAIL name: reason` or
 # `SKIP name: reason`, and keeps the details of every command in $E2E_WORK/*.log.
@@ -64,10 +65,12 @@ have() { command -v "$1" >/dev/null 2>&1; }
 # E2E_MODULE_ENV: the names of the environment variables the module needs in every process
 # that loads it (servers keep or pass exactly these to their workers and helpers). Library
 # mode: the token's and cmkp11's configuration; service mode: the daemon's socket too.
+token_env=SOFTHSM2_CONF
+[ "$CMK_BACKEND" = kryoptic ] && token_env=KRYOPTIC_CONF
 if [ "${E2E_SERVICE:-0}" = 1 ]; then
-    E2E_MODULE_ENV="${E2E_MODULE_ENV:-SOFTHSM2_CONF CMKP11_CONFIG CMKP11_SERVICE}"
+    E2E_MODULE_ENV="${E2E_MODULE_ENV:-$token_env CMKP11_CONFIG CMKP11_SERVICE}"
 else
-    E2E_MODULE_ENV="${E2E_MODULE_ENV:-SOFTHSM2_CONF CMKP11_CONFIG}"
+    E2E_MODULE_ENV="${E2E_MODULE_ENV:-$token_env CMKP11_CONFIG}"
 fi
 
 # grant_module_access USER: lets USER (a server's unprivileged workers) use the module the
@@ -86,7 +89,12 @@ grant_module_access() {
     esac
     chmod 711 "$E2E_WORK"
     [ "${E2E_SERVICE:-0}" = 1 ] && return 0
-    chown -R "$1:" "$(dirname "$SOFTHSM2_CONF")/tokens" "$SOFTHSM2_CONF" "$CMKP11_CONFIG"
+    if [ "$CMK_BACKEND" = kryoptic ]; then
+        # sqlite writes its journal beside the store: the family directory itself.
+        chown "$1:" "$E2E_WORK" "$KRYOPTIC_CONF" "$E2E_WORK/kryoptic.sql" "$CMKP11_CONFIG"
+    else
+        chown -R "$1:" "$(dirname "$SOFTHSM2_CONF")/tokens" "$SOFTHSM2_CONF" "$CMKP11_CONFIG"
+    fi
 }
 
 # E2E_CLI: the `cmkp11` command built with the module (same target directory), else the

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Runs the client end-to-end suite through a PKCS#11 module (cmkp11 by default).
 #
-#   bash scripts/e2e/run.sh [--module PATH | --direct] [--service] [--keep] [FAMILY...]
+#   bash scripts/e2e/run.sh [--module PATH | --direct] [--backend NAME] [--service] [--keep]
+#                           [FAMILY...]
 #
 #   --module PATH  module under test (default: $E2E_MODULE or target/release/libcmkp11.so)
-#   --direct       test SoftHSM2's own module instead (to check the suite itself)
+#   --direct       test the backend token's own module instead (to check the suite itself)
+#   --backend NAME the token behind cmkp11 for the family tokens: softhsm2 (default) or
+#                  kryoptic (built by scripts/setup.sh); $CMK_BACKEND sets the default
 #   --service      service mode: each family's token is owned by a cmkp11d of its own
 #                  (built beside the module) and the module runs in client mode
 #   --keep         keep the scratch directory (kept anyway when a check fails)
 #   FAMILY         some of: pkcs11-tool python openssl gnutls nss p11-kit nginx java ssh apache
 #                  curl openvpn (default: all)
 #
-# Every family gets its own private SoftHSM2 token and cmkp11 config in a temp dir, runs
+# Every family gets its own private token (SoftHSM2 unless --backend says otherwise) and cmkp11 config in a temp dir, runs
 # bounded by E2E_FAMILY_TIMEOUT seconds (default 600), and prints PASS/FAIL/SKIP lines.
 # The last line is `N passed, N failed, N skipped`; the exit status is 1 if any failed.
 set -uo pipefail
@@ -23,14 +26,20 @@ module="${E2E_MODULE:-}"
 keep=0
 service=0
 families=()
+direct_flag=0
 while [ $# -gt 0 ]; do
     case "$1" in
+    --backend)
+        CMK_BACKEND="$2"
+        export CMK_BACKEND
+        shift 2
+        ;;
     --module)
         module="$2"
         shift 2
         ;;
     --direct)
-        module="$(cmk_softhsm_module)" || cmk_die "SoftHSM2 module not found"
+        direct_flag=1
         shift
         ;;
     --keep)
@@ -42,7 +51,7 @@ while [ $# -gt 0 ]; do
         shift
         ;;
     -h | --help)
-        sed -n '2,17p' "$0"
+        sed -n '2,20p' "$0"
         exit 0
         ;;
     -*) cmk_die "unknown option $1" ;;
@@ -57,12 +66,13 @@ if [ "${#families[@]}" -eq 0 ]; then
         [ -f "$HERE/$f.sh" ] && families+=("$f")
     done
 fi
+direct="$(cmk_backend_module)" || cmk_die "$CMK_BACKEND module not found (run scripts/setup.sh)"
+[ "$direct_flag" -eq 0 ] || module="$direct"
 [ -n "$module" ] || module="$(cmk_module_path release)"
 case "$module" in /*) ;; *) module="$PWD/$module" ;; esac
 [ -f "$module" ] || cmk_die "module $module not found (cargo build --release first)"
-direct="$(cmk_softhsm_module)" || cmk_die "SoftHSM2 module not found (run scripts/setup.sh)"
 
-# Checks of cmkp11's policy are skipped when the module under test is SoftHSM2 itself.
+# Checks of cmkp11's policy are skipped when the module under test is the token itself.
 is_direct=0
 [ "$(readlink -f "$module")" = "$(readlink -f "$direct")" ] && is_direct=1
 
@@ -109,7 +119,8 @@ start_daemon() {
     echo "$pid"
 }
 
-printf 'e2e: module under test %s%s\n' "$module" "$([ "$service" -eq 1 ] && echo ' (service mode)')"
+printf 'e2e: module under test %s%s, backend %s (%s)\n' "$module" \
+    "$([ "$service" -eq 1 ] && echo ' (service mode)')" "$CMK_BACKEND" "$direct"
 printf 'e2e: scratch directory %s\n' "$work"
 
 for fam in "${families[@]}"; do

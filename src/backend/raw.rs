@@ -266,6 +266,27 @@ impl RawBackend {
         out: *mut u8,
         out_len: *mut CK_ULONG,
     ) -> CK_RV {
+        // SAFETY: forwarded caller contract; the query passes NULL for the output.
+        unsafe {
+            with_needed_len(kind, out, out_len, |o, l| {
+                self.single_call(kind, h, data, len, o, l)
+            })
+        }
+    }
+
+    /// [`RawBackend::single`] as the backend answers it.
+    ///
+    /// # Safety
+    /// As for [`RawBackend::single`].
+    unsafe fn single_call(
+        &self,
+        kind: Kind,
+        h: CK_SESSION_HANDLE,
+        data: *mut u8,
+        len: CK_ULONG,
+        out: *mut u8,
+        out_len: *mut CK_ULONG,
+    ) -> CK_RV {
         let f = self.list;
         // SAFETY: forwarded caller contract.
         unsafe {
@@ -303,6 +324,27 @@ impl RawBackend {
         out: *mut u8,
         out_len: *mut CK_ULONG,
     ) -> CK_RV {
+        // SAFETY: forwarded caller contract; the query passes NULL for the output.
+        unsafe {
+            with_needed_len(kind, out, out_len, |o, l| {
+                self.update_call(kind, h, data, len, o, l)
+            })
+        }
+    }
+
+    /// [`RawBackend::update`] as the backend answers it.
+    ///
+    /// # Safety
+    /// As for [`RawBackend::single`].
+    unsafe fn update_call(
+        &self,
+        kind: Kind,
+        h: CK_SESSION_HANDLE,
+        data: *mut u8,
+        len: CK_ULONG,
+        out: *mut u8,
+        out_len: *mut CK_ULONG,
+    ) -> CK_RV {
         let f = self.list;
         // SAFETY: forwarded caller contract.
         unsafe {
@@ -331,6 +373,21 @@ impl RawBackend {
     /// # Safety
     /// As for [`RawBackend::single`].
     pub unsafe fn finish(
+        &self,
+        kind: Kind,
+        h: CK_SESSION_HANDLE,
+        out: *mut u8,
+        out_len: *mut CK_ULONG,
+    ) -> CK_RV {
+        // SAFETY: forwarded caller contract; the query passes NULL for the output.
+        unsafe { with_needed_len(kind, out, out_len, |o, l| self.finish_call(kind, h, o, l)) }
+    }
+
+    /// [`RawBackend::finish`] as the backend answers it.
+    ///
+    /// # Safety
+    /// As for [`RawBackend::single`].
+    unsafe fn finish_call(
         &self,
         kind: Kind,
         h: CK_SESSION_HANDLE,
@@ -406,6 +463,37 @@ impl RawBackend {
 /// A creating template for the backend: the application's attributes (borrowed, as it
 /// gave them) less those the policy replaces, then the policy's explicit ones, whose
 /// values point into `bools` (FALSE, TRUE). Returns the array and how many of it are used.
+/// Runs `call` (a data call with output) with the application's `out`/`out_len`; when the
+/// backend answers `CKR_BUFFER_TOO_SMALL` without raising `*out_len` to the length needed
+/// (quirk `kryoptic:buffer-too-small-no-length`: PKCS#11 §5.2 says it must), asks again with
+/// a NULL buffer (a length query, which leaves the operation as it is) and reports that
+/// length. Never for `Kind::Verify`, whose `out` is an input.
+///
+/// # Safety
+/// `out_len` NULL or valid; `call` as for [`RawBackend::single`].
+unsafe fn with_needed_len(
+    kind: Kind,
+    out: *mut u8,
+    out_len: *mut CK_ULONG,
+    mut call: impl FnMut(*mut u8, *mut CK_ULONG) -> CK_RV,
+) -> CK_RV {
+    if kind == Kind::Verify || out.is_null() || out_len.is_null() {
+        return call(out, out_len);
+    }
+    // SAFETY: valid (checked non-NULL; caller contract).
+    let given = unsafe { *out_len };
+    let rv = call(out, out_len);
+    // SAFETY: as above.
+    if rv == CKR_BUFFER_TOO_SMALL && unsafe { *out_len } <= given {
+        let mut needed: CK_ULONG = 0;
+        if call(std::ptr::null_mut(), &mut needed) == CKR_OK && needed > given {
+            // SAFETY: as above.
+            unsafe { *out_len = needed };
+        }
+    }
+    rv
+}
+
 fn creating_template(
     t: &ShortTemplate,
     completion: &Completion,

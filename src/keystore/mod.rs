@@ -470,13 +470,18 @@ fn usable_key(s: &Session, obj: ObjectHandle) -> bool {
 
 /// Whether a test use of a key object says it is usable. A token that lacks the test's
 /// mechanism (a token behind p11-kit 0.24's RPC has no AES-KW, AES-CMAC or AES-CBC:
-/// `CKR_MECHANISM_INVALID`) cannot tell: the key is not hidden on that account.
+/// `CKR_MECHANISM_INVALID`) cannot tell: the key is not hidden on that account. Nor can
+/// one that refuses the length query cryptoki makes first (`CKR_BUFFER_TOO_SMALL`: quirk
+/// `kryoptic:wrap-key-no-length-query`).
 fn answered<T>(r: cryptoki::error::Result<T>) -> bool {
     use cryptoki::error::{Error as E, RvError as R};
     match r {
         Ok(_) => true,
         Err(E::Pkcs11(
-            R::MechanismInvalid | R::MechanismParamInvalid | R::FunctionNotSupported,
+            R::MechanismInvalid
+            | R::MechanismParamInvalid
+            | R::FunctionNotSupported
+            | R::BufferTooSmall,
             _,
         )) => true,
         Err(_) => false,
@@ -554,9 +559,13 @@ pub fn load(s: &Session, cache: &mut Cache) -> Result<View> {
             if label.starts_with(RESERVED_PREFIX) {
                 continue;
             }
-            let exact = attrs
-                .iter()
-                .any(|a| matches!(a, Attribute::Label(l) if std::str::from_utf8(l).is_ok()));
+            // A token may leave out a label never set (kryoptic 1.0 answers
+            // CKR_ATTRIBUTE_TYPE_INVALID where PKCS#11 gives it an empty default, quirk
+            // `kryoptic:no-default-label`): no label is the empty label.
+            let exact = attrs.iter().all(|a| match a {
+                Attribute::Label(l) => std::str::from_utf8(l).is_ok(),
+                _ => true,
+            });
             if !exact {
                 if cache.refused.insert(obj.handle()) {
                     log::error!("keystore: ignoring a key object whose CKA_LABEL is not UTF-8 (not made through cmkp11): it is no CMK and cannot be used");

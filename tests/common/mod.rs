@@ -14,6 +14,12 @@
 //! bare token (manufacturer, fork handling, parameter checks...).
 //!
 //! `CMKP11_TEST_KEEP=1` keeps the token directory after the run (its path is printed).
+//!
+//! `CMKP11_TEST_BACKEND` picks the token behind cmkp11 (see [`Backend`]): `softhsm2`
+//! (default) or `kryoptic` (a private sqlite token per test process, `KRYOPTIC_CONF`,
+//! module from `KRYOPTIC_MODULE` or where `scripts/setup.sh` builds it). Tests that need
+//! SoftHSM2 itself (its configuration file, its token store) call [`softhsm2_only`] and
+//! skip with a printed reason under another backend.
 #![allow(dead_code)]
 
 use std::ffi::OsString;
@@ -41,6 +47,74 @@ pub const SO_PIN: &str = "12345678";
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 /// Env var overriding the module under test.
 pub const MODULE_OVERRIDE_ENV: &str = "CMKP11_TEST_MODULE";
+/// Env var choosing the token behind cmkp11 ([`Backend`]).
+pub const BACKEND_ENV: &str = "CMKP11_TEST_BACKEND";
+/// Where `scripts/setup.sh` installs kryoptic's module (`KRYOPTIC_MODULE` overrides it).
+pub const KRYOPTIC_MODULE: &str = "/usr/local/lib/kryoptic/libkryoptic_pkcs11.so";
+
+/// The token implementation behind cmkp11 in this test run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SoftHSM2 (the default).
+    Softhsm2,
+    /// kryoptic, the Rust soft token (a sqlite token store per test process).
+    Kryoptic,
+}
+
+impl Backend {
+    /// Its name, as `CMKP11_TEST_BACKEND` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Softhsm2 => "softhsm2",
+            Backend::Kryoptic => "kryoptic",
+        }
+    }
+}
+
+/// The backend chosen by [`BACKEND_ENV`] (panics on an unknown name: a typo must not
+/// silently test SoftHSM2).
+pub fn backend() -> Backend {
+    match std::env::var(BACKEND_ENV).unwrap_or_default().as_str() {
+        "" | "softhsm2" | "softhsm" => Backend::Softhsm2,
+        "kryoptic" => Backend::Kryoptic,
+        other => panic!("{BACKEND_ENV}={other}: unknown backend (softhsm2 or kryoptic)"),
+    }
+}
+
+/// The PKCS#11 module of the chosen backend: the `[backend] module` of every test config.
+pub fn backend_module() -> PathBuf {
+    match backend() {
+        Backend::Softhsm2 => PathBuf::from(SOFTHSM_MODULE),
+        Backend::Kryoptic => {
+            let p = std::env::var_os("KRYOPTIC_MODULE")
+                .filter(|p| !p.is_empty())
+                .map_or_else(|| PathBuf::from(KRYOPTIC_MODULE), PathBuf::from);
+            assert!(
+                p.exists(),
+                "kryoptic module {} not found (scripts/setup.sh --backend kryoptic builds it)",
+                p.display()
+            );
+            p
+        }
+    }
+}
+
+/// Whether the token offers AES-KWP as cmkp11 uses it (`CKM_AES_KEY_WRAP_PAD`): kryoptic
+/// 1.0 has RFC 5649 only as `CKM_AES_KEY_WRAP_KWP` (README "token differences").
+pub fn token_has_kwp() -> bool {
+    backend() != Backend::Kryoptic
+}
+
+/// True (after printing why) when the calling test needs SoftHSM2 itself and the tests
+/// run over another backend: the test then returns early.
+pub fn softhsm2_only(why: &str) -> bool {
+    let b = backend();
+    if b == Backend::Softhsm2 {
+        return false;
+    }
+    eprintln!("skipped under {BACKEND_ENV}={}: {why}", b.name());
+    true
+}
 
 /// DER encoding of the P-256 curve OID (prime256v1), the `CKA_EC_PARAMS` of a P-256 key.
 pub const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
@@ -133,32 +207,16 @@ pub fn test_env() -> &'static TestEnv {
         let cmkp11_conf = dir.join("cmkp11.toml");
         std::fs::write(
             &cmkp11_conf,
-            format!("[backend]\nmodule = \"{SOFTHSM_MODULE}\"\n"),
+            format!("[backend]\nmodule = \"{}\"\n", backend_module().display()),
         )
         .expect("write cmkp11.toml");
         std::fs::set_permissions(&cmkp11_conf, std::fs::Permissions::from_mode(0o600))
             .expect("chmod 600 cmkp11.toml");
 
-        let out = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", &softhsm_conf)
-            .args([
-                "--init-token",
-                "--free",
-                "--label",
-                TOKEN_LABEL,
-                "--so-pin",
-                SO_PIN,
-                "--pin",
-                USER_PIN,
-            ])
-            .output()
-            .expect("run softhsm2-util (is softhsm2 installed?)");
-        assert!(
-            out.status.success(),
-            "softhsm2-util --init-token failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        match backend() {
+            Backend::Softhsm2 => init_softhsm2_token(&softhsm_conf),
+            Backend::Kryoptic => init_kryoptic_token(&dir),
+        }
 
         // Set before any C_Initialize: the module and SoftHSM2 read them there.
         std::env::set_var("SOFTHSM2_CONF", &softhsm_conf);
@@ -173,6 +231,82 @@ pub fn test_env() -> &'static TestEnv {
             cmkp11_conf,
         }
     })
+}
+
+/// `softhsm2-util --init-token` of [`TOKEN_LABEL`] in the store of `softhsm_conf`.
+fn init_softhsm2_token(softhsm_conf: &Path) {
+    let out = Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", softhsm_conf)
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            TOKEN_LABEL,
+            "--so-pin",
+            SO_PIN,
+            "--pin",
+            USER_PIN,
+        ])
+        .output()
+        .expect("run softhsm2-util (is softhsm2 installed?)");
+    assert!(
+        out.status.success(),
+        "softhsm2-util --init-token failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A kryoptic token in `dir`: `dir/kryoptic.conf` (one slot, a sqlite store in `dir`),
+/// exported as `KRYOPTIC_CONF`, and [`TOKEN_LABEL`] initialised with the test PINs by
+/// `pkcs11-tool` through kryoptic's module (in a child: this process must not load it).
+fn init_kryoptic_token(dir: &Path) {
+    let conf = dir.join("kryoptic.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[ec_point_encoding]\nencoding = \"Der\"\n\n[[slots]]\nslot = 1\ndbtype = \"sqlite\"\ndbargs = \"{}\"\n",
+            dir.join("token.sql").display()
+        ),
+    )
+    .expect("write kryoptic.conf");
+    std::env::set_var("KRYOPTIC_CONF", &conf);
+    let module = backend_module();
+    let tool = |args: &[&str]| {
+        let out = Command::new("pkcs11-tool")
+            .arg("--module")
+            .arg(&module)
+            .args(args)
+            .output()
+            .expect("run pkcs11-tool (is opensc installed?)");
+        assert!(
+            out.status.success(),
+            "pkcs11-tool {args:?} over kryoptic failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    tool(&[
+        "--slot",
+        "1",
+        "--init-token",
+        "--label",
+        TOKEN_LABEL,
+        "--so-pin",
+        SO_PIN,
+    ]);
+    tool(&[
+        "--token-label",
+        TOKEN_LABEL,
+        "--login",
+        "--login-type",
+        "so",
+        "--init-pin",
+        "--so-pin",
+        SO_PIN,
+        "--new-pin",
+        USER_PIN,
+    ]);
 }
 
 /// Env var that runs the tests in service mode: a `cmkp11d` per test process owns the
@@ -264,7 +398,8 @@ pub fn write_daemon_config_full(
     std::fs::write(
         &conf,
         format!(
-            "[backend]\nmodule = \"{SOFTHSM_MODULE}\"\n\n[service]\nsocket = \"{}\"\ntoken_pin_file = \"{}\"\n{service_extra}\n\n[[clients]]\nname = \"tests\"\nuids = [{uid}]\npin_hash = \"{}\"\n{extra}",
+            "[backend]\nmodule = \"{}\"\n\n[service]\nsocket = \"{}\"\ntoken_pin_file = \"{}\"\n{service_extra}\n\n[[clients]]\nname = \"tests\"\nuids = [{uid}]\npin_hash = \"{}\"\n{extra}",
+            backend_module().display(),
             socket.display(),
             pin_file.display(),
             hash_pin(app_pin)

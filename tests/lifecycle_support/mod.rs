@@ -259,7 +259,7 @@ pub fn softhsm() -> &'static Module {
     );
     SOFTHSM.get_or_init(|| {
         assert!(CMK.get().is_none(), "cmkp11 is loaded already");
-        Module::load(Path::new(common::SOFTHSM_MODULE), false)
+        Module::load(&common::backend_module(), false)
     })
 }
 
