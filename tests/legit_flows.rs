@@ -57,17 +57,14 @@ fn envelope_flow_kwp_and_gcm() {
         "GCM encrypt",
     );
     assert_eq!(ct.len(), payload.len() + 16);
-    let blob = ok(
-        s.wrap(&mut Mech::new(CKM_AES_KEY_WRAP_PAD), cmk, dek),
-        "C_WrapKey(KWP)",
-    );
+    let blob = ok(s.wrap(&mut Mech::kwp(), cmk, dek), "C_WrapKey(KWP)");
     assert_eq!(blob.len(), 40);
     ok(s.destroy(dek), "destroy DEK");
 
     // Decrypt, later: unwrap the blob, GCM-decrypt, and encrypt again with the same DEK.
     let dek2 = ok(
         s.unwrap(
-            &mut Mech::new(CKM_AES_KEY_WRAP_PAD),
+            &mut Mech::kwp(),
             cmk,
             &blob,
             Template::default()
@@ -489,10 +486,7 @@ fn session_dek_short_and_general_way_agree() {
     let s = s();
     let cmk = wrap_cmk(&s, 32);
     let source = dek(&s, 32, true);
-    let blob = ok(
-        s.wrap(&mut Mech::new(CKM_AES_KEY_WRAP_PAD), cmk, source),
-        "wrap",
-    );
+    let blob = ok(s.wrap(&mut Mech::kwp(), cmk, source), "wrap");
     const READ: [CK_ATTRIBUTE_TYPE; 11] = [
         CKA_ENCRYPT,
         CKA_DECRYPT,
@@ -573,7 +567,7 @@ fn session_dek_short_and_general_way_agree() {
             }
         }
         // C_UnwrapKey of the same blob.
-        let mut m = Mech::new(CKM_AES_KEY_WRAP_PAD);
+        let mut m = Mech::kwp();
         let short = s.unwrap(&mut m, cmk, &blob, make());
         let long = s.unwrap(&mut m, cmk, &blob, general());
         match (short, long) {

@@ -123,9 +123,25 @@ if [ "$rsa_ok" = 1 ]; then
         rsa_ok=0
     fi
 fi
+# ec_point_pem NAME ID: $W/NAME.pem built from the CKA_EC_POINT (a DER OCTET STRING of an
+# uncompressed P-256 point) that pkcs11-tool lists for the public key with CKA_ID ID.
+ec_point_pem() {
+    local hex
+    run "list-$1" "${p11[@]}" --list-objects --type pubkey --id "$2" || return 1
+    hex="$(sed -nE 's/^ +EC_POINT: +0441(04[0-9a-f]{128})$/\1/p' "$W/list-$1.log" | head -n 1)"
+    [ -n "$hex" ] || return 1
+    "$CMK_PYTHON" -c 'import sys; sys.stdout.buffer.write(bytes.fromhex(sys.argv[1]))' \
+        "3059301306072a8648ce3d020106082a8648ce3d030107034200$hex" >"$W/$1.der" &&
+        run "pem-$1" openssl pkey -pubin -inform DER -in "$W/$1.der" -out "$W/$1.pem"
+}
 if [ "$ec_ok" = 1 ]; then
     if export_pub ec 12 && grep -q "prime256v1" <(openssl pkey -pubin -in "$W/ec.pem" -text -noout 2>&1); then
         pass read-pubkey-ec
+    elif ! run read-direct-ec "${p11d[@]}" --read-object --type pubkey --id 12 -o "$W/ec-direct.der" &&
+        ec_point_pem ec 12 && grep -q "prime256v1" <(openssl pkey -pubin -in "$W/ec.pem" -text -noout 2>&1); then
+        # kryoptic 1.0: pkcs11-tool cannot export its EC public keys, directly neither.
+        pass read-pubkey-ec
+        note "read-pubkey-ec: pkcs11-tool cannot export this token's EC public key (directly neither: $(lastlog read-direct-ec 2)); built from CKA_EC_POINT as listed through the module"
     else
         fail read-pubkey-ec "$(lastlog read-ec) $(lastlog pem-ec)"
         ec_ok=0

@@ -134,7 +134,7 @@ for fam in "${families[@]}"; do
     mkdir -p "$fdir"
     (
         cmk_token_env "$fdir" "e2e-$fam" >/dev/null
-        export E2E_MODULE="$module" E2E_DIRECT_MODULE="$direct" E2E_WORK="$fdir" \
+        export E2E_MODULE="$module" E2E_DIRECT_MODULE="$direct" E2E_WORK="$fdir" E2E_BACKEND="$CMK_BACKEND" \
             E2E_TOKEN="e2e-$fam" E2E_IS_DIRECT="$is_direct" E2E_SERVICE="$service"
         if [ "$service" -eq 0 ]; then
             cd "$fdir" && exec timeout -k 10 "$family_timeout" bash "$script"

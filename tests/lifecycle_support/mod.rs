@@ -317,9 +317,14 @@ impl Mech {
             aad: Vec::new(),
         }
     }
-    /// AES-KWP (RFC 5649).
+    /// AES-KWP (RFC 5649), the envelope wrap: AES-KW (RFC 3394) on a token without it
+    /// (kryoptic 1.0, `common::token_has_kwp`), where cmkp11 refuses AES-KWP.
     pub fn kwp() -> Mech {
-        Mech::new(CKM_AES_KEY_WRAP_PAD)
+        Mech::new(if common::token_has_kwp() {
+            CKM_AES_KEY_WRAP_PAD
+        } else {
+            CKM_AES_KEY_WRAP
+        })
     }
     /// AES-CBC-PAD with `iv`.
     pub fn cbc_pad(iv: &[u8; 16]) -> Mech {

@@ -134,6 +134,16 @@ impl Mech {
         }
     }
 
+    /// AES-KWP (RFC 5649), the envelope wrap: AES-KW (RFC 3394) on a token without it
+    /// (kryoptic 1.0, `common::token_has_kwp`), where cmkp11 refuses AES-KWP.
+    pub fn kwp() -> Self {
+        Mech::new(if crate::common::token_has_kwp() {
+            CKM_AES_KEY_WRAP_PAD
+        } else {
+            CKM_AES_KEY_WRAP
+        })
+    }
+
     fn with<T: Copy>(ty: CK_MECHANISM_TYPE, v: T, aux: Vec<Vec<u8>>) -> Self {
         let len = std::mem::size_of::<T>();
         let mut param = vec![0u64; len.div_ceil(8)];
