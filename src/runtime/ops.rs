@@ -114,6 +114,40 @@ pub(crate) struct Creating<'a> {
     pub mech: Option<CK_MECHANISM_TYPE>,
 }
 
+/// The label and id a creation template asks for, kept before the template is consumed so
+/// that a refusal can name them.
+struct Asked {
+    label: Option<Vec<u8>>,
+    id: Option<Vec<u8>>,
+}
+
+impl Asked {
+    fn of(template: &[Attribute]) -> Asked {
+        Asked {
+            label: label_of(template),
+            id: id_of(template),
+        }
+    }
+
+    /// What `func` (audit operation `op`) with mechanism `mech` is creating.
+    fn creating(
+        &self,
+        func: &'static str,
+        op: &'static str,
+        template: &[Attribute],
+        mech: CK_MECHANISM_TYPE,
+    ) -> Creating<'_> {
+        Creating {
+            func,
+            op,
+            cmk: templates::is_token(template),
+            label: self.label.as_deref(),
+            id: self.id.as_deref(),
+            mech: Some(mech),
+        }
+    }
+}
+
 /// The last `CKA_ID` of a template.
 fn id_of(t: &[Attribute]) -> Option<Vec<u8>> {
     t.iter().rev().find_map(|a| match a {
@@ -1034,15 +1068,8 @@ impl Library {
         mut mech: Mech,
         template: Vec<Attribute>,
     ) -> Result<CK_OBJECT_HANDLE> {
-        let (label0, id0) = (label_of(&template), id_of(&template));
-        let c = Creating {
-            func: "C_GenerateKey",
-            op: "generate",
-            cmk: templates::is_token(&template),
-            label: label0.as_deref(),
-            id: id0.as_deref(),
-            mech: Some(mech.ty),
-        };
+        let asked = Asked::of(&template);
+        let c = asked.creating("C_GenerateKey", "generate", &template, mech.ty);
         if !policy::mechanisms::is_generation(mech.ty) || templates::pair_key_type(mech.ty).is_ok()
         {
             let r = Refused::new(
@@ -1288,15 +1315,8 @@ impl Library {
         blob: &[u8],
         template: Vec<Attribute>,
     ) -> Result<CK_OBJECT_HANDLE> {
-        let (label0, id0) = (label_of(&template), id_of(&template));
-        let c = Creating {
-            func: "C_UnwrapKey",
-            op: "unwrap",
-            cmk: templates::is_token(&template),
-            label: label0.as_deref(),
-            id: id0.as_deref(),
-            mech: Some(mech.ty),
-        };
+        let asked = Asked::of(&template);
+        let c = asked.creating("C_UnwrapKey", "unwrap", &template, mech.ty);
         if let Some(r) = tagged_refusal(&template) {
             return Err(self.refused(s, &c, r));
         }
@@ -1433,15 +1453,8 @@ impl Library {
         base: CK_OBJECT_HANDLE,
         template: Vec<Attribute>,
     ) -> Result<CK_OBJECT_HANDLE> {
-        let (label0, id0) = (label_of(&template), id_of(&template));
-        let c = Creating {
-            func: "C_DeriveKey",
-            op: "derive",
-            cmk: templates::is_token(&template),
-            label: label0.as_deref(),
-            id: id0.as_deref(),
-            mech: Some(mech.ty),
-        };
+        let asked = Asked::of(&template);
+        let c = asked.creating("C_DeriveKey", "derive", &template, mech.ty);
         if let Some(r) = tagged_refusal(&template) {
             return Err(self.refused(s, &c, r));
         }
