@@ -196,7 +196,8 @@ pub fn time_text(t: u64) -> Option<String> {
     })
 }
 
-fn role_name(bits: CK_ULONG) -> String {
+/// The `CMKP11_ROLE_*` bits of `CKA_CMKP11_ROLE` as names joined by `+` (`-` for none).
+pub fn role_name(bits: CK_ULONG) -> String {
     use crate::vendor as v;
     let names = [
         (v::CMKP11_ROLE_WRAP, "wrap"),

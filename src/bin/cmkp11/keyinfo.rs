@@ -85,28 +85,6 @@ fn ulong(v: &AttrValue) -> Option<CK_ULONG> {
     }
 }
 
-fn role_name(bits: CK_ULONG) -> String {
-    let names = [
-        (vendor::CMKP11_ROLE_WRAP, "wrap"),
-        (vendor::CMKP11_ROLE_DATA, "data"),
-        (vendor::CMKP11_ROLE_MAC, "mac"),
-        (vendor::CMKP11_ROLE_SIGN, "sign"),
-        (vendor::CMKP11_ROLE_DECRYPT, "decrypt"),
-        (vendor::CMKP11_ROLE_DERIVE, "derive"),
-        (vendor::CMKP11_ROLE_UNWRAP, "unwrap"),
-    ];
-    let v: Vec<&str> = names
-        .iter()
-        .filter(|(b, _)| bits & *b != 0)
-        .map(|(_, n)| *n)
-        .collect();
-    if v.is_empty() {
-        "-".into()
-    } else {
-        v.join("+")
-    }
-}
-
 /// Reads what the CLI shows about `cmk`.
 pub fn key_info(ctx: &Ctx, cmk: &Cmk) -> R<KeyInfo> {
     let h = ctx.handle_of(cmk)?;
@@ -146,7 +124,7 @@ pub fn key_info(ctx: &Ctx, cmk: &Cmk) -> R<KeyInfo> {
         id: keystore::hex(&cmk.id),
         class: if secret { "secret" } else { "private" },
         key_type,
-        role: role_name(ulong(&v[1]).unwrap_or(0)),
+        role: cmkp11::runtime::admin::role_name(ulong(&v[1]).unwrap_or(0)),
         state: state.name(),
         versions: cmk.versions.iter().map(|(v, _)| *v).collect(),
         primary: cmk.primary().map(|(v, _)| v).unwrap_or(0),
